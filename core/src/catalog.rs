@@ -1,0 +1,461 @@
+//! The server's catalog (`catalog.db`): endpoints, snapshots, users and tokens, the audit log.
+//!
+//! The only code that writes catalog rows. The HTTP API reads it and records requests; the job
+//! handlers move snapshots through their states. Migrations live in `migrations/` at the top of the
+//! workspace. Every query binds its values: user text never becomes SQL.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+
+use crate::verify::{self, Verified};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(
+        "the catalog {path} is not usable: {reason}; move it aside to start with an empty catalog"
+    )]
+    Unusable { path: String, reason: String },
+    #[error("catalog database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("catalog migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Where a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Capture,
+    Upload,
+    Watch,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Capture => "capture",
+            Origin::Upload => "upload",
+            Origin::Watch => "watch",
+        }
+    }
+}
+
+/// A snapshot's life: `queued → measuring → transferring → verifying → complete`, or `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    Queued,
+    Measuring,
+    Transferring,
+    Verifying,
+    Complete,
+    Failed,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Queued => "queued",
+            SnapshotState::Measuring => "measuring",
+            SnapshotState::Transferring => "transferring",
+            SnapshotState::Verifying => "verifying",
+            SnapshotState::Complete => "complete",
+            SnapshotState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Endpoint {
+    pub id: i64,
+    pub hostname: String,
+    #[sqlx(json)]
+    pub ips: Vec<String>,
+    pub os: Option<String>,
+    pub agent_version: Option<String>,
+    #[sqlx(json)]
+    pub labels: Vec<String>,
+    pub api_url: Option<String>,
+    #[serde(skip)]
+    pub api_token: Option<String>,
+    pub last_seen_ms: Option<i64>,
+    pub created_ms: i64,
+}
+
+/// What an agent reports about itself on each heartbeat.
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct Heartbeat {
+    pub hostname: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    pub os: Option<String>,
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    pub api_url: String,
+    pub api_token: String,
+}
+
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Snapshot {
+    pub id: i64,
+    pub endpoint_id: i64,
+    pub hostname: String,
+    pub name: Option<String>,
+    pub state: String,
+    pub origin: String,
+    pub size: Option<i64>,
+    pub sha256: Option<String>,
+    pub events: Option<i64>,
+    pub oldest_ts: Option<i64>,
+    pub newest_ts: Option<i64>,
+    pub bytes_done: i64,
+    pub bytes_total: Option<i64>,
+    pub staged_id: Option<String>,
+    pub error: Option<String>,
+    pub job_id: Option<String>,
+    pub requested_by: String,
+    pub created_ms: i64,
+    pub completed_ms: Option<i64>,
+}
+
+const SNAPSHOT_COLUMNS: &str = "s.id, s.endpoint_id, e.hostname, s.name, s.state, s.origin, s.size, \
+    s.sha256, s.events, s.oldest_ts, s.newest_ts, s.bytes_done, s.bytes_total, s.staged_id, s.error, \
+    s.job_id, s.requested_by, s.created_ms, s.completed_ms";
+
+#[derive(Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+impl Catalog {
+    /// Opens (creating) `catalog.db` and brings its schema up to date. A file that exists but is not
+    /// a healthy SQLite database is refused, never overwritten.
+    pub async fn open(path: &Path) -> Result<Catalog> {
+        let unusable = |reason: String| CatalogError::Unusable {
+            path: path.display().to_string(),
+            reason,
+        };
+        if path.exists() && std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) > 0 {
+            verify::check_header(path).map_err(|e| unusable(e.to_string()))?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|e| unusable(e.to_string()))?;
+        let check: String = sqlx::query_scalar("PRAGMA quick_check")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| unusable(e.to_string()))?;
+        if check != "ok" {
+            return Err(unusable(check));
+        }
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        Ok(Catalog { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    // --- endpoints -------------------------------------------------------------------------
+
+    /// Records an agent's heartbeat, creating the endpoint on its first one.
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Endpoint> {
+        let now = now_ms();
+        let endpoint = sqlx::query_as::<_, Endpoint>(
+            "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, api_token, last_seen_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT (hostname) DO UPDATE SET ips = excluded.ips, os = excluded.os,
+                agent_version = excluded.agent_version, labels = excluded.labels,
+                api_url = excluded.api_url, api_token = excluded.api_token,
+                last_seen_ms = excluded.last_seen_ms
+             RETURNING *",
+        )
+        .bind(&hb.hostname)
+        .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
+        .bind(&hb.os)
+        .bind(&hb.agent_version)
+        .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
+        .bind(&hb.api_url)
+        .bind(&hb.api_token)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(endpoint)
+    }
+
+    /// The endpoint of `hostname`, creating an offline one (known only from its snapshots) if new.
+    pub async fn ensure_endpoint(&self, hostname: &str) -> Result<Endpoint> {
+        sqlx::query(
+            "INSERT INTO endpoints (hostname, created_ms) VALUES (?1, ?2) ON CONFLICT (hostname) DO NOTHING",
+        )
+        .bind(hostname)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.endpoint(hostname)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("endpoint {hostname}")))
+    }
+
+    pub async fn endpoint(&self, hostname: &str) -> Result<Option<Endpoint>> {
+        Ok(
+            sqlx::query_as::<_, Endpoint>("SELECT * FROM endpoints WHERE hostname = ?1")
+                .bind(hostname)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn endpoint_by_id(&self, id: i64) -> Result<Option<Endpoint>> {
+        Ok(
+            sqlx::query_as::<_, Endpoint>("SELECT * FROM endpoints WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Endpoints whose hostname or an IP contains `text` (all when empty), prefix matches first.
+    pub async fn search_endpoints(&self, text: &str) -> Result<Vec<Endpoint>> {
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "SELECT * FROM endpoints
+             WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
+             ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname",
+        )
+        .bind(text)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // --- snapshots -------------------------------------------------------------------------
+
+    /// A new snapshot row in state `queued`, before its job is enqueued.
+    pub async fn create_snapshot(
+        &self,
+        endpoint_id: i64,
+        origin: Origin,
+        requested_by: &str,
+    ) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
+             VALUES (?1, 'queued', ?2, ?3, ?4) RETURNING id",
+        )
+        .bind(endpoint_id)
+        .bind(origin.as_str())
+        .bind(requested_by)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_snapshot_job(&self, id: i64, job_id: &str) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET job_id = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn snapshot(&self, id: i64) -> Result<Option<Snapshot>> {
+        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.id = ?1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Snapshots, newest first, optionally of one endpoint.
+    pub async fn snapshots(&self, hostname: Option<&str>) -> Result<Vec<Snapshot>> {
+        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE ?1 IS NULL OR e.hostname = ?1 ORDER BY e.hostname, s.created_ms DESC, s.id DESC"
+        )))
+        .bind(hostname)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// A complete snapshot with this content, if the store already holds one.
+    pub async fn complete_snapshot_by_sha256(&self, sha256: &str) -> Result<Option<Snapshot>> {
+        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE s.sha256 = ?1 AND s.state = 'complete' ORDER BY s.id LIMIT 1"
+        )))
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn set_snapshot_state(&self, id: i64, state: SnapshotState) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET state = ?2, error = NULL WHERE id = ?1")
+            .bind(id)
+            .bind(state.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Remembers the agent's staged copy a capture is downloading, and the name it will have.
+    pub async fn set_snapshot_staged(
+        &self,
+        id: i64,
+        staged_id: &str,
+        name: &str,
+        size: i64,
+        sha256: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE snapshots SET staged_id = ?2, name = ?3, bytes_total = ?4, sha256 = ?5, bytes_done = 0
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(staged_id)
+        .bind(name)
+        .bind(size)
+        .bind(sha256)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_snapshot_progress(&self, id: i64, done: i64, total: i64) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(done)
+            .bind(total)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Registers a verified snapshot whose file is in the store under `name`.
+    pub async fn complete_snapshot(
+        &self,
+        id: i64,
+        name: &str,
+        size: i64,
+        sha256: &str,
+        verified: &Verified,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE snapshots SET state = 'complete', name = ?2, size = ?3, sha256 = ?4, events = ?5,
+                oldest_ts = ?6, newest_ts = ?7, bytes_done = ?3, bytes_total = ?3, error = NULL,
+                completed_ms = ?8
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(name)
+        .bind(size)
+        .bind(sha256)
+        .bind(verified.events as i64)
+        .bind(verified.oldest_ts)
+        .bind(verified.newest_ts)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn fail_snapshot(&self, id: i64, reason: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a snapshot's row; `false` if there was none (deleting twice is not an error).
+    pub async fn delete_snapshot(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM snapshots WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    // --- tokens and audit ------------------------------------------------------------------
+
+    /// Makes sure a user named `name` with `role` exists and holds the token with this sha256.
+    pub async fn ensure_token(&self, name: &str, role: &str, token_sha256: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(role)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO tokens (user_id, token_sha256, created_ms)
+             SELECT id, ?2, ?3 FROM users WHERE name = ?1
+             ON CONFLICT (token_sha256) DO NOTHING",
+        )
+        .bind(name)
+        .bind(token_sha256)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The user name and role that hold the token with this sha256.
+    pub async fn user_for_token(&self, token_sha256: &str) -> Result<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT u.name, u.role FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.token_sha256 = ?1",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Appends to the audit log: who did what to which target, and how it ended.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit (ts_ms, actor, action, target, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(now_ms())
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(result)
+        .bind(detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

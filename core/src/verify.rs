@@ -1,0 +1,225 @@
+//! Is this file a snapshot we can keep? Hashing, the SQLite header, `quick_check` and the schema.
+//!
+//! Capture and ingest both end here before a file may enter the store, so "verified" means the same
+//! thing whichever way a snapshot arrived.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+use sha2::{Digest, Sha256};
+
+use crate::schema;
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Why a file is not an acceptable snapshot. Each message says what was wrong with the file.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read the file: {0}")]
+    Io(#[from] io::Error),
+    #[error("the file is empty")]
+    Empty,
+    #[error("not an SQLite database (bad header)")]
+    NotSqlite,
+    #[error("the SQLite database is damaged: {0}")]
+    Corrupt(String),
+    #[error("not a snapshot of an endpoint recorder: {0}")]
+    NoRecorderSchema(#[from] schema::SchemaError),
+}
+
+/// What verification learned about a good snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Verified {
+    /// Total events over all event tables.
+    pub events: u64,
+    pub oldest_ts: Option<i64>,
+    pub newest_ts: Option<i64>,
+    /// The hostname the recorder wrote into `meta`, if any.
+    pub hostname: Option<String>,
+}
+
+/// A streaming sha256 whose result is the lowercase hex people compare with `sha256sum`.
+#[derive(Default, Clone)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// The sha256 of a whole file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Checks the 16-byte SQLite header without opening the file as a database.
+pub fn check_header(path: &Path) -> Result<(), VerifyError> {
+    let mut header = [0u8; 16];
+    let mut file = File::open(path)?;
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..])? {
+            0 if read == 0 => return Err(VerifyError::Empty),
+            0 => return Err(VerifyError::NotSqlite),
+            n => read += n,
+        }
+    }
+    if &header != SQLITE_MAGIC {
+        return Err(VerifyError::NotSqlite);
+    }
+    Ok(())
+}
+
+/// Opens a snapshot file read-only without creating `-wal`/`-shm` files beside it or taking locks:
+/// snapshots are never written once they exist.
+pub fn open_snapshot(path: &Path) -> Result<Connection, VerifyError> {
+    let uri = format!("file:{}?immutable=1", uri_escape(&path.to_string_lossy()));
+    Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| VerifyError::Corrupt(e.to_string()))
+}
+
+fn uri_escape(path: &str) -> String {
+    path.bytes()
+        .map(|b| match b {
+            b'?' | b'#' | b'%' => format!("%{b:02X}"),
+            _ => (b as char).to_string(),
+        })
+        .collect()
+}
+
+/// Full verification of a snapshot file: header, `PRAGMA quick_check`, recorder schema, and the
+/// event count and time range a catalog entry shows.
+pub fn verify_snapshot(path: &Path) -> Result<Verified, VerifyError> {
+    check_header(path)?;
+    let conn = open_snapshot(path)?;
+    let corrupt = |e: rusqlite::Error| VerifyError::Corrupt(e.to_string());
+    let mut stmt = conn.prepare("PRAGMA quick_check").map_err(corrupt)?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(corrupt)?
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)?;
+    if problems != ["ok"] {
+        return Err(VerifyError::Corrupt(problems.join("; ")));
+    }
+    schema::check(&conn)?;
+    let summary = crate::query::summary(&conn).map_err(|e| VerifyError::Corrupt(e.to_string()))?;
+    let verified = Verified {
+        events: summary.total,
+        oldest_ts: summary.oldest_ts,
+        newest_ts: summary.newest_ts,
+        hostname: conn
+            .query_row("SELECT value FROM meta WHERE key = 'hostname'", [], |r| {
+                r.get(0)
+            })
+            .ok(),
+    };
+    Ok(verified)
+}
+
+/// Rewrites a copied WAL-mode database header to rollback-journal mode (bytes 18 and 19 from 2 to
+/// 1), so the copy opens on its own, read-only, with no `-wal`/`-shm` beside it. Apply to the first
+/// block of a raw copy before hashing it.
+pub fn make_standalone(first_block: &mut [u8]) {
+    if first_block.len() >= 20 && first_block.starts_with(SQLITE_MAGIC) {
+        for b in &mut first_block[18..20] {
+            if *b == 2 {
+                *b = 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorder_db(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        schema::create(&conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO meta (ts, key, value) VALUES (1, 'hostname', 'web-01');
+             INSERT INTO process (ts, pid, path) VALUES (1000, 1, '/sbin/init');
+             INSERT INTO dns (ts, query) VALUES (3000, 'example.org');",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_recorder_database_verifies_with_its_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        recorder_db(&path);
+        let v = verify_snapshot(&path).unwrap();
+        assert_eq!(v.events, 2);
+        assert_eq!((v.oldest_ts, v.newest_ts), (Some(1000), Some(3000)));
+        assert_eq!(v.hostname.as_deref(), Some("web-01"));
+        assert!(!dir.path().join("a.db-shm").exists());
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(verify_snapshot(&empty), Err(VerifyError::Empty)));
+
+        let text = dir.path().join("text.db");
+        std::fs::write(&text, b"hello, this is not a database at all").unwrap();
+        assert!(matches!(
+            verify_snapshot(&text),
+            Err(VerifyError::NotSqlite)
+        ));
+
+        let plain = dir.path().join("plain.db");
+        Connection::open(&plain)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        assert!(matches!(
+            verify_snapshot(&plain),
+            Err(VerifyError::NoRecorderSchema(_))
+        ));
+
+        let truncated = dir.path().join("truncated.db");
+        recorder_db(&truncated);
+        let bytes = std::fs::read(&truncated).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(
+            verify_snapshot(&truncated),
+            Err(VerifyError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn sha256_matches_the_known_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abc");
+        std::fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! snapq-jobs: durable jobs (work in progress).

@@ -1,0 +1,228 @@
+//! The endpoint API: what the server (and an analyst's live connection) asks of an agent.
+//!
+//! Every route needs the agent's bearer token. Queries run on their own read-only connection in a
+//! blocking task, so a slow filter never holds up the recorder or other requests.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use snapq_core::disk;
+use snapq_core::query::{self, EventQuery};
+use snapq_core::wire::EndpointInfo;
+
+use super::staging::{StageError, Staging};
+use super::{recorder::RecorderDb, system};
+use crate::http::{ApiError, bearer_matches, serve_file, unauthorized};
+
+pub struct AgentState {
+    pub hostname: String,
+    pub token: String,
+    pub db: Arc<RecorderDb>,
+    pub staging: Staging,
+}
+
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/v1/endpoint", get(endpoint))
+        .route("/v1/events", get(events))
+        .route("/v1/events/summary", get(summary))
+        .route("/v1/processes/{id}/tree", get(process_tree))
+        .route("/v1/snapshots", post(stage).get(list_staged))
+        .route(
+            "/v1/snapshots/{id}",
+            get(download_staged).delete(delete_staged),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn require_token(
+    State(state): State<Arc<AgentState>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if bearer_matches(request.headers(), &state.token) {
+        next.run(request).await
+    } else {
+        unauthorized().into_response()
+    }
+}
+
+/// Runs `f` on a fresh read-only connection in a blocking task.
+async fn with_reader<T: Send + 'static>(
+    state: &AgentState,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let db = state.db.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = db.reader().map_err(ApiError::internal)?;
+        f(&conn)
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+fn query_error(err: query::QueryError) -> ApiError {
+    let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, err.to_string())
+}
+
+async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointInfo>, ApiError> {
+    let summary = with_reader(&state, |c| query::summary(c).map_err(query_error)).await?;
+    let db_path = state.db.path();
+    Ok(Json(EndpointInfo {
+        hostname: state.hostname.clone(),
+        ips: system::ip_addresses(),
+        os: system::os_description(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        db_bytes: super::staging::db_bytes(db_path),
+        events: summary.counts.clone(),
+        oldest_ts: summary.oldest_ts,
+        newest_ts: summary.newest_ts,
+        disk_free_bytes: disk::free_bytes(db_path.parent().unwrap_or(db_path))
+            .map_err(ApiError::internal)?,
+    }))
+}
+
+/// `GET /v1/events?type=…&where=…&where=…&any=true&since=…&until=…&sort=…&limit=…&cursor=…`
+async fn events(
+    State(state): State<Arc<AgentState>>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = EventParams::parse(raw.as_deref().unwrap_or(""))?;
+    let q = params.to_query()?;
+    let page = with_reader(&state, move |c| {
+        query::query_events(c, &q).map_err(query_error)
+    })
+    .await?;
+    Ok(Json(page).into_response())
+}
+
+/// The raw query string of an events request; `where` may repeat.
+#[derive(Default, Debug)]
+pub struct EventParams {
+    pub event_type: Option<String>,
+    pub wheres: Vec<String>,
+    pub any: bool,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub sort: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+impl EventParams {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        let mut p = EventParams::default();
+        for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+            let value = value.into_owned();
+            match key.as_ref() {
+                "type" => p.event_type = Some(value),
+                "where" => p.wheres.push(value),
+                "any" => p.any = matches!(value.as_str(), "true" | "1" | ""),
+                "since" => p.since = Some(value),
+                "until" => p.until = Some(value),
+                "sort" => p.sort = Some(value),
+                "limit" => p.limit = Some(value),
+                "cursor" => p.cursor = Some(value),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown parameter `{other}`; valid: type, where, any, since, until, sort, limit, cursor"
+                    )));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn to_query(&self) -> Result<EventQuery, ApiError> {
+        let limit = match &self.limit {
+            None => None,
+            Some(l) => Some(l.parse::<u32>().map_err(|_| {
+                ApiError::bad_request(format!("limit must be a whole number, got {l:?}"))
+            })?),
+        };
+        EventQuery::parse(
+            self.event_type.as_deref().unwrap_or("process"),
+            &self.wheres,
+            self.any,
+            self.since.as_deref(),
+            self.until.as_deref(),
+            self.sort.as_deref(),
+            limit,
+            self.cursor.as_deref(),
+        )
+        .map_err(query_error)
+    }
+}
+
+async fn summary(State(state): State<Arc<AgentState>>) -> Result<Response, ApiError> {
+    let summary = with_reader(&state, |c| query::summary(c).map_err(query_error)).await?;
+    Ok(Json(summary).into_response())
+}
+
+async fn process_tree(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("process id must be an integer, got {id:?}")))?;
+    let tree = with_reader(&state, move |c| {
+        query::process_tree(c, id).map_err(query_error)
+    })
+    .await?;
+    Ok(Json(tree).into_response())
+}
+
+async fn stage(State(state): State<Arc<AgentState>>) -> Result<Response, ApiError> {
+    match state.staging.stage().await {
+        Ok(staged) => Ok((StatusCode::CREATED, Json(staged)).into_response()),
+        Err(e @ StageError::InsufficientDisk { need, free, .. }) => Ok((
+            StatusCode::INSUFFICIENT_STORAGE,
+            Json(serde_json::json!({
+                "error": e.to_string(), "need_bytes": need, "free_bytes": free
+            })),
+        )
+            .into_response()),
+        Err(StageError::Other(e)) => Err(e.into()),
+    }
+}
+
+async fn list_staged(State(state): State<Arc<AgentState>>) -> Response {
+    Json(state.staging.list()).into_response()
+}
+
+fn unknown_snapshot(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no staged snapshot {id:?} on this endpoint (it may have expired); stage a new one"
+    ))
+}
+
+async fn download_staged(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (staged, path) = state
+        .staging
+        .get(&id)
+        .ok_or_else(|| unknown_snapshot(&id))?;
+    serve_file(&path, &staged.sha256, &headers).await
+}
+
+async fn delete_staged(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.staging.delete(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(unknown_snapshot(&id))
+    }
+}

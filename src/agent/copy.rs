@@ -1,0 +1,174 @@
+//! A consistent point-in-time copy of a live WAL-mode recorder database at the cost of a file copy.
+//!
+//! A read transaction begun right after a complete `wal_checkpoint(TRUNCATE)` reads the main file
+//! only (SQLite's read-mark 0) and holds the `WAL_READ_LOCK(0)` that every checkpointer needs before
+//! it writes back into the main file. While it stays open, writers keep appending to the WAL but
+//! nothing touches the main file, so copying the raw main file gives exactly the state that
+//! transaction sees (the property Litestream relies on). The copy's header is switched to rollback
+//! mode so it opens on its own, without a `-wal` beside it.
+//!
+//! Both the agent's staging (which holds the recorder's writer lock while it pins, so it succeeds at
+//! once) and `snapq agent export` (another process, which retries until no commit slipped in between
+//! the checkpoint and the pin) use [`pin`] and [`copy_pinned`].
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rusqlite::Connection;
+use snapq_core::verify::{Hasher, make_standalone};
+
+/// A read transaction that pins the main database file; dropping it ends the transaction.
+pub struct Pinned {
+    conn: Connection,
+    db_path: PathBuf,
+    /// Events per type as the copy will hold them.
+    pub events: u64,
+}
+
+impl Pinned {
+    /// A value from the recorder's `meta` table, as of the pinned point in time.
+    pub fn meta(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        use rusqlite::OptionalExtension;
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+    }
+}
+
+/// What a finished copy is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CopyInfo {
+    pub size: u64,
+    pub sha256: String,
+    pub events: u64,
+}
+
+/// Opens a connection on `db_path` that can pin it (read-write so it can checkpoint).
+pub fn open_for_pin(db_path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(db_path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Checkpoints the WAL completely and begins a read transaction that sees only the main file.
+///
+/// Returns `Ok(None)` when a writer committed between the checkpoint and the start of the read (the
+/// caller retries), which cannot happen while the caller holds the only writer's lock.
+pub fn pin(conn: Connection, db_path: &Path) -> anyhow::Result<Option<Pinned>> {
+    let (busy, _log, _done): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .context("checkpointing the recorder database")?;
+    if busy != 0 {
+        return Ok(None);
+    }
+    conn.execute_batch("BEGIN")?;
+    // The first read starts the transaction and takes its read mark.
+    let events = snapq_core::query::summary(&conn)
+        .context("counting the events in the copy")?
+        .total;
+    // An empty WAL after the read began means it was empty when it began: the read uses mark 0.
+    if wal_len(db_path) != 0 {
+        conn.execute_batch("COMMIT")?;
+        return Ok(None);
+    }
+    Ok(Some(Pinned {
+        conn,
+        db_path: db_path.to_owned(),
+        events,
+    }))
+}
+
+/// Pins `db_path` from another process than its writer, retrying briefly while commits slip in.
+pub fn pin_retrying(db_path: &Path) -> anyhow::Result<Pinned> {
+    for attempt in 0..200 {
+        let conn =
+            open_for_pin(db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        if let Some(pinned) = pin(conn, db_path)? {
+            return Ok(pinned);
+        }
+        std::thread::sleep(Duration::from_millis(1 + attempt % 10));
+    }
+    bail!(
+        "could not pin a consistent view of {}: the recorder kept committing; try again",
+        db_path.display()
+    )
+}
+
+fn wal_len(db_path: &Path) -> u64 {
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Copies the pinned main file to `dest` (through `dest` + `.partial`, fsynced, then renamed),
+/// hashing on the way, and ends the pin.
+pub fn copy_pinned(pinned: Pinned, dest: &Path) -> anyhow::Result<CopyInfo> {
+    let partial = partial_path(dest);
+    let result = write_copy(&pinned.db_path, &partial);
+    let events = pinned.events;
+    drop(pinned.conn);
+    let (size, sha256) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = fs::remove_file(&partial);
+            return Err(e).with_context(|| format!("writing {}", partial.display()));
+        }
+    };
+    fs::rename(&partial, dest)
+        .with_context(|| format!("renaming {} into place", partial.display()))?;
+    if let Some(dir) = dest.parent() {
+        File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(CopyInfo {
+        size,
+        sha256,
+        events,
+    })
+}
+
+/// The temporary name a file has while it is written; never shown as a finished file.
+pub fn partial_path(dest: &Path) -> PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+fn write_copy(src: &Path, dest: &Path) -> io::Result<(u64, String)> {
+    let mut input = File::open(src)?;
+    let mut output = File::create(dest)?;
+    let mut hasher = Hasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    let mut first = true;
+    loop {
+        let n = read_full(&mut input, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if first {
+            make_standalone(&mut buf[..n]);
+            first = false;
+        }
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    output.sync_all()?;
+    Ok((size, hasher.finish()))
+}
+
+fn read_full(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,139 @@
+//! The endpoint side: the recorder and its database, the endpoint API the server calls, staged
+//! snapshot copies, and the manual export for offline endpoints.
+
+pub mod api;
+pub mod copy;
+pub mod export;
+pub mod recorder;
+pub mod staging;
+pub mod system;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use recorder::{Limits, RecorderDb, RecorderKind};
+use staging::Staging;
+
+/// A validated agent configuration (built once from the command line).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub hostname: String,
+    /// The bearer token; `None` reads or creates `DATA_DIR/agent.token`.
+    pub token: Option<String>,
+    pub recorder: RecorderKind,
+    pub prefill_events: u64,
+    pub limits: Limits,
+    pub staging_ttl: Duration,
+}
+
+/// A built agent: database open, recorder running, listener bound. Serve with [`Agent::run`].
+pub struct Agent {
+    listener: TcpListener,
+    state: Arc<api::AgentState>,
+    _recorder: recorder::RecorderHandle,
+}
+
+impl Agent {
+    pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
+        snapq_core::name::validate_hostname(&config.hostname)
+            .with_context(|| format!("--hostname {:?} cannot name snapshots", config.hostname))?;
+        ensure_writable_dir(&config.data_dir)?;
+        let db_path = config.data_dir.join("monitor.db");
+        let (db, token) = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let db = RecorderDb::open(&db_path, &config.hostname, config.limits.clone())
+                    .with_context(|| {
+                        format!("opening the recorder database {}", db_path.display())
+                    })?;
+                if config.prefill_events > 0 {
+                    let started = std::time::Instant::now();
+                    let n = recorder::prefill(&db, config.prefill_events)?;
+                    tracing::info!(
+                        events = n,
+                        secs = started.elapsed().as_secs_f64(),
+                        "prefilled"
+                    );
+                }
+                let token = crate::token::load_or_create(
+                    config.token.as_deref(),
+                    &config.data_dir.join("agent.token"),
+                )?;
+                Ok((Arc::new(db), token))
+            })
+            .await??
+        };
+        let staging = Staging::open(
+            &config.data_dir.join("staged"),
+            db.clone(),
+            config.staging_ttl,
+        )?;
+        let recorder = recorder::spawn(config.recorder.clone(), db.clone());
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let state = Arc::new(api::AgentState {
+            hostname: config.hostname.clone(),
+            token,
+            db,
+            staging,
+        });
+        Ok(Agent {
+            listener,
+            state,
+            _recorder: recorder,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn token(&self) -> &str {
+        &self.state.token
+    }
+
+    /// Serves the endpoint API until `shutdown` resolves; expires old staged copies meanwhile.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let expiry = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.staging.expire()).await;
+            }
+        });
+        tracing::info!(addr = %self.local_addr(), hostname = %self.state.hostname, "agent listening");
+        // Machine-readable: tests and scripts that start the agent on port 0 read this line.
+        println!("snapq agent listening on {}", self.local_addr());
+        let result = axum::serve(self.listener, api::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        expiry.abort();
+        result.context("serving the endpoint API")
+    }
+}
+
+/// Creates `dir` if needed and proves it writable, so a bad `--data-dir` fails at start with a reason.
+pub fn ensure_writable_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("data directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}

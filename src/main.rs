@@ -1,0 +1,15 @@
+//! The `snapq` binary: parse the command line, set up logging, run, map the result to an exit code.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = snapq::cli::Cli::parse();
+    snapq::logging::init();
+    match cli.into_command().and_then(snapq::run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests: real `snapq` processes on loopback with temp data directories.
+
+mod agent;
+mod support;

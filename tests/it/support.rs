@@ -1,0 +1,196 @@
+//! Helpers that start real snapq processes on port 0 and talk to them.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_snapq");
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `snapq ARGS` and waits for its `... listening on ADDR` line.
+fn spawn_listening(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting snapq");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("snapq {args:?} exited before listening"))
+            .unwrap();
+        if let Some(addr) = line.split(" listening on ").nth(1) {
+            break addr.trim().parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+/// A real `snapq agent` process on a loopback port with its own data directory.
+pub struct TestAgent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub data_dir: PathBuf,
+    pub hostname: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub struct AgentOptions {
+    pub hostname: String,
+    /// `None` runs the real Linux recorder.
+    pub simulate: Option<u32>,
+    pub prefill: u64,
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            hostname: "web-01".into(),
+            simulate: Some(200),
+            prefill: 0,
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl TestAgent {
+    pub fn spawn() -> TestAgent {
+        Self::spawn_with(AgentOptions::default())
+    }
+
+    pub fn spawn_with(options: AgentOptions) -> TestAgent {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut agent = Self::spawn_in(tmp.path(), &options);
+        agent._tmp = Some(tmp);
+        agent
+    }
+
+    /// Starts an agent on an existing data directory (e.g. to restart one).
+    pub fn spawn_in(data_dir: &Path, options: &AgentOptions) -> TestAgent {
+        let token = "test-agent-token";
+        let data = data_dir.to_str().unwrap().to_owned();
+        let mut args = vec![
+            "agent".to_owned(),
+            "--data-dir".into(),
+            data,
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--hostname".into(),
+            options.hostname.clone(),
+            "--prefill-events".into(),
+            options.prefill.to_string(),
+        ];
+        if let Some(rate) = options.simulate {
+            args.extend(["--simulate".into(), rate.to_string()]);
+        } else {
+            args.extend(["--poll-ms".into(), "50".into()]);
+        }
+        args.extend(options.extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, addr) = spawn_listening(&args, &[("SNAPQ_AGENT_TOKEN", token)]);
+        TestAgent {
+            child,
+            addr,
+            token: token.into(),
+            data_dir: data_dir.to_owned(),
+            hostname: options.hostname.clone(),
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        snapq_core::agent_client::http_client()
+    }
+
+    /// GET with the agent's token, returning status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client()
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client()
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `snapq ARGS` to completion: (exit code, stdout, stderr).
+pub fn run_snapq(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Opens a downloaded snapshot and counts its events over every event table.
+pub fn count_events(path: &Path) -> u64 {
+    snapq_core::verify::verify_snapshot(path).unwrap().events
+}
