@@ -5,11 +5,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::AgentConfig;
+use crate::agent::enroll::ServerLink;
+use crate::agent::fleet::FleetSpec;
 use crate::agent::recorder::{Limits, RecorderKind};
+use crate::client::ClientConfig;
+use crate::server::ServeConfig;
 
 /// snapq: endpoint-forensics snapshots. Query endpoints live, capture consistent snapshots of their
 /// recorder databases, and keep them as evidence.
@@ -22,8 +26,197 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum CommandArgs {
+    /// Run the server: HTTPS API, job workers, catalog and snapshot store.
+    Serve(ServeArgs),
     /// Run the endpoint agent: recorder, recorder database and endpoint API.
     Agent(AgentArgs),
+    /// Run many simulated endpoints in one process, enrolled with a server.
+    FleetSim(FleetSimArgs),
+    /// List endpoints, or search them by hostname or IP.
+    Endpoints {
+        #[command(subcommand)]
+        command: EndpointsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Capture snapshots of endpoints.
+    Capture {
+        /// Endpoints to capture, by hostname.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Wait for the captures, showing progress; exit 0 only if all complete.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List and show snapshots.
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show and steer the job queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// How a client subcommand reaches the server.
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The server's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "SNAPQ_SERVER",
+        default_value = "http://127.0.0.1:17443"
+    )]
+    server: String,
+    /// API token [default: the local server's admin.token]
+    #[arg(long, global = true, env = "SNAPQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The local server's data directory, where admin.token is [default: $XDG_DATA_HOME/snapq]
+    #[arg(long, global = true, env = "SNAPQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointsCommand {
+    /// Every endpoint, with an online indicator.
+    List,
+    /// Endpoints whose hostname or IP contains TEXT (prefix matches first).
+    Search { text: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotsCommand {
+    /// Snapshots grouped by endpoint with its number of captures.
+    List {
+        /// Only this endpoint's.
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// One snapshot in full.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Counts per job kind and state, oldest pending age, throughput, running jobs.
+    Status {
+        /// Refresh every second.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Jobs, newest first.
+    List {
+        /// pending, running, retrying, done, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// capture, ingest, export, delete, fleet or noop.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// One job with every attempt and its error.
+    Show { id: String },
+    /// Run a failed or cancelled job again.
+    Retry { id: String },
+    /// Cancel a pending, retrying or running job.
+    Cancel { id: String },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Settings file (TOML); flags and SNAPQ_* variables override it.
+    #[arg(long, env = "SNAPQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the catalog, queue, snapshots and tokens live [default: $XDG_DATA_HOME/snapq]
+    #[arg(long, env = "SNAPQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address and port of the API [default: 0.0.0.0:17443]
+    #[arg(long, env = "SNAPQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Also start N simulated endpoints in this process (group `demo`).
+    #[arg(long, value_name = "N", env = "SNAPQ_DEMO")]
+    demo: Option<u32>,
+    /// Disk space (MiB) captures always leave free [default: 2048]
+    #[arg(long, value_name = "MIB", env = "SNAPQ_CAPTURE_RESERVE_MIB")]
+    capture_reserve_mib: Option<u64>,
+    /// Captures running at once [default: 8]
+    #[arg(long, value_name = "N", env = "SNAPQ_CAPTURE_CONCURRENCY")]
+    capture_concurrency: Option<usize>,
+    /// Limit each capture's download to this many KiB/s.
+    #[arg(long, value_name = "KIB_PER_SEC", env = "SNAPQ_CAPTURE_RATE_KIB")]
+    capture_rate_kib: Option<u64>,
+    /// Attempts a job gets before it fails [default: 5]
+    #[arg(long, value_name = "N", env = "SNAPQ_JOB_MAX_ATTEMPTS")]
+    job_max_attempts: Option<u32>,
+    /// First retry delay in milliseconds, doubled per attempt with jitter [default: 1000]
+    #[arg(long, value_name = "MS", env = "SNAPQ_JOB_RETRY_BASE_MS")]
+    job_retry_base_ms: Option<u64>,
+    /// Finished jobs are pruned after this many days [default: 30]
+    #[arg(long, value_name = "DAYS", env = "SNAPQ_JOB_RETENTION_DAYS")]
+    job_retention_days: Option<u64>,
+    /// An endpoint is online when it heartbeat within this many seconds [default: 45]
+    #[arg(long, value_name = "SECS", env = "SNAPQ_ONLINE_WINDOW_SECS")]
+    online_window_secs: Option<u64>,
+}
+
+/// The settings file: every key optional, same names as the flags with `_`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    demo: Option<u32>,
+    capture_reserve_mib: Option<u64>,
+    capture_concurrency: Option<usize>,
+    capture_rate_kib: Option<u64>,
+    job_max_attempts: Option<u32>,
+    job_retry_base_ms: Option<u64>,
+    job_retention_days: Option<u64>,
+    online_window_secs: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct FleetSimArgs {
+    /// How many endpoints.
+    #[arg(long, default_value_t = 10)]
+    count: u32,
+    /// The server's URL.
+    #[arg(long, env = "SNAPQ_SERVER", default_value = "http://127.0.0.1:17443")]
+    server: String,
+    /// The server's enroll token (the content of its enroll.token).
+    #[arg(long, env = "SNAPQ_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: String,
+    /// Where the endpoints keep their databases.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Hostname prefix: PREFIX-01, PREFIX-02, …
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    /// Events per second each endpoint records.
+    #[arg(long, default_value_t = 10)]
+    events_per_sec: u32,
+    /// Events each new endpoint database starts with.
+    #[arg(long, default_value_t = 10_000)]
+    prefill_events: u64,
+    /// Label every endpoint with this (repeatable).
+    #[arg(long)]
+    label: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +255,26 @@ struct AgentArgs {
     /// Staged snapshot copies not fetched within this many minutes are deleted.
     #[arg(long, value_name = "MINUTES", default_value_t = 60)]
     staging_ttl_minutes: u64,
+    /// Enroll with this server and send it heartbeats.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SNAPQ_SERVER",
+        requires = "enroll_token"
+    )]
+    server: Option<String>,
+    /// The server's enroll token (the content of its enroll.token).
+    #[arg(long, env = "SNAPQ_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// A label the server's computer groups can match (repeatable).
+    #[arg(long)]
+    label: Vec<String>,
+    /// The URL the server should call this agent at [default: derived from --listen]
+    #[arg(long, value_name = "URL")]
+    advertise: Option<String>,
+    /// Seconds between heartbeats.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    heartbeat_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,7 +303,10 @@ struct ExportArgs {
 /// What to run, validated.
 #[derive(Debug)]
 pub enum Command {
+    Serve(ServeConfig),
     Agent(AgentConfig),
+    FleetSim(FleetSpec),
+    Client(ClientConfig, ClientCommand),
     AgentExport {
         data_dir: PathBuf,
         out: PathBuf,
@@ -99,9 +315,112 @@ pub enum Command {
     },
 }
 
+/// A request to the server's API.
+#[derive(Debug)]
+pub enum ClientCommand {
+    Endpoints {
+        search: String,
+    },
+    Capture {
+        hosts: Vec<String>,
+        yes: bool,
+        wait: bool,
+    },
+    SnapshotsList {
+        endpoint: Option<String>,
+    },
+    SnapshotShow {
+        id: String,
+    },
+    QueueStatus {
+        watch: bool,
+    },
+    QueueList {
+        state: Option<String>,
+        kind: Option<String>,
+        limit: u32,
+    },
+    QueueShow {
+        id: String,
+    },
+    QueueRetry {
+        id: String,
+    },
+    QueueCancel {
+        id: String,
+    },
+}
+
+impl ClientArgs {
+    fn into_config(self) -> ClientConfig {
+        ClientConfig {
+            server: self.server,
+            token: self.token,
+            data_dir: self.data_dir.unwrap_or_else(|| default_data_dir("snapq")),
+            json: self.json,
+        }
+    }
+}
+
 impl Cli {
     pub fn into_command(self) -> anyhow::Result<Command> {
         match self.command {
+            CommandArgs::Serve(args) => Ok(Command::Serve(args.into_config()?)),
+            CommandArgs::FleetSim(args) => Ok(Command::FleetSim(FleetSpec {
+                count: args.count,
+                base_dir: args.data_dir,
+                prefix: args.prefix,
+                server: ServerLink {
+                    url: args.server,
+                    enroll_token: args.enroll_token,
+                    labels: args.label,
+                    advertise: None,
+                    interval: Duration::from_secs(10),
+                },
+                events_per_sec: args.events_per_sec.max(1),
+                prefill: args.prefill_events,
+                own_addresses: true,
+            })),
+            CommandArgs::Endpoints { command, client } => {
+                let search = match command {
+                    EndpointsCommand::List => String::new(),
+                    EndpointsCommand::Search { text } => text,
+                };
+                Ok(Command::Client(
+                    client.into_config(),
+                    ClientCommand::Endpoints { search },
+                ))
+            }
+            CommandArgs::Capture {
+                hosts,
+                yes,
+                wait,
+                client,
+            } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Capture { hosts, yes, wait },
+            )),
+            CommandArgs::Snapshots { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    SnapshotsCommand::List { endpoint } => {
+                        ClientCommand::SnapshotsList { endpoint }
+                    }
+                    SnapshotsCommand::Show { id } => ClientCommand::SnapshotShow { id },
+                },
+            )),
+            CommandArgs::Queue { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    QueueCommand::Status { watch } => ClientCommand::QueueStatus { watch },
+                    QueueCommand::List { state, kind, limit } => {
+                        ClientCommand::QueueList { state, kind, limit }
+                    }
+                    QueueCommand::Show { id } => ClientCommand::QueueShow { id },
+                    QueueCommand::Retry { id } => ClientCommand::QueueRetry { id },
+                    QueueCommand::Cancel { id } => ClientCommand::QueueCancel { id },
+                },
+            )),
             CommandArgs::Agent(args) => match args.command {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
@@ -114,6 +433,57 @@ impl Cli {
                 None => Ok(Command::Agent(args.into_config()?)),
             },
         }
+    }
+}
+
+impl ServeArgs {
+    /// Layers settings: defaults, then the TOML file, then `SNAPQ_*` variables and flags (clap
+    /// has already let a flag win over its variable).
+    fn into_config(self) -> anyhow::Result<ServeConfig> {
+        let file: ServeFile = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading settings file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("settings file {} is invalid", path.display()))?
+            }
+            None => ServeFile::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| default_data_dir("snapq"));
+        let mut config = ServeConfig::with_data_dir(data_dir);
+        if let Some(listen) = self.listen.or(file.listen) {
+            config.listen = listen;
+        }
+        config.demo_endpoints = self.demo.or(file.demo).unwrap_or(0);
+        if let Some(mib) = self.capture_reserve_mib.or(file.capture_reserve_mib) {
+            config.capture_reserve_bytes = mib << 20;
+        }
+        if let Some(n) = self.capture_concurrency.or(file.capture_concurrency) {
+            if n == 0 {
+                bail!("capture concurrency must be at least 1");
+            }
+            config.capture_concurrency = n;
+        }
+        config.capture_max_bytes_per_sec = self
+            .capture_rate_kib
+            .or(file.capture_rate_kib)
+            .map(|k| k.max(1) * 1024);
+        if let Some(n) = self.job_max_attempts.or(file.job_max_attempts) {
+            config.retry.max_attempts = n;
+        }
+        if let Some(ms) = self.job_retry_base_ms.or(file.job_retry_base_ms) {
+            config.retry.base_delay = Duration::from_millis(ms);
+        }
+        if let Some(days) = self.job_retention_days.or(file.job_retention_days) {
+            config.job_retention = Duration::from_secs(days * 24 * 3600);
+        }
+        if let Some(secs) = self.online_window_secs.or(file.online_window_secs) {
+            config.online_window = Duration::from_secs(secs.max(1));
+        }
+        Ok(config)
     }
 }
 
@@ -143,12 +513,22 @@ impl AgentArgs {
                     .map(|d| Duration::from_secs(d * 24 * 3600)),
             },
             staging_ttl: Duration::from_secs(self.staging_ttl_minutes * 60),
+            server: match (self.server, self.enroll_token) {
+                (Some(url), Some(enroll_token)) => Some(ServerLink {
+                    url,
+                    enroll_token,
+                    labels: self.label,
+                    advertise: self.advertise,
+                    interval: Duration::from_secs(self.heartbeat_secs.max(1)),
+                }),
+                _ => None,
+            },
         })
     }
 }
 
 /// `$XDG_DATA_HOME/<name>`, else `~/.local/share/<name>`.
-fn default_data_dir(name: &str) -> PathBuf {
+pub fn default_data_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))

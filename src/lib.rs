@@ -3,8 +3,10 @@
 
 pub mod agent;
 pub mod cli;
+pub mod client;
 pub mod http;
 pub mod logging;
+pub mod server;
 pub mod token;
 
 use cli::Command;
@@ -16,6 +18,19 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let agent = agent::Agent::build(config).await?;
             agent.run(shutdown_signal()).await
         }),
+        Command::Serve(config) => runtime()?.block_on(async {
+            let server = server::Server::build(config).await?;
+            server.run(shutdown_signal()).await
+        }),
+        Command::FleetSim(spec) => runtime()?.block_on(async {
+            let fleet = agent::fleet::spawn(&spec).await?;
+            for (host, addr) in &fleet.endpoints {
+                println!("{host} listening on {addr}");
+            }
+            shutdown_signal().await;
+            Ok(())
+        }),
+        Command::Client(config, command) => runtime()?.block_on(run_client(config, command)),
         Command::AgentExport {
             data_dir,
             out,
@@ -48,4 +63,31 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+async fn run_client(
+    config: client::ClientConfig,
+    command: cli::ClientCommand,
+) -> anyhow::Result<()> {
+    use cli::ClientCommand as C;
+    let c = client::Client::new(&config)?;
+    match command {
+        C::Endpoints { search } => client::endpoints(&c, &search).await,
+        C::Capture { hosts, yes, wait } => {
+            if client::capture(&c, &hosts, yes, wait).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("not every capture completed")
+            }
+        }
+        C::SnapshotsList { endpoint } => client::snapshots_list(&c, endpoint.as_deref()).await,
+        C::SnapshotShow { id } => client::snapshot_show(&c, &id).await,
+        C::QueueStatus { watch } => client::queue_status(&c, watch).await,
+        C::QueueList { state, kind, limit } => {
+            client::queue_list(&c, state.as_deref(), kind.as_deref(), limit).await
+        }
+        C::QueueShow { id } => client::queue_show(&c, &id).await,
+        C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
+        C::QueueCancel { id } => client::queue_action(&c, &id, "cancel").await,
+    }
 }

@@ -1,1 +1,28 @@
-//! snapq-jobs: durable jobs (work in progress).
+//! snapq's durable job queue: one SQLite file (`queue.db`) in apalis-sqlite's schema, typed
+//! enqueue over one transport, supervised workers with bounded concurrency, our own retry
+//! backoff, per-attempt history, progress, cancellation, crash resume and retention.
+//!
+//! Job kinds' handlers live with the code that understands them; this crate is the machinery
+//! they plug into: `Queue::open`, `queue.enqueue(..)`, `queue.spawn_workers(kind, n, handler)`.
+
+mod db;
+mod error;
+pub mod handlers;
+mod id;
+mod kind;
+mod model;
+mod queue;
+mod retry;
+mod sql;
+mod worker;
+
+pub use error::{JobError, QueueError, ResultExt};
+pub use id::JobId;
+pub use kind::{JobArgs, JobKind, NoopArgs, queue_names};
+pub use model::{
+    AttemptInfo, AttemptOutcome, EnqueueOptions, Enqueued, JobDetail, JobEvent, JobInfo, JobState,
+    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus,
+};
+pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport};
+pub use retry::RetryPolicy;
+pub use worker::JobContext;

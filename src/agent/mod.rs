@@ -3,7 +3,9 @@
 
 pub mod api;
 pub mod copy;
+pub mod enroll;
 pub mod export;
+pub mod fleet;
 pub mod recorder;
 pub mod staging;
 pub mod system;
@@ -31,11 +33,14 @@ pub struct AgentConfig {
     pub prefill_events: u64,
     pub limits: Limits,
     pub staging_ttl: Duration,
+    /// The server to enroll with and heartbeat to, if any.
+    pub server: Option<enroll::ServerLink>,
 }
 
 /// A built agent: database open, recorder running, listener bound. Serve with [`Agent::run`].
 pub struct Agent {
     listener: TcpListener,
+    server: Option<enroll::ServerLink>,
     state: Arc<api::AgentState>,
     _recorder: recorder::RecorderHandle,
 }
@@ -49,10 +54,9 @@ impl Agent {
         let (db, token) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let db = RecorderDb::open(&db_path, &config.hostname, config.limits.clone())
-                    .with_context(|| {
-                        format!("opening the recorder database {}", db_path.display())
-                    })?;
+                let db = RecorderDb::open(&db_path, &config.hostname, config.limits).with_context(
+                    || format!("opening the recorder database {}", db_path.display()),
+                )?;
                 if config.prefill_events > 0 {
                     let started = std::time::Instant::now();
                     let n = recorder::prefill(&db, config.prefill_events)?;
@@ -75,7 +79,7 @@ impl Agent {
             db.clone(),
             config.staging_ttl,
         )?;
-        let recorder = recorder::spawn(config.recorder.clone(), db.clone());
+        let recorder = recorder::spawn(config.recorder, db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -87,6 +91,7 @@ impl Agent {
         });
         Ok(Agent {
             listener,
+            server: config.server.clone(),
             state,
             _recorder: recorder,
         })
@@ -116,6 +121,21 @@ impl Agent {
                 let _ = tokio::task::spawn_blocking(move || state.staging.expire()).await;
             }
         });
+        let heartbeat = self.server.clone().map(|link| {
+            let heartbeat = snapq_core::catalog::Heartbeat {
+                hostname: self.state.hostname.clone(),
+                ips: system::ip_addresses(),
+                os: Some(system::os_description()),
+                agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+                labels: link.labels.clone(),
+                api_url: link
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| advertised_url(self.local_addr())),
+                api_token: self.state.token.clone(),
+            };
+            tokio::spawn(enroll::heartbeat_loop(link, heartbeat))
+        });
         tracing::info!(addr = %self.local_addr(), hostname = %self.state.hostname, "agent listening");
         // Machine-readable: tests and scripts that start the agent on port 0 read this line.
         println!("snapq agent listening on {}", self.local_addr());
@@ -123,8 +143,25 @@ impl Agent {
             .with_graceful_shutdown(shutdown)
             .await;
         expiry.abort();
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
         result.context("serving the endpoint API")
     }
+}
+
+/// The URL a server can call an agent listening on `addr` at: a wildcard address is replaced by the
+/// machine's first address.
+fn advertised_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        system::ip_addresses()
+            .first()
+            .and_then(|ip| ip.parse().ok())
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Creates `dir` if needed and proves it writable, so a bad `--data-dir` fails at start with a reason.

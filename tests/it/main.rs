@@ -1,4 +1,5 @@
 //! End-to-end tests: real `snapq` processes on loopback with temp data directories.
 
 mod agent;
+mod server;
 mod support;

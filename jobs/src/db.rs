@@ -1,0 +1,195 @@
+//! Opening `queue.db`: connect options (WAL, busy timeout, synchronous=NORMAL) set on every
+//! connection, one writer connection, a small read pool, apalis-sqlite's migrations, and our
+//! own tables (created with plain `CREATE TABLE IF NOT EXISTS`, outside sqlx's migrations
+//! table, which apalis owns in this file).
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use apalis_sqlite::SqliteStorage;
+use sqlx::{
+    SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use crate::QueueError;
+
+/// Tables beside apalis' `Jobs`/`Workers`.
+///
+/// - `snapq_job_state`: per-job progress, precise retry time (apalis' `run_at` has whole
+///   seconds) and cancellation requests; a row exists only once one of those happened.
+/// - `snapq_job_attempts`: every attempt with its outcome and error (apalis keeps only the
+///   last result).
+/// - `snapq_workers`: our worker ids with host, pid and millisecond heartbeats, so a restart
+///   can tell a crashed previous process from a live peer.
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS snapq_job_state (
+        id TEXT PRIMARY KEY NOT NULL,
+        progress_done INTEGER,
+        progress_total INTEGER,
+        progress_note TEXT,
+        progress_ms INTEGER,
+        next_run_ms INTEGER,
+        cancel_requested_ms INTEGER,
+        cancel_requested_by TEXT,
+        updated_ms INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS snapq_idx_state_cancel ON snapq_job_state(id)
+        WHERE cancel_requested_ms IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS snapq_job_attempts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        worker TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        finished_ms INTEGER,
+        outcome TEXT,
+        error TEXT
+    )",
+    "CREATE INDEX IF NOT EXISTS snapq_idx_attempts_job ON snapq_job_attempts(job_id, seq)",
+    "CREATE TABLE IF NOT EXISTS snapq_workers (
+        id TEXT PRIMARY KEY NOT NULL,
+        instance TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        stopped_ms INTEGER
+    )",
+    "CREATE INDEX IF NOT EXISTS snapq_idx_workers_instance ON snapq_workers(instance)",
+    // apalis' ack (`UPDATE Jobs .. FROM json_each(..) WHERE Jobs.id = .. AND Jobs.lock_by = ..`)
+    // is planned through the single-column `lock_by` index and revisits every row the worker
+    // ever locked. With (lock_by, id) both terms are an index seek. Our own ack goes through
+    // the primary key; this index also serves the orphan rescue (`lock_by = ? AND status ..`).
+    "CREATE INDEX IF NOT EXISTS snapq_idx_jobs_lock_by_id ON Jobs(lock_by, id)",
+];
+
+pub(crate) struct Db {
+    pub(crate) writer: SqlitePool,
+    pub(crate) reader: SqlitePool,
+}
+
+fn not_a_queue(path: &Path, reason: impl Into<String>) -> QueueError {
+    QueueError::NotAQueue {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// SQLite result codes that mean "this file is not (or no longer) a database".
+fn is_corruption(e: &sqlx::Error) -> Option<String> {
+    if let sqlx::Error::Database(db) = e {
+        let code = db.code().unwrap_or_default();
+        // 26 SQLITE_NOTADB, 11 SQLITE_CORRUPT (extended codes keep the low byte).
+        let primary = code.parse::<i32>().map(|c| c & 0xff).unwrap_or(-1);
+        if primary == 26 || primary == 11 {
+            return Some(db.message().to_owned());
+        }
+    }
+    None
+}
+
+fn map_open_err(path: &Path, e: sqlx::Error) -> QueueError {
+    match is_corruption(&e) {
+        Some(reason) => not_a_queue(path, reason),
+        None => QueueError::Database(e),
+    }
+}
+
+/// Refuse a file that exists and is not SQLite before handing it to SQLite, which would
+/// otherwise report the problem only at the first query.
+fn check_header(path: &Path) -> Result<(), QueueError> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(not_a_queue(path, format!("cannot read it: {e}"))),
+    };
+    let mut header = [0u8; 16];
+    let mut read = 0;
+    while read < header.len() {
+        match file.read(&mut header[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) => return Err(not_a_queue(path, format!("cannot read it: {e}"))),
+        }
+    }
+    if read == 0 {
+        return Ok(()); // an empty file becomes a fresh database
+    }
+    if &header[..read] != &b"SQLite format 3\0"[..read] || read < header.len() {
+        return Err(not_a_queue(path, "no SQLite header"));
+    }
+    Ok(())
+}
+
+pub(crate) fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL in WAL mode: a process crash loses nothing; only a power loss can drop the
+        // last transactions. apalis' `setup` sets OFF with a one-off pragma on one connection.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(busy_timeout)
+        .foreign_keys(true)
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-16000")
+}
+
+pub(crate) async fn open(path: &Path, busy_timeout: Duration) -> Result<Db, QueueError> {
+    check_header(path)?;
+    let opts = connect_options(path, busy_timeout);
+    // One writer connection: several writers in one process only collide in the busy handler.
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(opts.clone())
+        .await
+        .map_err(|e| map_open_err(path, e))?;
+
+    // Surface a damaged file as such rather than as a migration error.
+    // (Reading the schema is cheap; a full `quick_check` would scan the whole file.)
+    let schema: Result<i64, _> = sqlx::query_scalar("SELECT count(*) FROM sqlite_schema")
+        .fetch_one(&writer)
+        .await;
+    if let Err(e) = schema {
+        return Err(map_open_err(path, e));
+    }
+
+    SqliteStorage::migrations()
+        .run(&writer)
+        .await
+        .map_err(|source| match source {
+            sqlx::migrate::MigrateError::Execute(e) if is_corruption(&e).is_some() => {
+                map_open_err(path, e)
+            }
+            source => QueueError::Migrate {
+                path: PathBuf::from(path),
+                source,
+            },
+        })?;
+    for stmt in SCHEMA {
+        sqlx::query(*stmt).execute(&writer).await?;
+    }
+    sqlx::query("PRAGMA optimize").execute(&writer).await?;
+
+    let reader = SqlitePoolOptions::new()
+        .max_connections(4)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(opts.read_only(true))
+        .await?;
+    Ok(Db { writer, reader })
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,974 @@
+//! Workers: per-kind fetch loops with bounded concurrency, the job runner (panic boundary,
+//! cancellation, progress), the committer that writes outcomes in batches through the single
+//! writer connection, and the supervised background tasks (heartbeat + orphan rescue, wake-up
+//! poll, cancel watch, retention).
+
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::Utc;
+use futures::{FutureExt, future::BoxFuture};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
+    task::AbortHandle,
+};
+
+use crate::{
+    JobError, JobEvent, JobId, JobKind, JobState, QueueError,
+    db::now_ms,
+    model::{AttemptOutcome, Progress},
+    queue::{Shared, ms_to_time},
+    sql,
+};
+
+type DynHandler =
+    Arc<dyn Fn(Vec<u8>, JobContext) -> BoxFuture<'static, Result<(), JobError>> + Send + Sync>;
+
+pub(crate) struct KindWorkers {
+    pub(crate) kind: JobKind,
+    pub(crate) worker_id: String,
+    pub(crate) concurrency: usize,
+    pub(crate) sem: Arc<Semaphore>,
+    handler: DynHandler,
+}
+
+pub(crate) struct RunningEntry {
+    cancel: watch::Sender<bool>,
+    pub(crate) abort: Option<AbortHandle>,
+}
+
+/// What a job's handler sees besides its arguments.
+#[derive(Clone)]
+pub struct JobContext {
+    inner: Arc<CtxInner>,
+}
+
+pub(crate) struct CtxInner {
+    id: JobId,
+    kind: JobKind,
+    attempt: u32,
+    max_attempts: u32,
+    requested_by: String,
+    cancel: watch::Receiver<bool>,
+    progress: Mutex<Option<Progress>>,
+    progress_dirty: AtomicBool,
+    commit_tx: tokio::sync::mpsc::UnboundedSender<CommitMsg>,
+}
+
+impl std::fmt::Debug for JobContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobContext")
+            .field("id", &self.inner.id)
+            .field("kind", &self.inner.kind)
+            .field("attempt", &self.inner.attempt)
+            .finish()
+    }
+}
+
+impl JobContext {
+    pub fn id(&self) -> &JobId {
+        &self.inner.id
+    }
+    pub fn kind(&self) -> JobKind {
+        self.inner.kind
+    }
+    /// 1-based number of this attempt.
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+    pub fn max_attempts(&self) -> u32 {
+        self.inner.max_attempts
+    }
+    /// Whether this is the last attempt a transient error would get.
+    pub fn is_last_attempt(&self) -> bool {
+        self.inner.attempt >= self.inner.max_attempts
+    }
+    pub fn requested_by(&self) -> &str {
+        &self.inner.requested_by
+    }
+
+    /// Report progress (e.g. bytes done / total). Cheap: it only stores the latest value; the
+    /// committer writes the most recent one with its next batch, so calling it on every chunk
+    /// is fine.
+    pub fn progress(&self, done: u64, total: u64, note: Option<&str>) {
+        *self.inner.progress.lock().unwrap() = Some(Progress {
+            done,
+            total,
+            note: note.map(str::to_owned),
+            updated_at: Utc::now(),
+        });
+        if !self.inner.progress_dirty.swap(true, Ordering::AcqRel) {
+            let _ = self
+                .inner
+                .commit_tx
+                .send(CommitMsg::Progress(self.inner.clone()));
+        }
+    }
+
+    /// Whether a user cancelled this job (or it is being stopped). Handlers should check this
+    /// between steps, or `select!` on [`JobContext::cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        *self.inner.cancel.borrow()
+    }
+
+    /// Resolves when the job is cancelled.
+    pub async fn cancelled(&self) {
+        let mut rx = self.inner.cancel.clone();
+        let _ = rx.wait_for(|c| *c).await;
+        if !*rx.borrow() {
+            // The sender is gone (queue dropped): never resolve.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+pub(crate) enum Outcome {
+    Success,
+    Transient(String),
+    Permanent(String),
+    Panicked(String),
+    /// Cancelled and the handler did not stop within the grace period.
+    CancelTimeout,
+    /// Graceful shutdown ran out of time.
+    Interrupted,
+}
+
+pub(crate) struct Finished {
+    kind: JobKind,
+    id: JobId,
+    worker_id: String,
+    seq: i64,
+    attempt: u32,
+    max_attempts: u32,
+    outcome: Outcome,
+    cancelled: bool,
+}
+
+pub(crate) enum CommitMsg {
+    Finish(Box<Finished>),
+    Progress(Arc<CtxInner>),
+    Flush(oneshot::Sender<()>),
+}
+
+// ---- supervision -----------------------------------------------------------------------------
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// Run a named task forever: when it returns an error or panics, log it and start it again
+/// after a short backoff. `Ok(())` means it stopped on purpose.
+fn spawn_supervised<F, Fut>(shared: &Arc<Shared>, name: String, mut make: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), QueueError>> + Send + 'static,
+{
+    let handle = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match AssertUnwindSafe(make()).catch_unwind().await {
+                Ok(Ok(())) => {
+                    tracing::debug!(task = %name, "task stopped");
+                    return;
+                }
+                Ok(Err(e)) => tracing::error!(task = %name, error = %e, "task failed; restarting"),
+                Err(p) => {
+                    tracing::error!(task = %name, panic = %panic_message(&*p), "task panicked; restarting")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    shared.tasks.lock().unwrap().push(handle);
+}
+
+pub(crate) fn start_background(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    spawn_supervised(shared, "queue-committer".into(), move || {
+        committer(s.clone())
+    });
+    let s = shared.clone();
+    spawn_supervised(shared, "queue-heartbeat".into(), move || {
+        heartbeat_loop(s.clone())
+    });
+    let s = shared.clone();
+    spawn_supervised(shared, "queue-wakeup-poll".into(), move || {
+        wakeup_poll(s.clone())
+    });
+    let s = shared.clone();
+    spawn_supervised(shared, "queue-cancel-watch".into(), move || {
+        cancel_watch(s.clone())
+    });
+    if shared.config.retention.is_some() {
+        let s = shared.clone();
+        spawn_supervised(shared, "queue-retention".into(), move || {
+            retention_loop(s.clone())
+        });
+    }
+}
+
+async fn until_shutdown(shared: &Shared) {
+    let mut rx = shared.shutdown.subscribe();
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+// ---- workers ---------------------------------------------------------------------------------
+
+pub(crate) async fn spawn_workers<A, F, Fut>(
+    shared: &Arc<Shared>,
+    kind: JobKind,
+    concurrency: usize,
+    handler: F,
+) -> Result<(), QueueError>
+where
+    A: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(A, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), JobError>> + Send + 'static,
+{
+    if concurrency == 0 || concurrency > shared.config.max_concurrency {
+        return Err(QueueError::Config(format!(
+            "concurrency for {kind} must be between 1 and {} (got {concurrency})",
+            shared.config.max_concurrency
+        )));
+    }
+    let worker_id = format!("{}-{}", shared.instance, kind.as_str());
+    {
+        let kinds = shared.kinds.lock().unwrap();
+        if kinds.contains_key(&kind) {
+            return Err(QueueError::WorkersAlreadyRunning(kind.as_str()));
+        }
+    }
+    let now = now_ms();
+    let mut tx = shared.writer.begin().await?;
+    sqlx::query(sql::REGISTER_APALIS_WORKER)
+        .bind(&worker_id)
+        .bind(kind.queue_name())
+        .bind(now / 1000)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(sql::REGISTER_WORKER)
+        .bind(&worker_id)
+        .bind(&shared.instance)
+        .bind(kind.as_str())
+        .bind(&shared.hostname)
+        .bind(std::process::id() as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+
+    let handler = Arc::new(handler);
+    let dyn_handler: DynHandler =
+        Arc::new(
+            move |args: Vec<u8>, ctx: JobContext| match serde_json::from_slice::<A>(&args) {
+                Ok(a) => handler(a, ctx).boxed(),
+                Err(e) => {
+                    let msg = format!("invalid arguments for a {kind} job: {e}");
+                    async move { Err(JobError::Permanent(msg)) }.boxed()
+                }
+            },
+        );
+    let kw = Arc::new(KindWorkers {
+        kind,
+        worker_id,
+        concurrency,
+        sem: Arc::new(Semaphore::new(concurrency)),
+        handler: dyn_handler,
+    });
+    {
+        let mut kinds = shared.kinds.lock().unwrap();
+        if kinds.contains_key(&kind) {
+            return Err(QueueError::WorkersAlreadyRunning(kind.as_str()));
+        }
+        kinds.insert(kind, kw.clone());
+    }
+    let s = shared.clone();
+    spawn_supervised(shared, format!("fetch-{kind}"), move || {
+        fetch_loop(s.clone(), kw.clone())
+    });
+    tracing::info!(%kind, concurrency, "workers started");
+    Ok(())
+}
+
+struct Claimed {
+    id: JobId,
+    args: Vec<u8>,
+    attempt: u32,
+    max_attempts: u32,
+    requested_by: String,
+    seq: i64,
+}
+
+#[tracing::instrument(skip(shared, kw), fields(kind = %kw.kind))]
+async fn claim(
+    shared: &Shared,
+    kw: &KindWorkers,
+    limit: usize,
+) -> Result<Vec<Claimed>, QueueError> {
+    let now = now_ms();
+    let mut tx = shared.writer.begin().await?;
+    let rows: Vec<(String, Vec<u8>, i64, i64, Option<String>)> = sqlx::query_as(sql::CLAIM)
+        .bind(&kw.worker_id)
+        .bind(kw.kind.queue_name())
+        .bind(limit as i64)
+        .bind(now / 1000)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(Vec::new());
+    }
+    let spec: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(id, _, attempts, _, _)| serde_json::json!({ "id": id, "a": attempts + 1 }))
+        .collect();
+    let seqs: Vec<(String, i64)> = sqlx::query_as(sql::INSERT_ATTEMPTS)
+        .bind(serde_json::Value::Array(spec).to_string())
+        .bind(&kw.worker_id)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let seqs: HashMap<String, i64> = seqs.into_iter().collect();
+    Ok(rows
+        .into_iter()
+        .map(|(id, args, attempts, max_attempts, metadata)| {
+            let requested_by = metadata
+                .as_deref()
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                .and_then(|v| v.get("requested_by")?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            Claimed {
+                seq: seqs.get(&id).copied().unwrap_or_default(),
+                id: JobId::from(id),
+                args,
+                attempt: (attempts + 1).max(1) as u32,
+                max_attempts: max_attempts.max(1) as u32,
+                requested_by,
+            }
+        })
+        .collect())
+}
+
+/// How long an idle fetcher may sleep: until the next scheduled/retrying job is due, at most
+/// `idle_recheck`. Enqueues in this process and changes by other processes wake it earlier.
+async fn idle_wait(shared: &Shared, kind: JobKind) -> Result<Duration, QueueError> {
+    let next: Option<i64> = sqlx::query_scalar(sql::NEXT_DUE)
+        .bind(kind.queue_name())
+        .fetch_one(&shared.reader)
+        .await?;
+    let max = shared.config.idle_recheck;
+    Ok(match next {
+        None => max,
+        Some(due) => {
+            let wait = (due - now_ms()).max(0) as u64;
+            Duration::from_millis(wait).clamp(Duration::from_millis(2), max)
+        }
+    })
+}
+
+async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), QueueError> {
+    let mut shutdown = shared.shutdown.subscribe();
+    let notify = &shared.notify[kw.kind.index()];
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        // Claim only what there are free slots for: nothing sits claimed but not started.
+        let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+        while permits.len() < shared.config.claim_batch {
+            match kw.sem.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        if permits.is_empty() {
+            tokio::select! {
+                p = kw.sem.clone().acquire_owned() => drop(p),
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let jobs = claim(&shared, &kw, permits.len()).await?;
+        if jobs.is_empty() {
+            drop(permits);
+            let wait = idle_wait(&shared, kw.kind).await?;
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                r = shutdown.changed() => if r.is_err() { return Ok(()) },
+            }
+            continue;
+        }
+        for job in jobs {
+            let permit = permits
+                .pop()
+                .expect("claimed at most as many jobs as permits");
+            start_job(&shared, &kw, job, permit);
+        }
+    }
+}
+
+fn start_job(
+    shared: &Arc<Shared>,
+    kw: &Arc<KindWorkers>,
+    job: Claimed,
+    permit: OwnedSemaphorePermit,
+) {
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    {
+        let mut running = shared.running.lock().unwrap();
+        running.insert(
+            job.id.clone(),
+            RunningEntry {
+                cancel: cancel_tx,
+                abort: None,
+            },
+        );
+        shared.running_count.send_replace(running.len());
+    }
+    let id = job.id.clone();
+    let handle = tokio::spawn(run_job(shared.clone(), kw.clone(), job, cancel_rx, permit));
+    if let Some(entry) = shared.running.lock().unwrap().get_mut(&id) {
+        entry.abort = Some(handle.abort_handle());
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %job.id, kind = %kw.kind, attempt = job.attempt))]
+async fn run_job(
+    shared: Arc<Shared>,
+    kw: Arc<KindWorkers>,
+    job: Claimed,
+    cancel_rx: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    let ctx = JobContext {
+        inner: Arc::new(CtxInner {
+            id: job.id.clone(),
+            kind: kw.kind,
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            requested_by: job.requested_by,
+            cancel: cancel_rx.clone(),
+            progress: Mutex::new(None),
+            progress_dirty: AtomicBool::new(false),
+            commit_tx: shared.commit_tx.clone(),
+        }),
+    };
+    let handler = kw.handler.clone();
+    let args = job.args;
+    // The handler runs in its own task so a panic, or a handler that blocks its thread, cannot
+    // take the fetch loop, heartbeats or committer with it.
+    let mut handler_task =
+        tokio::spawn(AssertUnwindSafe(async move { handler(args, ctx).await }).catch_unwind());
+    let mut cancel = cancel_rx.clone();
+    let cancel_grace = shared.config.cancel_grace;
+    let cancelled_then_grace = async move {
+        let _ = cancel.wait_for(|c| *c).await;
+        if !*cancel.borrow() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(cancel_grace).await;
+    };
+    let mut hard = shared.hard_stop.subscribe();
+    let hard_stop = async move {
+        let _ = hard.wait_for(|h| *h).await;
+        if !*hard.borrow() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let outcome = tokio::select! {
+        res = &mut handler_task => match res {
+            Ok(Ok(Ok(()))) => Outcome::Success,
+            Ok(Ok(Err(JobError::Transient(m)))) => Outcome::Transient(m),
+            Ok(Ok(Err(JobError::Permanent(m)))) => Outcome::Permanent(m),
+            Ok(Err(p)) => Outcome::Panicked(format!("handler panicked: {}", panic_message(&*p))),
+            Err(e) if e.is_panic() => Outcome::Panicked(format!("handler panicked: {}", panic_message(&*e.into_panic()))),
+            Err(e) => Outcome::Panicked(format!("handler task failed: {e}")),
+        },
+        _ = cancelled_then_grace => { handler_task.abort(); Outcome::CancelTimeout }
+        _ = hard_stop => { handler_task.abort(); Outcome::Interrupted }
+    };
+    drop(permit);
+    let cancelled = *cancel_rx.borrow();
+    let _ = shared.commit_tx.send(CommitMsg::Finish(Box::new(Finished {
+        kind: kw.kind,
+        id: job.id.clone(),
+        worker_id: kw.worker_id.clone(),
+        seq: job.seq,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        outcome,
+        cancelled,
+    })));
+    let mut running = shared.running.lock().unwrap();
+    running.remove(&job.id);
+    shared.running_count.send_replace(running.len());
+}
+
+pub(crate) fn signal_cancel(shared: &Shared, id: &JobId) {
+    if let Some(entry) = shared.running.lock().unwrap().get(id) {
+        let _ = entry.cancel.send(true);
+    }
+}
+
+// ---- committer -------------------------------------------------------------------------------
+
+async fn committer(shared: Arc<Shared>) -> Result<(), QueueError> {
+    let mut rx = shared.commit_rx.lock().await;
+    loop {
+        let Some(first) = rx.recv().await else {
+            return Ok(());
+        };
+        let mut batch = vec![first];
+        while batch.len() < 2048 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(20);
+        let events = loop {
+            match commit_batch(&shared, &batch).await {
+                Ok(events) => break events,
+                Err(e) => {
+                    // Never drop outcomes: a lost ack would leave a job `running` under a live
+                    // worker, which no one would rescue.
+                    tracing::error!(error = %e, jobs = batch.len(), "cannot record job outcomes; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        for (event, retry_kind) in events {
+            if let Some(kind) = retry_kind {
+                shared.notify_kind(kind);
+            }
+            if let Some(event) = event {
+                let _ = shared.events.send(event);
+            }
+        }
+        for m in batch {
+            if let CommitMsg::Flush(tx) = m {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+fn err_json(msg: &str) -> String {
+    serde_json::json!({ "Err": msg }).to_string()
+}
+
+type Committed = (Option<JobEvent>, Option<JobKind>);
+
+async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Committed>, QueueError> {
+    let now = now_ms();
+    let now_s = now / 1000;
+    let mut out = Vec::new();
+    let mut tx = shared.writer.begin().await?;
+    for m in batch {
+        match m {
+            CommitMsg::Progress(ctx) => {
+                ctx.progress_dirty.store(false, Ordering::Release);
+                let p = ctx.progress.lock().unwrap().clone();
+                if let Some(p) = p {
+                    sqlx::query(sql::SET_PROGRESS)
+                        .bind(ctx.id.as_str())
+                        .bind(p.done.min(i64::MAX as u64) as i64)
+                        .bind(p.total.min(i64::MAX as u64) as i64)
+                        .bind(p.note.as_deref())
+                        .bind(p.updated_at.timestamp_millis())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            CommitMsg::Flush(_) => {}
+            CommitMsg::Finish(f) => {
+                out.push(finish(&mut tx, shared, f, now, now_s).await?);
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn finish(
+    tx: &mut sqlx::SqliteConnection,
+    shared: &Shared,
+    f: &Finished,
+    now: i64,
+    now_s: i64,
+) -> Result<Committed, QueueError> {
+    let id = f.id.as_str();
+    let attempts = f.attempt as i64;
+    let cancel_by = |reason: Option<&str>| -> String {
+        match reason {
+            Some(r) => format!("cancelled: {r}"),
+            None => "cancelled".to_owned(),
+        }
+    };
+    // (new state, attempt outcome, attempt error, apalis update)
+    let (state, outcome, error): (JobState, AttemptOutcome, Option<String>) = match &f.outcome {
+        Outcome::Success => (JobState::Done, AttemptOutcome::Ok, None),
+        Outcome::Interrupted => (
+            JobState::Pending,
+            AttemptOutcome::Interrupted,
+            Some("stopped by shutdown; resumes at next start".into()),
+        ),
+        Outcome::CancelTimeout => (
+            JobState::Cancelled,
+            AttemptOutcome::Cancelled,
+            Some("cancelled; handler did not stop within the grace period".into()),
+        ),
+        Outcome::Permanent(m) | Outcome::Transient(m) | Outcome::Panicked(m) if f.cancelled => (
+            JobState::Cancelled,
+            AttemptOutcome::Cancelled,
+            Some(cancel_by(Some(m))),
+        ),
+        Outcome::Permanent(m) => (JobState::Failed, AttemptOutcome::Permanent, Some(m.clone())),
+        Outcome::Transient(m) | Outcome::Panicked(m) => {
+            let kind = if matches!(f.outcome, Outcome::Panicked(_)) {
+                AttemptOutcome::Panicked
+            } else {
+                AttemptOutcome::Transient
+            };
+            // A cancel requested from another process may not have reached us yet.
+            let requested: Option<Option<String>> = sqlx::query_scalar(sql::CANCEL_REQUESTED)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if requested.is_some() {
+                (
+                    JobState::Cancelled,
+                    AttemptOutcome::Cancelled,
+                    Some(cancel_by(Some(m))),
+                )
+            } else if f.attempt >= f.max_attempts {
+                (JobState::Failed, kind, Some(m.clone()))
+            } else {
+                (JobState::Retrying, kind, Some(m.clone()))
+            }
+        }
+    };
+    let last = error.as_deref().map(err_json);
+    let res = match state {
+        JobState::Done => {
+            sqlx::query(sql::FINISH_DONE)
+                .bind(id)
+                .bind(&f.worker_id)
+                .bind(attempts)
+                .bind(now_s)
+                .execute(&mut *tx)
+                .await?
+        }
+        JobState::Failed => {
+            sqlx::query(sql::FINISH_DEAD)
+                .bind(id)
+                .bind(&f.worker_id)
+                .bind(attempts)
+                .bind(now_s)
+                .bind(&last)
+                .execute(&mut *tx)
+                .await?
+        }
+        JobState::Cancelled => {
+            sqlx::query(sql::FINISH_CANCELLED)
+                .bind(id)
+                .bind(&f.worker_id)
+                .bind(attempts)
+                .bind(now_s)
+                .bind(&last)
+                .execute(&mut *tx)
+                .await?
+        }
+        JobState::Retrying => {
+            let delay = shared.config.retry.delay(f.attempt);
+            let next = now + delay.as_millis() as i64;
+            sqlx::query(sql::SET_NEXT_RUN)
+                .bind(id)
+                .bind(next)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tracing::info!(job_id = %f.id, kind = %f.kind, attempt = f.attempt, delay_ms = delay.as_millis() as u64,
+                error = error.as_deref().unwrap_or(""), "job attempt failed; will retry");
+            sqlx::query(sql::FINISH_RETRY)
+                .bind(id)
+                .bind(&f.worker_id)
+                .bind(attempts)
+                .bind(next / 1000)
+                .bind(&last)
+                .execute(&mut *tx)
+                .await?
+        }
+        JobState::Pending | JobState::Running => {
+            sqlx::query(sql::RELEASE)
+                .bind(id)
+                .bind(&f.worker_id)
+                .bind(now_s)
+                .execute(&mut *tx)
+                .await?
+        }
+    };
+    let lost = res.rows_affected() == 0;
+    let (outcome, error) = if lost {
+        tracing::warn!(job_id = %f.id, kind = %f.kind, "job was re-queued by another worker while it ran; outcome discarded");
+        (
+            AttemptOutcome::Lost,
+            Some(format!(
+                "outcome {} discarded: the job had been re-queued (missed heartbeats?)",
+                outcome.as_str()
+            )),
+        )
+    } else {
+        (outcome, error)
+    };
+    sqlx::query(sql::FINISH_ATTEMPT)
+        .bind(f.seq)
+        .bind(now)
+        .bind(outcome.as_str())
+        .bind(error.as_deref())
+        .execute(&mut *tx)
+        .await?;
+    if state.is_finished() && !lost {
+        sqlx::query(sql::CLEAR_STATE_FLAGS)
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+    }
+    match state {
+        JobState::Done => tracing::debug!(job_id = %f.id, kind = %f.kind, "job done"),
+        JobState::Failed => tracing::warn!(job_id = %f.id, kind = %f.kind, attempt = f.attempt,
+            error = error.as_deref().unwrap_or(""), "job failed; giving up"),
+        _ => {}
+    }
+    if lost {
+        return Ok((None, None));
+    }
+    let event = JobEvent {
+        id: f.id.clone(),
+        kind: f.kind,
+        state,
+        attempt: f.attempt,
+    };
+    let wake = matches!(state, JobState::Retrying | JobState::Pending).then_some(f.kind);
+    Ok((Some(event), wake))
+}
+
+// ---- heartbeats, orphans, wake-ups, cancels, retention ---------------------------------------
+
+#[cfg(target_os = "linux")]
+fn pid_alive(pid: i64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pid_alive(_pid: i64) -> bool {
+    true // unknown: fall back to heartbeat staleness
+}
+
+/// At start-up: workers of this host whose process is gone are dead now, not after
+/// `orphan_after`, so their jobs resume at once. Peers on other hosts are judged only by
+/// their heartbeats.
+pub(crate) async fn mark_dead_local_workers(shared: &Shared) -> Result<(), QueueError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sql::SAME_HOST_WORKERS)
+        .bind(&shared.hostname)
+        .bind(&shared.instance)
+        .fetch_all(&shared.reader)
+        .await?;
+    let me = std::process::id() as i64;
+    for (id, pid) in rows {
+        if pid != me && !pid_alive(pid) {
+            sqlx::query(sql::MARK_WORKER_DEAD)
+                .bind(&id)
+                .bind(now_ms())
+                .execute(&shared.writer)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Re-queue jobs whose worker stopped heartbeating.
+pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
+    let now = now_ms();
+    let stale_ms = now - shared.config.orphan_after.as_millis() as i64;
+    let mut tx = shared.writer.begin().await?;
+    let workers: Vec<String> = sqlx::query_scalar(sql::STALE_WORKERS)
+        .bind(stale_ms)
+        .bind(&shared.instance)
+        .bind(stale_ms / 1000)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut total = 0;
+    let mut wake = Vec::new();
+    for w in workers {
+        let msg =
+            format!("worker {w} stopped heartbeating (process crashed or hung); job re-queued");
+        let jobs: Vec<(String, String, String, i64)> = sqlx::query_as(sql::REQUEUE_ORPHANS)
+            .bind(&w)
+            .bind(now / 1000)
+            .bind(err_json(&msg))
+            .fetch_all(&mut *tx)
+            .await?;
+        for (id, queue, status, attempts) in &jobs {
+            sqlx::query(sql::LOSE_OPEN_ATTEMPTS)
+                .bind(id)
+                .bind(now)
+                .bind(&msg)
+                .execute(&mut *tx)
+                .await?;
+            tracing::warn!(job_id = %id, worker = %w, %status, attempts, "re-queued orphaned job");
+            if let Some(k) = JobKind::from_queue_name(queue) {
+                wake.push(k);
+            }
+        }
+        total += jobs.len() as u64;
+    }
+    tx.commit().await?;
+    for k in wake {
+        shared.notify_kind(k);
+    }
+    Ok(total)
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.heartbeat_interval) => {}
+            _ = until_shutdown(&shared) => return Ok(()),
+        }
+        let now = now_ms();
+        let mut tx = shared.writer.begin().await?;
+        sqlx::query(sql::HEARTBEAT)
+            .bind(&shared.instance)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::HEARTBEAT_APALIS)
+            .bind(&shared.instance)
+            .bind(now / 1000)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        rescue_orphans(&shared).await?;
+    }
+}
+
+/// Wakes idle fetchers when another connection (another process, e.g. the CLI or a second
+/// node) commits: `PRAGMA data_version` changes, and reading it touches no table.
+async fn wakeup_poll(shared: Arc<Shared>) -> Result<(), QueueError> {
+    let mut conn = shared.reader.acquire().await?;
+    let mut last: Option<i64> = None;
+    loop {
+        let v: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        if last.is_some_and(|l| l != v) {
+            let kinds: Vec<JobKind> = shared.kinds.lock().unwrap().keys().copied().collect();
+            for k in kinds {
+                shared.notify_kind(k);
+            }
+        }
+        last = Some(v);
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            _ = until_shutdown(&shared) => return Ok(()),
+        }
+    }
+}
+
+/// Delivers cancel requests made by other processes to handlers running here.
+async fn cancel_watch(shared: Arc<Shared>) -> Result<(), QueueError> {
+    let every = (shared.config.poll_interval * 10).min(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = until_shutdown(&shared) => return Ok(()),
+        }
+        if shared.running.lock().unwrap().is_empty() {
+            continue;
+        }
+        let ids: Vec<String> = sqlx::query_scalar(sql::CANCEL_REQUESTS)
+            .fetch_all(&shared.reader)
+            .await?;
+        for id in ids {
+            signal_cancel(&shared, &JobId::from(id));
+        }
+    }
+}
+
+async fn retention_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
+    let Some(keep) = shared.config.retention else {
+        return Ok(());
+    };
+    loop {
+        let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or_default();
+        let n = prune(&shared, cutoff.timestamp()).await?;
+        if n > 0 {
+            tracing::info!(pruned = n, "pruned finished jobs past retention");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.prune_interval) => {}
+            _ = until_shutdown(&shared) => return Ok(()),
+        }
+    }
+}
+
+pub(crate) async fn prune(shared: &Shared, cutoff_s: i64) -> Result<u64, QueueError> {
+    let mut total = 0;
+    loop {
+        let mut tx = shared.writer.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(sql::PRUNABLE)
+            .bind(cutoff_s)
+            .bind(1000i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(total);
+        }
+        let json = serde_json::to_string(&ids).expect("strings serialize");
+        for q in [sql::PRUNE_ATTEMPTS, sql::PRUNE_STATE, sql::PRUNE_JOBS] {
+            sqlx::query(q).bind(&json).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        total += ids.len() as u64;
+        if ids.len() < 1000 {
+            return Ok(total);
+        }
+    }
+}
+
+pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
+    sqlx::query(sql::STOP_WORKERS)
+        .bind(&shared.instance)
+        .bind(now_ms())
+        .execute(&shared.writer)
+        .await?;
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>(_: T) {}
+    let _ = ms_to_time;
+    let _ = is_send::<JobContext>;
+}

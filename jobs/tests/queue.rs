@@ -1,0 +1,567 @@
+//! Behaviour of the queue engine against real SQLite files in temp dirs.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use snapq_jobs::{
+    AttemptOutcome, CancelOutcome, EnqueueOptions, JobError, JobId, JobKind, JobState, ListFilter,
+    NoopArgs, Queue, QueueConfig, QueueError, RetryPolicy,
+};
+
+fn fast_config() -> QueueConfig {
+    QueueConfig {
+        retry: RetryPolicy {
+            max_attempts: 4,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(2),
+        },
+        poll_interval: Duration::from_millis(10),
+        heartbeat_interval: Duration::from_millis(100),
+        orphan_after: Duration::from_millis(500),
+        cancel_grace: Duration::from_secs(5),
+        retention: None,
+        ..QueueConfig::default()
+    }
+}
+
+async fn open(dir: &tempfile::TempDir) -> Queue {
+    Queue::open(&dir.path().join("queue.db"), fast_config())
+        .await
+        .unwrap()
+}
+
+/// Poll `show` until the job reaches `state`, or fail after 10 s.
+async fn wait_state(q: &Queue, id: &JobId, state: JobState) -> snapq_jobs::JobDetail {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = q.show(id).await.unwrap();
+        if d.job.state == state {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still {} (wanted {state}): {d:#?}",
+            d.job.state
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_retry_with_growing_delays_then_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = starts.clone();
+    q.spawn_workers(JobKind::Noop, 2, move |_: Value, ctx| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(Instant::now());
+            if ctx.attempt() < 4 {
+                Err(JobError::transient(format!(
+                    "connection refused (try {})",
+                    ctx.attempt()
+                )))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let id = q.enqueue(JobKind::Noop, &json!({}), "alice").await.unwrap();
+    let d = wait_state(&q, &id, JobState::Done).await;
+    assert_eq!(d.job.attempts, 4);
+    assert_eq!(d.job.requested_by.as_deref(), Some("alice"));
+    let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Some(AttemptOutcome::Transient),
+            Some(AttemptOutcome::Transient),
+            Some(AttemptOutcome::Transient),
+            Some(AttemptOutcome::Ok)
+        ]
+    );
+    assert_eq!(
+        d.attempt_log[1].error.as_deref(),
+        Some("connection refused (try 2)")
+    );
+    let t = starts.lock().unwrap().clone();
+    let gaps: Vec<Duration> = t.windows(2).map(|w| w[1] - w[0]).collect();
+    // Jittered delays lie in [nominal/2, nominal]: 50–100, 100–200, 200–400 ms.
+    let policy = q.config().retry;
+    for (i, gap) in gaps.iter().enumerate() {
+        let (lo, hi) = policy.delay_bounds(i as u32 + 1);
+        assert!(
+            *gap >= lo && *gap <= hi + Duration::from_millis(300),
+            "gap {i} = {gap:?}, expected {lo:?}..{hi:?}"
+        );
+    }
+    assert!(gaps[2] > gaps[0], "delays grow: {gaps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_error_fails_at_once_with_the_reason_in_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    q.spawn_workers(JobKind::Capture, 2, |_: Value, _ctx| async {
+        Err(JobError::permanent(
+            "insufficient disk space for web-01 snapshot: need 1.2 GiB",
+        ))
+    })
+    .await
+    .unwrap();
+    let id = q
+        .enqueue(JobKind::Capture, &json!({"endpoint": "web-01"}), "bob")
+        .await
+        .unwrap();
+    let d = wait_state(&q, &id, JobState::Failed).await;
+    assert_eq!(d.job.attempts, 1);
+    assert_eq!(d.attempt_log.len(), 1);
+    assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Permanent));
+    assert!(
+        d.job
+            .last_error
+            .unwrap()
+            .contains("insufficient disk space")
+    );
+    assert_eq!(d.job.args, json!({"endpoint": "web-01"}));
+    assert_eq!(d.job.kind, "capture");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_limit_leaves_the_job_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fast_config();
+    cfg.retry.base_delay = Duration::from_millis(10);
+    let q = Queue::open(&dir.path().join("queue.db"), cfg)
+        .await
+        .unwrap();
+    q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async {
+        Err(JobError::transient("timeout"))
+    })
+    .await
+    .unwrap();
+    let id = q.enqueue(JobKind::Noop, &json!({}), "t").await.unwrap();
+    let d = wait_state(&q, &id, JobState::Failed).await;
+    assert_eq!(d.job.attempts, 4);
+    assert_eq!(d.attempt_log.len(), 4);
+    assert!(
+        d.attempt_log
+            .iter()
+            .all(|a| a.error.as_deref() == Some("timeout"))
+    );
+    // and then retry it: it runs again with a fresh budget
+    q.retry(&id).await.unwrap();
+    let d = wait_state(&q, &id, JobState::Failed).await;
+    assert_eq!(d.attempt_log.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_failed_job_runs_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    q.spawn_workers(JobKind::Ingest, 1, move |_: Value, _| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(JobError::permanent("invalid file"))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let id = q.enqueue(JobKind::Ingest, &json!({}), "t").await.unwrap();
+    wait_state(&q, &id, JobState::Failed).await;
+    q.retry(&id).await.unwrap();
+    let d = wait_state(&q, &id, JobState::Done).await;
+    assert_eq!(d.attempt_log.len(), 2);
+    assert_eq!(d.job.last_error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_pending_job_and_a_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    // pending: no workers for export yet
+    let pending = q.enqueue(JobKind::Export, &json!({}), "t").await.unwrap();
+    assert_eq!(
+        q.cancel(&pending, "carol").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let d = q.show(&pending).await.unwrap();
+    assert_eq!(d.job.state, JobState::Cancelled);
+    assert!(d.job.last_error.unwrap().contains("carol"));
+
+    q.spawn_workers(JobKind::Capture, 1, |_: Value, ctx| async move {
+        ctx.progress(1, 10, Some("copying"));
+        ctx.cancelled().await;
+        Err(JobError::transient("stopped"))
+    })
+    .await
+    .unwrap();
+    let running = q.enqueue(JobKind::Capture, &json!({}), "t").await.unwrap();
+    wait_state(&q, &running, JobState::Running).await;
+    assert_eq!(
+        q.cancel(&running, "carol").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let d = wait_state(&q, &running, JobState::Cancelled).await;
+    assert_eq!(
+        d.attempt_log.last().unwrap().outcome,
+        Some(AttemptOutcome::Cancelled)
+    );
+    assert_eq!(
+        d.job.progress.as_ref().map(|p| (p.done, p.total)),
+        Some((1, 10))
+    );
+    assert!(!d.job.cancel_requested);
+    // the export job stays cancelled even once workers exist
+    q.spawn_workers(JobKind::Export, 1, |_: Value, _| async { Ok(()) })
+        .await
+        .unwrap();
+    assert_eq!(
+        q.show(&pending).await.unwrap().job.state,
+        JobState::Cancelled
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_or_cancel_of_unknown_or_unfinished_or_finished_jobs_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let unknown = JobId::from("01ARZ3NDEKTSV4RRFFQ69G5FAV");
+    assert!(matches!(
+        q.retry(&unknown).await,
+        Err(QueueError::NotFound(_))
+    ));
+    assert!(matches!(
+        q.cancel(&unknown, "t").await,
+        Err(QueueError::NotFound(_))
+    ));
+    assert!(matches!(
+        q.show(&unknown).await,
+        Err(QueueError::NotFound(_))
+    ));
+
+    let pending = q.enqueue(JobKind::Delete, &json!({}), "t").await.unwrap();
+    let err = q.retry(&pending).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::InvalidState {
+                state: JobState::Pending,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("only failed or cancelled"));
+
+    q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async { Ok(()) })
+        .await
+        .unwrap();
+    let done = q.push(&NoopArgs::default(), "t").await.unwrap();
+    wait_state(&q, &done, JobState::Done).await;
+    let err = q.cancel(&done, "t").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            QueueError::InvalidState {
+                state: JobState::Done,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        q.retry(&done).await,
+        Err(QueueError::InvalidState { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_records_a_failed_attempt_and_the_worker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    q.spawn_workers(JobKind::Noop, 1, |args: Value, _| async move {
+        if args["boom"].as_bool() == Some(true) {
+            panic!("boom at byte 42");
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let opts = EnqueueOptions {
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let bad = q
+        .enqueue_with(JobKind::Noop, &json!({"boom": true}), "t", &opts)
+        .await
+        .unwrap()
+        .id;
+    let d = wait_state(&q, &bad, JobState::Failed).await;
+    assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Panicked));
+    assert!(
+        d.attempt_log[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("boom at byte 42")
+    );
+    let good = q.enqueue(JobKind::Noop, &json!({}), "t").await.unwrap();
+    wait_state(&q, &good, JobState::Done).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let completions = Arc::new(AtomicU32::new(0));
+    let id;
+    {
+        let q = Queue::open(&path, fast_config()).await.unwrap();
+        let c = completions.clone();
+        q.spawn_workers(JobKind::Capture, 1, move |_: Value, _| {
+            let c = c.clone();
+            async move {
+                // Never finishes in the first process.
+                std::future::pending::<()>().await;
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        id = q
+            .enqueue(JobKind::Capture, &json!({"endpoint": "db-01"}), "t")
+            .await
+            .unwrap();
+        wait_state(&q, &id, JobState::Running).await;
+        // dropped without shutdown: a crash
+    }
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let c = completions.clone();
+    q.spawn_workers(JobKind::Capture, 1, move |_: Value, _| {
+        let c = c.clone();
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let d = wait_state(&q, &id, JobState::Done).await;
+    assert_eq!(completions.load(Ordering::SeqCst), 1);
+    let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![Some(AttemptOutcome::Lost), Some(AttemptOutcome::Ok)]
+    );
+    // and it stays done: nothing runs it again
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(completions.load(Ordering::SeqCst), 1);
+    q.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_unfinished_jobs_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    q.spawn_workers(JobKind::Capture, 1, |_: Value, _| async {
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let id = q.enqueue(JobKind::Capture, &json!({}), "t").await.unwrap();
+    wait_state(&q, &id, JobState::Running).await;
+    let report = q.shutdown(Duration::from_millis(100)).await.unwrap();
+    assert_eq!(report.released, 1);
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let d = q.show(&id).await.unwrap();
+    assert_eq!(d.job.state, JobState::Pending);
+    assert_eq!(d.job.attempts, 0);
+    assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Interrupted));
+    q.spawn_workers(JobKind::Capture, 1, |_: Value, _| async { Ok(()) })
+        .await
+        .unwrap();
+    wait_state(&q, &id, JobState::Done).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_recent_and_unfinished_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    q.spawn_workers(JobKind::Noop, 4, |_: Value, _| async { Ok(()) })
+        .await
+        .unwrap();
+    let old = q
+        .enqueue(JobKind::Noop, &json!({"n": 1}), "t")
+        .await
+        .unwrap();
+    let recent = q
+        .enqueue(JobKind::Noop, &json!({"n": 2}), "t")
+        .await
+        .unwrap();
+    wait_state(&q, &old, JobState::Done).await;
+    wait_state(&q, &recent, JobState::Done).await;
+    let unfinished = q.enqueue(JobKind::Export, &json!({}), "t").await.unwrap();
+    // Age the first job as if it finished 40 days ago.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let forty_days_ago = chrono::Utc::now().timestamp() - 40 * 86400;
+    sqlx::query("UPDATE Jobs SET done_at = ?1 WHERE id = ?2")
+        .bind(forty_days_ago)
+        .bind(old.as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let n = q.prune(Duration::from_secs(30 * 86400)).await.unwrap();
+    assert_eq!(n, 1);
+    assert!(matches!(q.show(&old).await, Err(QueueError::NotFound(_))));
+    assert_eq!(q.show(&recent).await.unwrap().job.state, JobState::Done);
+    assert_eq!(
+        q.show(&unfinished).await.unwrap().job.state,
+        JobState::Pending
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_queue_file_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    std::fs::write(
+        &path,
+        b"this is not a database, it is a grocery list\n".repeat(200),
+    )
+    .unwrap();
+    let err = Queue::open(&path, fast_config()).await.unwrap_err();
+    assert!(matches!(err, QueueError::NotAQueue { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+
+    // A SQLite header followed by garbage.
+    let mut bytes = b"SQLite format 3\0".to_vec();
+    bytes.extend(std::iter::repeat_n(0xA5u8, 8192));
+    std::fs::write(&path, bytes).unwrap();
+    let err = Queue::open(&path, fast_config()).await.unwrap_err();
+    assert!(matches!(err, QueueError::NotAQueue { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = Queue::open(&path, QueueConfig::default()).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    q.spawn_workers(JobKind::Noop, 4, move |_: Value, _| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(Instant::now());
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    // Another "process": its own pools, no shared in-memory wake-up.
+    let other = Queue::open(&path, QueueConfig::default()).await.unwrap();
+    for (label, producer) in [("same process", &q), ("other connection", &other)] {
+        for _ in 0..3 {
+            // let the queue go idle
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let t0 = Instant::now();
+            producer
+                .enqueue(JobKind::Noop, &json!({}), "t")
+                .await
+                .unwrap();
+            let started = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("job started")
+                .unwrap();
+            let latency = started - t0;
+            assert!(
+                latency < Duration::from_secs(1),
+                "{label}: start took {latency:?}"
+            );
+        }
+    }
+    // after a burst
+    let ids = q
+        .enqueue_many(JobKind::Noop, &vec![json!({}); 500], "t")
+        .await
+        .unwrap();
+    for _ in 0..500 {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap();
+    }
+    wait_state(&q, ids.last().unwrap(), JobState::Done).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    q.enqueue(JobKind::Noop, &json!({}), "t").await.unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started - t0 < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_dedupes_and_status_and_list_report_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let opts = EnqueueOptions {
+        idempotency_key: Some("nightly:2026-11-28T02:00".into()),
+        ..Default::default()
+    };
+    let a = q
+        .enqueue_with(JobKind::Fleet, &json!({"group": "web"}), "cron", &opts)
+        .await
+        .unwrap();
+    let b = q
+        .enqueue_with(JobKind::Fleet, &json!({"group": "web"}), "cron", &opts)
+        .await
+        .unwrap();
+    assert!(a.created && !b.created);
+    assert_eq!(a.id, b.id);
+    q.enqueue_many(JobKind::Export, &[json!({}), json!({})], "t")
+        .await
+        .unwrap();
+    let st = q.status().await.unwrap();
+    let fleet = st.kinds.iter().find(|k| k.kind == "fleet").unwrap();
+    assert_eq!(fleet.pending, 1);
+    assert!(fleet.oldest_pending_age_ms.is_some());
+    let export = st.kinds.iter().find(|k| k.kind == "export").unwrap();
+    assert_eq!(export.pending, 2);
+    let listed = q
+        .list(&ListFilter {
+            kind: Some(JobKind::Export),
+            state: Some(JobState::Pending),
+            limit: Some(10),
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0].id > listed[1].id, "newest first");
+    let json = serde_json::to_value(&st).unwrap();
+    assert!(json["kinds"].is_array());
+}

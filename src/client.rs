@@ -1,0 +1,444 @@
+//! The CLI's client of the server's HTTP API. Every subcommand other than `serve`, `agent` and
+//! `fleet-sim` goes through here; none of them opens the server's database files.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use snapq_core::disk::human_bytes;
+
+/// Where the server is and how to authenticate, resolved from flags, environment and defaults.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server: String,
+    /// `None`: read `admin.token` from `data_dir`.
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    pub json: bool,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    pub json: bool,
+}
+
+impl Client {
+    pub fn new(config: &ClientConfig) -> anyhow::Result<Client> {
+        let token = match &config.token {
+            Some(t) => t.clone(),
+            None => {
+                let path = crate::server::admin_token_path(&config.data_dir);
+                crate::token::read(&path).with_context(|| {
+                    format!(
+                        "no token given and {} is unreadable; pass --token or SNAPQ_TOKEN, or --data-dir of the local server",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        Ok(Client {
+            http: snapq_core::agent_client::http_client(),
+            base: config.server.trim_end_matches('/').to_owned(),
+            token,
+            json: config.json,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the snapq server at {}: {}; is `snapq serve` running? (--server / SNAPQ_SERVER)",
+                self.base,
+                snapq_core::agent_client::error_chain(&e)
+            )
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let message = body["error"].as_str().unwrap_or("no details").to_owned();
+        bail!("{message} (HTTP {})", status.as_u16())
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        Ok(self.send(self.http.get(&url)).await?.json().await?)
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        Ok(self
+            .send(self.http.post(&url).json(body))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Prints `value` as JSON when `--json` was given, else runs `human`.
+    pub fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).expect("JSON prints")
+            );
+        } else {
+            human(value);
+        }
+    }
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn time_of(ms: &Value) -> String {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn bytes_of(v: &Value) -> String {
+    v.as_u64().map(human_bytes).unwrap_or_else(|| "-".into())
+}
+
+pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {
+    let list: Value = client
+        .get(&format!("/v1/endpoints?search={}", enc(search)))
+        .await?;
+    client.print(&list, |list| {
+        for e in list.as_array().into_iter().flatten() {
+            let dot = if e["online"].as_bool() == Some(true) {
+                "●"
+            } else {
+                "○"
+            };
+            let ips: Vec<&str> = e["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            println!(
+                "{dot} {:<30} {:<8} {:<40} last seen {}",
+                e["hostname"].as_str().unwrap_or(""),
+                if e["online"].as_bool() == Some(true) {
+                    "online"
+                } else {
+                    "offline"
+                },
+                ips.join(","),
+                time_of(&e["last_seen_ms"])
+            );
+        }
+        if list.as_array().is_none_or(|l| l.is_empty()) {
+            eprintln!("no endpoints match");
+        }
+    });
+    Ok(())
+}
+
+/// Asks a yes/no question on the terminal; `false` unless the answer starts with y.
+pub fn confirm(question: &str) -> bool {
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && answer.trim().to_lowercase().starts_with('y')
+}
+
+pub async fn capture(
+    client: &Client,
+    hosts: &[String],
+    yes: bool,
+    wait: bool,
+) -> anyhow::Result<bool> {
+    if !yes && std::io::stdin().is_terminal() {
+        for host in hosts {
+            let info: Value = client.get(&format!("/v1/endpoints/{}", enc(host))).await?;
+            let size = &info["live"]["db_bytes"];
+            eprintln!(
+                "{host}: database {}, server free {} (reserve {})",
+                bytes_of(size),
+                bytes_of(&info["server_free_bytes"]),
+                bytes_of(&info["capture_reserve_bytes"])
+            );
+        }
+        if !confirm(&format!("Capture {} snapshot(s)?", hosts.len())) {
+            eprintln!("nothing captured");
+            return Ok(false);
+        }
+    }
+    let queued: Value = client
+        .post("/v1/captures", &serde_json::json!({ "hosts": hosts }))
+        .await?;
+    let items = queued.as_array().cloned().unwrap_or_default();
+    if !wait {
+        client.print(&queued, |q| {
+            for item in q.as_array().into_iter().flatten() {
+                println!(
+                    "queued capture of {} (snapshot {}, job {})",
+                    item["hostname"].as_str().unwrap_or(""),
+                    item["snapshot_id"],
+                    item["job_id"].as_str().unwrap_or("")
+                );
+            }
+        });
+        return Ok(true);
+    }
+    let show_progress = std::io::stderr().is_terminal() && !client.json;
+    let mut finished: Vec<Option<Value>> = vec![None; items.len()];
+    while finished.iter().any(Option::is_none) {
+        for (i, item) in items.iter().enumerate() {
+            if finished[i].is_some() {
+                continue;
+            }
+            let snap: Value = client
+                .get(&format!("/v1/snapshots/{}", item["snapshot_id"]))
+                .await?;
+            if show_progress {
+                let done = snap["bytes_done"].as_u64().unwrap_or(0);
+                let total = snap["bytes_total"].as_u64().unwrap_or(0);
+                let pct = if total > 0 { done * 100 / total } else { 0 };
+                eprint!(
+                    "\r{:<24} {:<12} {:>3}% {} / {}   ",
+                    snap["hostname"].as_str().unwrap_or(""),
+                    snap["state"].as_str().unwrap_or(""),
+                    pct,
+                    human_bytes(done),
+                    human_bytes(total)
+                );
+            }
+            if matches!(snap["state"].as_str(), Some("complete" | "failed")) {
+                if show_progress {
+                    eprintln!();
+                }
+                finished[i] = Some(snap);
+            }
+        }
+        if finished.iter().any(Option::is_none) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let results: Vec<Value> = finished.into_iter().flatten().collect();
+    let all_ok = results.iter().all(|s| s["state"] == "complete");
+    client.print(&Value::Array(results.clone()), |_| {
+        for s in &results {
+            match s["state"].as_str() {
+                Some("complete") => println!(
+                    "{} complete: {} ({}, sha256 {})",
+                    s["hostname"].as_str().unwrap_or(""),
+                    s["name"].as_str().unwrap_or(""),
+                    bytes_of(&s["size"]),
+                    s["sha256"].as_str().unwrap_or("")
+                ),
+                _ => println!(
+                    "{} failed: {}",
+                    s["hostname"].as_str().unwrap_or(""),
+                    s["error"].as_str().unwrap_or("unknown reason")
+                ),
+            }
+        }
+    });
+    Ok(all_ok)
+}
+
+pub async fn snapshots_list(client: &Client, endpoint: Option<&str>) -> anyhow::Result<()> {
+    let path = match endpoint {
+        Some(h) => format!("/v1/snapshots?endpoint={}", enc(h)),
+        None => "/v1/snapshots".into(),
+    };
+    let groups: Value = client.get(&path).await?;
+    client.print(&groups, |groups| {
+        for g in groups.as_array().into_iter().flatten() {
+            println!(
+                "{} ({} captures)",
+                g["hostname"].as_str().unwrap_or(""),
+                g["captures"]
+            );
+            for s in g["snapshots"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:>5}  {:<48} {:<12} {:>10}  {:<7} {}  {}",
+                    s["id"],
+                    s["name"].as_str().unwrap_or("(not staged yet)"),
+                    s["state"].as_str().unwrap_or(""),
+                    bytes_of(&s["size"]),
+                    s["origin"].as_str().unwrap_or(""),
+                    s["sha256"]
+                        .as_str()
+                        .map(|h| &h[..h.len().min(16)])
+                        .unwrap_or("-"),
+                    time_of(&s["created_ms"])
+                );
+            }
+        }
+        if groups.as_array().is_none_or(|g| g.is_empty()) {
+            eprintln!("no snapshots yet; `snapq capture HOST` takes one");
+        }
+    });
+    Ok(())
+}
+
+pub async fn snapshot_show(client: &Client, id: &str) -> anyhow::Result<()> {
+    let snap: Value = client.get(&format!("/v1/snapshots/{}", enc(id))).await?;
+    client.print(&snap, |s| {
+        for key in [
+            "id",
+            "hostname",
+            "name",
+            "state",
+            "origin",
+            "size",
+            "sha256",
+            "events",
+            "oldest_ts",
+            "newest_ts",
+            "bytes_done",
+            "bytes_total",
+            "error",
+            "job_id",
+            "requested_by",
+            "created_ms",
+            "completed_ms",
+        ] {
+            let v = &s[key];
+            let text = match key {
+                "size" | "bytes_done" | "bytes_total" => bytes_of(v),
+                "created_ms" | "completed_ms" | "oldest_ts" | "newest_ts" => time_of(v),
+                _ => v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string()),
+            };
+            println!("{key:<14} {text}");
+        }
+    });
+    Ok(())
+}
+
+fn print_status(status: &Value) {
+    println!(
+        "{:<9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>10} {:>12} {:>10}",
+        "kind",
+        "pending",
+        "running",
+        "retrying",
+        "done",
+        "failed",
+        "cancelled",
+        "oldest wait",
+        "done/60s"
+    );
+    for k in status["status"]["kinds"].as_array().into_iter().flatten() {
+        let age = k["oldest_pending_age_ms"]
+            .as_u64()
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>10} {:>12} {:>10}",
+            k["kind"].as_str().unwrap_or(""),
+            k["pending"],
+            k["running"],
+            k["retrying"],
+            k["done"],
+            k["failed"],
+            k["cancelled"],
+            age,
+            k["done_last_60s"]
+        );
+    }
+    let running = status["running"].as_array().cloned().unwrap_or_default();
+    if !running.is_empty() {
+        println!("\nrunning:");
+        for j in running {
+            let p = &j["progress"];
+            let progress = if p.is_null() {
+                String::new()
+            } else {
+                format!(
+                    "{} / {} {}",
+                    bytes_of(&p["done"]),
+                    bytes_of(&p["total"]),
+                    p["note"].as_str().unwrap_or("")
+                )
+            };
+            println!(
+                "  {}  {:<8} attempt {}/{}  {}",
+                j["id"].as_str().unwrap_or(""),
+                j["kind"].as_str().unwrap_or(""),
+                j["attempts"],
+                j["max_attempts"],
+                progress
+            );
+        }
+    }
+}
+
+pub async fn queue_status(client: &Client, watch: bool) -> anyhow::Result<()> {
+    loop {
+        let status: Value = client.get("/v1/queue/status").await?;
+        if watch && !client.json {
+            print!("\x1b[2J\x1b[H");
+        }
+        client.print(&status, print_status);
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+pub async fn queue_list(
+    client: &Client,
+    state: Option<&str>,
+    kind: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/queue/jobs?limit={limit}");
+    if let Some(s) = state {
+        path += &format!("&state={}", enc(s));
+    }
+    if let Some(k) = kind {
+        path += &format!("&kind={}", enc(k));
+    }
+    let jobs: Value = client.get(&path).await?;
+    client.print(&jobs, |jobs| {
+        for j in jobs.as_array().into_iter().flatten() {
+            println!(
+                "{}  {:<8} {:<9} attempts {}/{}  {}  {}",
+                j["id"].as_str().unwrap_or(""),
+                j["kind"].as_str().unwrap_or(""),
+                j["state"].as_str().unwrap_or(""),
+                j["attempts"],
+                j["max_attempts"],
+                j["requested_by"].as_str().unwrap_or("-"),
+                j["last_error"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+pub async fn queue_show(client: &Client, id: &str) -> anyhow::Result<()> {
+    let detail: Value = client.get(&format!("/v1/queue/jobs/{}", enc(id))).await?;
+    client.print(&detail, |d| {
+        println!("{}", serde_json::to_string_pretty(d).expect("JSON prints"));
+    });
+    Ok(())
+}
+
+pub async fn queue_action(client: &Client, id: &str, action: &str) -> anyhow::Result<()> {
+    let result: Value = client
+        .post(
+            &format!("/v1/queue/jobs/{}/{action}", enc(id)),
+            &Value::Null,
+        )
+        .await?;
+    client.print(&result, |_| println!("job {id}: {action} requested"));
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! The server's HTTP API. Handlers never do snapshot work: they read the catalog and the queue,
+//! create catalog rows and enqueue jobs, and audit every state-changing request.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use snapq_core::agent_client::AgentClient;
+use snapq_core::catalog::{Endpoint, Heartbeat, Origin, Snapshot, now_ms};
+use snapq_jobs::handlers::capture::CaptureArgs;
+use snapq_jobs::{JobId, JobKind, JobState, ListFilter, QueueError};
+
+use super::{ServerState, sha256_hex};
+use crate::http::{ApiError, bearer_matches, unauthorized};
+
+/// Who is asking: the user a bearer token belongs to.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: String,
+}
+
+pub fn router(state: Arc<ServerState>) -> Router {
+    let user_routes = Router::new()
+        .route("/v1/endpoints", get(list_endpoints))
+        .route("/v1/endpoints/{host}", get(show_endpoint))
+        .route("/v1/captures", post(capture))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", get(show_snapshot))
+        .route("/v1/queue/status", get(queue_status))
+        .route("/v1/queue/jobs", get(queue_list))
+        .route("/v1/queue/jobs/{id}", get(queue_show))
+        .route("/v1/queue/jobs/{id}/retry", post(queue_retry))
+        .route("/v1/queue/jobs/{id}/cancel", post(queue_cancel))
+        .layer(middleware::from_fn_with_state(state.clone(), require_user));
+    let agent_routes = Router::new()
+        .route("/v1/agents/heartbeat", post(heartbeat))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_enroll_token,
+        ));
+    Router::new()
+        .route("/status", get(status))
+        .merge(user_routes)
+        .merge(agent_routes)
+        .with_state(state)
+}
+
+async fn require_user(
+    State(state): State<Arc<ServerState>>,
+    mut request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let Some(token) = token else {
+        return unauthorized().into_response();
+    };
+    match state.catalog.user_for_token(&sha256_hex(&token)).await {
+        Ok(Some((name, role))) => {
+            request.extensions_mut().insert(Caller { name, role });
+            next.run(request).await
+        }
+        Ok(None) => unauthorized().into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+async fn require_enroll_token(
+    State(state): State<Arc<ServerState>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if bearer_matches(request.headers(), &state.enroll_token) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong enroll token: start the agent with the content of the server's enroll.token",
+        )
+        .into_response()
+    }
+}
+
+async fn status() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "service": "snapq",
+        "version": env!("CARGO_PKG_VERSION"),
+        "healthy": true,
+    }))
+}
+
+async fn heartbeat(
+    State(state): State<Arc<ServerState>>,
+    Json(hb): Json<Heartbeat>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    snapq_core::name::validate_hostname(&hb.hostname)
+        .map_err(|e| ApiError::bad_request(format!("hostname {:?}: {e}", hb.hostname)))?;
+    let endpoint = state
+        .catalog
+        .heartbeat(&hb)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "endpoint_id": endpoint.id })))
+}
+
+/// An endpoint as listings show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub hostname: String,
+    pub ips: Vec<String>,
+    pub os: Option<String>,
+    pub labels: Vec<String>,
+    pub online: bool,
+    pub last_seen_ms: Option<i64>,
+}
+
+fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
+    let window = state.config.online_window.as_millis() as i64;
+    EndpointView {
+        hostname: e.hostname.clone(),
+        ips: e.ips.clone(),
+        os: e.os.clone(),
+        labels: e.labels.clone(),
+        online: e
+            .last_seen_ms
+            .is_some_and(|seen| now_ms() - seen < window && e.api_url.is_some()),
+        last_seen_ms: e.last_seen_ms,
+    }
+}
+
+#[derive(Deserialize)]
+struct SearchParams {
+    #[serde(default)]
+    search: String,
+}
+
+async fn list_endpoints(
+    State(state): State<Arc<ServerState>>,
+    Query(params): Query<SearchParams>,
+) -> Result<Json<Vec<EndpointView>>, ApiError> {
+    let all = state
+        .catalog
+        .search_endpoints(params.search.trim())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(all.iter().map(|e| view(&state, e)).collect()))
+}
+
+async fn endpoint_or_404(state: &ServerState, host: &str) -> Result<Endpoint, ApiError> {
+    state
+        .catalog
+        .endpoint(host)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "unknown endpoint {host:?}; `snapq endpoints search TEXT` lists the ones you can reach"
+            ))
+        })
+}
+
+/// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk
+/// numbers a capture confirmation shows.
+async fn show_endpoint(
+    State(state): State<Arc<ServerState>>,
+    Path(host): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let endpoint = endpoint_or_404(&state, &host).await?;
+    let live = match (&endpoint.api_url, &endpoint.api_token) {
+        (Some(url), Some(token)) => {
+            let agent = AgentClient::new(state.services.http.clone(), url, token);
+            match agent.endpoint_info().await {
+                Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            }
+        }
+        _ => serde_json::Value::Null,
+    };
+    let free =
+        snapq_core::disk::free_bytes(state.services.store.root()).map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({
+        "endpoint": view(&state, &endpoint),
+        "live": live,
+        "server_free_bytes": free,
+        "capture_reserve_bytes": state.config.capture_reserve_bytes,
+        "reserved_by_captures": state.services.reservations.held(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct CaptureRequest {
+    hosts: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CaptureQueued {
+    pub hostname: String,
+    pub snapshot_id: i64,
+    pub job_id: String,
+}
+
+/// `POST /v1/captures {"hosts": [...]}`: one snapshot row and one capture job per host. Unknown
+/// hosts fail the whole request before anything is queued.
+async fn capture(
+    State(state): State<Arc<ServerState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<CaptureRequest>,
+) -> Result<Response, ApiError> {
+    if request.hosts.is_empty() {
+        return Err(ApiError::bad_request(
+            "name at least one endpoint to capture",
+        ));
+    }
+    let mut endpoints = Vec::new();
+    let mut unknown = Vec::new();
+    for host in &request.hosts {
+        match state
+            .catalog
+            .endpoint(host)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            Some(e) => endpoints.push(e),
+            None => unknown.push(host.as_str()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "unknown endpoint(s): {}; `snapq endpoints search TEXT` lists the ones you can reach",
+            unknown.join(", ")
+        )));
+    }
+    let mut queued = Vec::new();
+    for endpoint in endpoints {
+        let snapshot_id = state
+            .catalog
+            .create_snapshot(endpoint.id, Origin::Capture, &caller.name)
+            .await
+            .map_err(ApiError::internal)?;
+        let job_id = state
+            .queue
+            .push(&CaptureArgs { snapshot_id }, &caller.name)
+            .await
+            .map_err(ApiError::internal)?;
+        state
+            .catalog
+            .set_snapshot_job(snapshot_id, job_id.as_str())
+            .await
+            .map_err(ApiError::internal)?;
+        let _ = state
+            .catalog
+            .audit(
+                &caller.name,
+                "capture",
+                &endpoint.hostname,
+                "queued",
+                Some(job_id.as_str()),
+            )
+            .await;
+        queued.push(CaptureQueued {
+            hostname: endpoint.hostname,
+            snapshot_id,
+            job_id: job_id.as_str().to_owned(),
+        });
+    }
+    Ok((StatusCode::ACCEPTED, Json(queued)).into_response())
+}
+
+#[derive(Deserialize)]
+struct SnapshotParams {
+    endpoint: Option<String>,
+}
+
+/// Snapshots grouped by endpoint, each group with its number of captures.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotGroup {
+    pub hostname: String,
+    pub captures: usize,
+    pub snapshots: Vec<serde_json::Value>,
+}
+
+async fn list_snapshots(
+    State(state): State<Arc<ServerState>>,
+    Query(params): Query<SnapshotParams>,
+) -> Result<Json<Vec<SnapshotGroup>>, ApiError> {
+    if let Some(host) = &params.endpoint {
+        endpoint_or_404(&state, host).await?;
+    }
+    let all = state
+        .catalog
+        .snapshots(params.endpoint.as_deref())
+        .await
+        .map_err(ApiError::internal)?;
+    let mut groups: Vec<SnapshotGroup> = Vec::new();
+    for snap in all {
+        let value = serde_json::to_value(&snap).map_err(ApiError::internal)?;
+        match groups.last_mut() {
+            Some(g) if g.hostname == snap.hostname => g.snapshots.push(value),
+            _ => groups.push(SnapshotGroup {
+                hostname: snap.hostname.clone(),
+                captures: 0,
+                snapshots: vec![value],
+            }),
+        }
+    }
+    for g in &mut groups {
+        g.captures = g
+            .snapshots
+            .iter()
+            .filter(|s| s["state"] == "complete")
+            .count();
+    }
+    Ok(Json(groups))
+}
+
+async fn show_snapshot(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Snapshot>, ApiError> {
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no snapshot with id {id:?}; `snapq snapshots list` shows them"
+        ))
+    };
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    let snap = state
+        .catalog
+        .snapshot(id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(not_found)?;
+    Ok(Json(snap))
+}
+
+fn queue_error(err: QueueError) -> ApiError {
+    match err {
+        QueueError::NotFound(_) => {
+            ApiError::not_found(format!("{err}; `snapq queue list` shows the jobs"))
+        }
+        QueueError::InvalidState { .. } => ApiError::new(StatusCode::CONFLICT, err.to_string()),
+        other => ApiError::internal(other),
+    }
+}
+
+async fn queue_status(State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
+    let status = state.queue.status().await.map_err(queue_error)?;
+    let running = state
+        .queue
+        .list(&ListFilter {
+            state: Some(JobState::Running),
+            kind: None,
+            limit: Some(100),
+        })
+        .await
+        .map_err(queue_error)?;
+    Ok(Json(serde_json::json!({ "status": status, "running": running })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    state: Option<String>,
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn queue_list(
+    State(state): State<Arc<ServerState>>,
+    Query(params): Query<ListParams>,
+) -> Result<Response, ApiError> {
+    let job_state = match params.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            JobState::ALL
+                .into_iter()
+                .find(|st| st.as_str() == s)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "unknown job state {s:?}; use one of {}",
+                        JobState::ALL.map(|s| s.as_str()).join(", ")
+                    ))
+                })?,
+        ),
+    };
+    let kind = match params.kind.as_deref() {
+        None => None,
+        Some(k) => Some(k.parse::<JobKind>().map_err(ApiError::bad_request)?),
+    };
+    let jobs = state
+        .queue
+        .list(&ListFilter {
+            state: job_state,
+            kind,
+            limit: params.limit,
+        })
+        .await
+        .map_err(queue_error)?;
+    Ok(Json(jobs).into_response())
+}
+
+fn job_id(id: &str) -> Result<JobId, ApiError> {
+    Ok(JobId::from(id))
+}
+
+async fn queue_show(
+    State(state): State<Arc<ServerState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let detail = state.queue.show(&job_id(&id)?).await.map_err(queue_error)?;
+    Ok(Json(detail).into_response())
+}
+
+async fn queue_retry(
+    State(state): State<Arc<ServerState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let result = state.queue.retry(&job_id(&id)?).await;
+    let _ = state
+        .catalog
+        .audit(
+            &caller.name,
+            "queue.retry",
+            &id,
+            if result.is_ok() { "ok" } else { "refused" },
+            None,
+        )
+        .await;
+    result.map_err(queue_error)?;
+    Ok(Json(serde_json::json!({ "retried": id })).into_response())
+}
+
+async fn queue_cancel(
+    State(state): State<Arc<ServerState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let result = state.queue.cancel(&job_id(&id)?, &caller.name).await;
+    let _ = state
+        .catalog
+        .audit(
+            &caller.name,
+            "queue.cancel",
+            &id,
+            if result.is_ok() { "ok" } else { "refused" },
+            None,
+        )
+        .await;
+    let outcome = result.map_err(queue_error)?;
+    Ok(
+        Json(serde_json::json!({ "cancelled": id, "outcome": format!("{outcome:?}") }))
+            .into_response(),
+    )
+}

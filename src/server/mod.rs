@@ -1,0 +1,179 @@
+//! `snapq serve`: the catalog, the durable queue and its workers, the snapshot store and the HTTP
+//! API, started together and stopped together.
+//!
+//! [`Server::build`] opens the data directory (refusing a damaged catalog or queue), binds the
+//! listener and starts the workers; [`Server::run`] serves until the shutdown signal, then lets
+//! running jobs finish or leaves them to resume at the next start.
+
+pub mod api;
+pub mod demo;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use snapq_core::catalog::Catalog;
+use snapq_core::store::Store;
+use snapq_jobs::handlers::{self, CaptureSettings, Reservations, Services};
+use snapq_jobs::{JobKind, Queue, QueueConfig, RetryPolicy};
+use tokio::net::TcpListener;
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Disk space captures always leave free on the snapshot store.
+    pub capture_reserve_bytes: u64,
+    pub capture_concurrency: usize,
+    /// Most bytes per second one capture downloads.
+    pub capture_max_bytes_per_sec: Option<u64>,
+    pub retry: RetryPolicy,
+    /// Finished jobs older than this are pruned.
+    pub job_retention: Duration,
+    /// An endpoint is online when its last heartbeat is younger than this.
+    pub online_window: Duration,
+    /// In-process simulated endpoints to start (group `demo`).
+    pub demo_endpoints: u32,
+}
+
+impl ServeConfig {
+    /// Defaults for a data directory (what `snapq serve` uses when nothing else is set).
+    pub fn with_data_dir(data_dir: PathBuf) -> ServeConfig {
+        ServeConfig {
+            data_dir,
+            listen: "0.0.0.0:17443".parse().expect("valid address"),
+            capture_reserve_bytes: 2 << 30,
+            capture_concurrency: 8,
+            capture_max_bytes_per_sec: None,
+            retry: RetryPolicy::default(),
+            job_retention: Duration::from_secs(30 * 24 * 3600),
+            online_window: Duration::from_secs(45),
+            demo_endpoints: 0,
+        }
+    }
+}
+
+/// Shared by every request handler.
+pub struct ServerState {
+    pub config: ServeConfig,
+    pub catalog: Catalog,
+    pub queue: Queue,
+    pub services: Arc<Services>,
+    pub enroll_token: String,
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<ServerState>,
+}
+
+impl Server {
+    #[tracing::instrument(skip_all, fields(data_dir = %config.data_dir.display()))]
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Server> {
+        let dir = &config.data_dir;
+        crate::agent::ensure_writable_dir(dir)?;
+        let catalog = Catalog::open(&dir.join("catalog.db")).await?;
+        let store = Store::open(&dir.join("snapshots"))
+            .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
+        for sub in ["incoming", "watch", "quarantine", "exports"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let admin_token = crate::token::load_or_create(None, &dir.join("admin.token"))?;
+        catalog
+            .ensure_token("admin", "admin", &sha256_hex(&admin_token))
+            .await?;
+        let enroll_token = crate::token::load_or_create(None, &dir.join("enroll.token"))?;
+
+        let queue = Queue::open(
+            &dir.join("queue.db"),
+            QueueConfig {
+                retry: config.retry.clone(),
+                retention: Some(config.job_retention),
+                ..QueueConfig::default()
+            },
+        )
+        .await?;
+        let services = Arc::new(Services {
+            catalog: catalog.clone(),
+            store,
+            http: snapq_core::agent_client::http_client(),
+            reservations: Reservations::default(),
+            capture: CaptureSettings {
+                reserve_bytes: config.capture_reserve_bytes,
+                max_bytes_per_sec: config.capture_max_bytes_per_sec,
+            },
+        });
+        {
+            let svc = services.clone();
+            queue
+                .spawn_workers(
+                    JobKind::Capture,
+                    config.capture_concurrency,
+                    move |args, ctx| handlers::capture::run(svc.clone(), args, ctx),
+                )
+                .await?;
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        Ok(Server {
+            listener,
+            state: Arc::new(ServerState {
+                config,
+                catalog,
+                queue,
+                services,
+                enroll_token,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops the workers: running jobs get a grace period
+    /// to finish, the rest resume at the next start.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        let state = self.state.clone();
+        let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
+        tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
+        println!("snapq server listening on {addr}");
+        let served = axum::serve(self.listener, api::router(state.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        drop(demo);
+        let report = state.queue.shutdown(Duration::from_secs(10)).await;
+        tracing::info!(?report, "workers stopped");
+        served.context("serving the API")
+    }
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    let mut hasher = snapq_core::verify::Hasher::default();
+    hasher.update(text.as_bytes());
+    hasher.finish()
+}
+
+/// The default server data directory: `$XDG_DATA_HOME/snapq`.
+pub fn default_data_dir() -> PathBuf {
+    crate::cli::default_data_dir("snapq")
+}
+
+/// The admin token file of a data directory, which the local CLI reads when given no token.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}

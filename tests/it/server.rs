@@ -1,0 +1,464 @@
+//! The server, end to end: real `snapq serve` and `snapq agent` processes over loopback, driven
+//! through the CLI and the HTTP API.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{AgentOptions, TestAgent, TestServer, count_events, eventually, files_under};
+
+fn agent_for(server: &TestServer, hostname: &str, prefill: u64) -> TestAgent {
+    TestAgent::spawn_with(AgentOptions {
+        hostname: hostname.into(),
+        simulate: Some(500),
+        prefill,
+        extra: server.enroll_args(),
+    })
+}
+
+/// Queues captures of `hosts` through the API, returning the snapshot ids.
+async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
+    let response = snapq_core::agent_client::http_client()
+        .post(format!("{}/v1/captures", server.url()))
+        .bearer_auth(&server.token)
+        .json(&serde_json::json!({ "hosts": hosts }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let queued: Value = response.json().await.unwrap();
+    queued
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["snapshot_id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
+    let server = TestServer::spawn();
+    let agent = agent_for(&server, "web-01", 30_000);
+    server.wait_online("web-01").await;
+
+    let (code, stdout, stderr) = server.cli(&["capture", "web-01", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let done: Value = serde_json::from_str(&stdout).unwrap();
+    let snap = &done[0];
+    assert_eq!(snap["state"], "complete");
+    let name = snap["name"].as_str().unwrap();
+    let parsed: snapq_core::SnapshotName = name.parse().unwrap();
+    assert_eq!(parsed.hostname(), "web-01");
+    let path = server.data_dir.join("snapshots/web-01").join(name);
+    assert_eq!(
+        snapq_core::verify::sha256_file(&path).unwrap(),
+        snap["sha256"].as_str().unwrap()
+    );
+    assert_eq!(count_events(&path), snap["events"].as_u64().unwrap());
+    assert!(snap["events"].as_u64().unwrap() >= 30_000);
+    // Only finished files in the store, and the agent dropped its staged copy.
+    assert_eq!(files_under(&server.data_dir.join("snapshots")), vec![path]);
+    let (_, staged) = agent.get("/v1/snapshots").await;
+    assert_eq!(staged.as_array().unwrap().len(), 0);
+
+    let (code, stdout, _) = server.cli(&["snapshots", "list", "--json"]);
+    assert_eq!(code, 0);
+    let groups: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(groups[0]["hostname"], "web-01");
+    assert_eq!(groups[0]["captures"], 1);
+    assert_eq!(groups[0]["snapshots"][0]["origin"], "capture");
+    assert_eq!(groups[0]["snapshots"][0]["requested_by"], "admin");
+
+    let (code, stdout, _) = server.cli(&["snapshots", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("web-01 (1 captures)") && stdout.contains(name),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = server.cli(&["queue", "status", "--json"]);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    let capture = status["status"]["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "capture")
+        .unwrap()
+        .clone();
+    assert_eq!(capture["done"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_are_searchable_by_name_and_address_with_an_online_indicator() {
+    let server = TestServer::spawn();
+    let _a = agent_for(&server, "db-primary", 0);
+    let mut b = agent_for(&server, "web-07", 0);
+    server.wait_online("db-primary").await;
+    server.wait_online("web-07").await;
+
+    let (code, stdout, _) = server.cli(&["endpoints", "search", "web", "--json"]);
+    assert_eq!(code, 0);
+    let found: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(found.as_array().unwrap().len(), 1);
+    assert_eq!(found[0]["hostname"], "web-07");
+
+    b.kill();
+    eventually(Duration::from_secs(20), "web-07 to go offline", || async {
+        let (_, list) = server.get("/v1/endpoints").await;
+        list.as_array()?
+            .iter()
+            .any(|e| e["hostname"] == "web-07" && e["online"] == false)
+            .then_some(())
+    })
+    .await;
+    let (code, stdout, _) = server.cli(&["endpoints", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("○ web-07") && stdout.contains("● db-primary"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capturing_an_unknown_host_fails_clearly_and_queues_nothing() {
+    let server = TestServer::spawn();
+    let (code, _, stderr) = server.cli(&["capture", "no-such-host", "--yes"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("unknown endpoint") && stderr.contains("no-such-host"),
+        "{stderr}"
+    );
+    let (_, jobs) = server.get("/v1/queue/jobs").await;
+    assert_eq!(jobs.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offline_endpoint_is_retried_with_backoff_then_failed_with_the_reason() {
+    let server = TestServer::spawn_with(&["--job-max-attempts", "3", "--job-retry-base-ms", "100"]);
+    let mut agent = agent_for(&server, "laptop-3", 0);
+    server.wait_online("laptop-3").await;
+    agent.kill();
+    let ids = queue_captures(&server, &["laptop-3"]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
+    assert_eq!(snap["state"], "failed");
+    assert!(
+        snap["error"].as_str().unwrap().contains("unreachable"),
+        "{snap}"
+    );
+    let (_, job) = server
+        .get(&format!(
+            "/v1/queue/jobs/{}",
+            snap["job_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempt_log"].as_array().unwrap().len(), 3, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_agent_token_fails_at_once_without_retrying() {
+    let server = TestServer::spawn();
+    let agent = TestAgent::spawn();
+    // Register the agent's address with a token it will refuse.
+    let response = snapq_core::agent_client::http_client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(&server.enroll_token)
+        .json(&serde_json::json!({
+            "hostname": "web-01", "api_url": agent.url(""), "api_token": "not-the-token"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ids = queue_captures(&server, &["web-01"]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(20)).await;
+    assert_eq!(snap["state"], "failed");
+    assert!(
+        snap["error"]
+            .as_str()
+            .unwrap()
+            .contains("rejected the server's token"),
+        "{snap}"
+    );
+    let (_, job) = server
+        .get(&format!(
+            "/v1/queue/jobs/{}",
+            snap["job_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
+
+    // A wrong enroll token cannot register anything.
+    let response = snapq_core::agent_client::http_client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth("guess")
+        .json(&serde_json::json!({"hostname": "evil", "api_url": "http://127.0.0.1:1", "api_token": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_larger_than_free_disk_minus_the_reserve_fails_at_once_and_writes_nothing() {
+    let free_mib = snapq_core::disk::free_bytes(&std::env::temp_dir()).unwrap() >> 20;
+    let reserve = (free_mib + 1024).to_string();
+    let server = TestServer::spawn_with(&["--capture-reserve-mib", &reserve]);
+    let _agent = agent_for(&server, "web-01", 1_000);
+    server.wait_online("web-01").await;
+    let ids = queue_captures(&server, &["web-01"]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(20)).await;
+    assert_eq!(snap["state"], "failed");
+    let error = snap["error"].as_str().unwrap();
+    assert!(
+        error.contains("insufficient disk space for the web-01 snapshot"),
+        "{error}"
+    );
+    assert!(
+        error.contains("need") && error.contains("reserve"),
+        "{error}"
+    );
+    assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_resumes_after_the_agent_is_killed_mid_transfer() {
+    let server = TestServer::spawn_with(&[
+        "--capture-rate-kib",
+        "2048",
+        "--job-retry-base-ms",
+        "200",
+        "--job-max-attempts",
+        "20",
+    ]);
+    let options = AgentOptions {
+        hostname: "web-01".into(),
+        simulate: Some(200),
+        prefill: 60_000,
+        extra: server.enroll_args(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut agent = TestAgent::spawn_in(tmp.path(), &options);
+    server.wait_online("web-01").await;
+    let ids = queue_captures(&server, &["web-01"]).await;
+    eventually(Duration::from_secs(30), "the transfer to start", || async {
+        let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
+        (snap["bytes_done"].as_u64()? > 0).then_some(())
+    })
+    .await;
+    agent.kill();
+    let _agent = TestAgent::spawn_in(tmp.path(), &options);
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(60)).await;
+    assert_eq!(snap["state"], "complete", "{snap}");
+    let path = server
+        .data_dir
+        .join("snapshots/web-01")
+        .join(snap["name"].as_str().unwrap());
+    assert_eq!(
+        snapq_core::verify::sha256_file(&path).unwrap(),
+        snap["sha256"].as_str().unwrap()
+    );
+    let (_, job) = server
+        .get(&format!(
+            "/v1/queue/jobs/{}",
+            snap["job_id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(job["attempt_log"].as_array().unwrap().len() >= 2, "{job}");
+    assert_eq!(files_under(&server.data_dir.join("snapshots")).len(), 1);
+}
+
+/// An agent that stages fine but serves bytes other than the ones it promised.
+async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/v1/endpoint",
+            get(|| async {
+                axum::Json(serde_json::json!({
+                    "hostname": "liar", "ips": [], "os": "x", "agent_version": "0",
+                    "db_bytes": 4096, "events": {}, "oldest_ts": null, "newest_ts": null,
+                    "disk_free_bytes": 1u64 << 30
+                }))
+            }),
+        )
+        .route(
+            "/v1/snapshots",
+            post(|| async {
+                (
+                    axum::http::StatusCode::CREATED,
+                    axum::Json(serde_json::json!({
+                        "id": "0123456789abcdef0123456789abcdef", "size": 4096,
+                        "sha256": "00".repeat(32), "created_at": "2026-11-28T14:03:07.091Z",
+                        "events": 0
+                    })),
+                )
+            })
+            .get(|| async { axum::Json(serde_json::json!([])) }),
+        )
+        .route(
+            "/v1/snapshots/{id}",
+            get(|| async {
+                (
+                    [("etag", format!("\"{}\"", "00".repeat(32)))],
+                    vec![7u8; 4096],
+                )
+            })
+            .delete(|| async { axum::http::StatusCode::NO_CONTENT }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_that_do_not_match_the_staged_sha256_are_retried_then_failed_and_never_stored() {
+    let server = TestServer::spawn_with(&["--job-max-attempts", "2", "--job-retry-base-ms", "50"]);
+    let (addr, _liar) = lying_agent().await;
+    let response = snapq_core::agent_client::http_client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(&server.enroll_token)
+        .json(&serde_json::json!({
+            "hostname": "liar", "api_url": format!("http://{addr}"), "api_token": "t"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ids = queue_captures(&server, &["liar"]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(20)).await;
+    assert_eq!(snap["state"], "failed");
+    assert!(
+        snap["error"].as_str().unwrap().contains("do not match"),
+        "{snap}"
+    );
+    let (_, job) = server
+        .get(&format!(
+            "/v1/queue/jobs/{}",
+            snap["job_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(job["attempt_log"].as_array().unwrap().len(), 2, "{job}");
+    assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_retry_and_cancel_refuse_unknown_and_finished_jobs() {
+    let server = TestServer::spawn();
+    let (code, _, stderr) = server.cli(&["queue", "retry", "01JUNKJUNKJUNKJUNKJUNKJUNK"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no job"), "{stderr}");
+    let (code, _, stderr) = server.cli(&["queue", "cancel", "nope"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no job"), "{stderr}");
+
+    let _agent = agent_for(&server, "web-01", 1_000);
+    server.wait_online("web-01").await;
+    let ids = queue_captures(&server, &["web-01"]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
+    assert_eq!(snap["state"], "complete");
+    let job = snap["job_id"].as_str().unwrap();
+    let (code, _, stderr) = server.cli(&["queue", "cancel", job]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("done"), "{stderr}");
+    let (code, _, stderr) = server.cli(&["queue", "retry", job]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("done"), "{stderr}");
+    let (code, stdout, _) = server.cli(&["queue", "show", job]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("capture"));
+}
+
+#[test]
+fn the_server_refuses_a_corrupt_catalog_or_queue_and_leaves_it_untouched() {
+    for file in ["catalog.db", "queue.db"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(file);
+        std::fs::write(&path, b"definitely not sqlite").unwrap();
+        let (code, _, stderr) = crate::support::run_snapq(&[
+            "serve",
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(file), "{stderr}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"definitely not sqlite");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_captures_survive_a_server_sigkill_and_complete_exactly_once() {
+    let mut server = TestServer::spawn_with(&[
+        "--capture-rate-kib",
+        "1024",
+        "--capture-concurrency",
+        "20",
+        "--job-retry-base-ms",
+        "100",
+    ]);
+    let fleet_dir = tempfile::tempdir().unwrap();
+    let mut fleet = std::process::Command::new(crate::support::BIN)
+        .args([
+            "fleet-sim",
+            "--count",
+            "20",
+            "--server",
+            &server.url(),
+            "--enroll-token",
+            &server.enroll_token,
+            "--data-dir",
+            fleet_dir.path().to_str().unwrap(),
+            "--prefill-events",
+            "8000",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hosts: Vec<String> = (1..=20).map(|i| format!("sim-{i:02}")).collect();
+    for h in &hosts {
+        server.wait_online(h).await;
+    }
+    let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let ids = queue_captures(&server, &host_refs).await;
+    eventually(
+        Duration::from_secs(30),
+        "transfers to be under way",
+        || async {
+            let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
+            (snap["bytes_done"].as_u64()? > 0).then_some(())
+        },
+    )
+    .await;
+    server.crash_and_restart();
+    for id in &ids {
+        let snap = server.wait_snapshot(*id, Duration::from_secs(120)).await;
+        assert_eq!(snap["state"], "complete", "{snap}");
+    }
+    let files = files_under(&server.data_dir.join("snapshots"));
+    assert_eq!(files.len(), 20, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.to_string_lossy().contains(".partial"))
+    );
+    let (_, groups) = server.get("/v1/snapshots").await;
+    assert_eq!(groups.as_array().unwrap().len(), 20);
+    assert!(
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["captures"] == 1)
+    );
+    let (_, running) = server.get("/v1/queue/jobs?state=running").await;
+    assert_eq!(running.as_array().unwrap().len(), 0);
+    let _ = fleet.kill();
+    let _ = fleet.wait();
+}
