@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::agent::AgentConfig;
-use crate::agent::enroll::ServerLink;
+use crate::agent::enroll::{EnrollToken, ServerLink};
 use crate::agent::fleet::FleetSpec;
 use crate::agent::recorder::{Limits, RecorderKind};
 use crate::client::ClientConfig;
@@ -77,9 +77,13 @@ struct ClientArgs {
         long,
         global = true,
         env = "SNAPQ_SERVER",
-        default_value = "http://127.0.0.1:17443"
+        default_value = "https://127.0.0.1:17443"
     )]
     server: String,
+    /// Trust the server's certificate if this CA file issued it [default: pin the local server's
+    /// certificate from the data directory, else the system's roots]
+    #[arg(long, global = true, env = "SNAPQ_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// API token [default: the local server's admin.token]
     #[arg(long, global = true, env = "SNAPQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -197,7 +201,7 @@ struct FleetSimArgs {
     #[arg(long, default_value_t = 10)]
     count: u32,
     /// The server's URL.
-    #[arg(long, env = "SNAPQ_SERVER", default_value = "http://127.0.0.1:17443")]
+    #[arg(long, env = "SNAPQ_SERVER", default_value = "https://127.0.0.1:17443")]
     server: String,
     /// The server's enroll token (the content of its enroll.token).
     #[arg(long, env = "SNAPQ_ENROLL_TOKEN", hide_env_values = true)]
@@ -266,6 +270,9 @@ struct AgentArgs {
     /// The server's enroll token (the content of its enroll.token).
     #[arg(long, env = "SNAPQ_ENROLL_TOKEN", hide_env_values = true)]
     enroll_token: Option<String>,
+    /// Verify the server with this CA file instead of the pin inside the enroll token.
+    #[arg(long, value_name = "FILE")]
+    server_ca: Option<PathBuf>,
     /// A label the server's computer groups can match (repeatable).
     #[arg(long)]
     label: Vec<String>,
@@ -356,6 +363,7 @@ impl ClientArgs {
         ClientConfig {
             server: self.server,
             token: self.token,
+            ca_cert: self.ca_cert,
             data_dir: self.data_dir.unwrap_or_else(|| default_data_dir("snapq")),
             json: self.json,
         }
@@ -372,7 +380,8 @@ impl Cli {
                 prefix: args.prefix,
                 server: ServerLink {
                     url: args.server,
-                    enroll_token: args.enroll_token,
+                    enroll_token: EnrollToken::parse(&args.enroll_token),
+                    server_ca: None,
                     labels: args.label,
                     advertise: None,
                     interval: Duration::from_secs(10),
@@ -516,7 +525,8 @@ impl AgentArgs {
             server: match (self.server, self.enroll_token) {
                 (Some(url), Some(enroll_token)) => Some(ServerLink {
                     url,
-                    enroll_token,
+                    enroll_token: EnrollToken::parse(&enroll_token),
+                    server_ca: self.server_ca,
                     labels: self.label,
                     advertise: self.advertise,
                     interval: Duration::from_secs(self.heartbeat_secs.max(1)),

@@ -16,6 +16,7 @@ pub struct ClientConfig {
     pub server: String,
     /// `None`: read `admin.token` from `data_dir`.
     pub token: Option<String>,
+    pub ca_cert: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub json: bool,
 }
@@ -41,8 +42,16 @@ impl Client {
                 })?
             }
         };
+        let local_cert = crate::tls::CertPair::in_dir(&config.data_dir.join("certs")).cert;
+        let trust = match &config.ca_cert {
+            Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
+            None if local_cert.exists() => {
+                crate::tls::Trust::Pin(crate::tls::cert_pin(&local_cert)?)
+            }
+            None => crate::tls::Trust::System,
+        };
         Ok(Client {
-            http: snapq_core::agent_client::http_client(),
+            http: crate::tls::client(&trust)?,
             base: config.server.trim_end_matches('/').to_owned(),
             token,
             json: config.json,

@@ -7,6 +7,7 @@ pub mod client;
 pub mod http;
 pub mod logging;
 pub mod server;
+pub mod tls;
 pub mod token;
 
 use cli::Command;

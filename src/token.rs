@@ -42,6 +42,22 @@ pub fn load_or_create(explicit: Option<&str>, path: &Path) -> anyhow::Result<Str
     Ok(token)
 }
 
+/// Replaces `path` with `text`, readable by its owner only (temporary file, then rename).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 /// Reads a token file written by [`load_or_create`].
 pub fn read(path: &Path) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(path)

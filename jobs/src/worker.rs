@@ -149,6 +149,8 @@ pub(crate) struct Finished {
     max_attempts: u32,
     outcome: Outcome,
     cancelled: bool,
+    /// Whether a `snapq_job_state` row may hold flags to clear (skipped on the hot path).
+    may_have_state: bool,
 }
 
 pub(crate) enum CommitMsg {
@@ -472,6 +474,7 @@ async fn run_job(
     };
     let handler = kw.handler.clone();
     let args = job.args;
+    let ctx_inner = ctx.inner.clone();
     // The handler runs in its own task so a panic, or a handler that blocks its thread, cannot
     // take the fetch loop, heartbeats or committer with it.
     let mut handler_task =
@@ -506,6 +509,8 @@ async fn run_job(
     };
     drop(permit);
     let cancelled = *cancel_rx.borrow();
+    let may_have_state =
+        cancelled || job.attempt > 1 || ctx_inner.progress.lock().unwrap().is_some();
     let _ = shared.commit_tx.send(CommitMsg::Finish(Box::new(Finished {
         kind: kw.kind,
         id: job.id.clone(),
@@ -515,6 +520,7 @@ async fn run_job(
         max_attempts: job.max_attempts,
         outcome,
         cancelled,
+        may_have_state,
     })));
     let mut running = shared.running.lock().unwrap();
     running.remove(&job.id);
@@ -746,7 +752,9 @@ async fn finish(
         .bind(error.as_deref())
         .execute(&mut *tx)
         .await?;
-    if state.is_finished() && !lost {
+    // A cross-process cancel request that lost the race with success may leave a stale flag
+    // on a first-attempt job; it is harmless (the job is not running) and pruned with the job.
+    if state.is_finished() && !lost && f.may_have_state {
         sqlx::query(sql::CLEAR_STATE_FLAGS)
             .bind(id)
             .bind(now)

@@ -80,7 +80,7 @@ async fn require_enroll_token(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if bearer_matches(request.headers(), &state.enroll_token) {
+    if bearer_matches(request.headers(), &state.enroll_token.secret) {
         next.run(request).await
     } else {
         ApiError::new(

@@ -28,8 +28,9 @@ pub async fn start(
         base_dir: state.config.data_dir.join("demo"),
         prefix: "demo".into(),
         server: ServerLink {
-            url: format!("http://{host}"),
+            url: format!("https://{host}"),
             enroll_token: state.enroll_token.clone(),
+            server_ca: None,
             labels: vec!["demo".into()],
             advertise: None,
             interval: Duration::from_secs(10),

@@ -20,6 +20,9 @@ use snapq_jobs::handlers::{self, CaptureSettings, Reservations, Services};
 use snapq_jobs::{JobKind, Queue, QueueConfig, RetryPolicy};
 use tokio::net::TcpListener;
 
+use crate::agent::enroll::EnrollToken;
+use crate::tls::CertPair;
+
 /// A validated server configuration.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -62,11 +65,12 @@ pub struct ServerState {
     pub catalog: Catalog,
     pub queue: Queue,
     pub services: Arc<Services>,
-    pub enroll_token: String,
+    pub enroll_token: EnrollToken,
 }
 
 pub struct Server {
     listener: TcpListener,
+    tls: rustls::ServerConfig,
     state: Arc<ServerState>,
 }
 
@@ -85,7 +89,9 @@ impl Server {
         catalog
             .ensure_token("admin", "admin", &sha256_hex(&admin_token))
             .await?;
-        let enroll_token = crate::token::load_or_create(None, &dir.join("enroll.token"))?;
+        let certs = CertPair::ensure(&dir.join("certs"), &certificate_names())?;
+        let tls = certs.server_config()?;
+        let enroll_token = enroll_token(dir, &certs)?;
 
         let queue = Queue::open(
             &dir.join("queue.db"),
@@ -121,6 +127,7 @@ impl Server {
             .with_context(|| format!("listening on {}", config.listen))?;
         Ok(Server {
             listener,
+            tls,
             state: Arc::new(ServerState {
                 config,
                 catalog,
@@ -152,14 +159,48 @@ impl Server {
         let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
-        let served = axum::serve(self.listener, api::router(state.clone()))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = crate::tls::serve(
+            self.listener,
+            self.tls,
+            api::router(state.clone()),
+            shutdown,
+        )
+        .await;
         drop(demo);
         let report = state.queue.shutdown(Duration::from_secs(10)).await;
         tracing::info!(?report, "workers stopped");
         served.context("serving the API")
     }
+}
+
+/// Names the self-signed certificate is valid for: loopback and this machine's name and addresses.
+fn certificate_names() -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    names.push(crate::agent::system::hostname());
+    names.extend(crate::agent::system::ip_addresses());
+    names.dedup();
+    names
+}
+
+/// `enroll.token`: a secret made on first start, with the pin of the current certificate, so a
+/// replaced certificate gets a new pin and the same secret.
+fn enroll_token(dir: &Path, certs: &CertPair) -> anyhow::Result<EnrollToken> {
+    let path = dir.join("enroll.token");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(text) => EnrollToken::parse(&text).secret,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::token::generate(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let token = EnrollToken {
+        secret,
+        pin: Some(certs.pin()?),
+    };
+    crate::token::write_private(&path, &token.to_string())?;
+    Ok(token)
 }
 
 pub fn sha256_hex(text: &str) -> String {

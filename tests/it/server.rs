@@ -18,7 +18,8 @@ fn agent_for(server: &TestServer, hostname: &str, prefill: u64) -> TestAgent {
 
 /// Queues captures of `hosts` through the API, returning the snapshot ids.
 async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
-    let response = snapq_core::agent_client::http_client()
+    let response = server
+        .client()
         .post(format!("{}/v1/captures", server.url()))
         .bearer_auth(&server.token)
         .json(&serde_json::json!({ "hosts": hosts }))
@@ -161,9 +162,10 @@ async fn a_wrong_agent_token_fails_at_once_without_retrying() {
     let server = TestServer::spawn();
     let agent = TestAgent::spawn();
     // Register the agent's address with a token it will refuse.
-    let response = snapq_core::agent_client::http_client()
+    let response = server
+        .client()
         .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(&server.enroll_token)
+        .bearer_auth(server.enroll_secret())
         .json(&serde_json::json!({
             "hostname": "web-01", "api_url": agent.url(""), "api_token": "not-the-token"
         }))
@@ -190,7 +192,8 @@ async fn a_wrong_agent_token_fails_at_once_without_retrying() {
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
 
     // A wrong enroll token cannot register anything.
-    let response = snapq_core::agent_client::http_client()
+    let response = server
+        .client()
         .post(format!("{}/v1/agents/heartbeat", server.url()))
         .bearer_auth("guess")
         .json(&serde_json::json!({"hostname": "evil", "api_url": "http://127.0.0.1:1", "api_token": "x"}))
@@ -319,9 +322,10 @@ async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
 async fn bytes_that_do_not_match_the_staged_sha256_are_retried_then_failed_and_never_stored() {
     let server = TestServer::spawn_with(&["--job-max-attempts", "2", "--job-retry-base-ms", "50"]);
     let (addr, _liar) = lying_agent().await;
-    let response = snapq_core::agent_client::http_client()
+    let response = server
+        .client()
         .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(&server.enroll_token)
+        .bearer_auth(server.enroll_secret())
         .json(&serde_json::json!({
             "hostname": "liar", "api_url": format!("http://{addr}"), "api_token": "t"
         }))

@@ -235,7 +235,10 @@ impl TestServer {
             addr,
             data_dir: data_dir.to_owned(),
             token: std::fs::read_to_string(data_dir.join("admin.token")).unwrap(),
-            enroll_token: std::fs::read_to_string(data_dir.join("enroll.token")).unwrap(),
+            enroll_token: std::fs::read_to_string(data_dir.join("enroll.token"))
+                .unwrap()
+                .trim()
+                .to_owned(),
             args,
             _tmp: None,
         }
@@ -251,7 +254,21 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The secret part of the enroll token, which agents send as their bearer token.
+    pub fn enroll_secret(&self) -> String {
+        self.enroll_token.split('.').next().unwrap().to_owned()
+    }
+
+    /// An HTTPS client that trusts exactly this server's certificate.
+    pub fn client(&self) -> reqwest::Client {
+        let cert = self.data_dir.join("certs/httpPublicCert.pem");
+        snapq::tls::client(&snapq::tls::Trust::Pin(
+            snapq::tls::cert_pin(&cert).unwrap(),
+        ))
+        .unwrap()
     }
 
     /// Agent flags that enroll it with this server, heartbeating every second.
@@ -266,16 +283,19 @@ impl TestServer {
         ]
     }
 
-    /// Runs a client subcommand against this server with its admin token.
+    /// Runs a client subcommand against this server as the local CLI does: it finds the admin
+    /// token and the certificate to pin in the data directory.
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
         let mut all: Vec<&str> = args.to_vec();
         let url = self.url();
-        all.extend(["--server", &url, "--token", &self.token]);
+        let data_dir = self.data_dir.to_str().unwrap();
+        all.extend(["--server", &url, "--data-dir", data_dir]);
         run_snapq(&all)
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = snapq_core::agent_client::http_client()
+        let response = self
+            .client()
             .get(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
             .send()

@@ -1083,7 +1083,9 @@ mod tests {
             let (db, done) = (db.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut worst = Duration::ZERO;
+                let mut writes = 0u32;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    writes += 1;
                     let started = Instant::now();
                     db.insert_batch(&[Event::new("dns", now_ms()).set("query", "a.example")])
                         .unwrap();
@@ -1091,17 +1093,21 @@ mod tests {
                     // A recorder writes a batch every ~100 ms; pace a little faster than that.
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                worst
+                (worst, writes)
             })
         };
+        let started = Instant::now();
         let report = db.enforce_retention().unwrap();
+        let pass = started.elapsed();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let worst = writer.join().unwrap();
+        let (worst, writes) = writer.join().unwrap();
         assert!(report.deleted_for_size > 100_000, "{report:?}");
-        // Chunks aim at 25 ms; allow for a slow CI machine, but not a stall of the whole pass.
+        // Not a latency target (that is the benchmark's business): the writer keeps getting
+        // turns during the pass instead of waiting for the whole of it.
+        assert!(writes >= 3, "the writer got {writes} turns in {pass:?}");
         assert!(
-            worst < Duration::from_millis(250),
-            "a writer waited {worst:?}"
+            worst < pass / 2,
+            "a writer waited {worst:?} of a {pass:?} pass"
         );
     }
 }
