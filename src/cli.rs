@@ -60,6 +60,17 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Upload exported snapshot files to the server, which ingests them.
+    Upload {
+        /// Files named `<hostname>_YYYY_MM_DDTHH.MM.SS.mmmZ.db`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Wait for each ingest and show the snapshot it became (Upload & Connect).
+        #[arg(long)]
+        connect: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show and steer the job queue.
     Queue {
         #[command(subcommand)]
@@ -113,6 +124,18 @@ enum SnapshotsCommand {
     },
     /// One snapshot in full.
     Show { id: String },
+    /// Delete snapshots (file and catalog entry), by id or all of an endpoint's.
+    Delete {
+        /// Snapshot ids.
+        #[arg(required_unless_present = "endpoint", conflicts_with = "endpoint")]
+        ids: Vec<i64>,
+        /// Delete every snapshot of this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +200,18 @@ struct ServeArgs {
     /// An endpoint is online when it heartbeat within this many seconds [default: 45]
     #[arg(long, value_name = "SECS", env = "SNAPQ_ONLINE_WINDOW_SECS")]
     online_window_secs: Option<u64>,
+    /// Uploads larger than this many MiB are refused while they stream [default: 16384]
+    #[arg(long, value_name = "MIB", env = "SNAPQ_UPLOAD_MAX_MIB")]
+    upload_max_mib: Option<u64>,
+    /// The drop folder to watch for exported snapshots [default: DATA_DIR/watch]
+    #[arg(long, value_name = "PATH", env = "SNAPQ_WATCH")]
+    watch: Option<PathBuf>,
+    /// A file written in place into the drop folder counts once unchanged this long [default: 2000]
+    #[arg(long, value_name = "MS", env = "SNAPQ_WATCH_QUIET_MS")]
+    watch_quiet_ms: Option<u64>,
+    /// Ingests running at once [default: 2]
+    #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
+    ingest_concurrency: Option<usize>,
 }
 
 /// The settings file: every key optional, same names as the flags with `_`.
@@ -193,6 +228,10 @@ struct ServeFile {
     job_retry_base_ms: Option<u64>,
     job_retention_days: Option<u64>,
     online_window_secs: Option<u64>,
+    upload_max_mib: Option<u64>,
+    watch: Option<PathBuf>,
+    watch_quiet_ms: Option<u64>,
+    ingest_concurrency: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +378,14 @@ pub enum ClientCommand {
     SnapshotShow {
         id: String,
     },
+    SnapshotsDelete {
+        ids: Vec<i64>,
+        endpoint: Option<String>,
+    },
+    Upload {
+        files: Vec<PathBuf>,
+        connect: bool,
+    },
     QueueStatus {
         watch: bool,
     },
@@ -416,7 +463,25 @@ impl Cli {
                         ClientCommand::SnapshotsList { endpoint }
                     }
                     SnapshotsCommand::Show { id } => ClientCommand::SnapshotShow { id },
+                    SnapshotsCommand::Delete { ids, endpoint, yes } => {
+                        confirm_destructive(
+                            yes,
+                            &match &endpoint {
+                                Some(host) => format!("Delete every snapshot of {host}?"),
+                                None => format!("Delete {} snapshot(s)?", ids.len()),
+                            },
+                        )?;
+                        ClientCommand::SnapshotsDelete { ids, endpoint }
+                    }
                 },
+            )),
+            CommandArgs::Upload {
+                files,
+                connect,
+                client,
+            } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Upload { files, connect },
             )),
             CommandArgs::Queue { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -492,6 +557,18 @@ impl ServeArgs {
         if let Some(secs) = self.online_window_secs.or(file.online_window_secs) {
             config.online_window = Duration::from_secs(secs.max(1));
         }
+        if let Some(mib) = self.upload_max_mib.or(file.upload_max_mib) {
+            config.upload_max_bytes = mib << 20;
+        }
+        if let Some(dir) = self.watch.or(file.watch) {
+            config.watch_dir = dir;
+        }
+        if let Some(ms) = self.watch_quiet_ms.or(file.watch_quiet_ms) {
+            config.watch_quiet = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
+            config.ingest_concurrency = n.max(1);
+        }
         Ok(config)
     }
 }
@@ -534,6 +611,30 @@ impl AgentArgs {
                 _ => None,
             },
         })
+    }
+}
+
+/// A command line that is wrong as typed (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Destructive commands ask first; without a terminal to ask on they need `--yes`.
+fn confirm_destructive(yes: bool, question: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(UsageError(
+            "refusing to delete without confirmation: not a terminal; pass --yes".into(),
+        )
+        .into());
+    }
+    if crate::client::confirm(question) {
+        Ok(())
+    } else {
+        Err(UsageError("nothing deleted".into()).into())
     }
 }
 

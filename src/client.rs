@@ -213,7 +213,7 @@ pub async fn capture(
             if show_progress {
                 let done = snap["bytes_done"].as_u64().unwrap_or(0);
                 let total = snap["bytes_total"].as_u64().unwrap_or(0);
-                let pct = if total > 0 { done * 100 / total } else { 0 };
+                let pct = (done * 100).checked_div(total).unwrap_or(0);
                 eprint!(
                     "\r{:<24} {:<12} {:>3}% {} / {}   ",
                     snap["hostname"].as_str().unwrap_or(""),
@@ -450,4 +450,167 @@ pub async fn queue_action(client: &Client, id: &str, action: &str) -> anyhow::Re
         .await?;
     client.print(&result, |_| println!("job {id}: {action} requested"));
     Ok(())
+}
+
+/// `snapq upload FILE... [--connect]`: streams each file (never whole in memory) with a progress
+/// line, then waits for its ingest when `connect` is set.
+pub async fn upload(client: &Client, files: &[PathBuf], connect: bool) -> anyhow::Result<bool> {
+    use futures::StreamExt;
+    let mut all_ok = true;
+    let mut results = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no usable file name", path.display()))?
+            .to_owned();
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        let total = file.metadata().await?.len();
+        let show = std::io::stderr().is_terminal() && !client.json;
+        let mut sent = 0u64;
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    sent += c.len() as u64;
+                    if show {
+                        eprint!(
+                            "\r{name}: {} / {}   ",
+                            human_bytes(sent),
+                            human_bytes(total)
+                        );
+                    }
+                }
+                chunk
+            });
+        let url = format!("{}/v1/uploads?name={}", client.base, enc(&name_of(path)));
+        let response = client
+            .send(
+                client
+                    .http
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_LENGTH, total)
+                    .body(reqwest::Body::wrap_stream(stream)),
+            )
+            .await;
+        if show {
+            eprintln!();
+        }
+        let queued: Value = response?.json().await?;
+        let job = queued["job_id"].as_str().unwrap_or_default().to_owned();
+        if !connect {
+            results.push(queued);
+            continue;
+        }
+        let ingest = wait_ingest(client, &job).await?;
+        let ok = matches!(ingest["state"].as_str(), Some("complete" | "duplicate"));
+        all_ok &= ok;
+        let snapshot = match ingest["snapshot_id"].as_i64() {
+            Some(id) if ok => client.get::<Value>(&format!("/v1/snapshots/{id}")).await?,
+            _ => Value::Null,
+        };
+        results.push(serde_json::json!({ "ingest": ingest, "snapshot": snapshot }));
+    }
+    let results = Value::Array(results);
+    client.print(&results, |results| {
+        for r in results.as_array().into_iter().flatten() {
+            if !connect {
+                println!(
+                    "uploaded {} ({}); ingest job {}",
+                    r["name"].as_str().unwrap_or(""),
+                    bytes_of(&r["bytes"]),
+                    r["job_id"].as_str().unwrap_or("")
+                );
+                continue;
+            }
+            let (ingest, snap) = (&r["ingest"], &r["snapshot"]);
+            match ingest["state"].as_str() {
+                Some(state @ ("complete" | "duplicate")) => println!(
+                    "{} {}: snapshot {} of {}, {} events from {} to {}",
+                    ingest["original_name"].as_str().unwrap_or(""),
+                    if state == "duplicate" {
+                        "is a duplicate"
+                    } else {
+                        "ingested"
+                    },
+                    snap["id"],
+                    snap["hostname"].as_str().unwrap_or(""),
+                    snap["events"],
+                    time_of(&snap["oldest_ts"]),
+                    time_of(&snap["newest_ts"])
+                ),
+                _ => println!(
+                    "{} rejected: {}",
+                    ingest["original_name"].as_str().unwrap_or(""),
+                    ingest["reason"].as_str().unwrap_or("unknown reason")
+                ),
+            }
+        }
+    });
+    Ok(all_ok)
+}
+
+fn name_of(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls an ingest until it is no longer pending.
+async fn wait_ingest(client: &Client, job: &str) -> anyhow::Result<Value> {
+    loop {
+        let ingest: Value = client.get(&format!("/v1/ingests/{}", enc(job))).await?;
+        if ingest["state"] != "pending" {
+            return Ok(ingest);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `snapq snapshots delete`: queues the delete jobs and waits for them.
+pub async fn snapshots_delete(
+    client: &Client,
+    ids: &[i64],
+    endpoint: Option<&str>,
+) -> anyhow::Result<bool> {
+    let body = match endpoint {
+        Some(host) => serde_json::json!({ "endpoint": host }),
+        None => serde_json::json!({ "ids": ids }),
+    };
+    let queued: Value = client.post("/v1/snapshots/delete", &body).await?;
+    let mut results = Vec::new();
+    for q in queued.as_array().into_iter().flatten() {
+        let job = q["job_id"].as_str().unwrap_or_default();
+        let detail = loop {
+            let detail: Value = client.get(&format!("/v1/queue/jobs/{}", enc(job))).await?;
+            if matches!(
+                detail["state"].as_str(),
+                Some("done" | "failed" | "cancelled")
+            ) {
+                break detail;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        results.push(serde_json::json!({
+            "snapshot_id": q["snapshot_id"], "state": detail["state"], "error": detail["last_error"]
+        }));
+    }
+    let all_ok = results.iter().all(|r| r["state"] == "done");
+    client.print(&Value::Array(results.clone()), |_| {
+        for r in &results {
+            match r["state"].as_str() {
+                Some("done") => println!("deleted snapshot {}", r["snapshot_id"]),
+                _ => println!(
+                    "snapshot {} not deleted: {}",
+                    r["snapshot_id"],
+                    r["error"].as_str().unwrap_or("unknown reason")
+                ),
+            }
+        }
+        if results.is_empty() {
+            println!("nothing to delete");
+        }
+    });
+    Ok(all_ok)
 }

@@ -83,6 +83,20 @@ async fn run_client(
         }
         C::SnapshotsList { endpoint } => client::snapshots_list(&c, endpoint.as_deref()).await,
         C::SnapshotShow { id } => client::snapshot_show(&c, &id).await,
+        C::SnapshotsDelete { ids, endpoint } => {
+            if client::snapshots_delete(&c, &ids, endpoint.as_deref()).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("not every snapshot was deleted")
+            }
+        }
+        C::Upload { files, connect } => {
+            if client::upload(&c, &files, connect).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("not every upload was ingested")
+            }
+        }
         C::QueueStatus { watch } => client::queue_status(&c, watch).await,
         C::QueueList { state, kind, limit } => {
             client::queue_list(&c, state.as_deref(), kind.as_deref(), limit).await

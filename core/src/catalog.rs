@@ -35,7 +35,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Where a snapshot came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     Capture,
@@ -130,6 +130,20 @@ pub struct Snapshot {
     pub requested_by: String,
     pub created_ms: i64,
     pub completed_ms: Option<i64>,
+}
+
+/// What an ingest job came to.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Ingest {
+    pub job_id: String,
+    pub origin: String,
+    pub original_name: String,
+    pub state: String,
+    pub snapshot_id: Option<i64>,
+    pub reason: Option<String>,
+    pub requested_by: String,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
 }
 
 const SNAPSHOT_COLUMNS: &str = "s.id, s.endpoint_id, e.hostname, s.name, s.state, s.origin, s.size, \
@@ -399,6 +413,104 @@ impl Catalog {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Registers a verified snapshot that arrived whole (upload or watched folder).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_complete_snapshot(
+        &self,
+        endpoint_id: i64,
+        origin: Origin,
+        name: &str,
+        size: i64,
+        sha256: &str,
+        verified: &Verified,
+        job_id: &str,
+        requested_by: &str,
+    ) -> Result<i64> {
+        let now = now_ms();
+        Ok(sqlx::query_scalar(
+            "INSERT INTO snapshots (endpoint_id, name, state, origin, size, sha256, events, oldest_ts,
+                newest_ts, bytes_done, bytes_total, job_id, requested_by, created_ms, completed_ms)
+             VALUES (?1, ?2, 'complete', ?3, ?4, ?5, ?6, ?7, ?8, ?4, ?4, ?9, ?10, ?11, ?11)
+             RETURNING id",
+        )
+        .bind(endpoint_id)
+        .bind(name)
+        .bind(origin.as_str())
+        .bind(size)
+        .bind(sha256)
+        .bind(verified.events as i64)
+        .bind(verified.oldest_ts)
+        .bind(verified.newest_ts)
+        .bind(job_id)
+        .bind(requested_by)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn snapshot_by_name(&self, name: &str) -> Result<Option<Snapshot>> {
+        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.name = ?1"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    // --- ingests -----------------------------------------------------------------------------
+
+    /// Records that an ingest job was queued for a file.
+    pub async fn create_ingest(
+        &self,
+        job_id: &str,
+        origin: Origin,
+        original_name: &str,
+        requested_by: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
+             VALUES (?1, ?2, ?3, 'pending', ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(job_id)
+        .bind(origin.as_str())
+        .bind(original_name)
+        .bind(requested_by)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how an ingest ended: `complete`, `duplicate` (of `snapshot_id`) or `quarantined`.
+    pub async fn finish_ingest(
+        &self,
+        job_id: &str,
+        state: &str,
+        snapshot_id: Option<i64>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE ingests SET state = ?2, snapshot_id = ?3, reason = ?4, finished_ms = ?5 WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .bind(state)
+        .bind(snapshot_id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn ingest(&self, job_id: &str) -> Result<Option<Ingest>> {
+        Ok(
+            sqlx::query_as::<_, Ingest>("SELECT * FROM ingests WHERE job_id = ?1")
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     // --- tokens and audit ------------------------------------------------------------------

@@ -45,12 +45,24 @@ impl Store {
         fs::create_dir_all(self.root.join(name.hostname()))
     }
 
-    /// Moves a finished, fsynced file into place under `name` (atomic within a file system).
+    /// Moves a finished file into place under `name`: fsync, then rename (atomic within a file
+    /// system). From another file system it is copied to the hidden temporary name first, so the
+    /// final name still only ever shows a whole file.
     pub fn commit(&self, from: &Path, name: &SnapshotName) -> io::Result<PathBuf> {
         self.prepare(name)?;
         let dest = self.path(name);
         File::open(from)?.sync_all()?;
-        fs::rename(from, &dest)?;
+        match fs::rename(from, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                let partial = self.partial_path(name);
+                fs::copy(from, &partial)?;
+                File::open(&partial)?.sync_all()?;
+                fs::rename(&partial, &dest)?;
+                fs::remove_file(from)?;
+            }
+            Err(e) => return Err(e),
+        }
         File::open(dest.parent().expect("store paths have a parent"))?.sync_all()?;
         Ok(dest)
     }

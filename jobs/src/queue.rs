@@ -175,6 +175,16 @@ impl std::fmt::Debug for Queue {
     }
 }
 
+/// attempt, worker, started (ms), finished (ms), outcome, error
+type AttemptRow = (
+    i64,
+    String,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
 fn hostname() -> String {
     for p in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
         if let Ok(s) = std::fs::read_to_string(p) {
@@ -580,14 +590,7 @@ impl Queue {
             .await?
             .ok_or_else(|| QueueError::NotFound(id.clone()))?;
         let job = job_from_row(&row)?;
-        let attempts: Vec<(
-            i64,
-            String,
-            i64,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        )> = sqlx::query_as(sql::ATTEMPTS_OF)
+        let attempts: Vec<AttemptRow> = sqlx::query_as(sql::ATTEMPTS_OF)
             .bind(id.as_str())
             .fetch_all(&self.shared.reader)
             .await?;

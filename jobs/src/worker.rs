@@ -24,7 +24,7 @@ use crate::{
     JobError, JobEvent, JobId, JobKind, JobState, QueueError,
     db::now_ms,
     model::{AttemptOutcome, Progress},
-    queue::{Shared, ms_to_time},
+    queue::Shared,
     sql,
 };
 
@@ -306,6 +306,9 @@ where
     Ok(())
 }
 
+/// id, args, attempts, max_attempts, metadata
+type ClaimRow = (String, Vec<u8>, i64, i64, Option<String>);
+
 struct Claimed {
     id: JobId,
     args: Vec<u8>,
@@ -323,7 +326,7 @@ async fn claim(
 ) -> Result<Vec<Claimed>, QueueError> {
     let now = now_ms();
     let mut tx = shared.writer.begin().await?;
-    let rows: Vec<(String, Vec<u8>, i64, i64, Option<String>)> = sqlx::query_as(sql::CLAIM)
+    let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
         .bind(&kw.worker_id)
         .bind(kw.kind.queue_name())
         .bind(limit as i64)
@@ -972,11 +975,4 @@ pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
         .execute(&shared.writer)
         .await?;
     Ok(())
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>(_: T) {}
-    let _ = ms_to_time;
-    let _ = is_send::<JobContext>;
 }

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use snapq_core::agent_client::AgentClient;
 use snapq_core::catalog::{Endpoint, Heartbeat, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
+use snapq_jobs::handlers::delete::DeleteArgs;
+use snapq_jobs::handlers::ingest::IngestArgs;
 use snapq_jobs::{JobId, JobKind, JobState, ListFilter, QueueError};
 
 use super::{ServerState, sha256_hex};
@@ -32,6 +34,12 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/captures", post(capture))
         .route("/v1/snapshots", get(list_snapshots))
         .route("/v1/snapshots/{id}", get(show_snapshot))
+        .route("/v1/snapshots/delete", post(delete_snapshots))
+        .route(
+            "/v1/uploads",
+            post(upload).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/ingests/{job_id}", get(show_ingest))
         .route("/v1/queue/status", get(queue_status))
         .route("/v1/queue/jobs", get(queue_list))
         .route("/v1/queue/jobs/{id}", get(queue_show))
@@ -460,4 +468,197 @@ async fn queue_cancel(
         Json(serde_json::json!({ "cancelled": id, "outcome": format!("{outcome:?}") }))
             .into_response(),
     )
+}
+
+#[derive(Deserialize)]
+struct DeleteRequest {
+    #[serde(default)]
+    ids: Vec<i64>,
+    endpoint: Option<String>,
+}
+
+/// `POST /v1/snapshots/delete {"ids": [...]}` or `{"endpoint": "HOST"}`: one delete job per
+/// snapshot. Unknown ids fail the whole request before anything is queued.
+async fn delete_snapshots(
+    State(state): State<Arc<ServerState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<DeleteRequest>,
+) -> Result<Response, ApiError> {
+    let ids: Vec<i64> = match (&request.endpoint, request.ids.is_empty()) {
+        (Some(host), true) => {
+            endpoint_or_404(&state, host).await?;
+            state
+                .catalog
+                .snapshots(Some(host))
+                .await
+                .map_err(ApiError::internal)?
+                .into_iter()
+                .map(|s| s.id)
+                .collect()
+        }
+        (None, false) => {
+            let mut unknown = Vec::new();
+            for id in &request.ids {
+                if state
+                    .catalog
+                    .snapshot(*id)
+                    .await
+                    .map_err(ApiError::internal)?
+                    .is_none()
+                {
+                    unknown.push(id.to_string());
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(ApiError::not_found(format!(
+                    "no snapshot with id {}; `snapq snapshots list` shows them",
+                    unknown.join(", ")
+                )));
+            }
+            request.ids.clone()
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "name snapshot ids, or an endpoint to delete all of its snapshots (not both)",
+            ));
+        }
+    };
+    let args: Vec<DeleteArgs> = ids
+        .iter()
+        .map(|&snapshot_id| DeleteArgs { snapshot_id })
+        .collect();
+    let jobs = state
+        .queue
+        .enqueue_many(JobKind::Delete, &args, &caller.name)
+        .await
+        .map_err(ApiError::internal)?;
+    let target = request
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| format!("snapshots {ids:?}"));
+    let _ = state
+        .catalog
+        .audit(
+            &caller.name,
+            "snapshot.delete.request",
+            &target,
+            "queued",
+            None,
+        )
+        .await;
+    let queued: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(&jobs)
+        .map(|(id, job)| serde_json::json!({ "snapshot_id": id, "job_id": job.as_str() }))
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(queued)).into_response())
+}
+
+#[derive(Deserialize)]
+struct UploadParams {
+    name: String,
+}
+
+/// `POST /v1/uploads?name=FILE` with the file as the body: spooled to `incoming/` under a temporary
+/// name while the size limit is enforced, then handed to an ingest job.
+async fn upload(
+    State(state): State<Arc<ServerState>>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<UploadParams>,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    // Hostile or malformed names are refused before a byte is written.
+    let name: snapq_core::SnapshotName = params.name.parse().map_err(|e| {
+        ApiError::bad_request(format!("{:?} is not a snapshot name: {e}", params.name))
+    })?;
+    let incoming = state.config.data_dir.join("incoming");
+    let spool_id = hex::encode(rand::random::<[u8; 16]>());
+    let partial = incoming.join(format!("{spool_id}.partial"));
+    let spooled = incoming.join(format!("{spool_id}.db"));
+    let limit = state.config.upload_max_bytes;
+    let result: Result<u64, ApiError> = async {
+        let file = tokio::fs::File::create(&partial).await.map_err(ApiError::internal)?;
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut received = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+            received += chunk.len() as u64;
+            if received > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "{name} is larger than the upload limit of {}; raise --upload-max-mib on the server",
+                        snapq_core::disk::human_bytes(limit)
+                    ),
+                ));
+            }
+            out.write_all(&chunk).await.map_err(ApiError::internal)?;
+        }
+        out.flush().await.map_err(ApiError::internal)?;
+        out.into_inner().sync_all().await.map_err(ApiError::internal)?;
+        Ok(received)
+    }
+    .await;
+    let received = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+    };
+    tokio::fs::rename(&partial, &spooled)
+        .await
+        .map_err(ApiError::internal)?;
+    let args = IngestArgs {
+        path: spooled,
+        original_name: name.to_string(),
+        origin: Origin::Upload,
+    };
+    let job = state
+        .queue
+        .push(&args, &caller.name)
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .catalog
+        .create_ingest(
+            job.as_str(),
+            Origin::Upload,
+            &args.original_name,
+            &caller.name,
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    let _ = state
+        .catalog
+        .audit(
+            &caller.name,
+            "upload",
+            &args.original_name,
+            "queued",
+            Some(job.as_str()),
+        )
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "job_id": job.as_str(), "name": args.original_name, "bytes": received })),
+    )
+        .into_response())
+}
+
+async fn show_ingest(
+    State(state): State<Arc<ServerState>>,
+    Path(job_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let ingest = state
+        .catalog
+        .ingest(&job_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::not_found(format!("no ingest job {job_id:?}")))?;
+    Ok(Json(ingest).into_response())
 }

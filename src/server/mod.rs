@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use snapq_core::catalog::Catalog;
+use snapq_core::catalog::Origin;
 use snapq_core::store::Store;
+use snapq_jobs::handlers::ingest::IngestArgs;
 use snapq_jobs::handlers::{self, CaptureSettings, Reservations, Services};
-use snapq_jobs::{JobKind, Queue, QueueConfig, RetryPolicy};
+use snapq_jobs::{EnqueueOptions, JobKind, Queue, QueueConfig, RetryPolicy};
 use tokio::net::TcpListener;
 
 use crate::agent::enroll::EnrollToken;
@@ -40,13 +42,21 @@ pub struct ServeConfig {
     pub online_window: Duration,
     /// In-process simulated endpoints to start (group `demo`).
     pub demo_endpoints: u32,
+    pub ingest_concurrency: usize,
+    /// Uploads larger than this are refused while they stream.
+    pub upload_max_bytes: u64,
+    /// The drop folder [default: DATA_DIR/watch].
+    pub watch_dir: PathBuf,
+    /// A file written in place counts as complete once unchanged this long.
+    pub watch_quiet: Duration,
+    /// How often the drop folder is rescanned for events that were missed.
+    pub watch_rescan: Duration,
 }
 
 impl ServeConfig {
     /// Defaults for a data directory (what `snapq serve` uses when nothing else is set).
     pub fn with_data_dir(data_dir: PathBuf) -> ServeConfig {
         ServeConfig {
-            data_dir,
             listen: "0.0.0.0:17443".parse().expect("valid address"),
             capture_reserve_bytes: 2 << 30,
             capture_concurrency: 8,
@@ -55,6 +65,12 @@ impl ServeConfig {
             job_retention: Duration::from_secs(30 * 24 * 3600),
             online_window: Duration::from_secs(45),
             demo_endpoints: 0,
+            ingest_concurrency: 2,
+            upload_max_bytes: 16 << 30,
+            watch_dir: data_dir.join("watch"),
+            watch_quiet: Duration::from_secs(2),
+            watch_rescan: Duration::from_secs(30),
+            data_dir,
         }
     }
 }
@@ -82,9 +98,10 @@ impl Server {
         let catalog = Catalog::open(&dir.join("catalog.db")).await?;
         let store = Store::open(&dir.join("snapshots"))
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
-        for sub in ["incoming", "watch", "quarantine", "exports"] {
+        for sub in ["incoming", "quarantine", "exports"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
+        clean_spool(&dir.join("incoming"));
         let admin_token = crate::token::load_or_create(None, &dir.join("admin.token"))?;
         catalog
             .ensure_token("admin", "admin", &sha256_hex(&admin_token))
@@ -96,7 +113,7 @@ impl Server {
         let queue = Queue::open(
             &dir.join("queue.db"),
             QueueConfig {
-                retry: config.retry.clone(),
+                retry: config.retry,
                 retention: Some(config.job_retention),
                 ..QueueConfig::default()
             },
@@ -104,7 +121,9 @@ impl Server {
         .await?;
         let services = Arc::new(Services {
             catalog: catalog.clone(),
+            queue: queue.clone(),
             store,
+            quarantine: dir.join("quarantine"),
             http: snapq_core::agent_client::http_client(),
             reservations: Reservations::default(),
             capture: CaptureSettings {
@@ -112,16 +131,7 @@ impl Server {
                 max_bytes_per_sec: config.capture_max_bytes_per_sec,
             },
         });
-        {
-            let svc = services.clone();
-            queue
-                .spawn_workers(
-                    JobKind::Capture,
-                    config.capture_concurrency,
-                    move |args, ctx| handlers::capture::run(svc.clone(), args, ctx),
-                )
-                .await?;
-        }
+        spawn_workers(&queue, &services, &config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -157,6 +167,7 @@ impl Server {
         let addr = self.local_addr();
         let state = self.state.clone();
         let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
+        let watcher = start_watcher(&state).await?;
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -167,10 +178,95 @@ impl Server {
         )
         .await;
         drop(demo);
+        if let Err(e) = watcher.stop().await {
+            tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
+        }
         let report = state.queue.shutdown(Duration::from_secs(10)).await;
         tracing::info!(?report, "workers stopped");
         served.context("serving the API")
     }
+}
+
+/// Watches the drop folder; every complete file becomes an ingest job (the watcher never writes
+/// the catalog). The idempotency key makes a file that is seen again, also after a restart, the
+/// same job.
+async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::Watcher> {
+    let mut config = snapq_watch::WatchConfig::new(&state.config.watch_dir);
+    config.quiet_period = state.config.watch_quiet;
+    config.rescan_interval = state.config.watch_rescan;
+    let queue = state.queue.clone();
+    let catalog = state.catalog.clone();
+    snapq_watch::spawn(config, move |candidate: snapq_watch::Candidate| {
+        let (queue, catalog) = (queue.clone(), catalog.clone());
+        async move {
+            let original_name = candidate
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let args = IngestArgs {
+                path: candidate.path.clone(),
+                original_name: original_name.clone(),
+                origin: Origin::Watch,
+            };
+            let options = EnqueueOptions {
+                idempotency_key: Some(format!("watch:{}", candidate.identity_key())),
+                ..EnqueueOptions::default()
+            };
+            let enqueued = queue
+                .enqueue_with(JobKind::Ingest, &args, "watch", &options)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog
+                .create_ingest(enqueued.id.as_str(), Origin::Watch, &original_name, "watch")
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+    .with_context(|| format!("watching {}", state.config.watch_dir.display()))
+}
+
+/// Removes uploads that were cut off mid-stream (`*.partial`) by an earlier run.
+fn clean_spool(incoming: &Path) {
+    for entry in std::fs::read_dir(incoming).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "partial") {
+            tracing::info!(path = %path.display(), "removing an interrupted upload");
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Starts every job kind's workers, each with its own bounded concurrency.
+async fn spawn_workers(
+    queue: &Queue,
+    services: &Arc<Services>,
+    config: &ServeConfig,
+) -> anyhow::Result<()> {
+    let svc = services.clone();
+    queue
+        .spawn_workers(
+            JobKind::Capture,
+            config.capture_concurrency,
+            move |args, ctx| handlers::capture::run(svc.clone(), args, ctx),
+        )
+        .await?;
+    let svc = services.clone();
+    queue
+        .spawn_workers(
+            JobKind::Ingest,
+            config.ingest_concurrency,
+            move |args, ctx| handlers::ingest::run(svc.clone(), args, ctx),
+        )
+        .await?;
+    let svc = services.clone();
+    queue
+        .spawn_workers(JobKind::Delete, 4, move |args, ctx| {
+            handlers::delete::run(svc.clone(), args, ctx)
+        })
+        .await?;
+    Ok(())
 }
 
 /// Names the self-signed certificate is valid for: loopback and this machine's name and addresses.

@@ -421,7 +421,7 @@ async fn twenty_captures_survive_a_server_sigkill_and_complete_exactly_once() {
             "--prefill-events",
             "8000",
         ])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -29,7 +29,7 @@ fn spawn_listening(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) 
     let mut child = Command::new(BIN)
         .args(args)
         .envs(envs.iter().copied())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -177,7 +177,7 @@ impl Drop for TestAgent {
 pub fn run_snapq(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -2,7 +2,10 @@
 //! return decide the retry (`.transient()` / `.permanent()`), and the queue engine does the rest.
 
 pub mod capture;
+pub mod delete;
+pub mod ingest;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use snapq_core::catalog::Catalog;
@@ -12,7 +15,10 @@ use snapq_core::store::Store;
 /// What handlers need from the server, built once at start-up.
 pub struct Services {
     pub catalog: Catalog,
+    pub queue: crate::Queue,
     pub store: Store,
+    /// Where rejected files go, each with a `.reason.json` beside it.
+    pub quarantine: PathBuf,
     pub http: reqwest::Client,
     pub reservations: Reservations,
     pub capture: CaptureSettings,
