@@ -2,7 +2,7 @@
 //! a no-op job, on temp dirs. Run with
 //! `cargo bench -p snapq-jobs --bench queue_bench` (release profile).
 //! `BENCH_APALIS_IDLE_SAMPLES` (default 2) sets how many ~30 s idle-start samples stock
-//! apalis gets.
+//! apalis gets; `BENCH_OURS_ONLY=1` skips stock apalis (quick iterations).
 
 use std::{
     collections::HashMap,
@@ -377,6 +377,7 @@ fn fmt_idle(v: &[Option<Duration>]) -> String {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
+    let ours_only = std::env::var_os("BENCH_OURS_ONLY").is_some_and(|v| v != "0");
     let apalis_idle_samples: usize = std::env::var("BENCH_APALIS_IDLE_SAMPLES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -393,7 +394,11 @@ async fn main() {
 
     for (n, history) in [(10_000u64, 0u64), (10_000, 100_000)] {
         let (enq, drain) = ours_drain(dir.path(), n, history).await;
-        let (done, elapsed) = apalis_drain(dir.path(), n, history).await;
+        let (done, elapsed) = if ours_only {
+            (0, Duration::ZERO)
+        } else {
+            apalis_drain(dir.path(), n, history).await
+        };
         let label = if history == 0 {
             format!("{n} enqueued at once, drained")
         } else {
@@ -404,7 +409,9 @@ async fn main() {
             n as f64 / drain.as_secs_f64(),
             enq.as_secs_f64() * 1000.0
         );
-        let theirs = if done >= n {
+        let theirs = if ours_only {
+            "skipped".to_owned()
+        } else if done >= n {
             format!("{:.0} jobs/s", n as f64 / elapsed.as_secs_f64())
         } else {
             format!(
@@ -419,7 +426,11 @@ async fn main() {
     let n = 10_000;
     let (rate, mut lat) = ours_sustained(dir.path(), n).await;
     lat.sort();
-    let (done, elapsed, alat) = apalis_sustained(dir.path(), n).await;
+    let (done, elapsed, alat) = if ours_only {
+        (0, Duration::from_secs(1), Vec::new())
+    } else {
+        apalis_sustained(dir.path(), n).await
+    };
     row(
         "one-at-a-time enqueue while workers run: rate",
         &format!("{rate:.0} jobs/s"),
@@ -441,7 +452,11 @@ async fn main() {
 
     for other in [false, true] {
         let samples = ours_idle(dir.path(), 50, other).await;
-        let theirs = apalis_idle(dir.path(), apalis_idle_samples, other).await;
+        let theirs = if ours_only {
+            Vec::new()
+        } else {
+            apalis_idle(dir.path(), apalis_idle_samples, other).await
+        };
         let label = if other {
             "idle-queue start, enqueued from another pool"
         } else {

@@ -13,7 +13,7 @@ use std::{
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqlitePool, sqlite::SqliteRow};
+use sqlx::{Connection, Row, SqlitePool, sqlite::SqliteRow};
 use tokio::{
     sync::{Notify, broadcast, mpsc, oneshot, watch},
     task::JoinHandle,
@@ -115,7 +115,7 @@ pub struct ShutdownReport {
 pub(crate) struct Shared {
     pub(crate) path: PathBuf,
     pub(crate) config: QueueConfig,
-    pub(crate) writer: SqlitePool,
+    pub(crate) writer: db::Writer,
     pub(crate) reader: SqlitePool,
     /// This queue instance (one per `Queue::open`): worker ids derive from it.
     pub(crate) instance: String,
@@ -445,12 +445,13 @@ impl Queue {
                 .bind(opts.priority as i64)
                 .bind(&metadata)
                 .bind(None::<&str>)
-                .execute(&self.shared.writer)
+                .execute(&mut *self.shared.writer.lock().await?)
                 .await?;
             self.shared.notify_kind(kind);
             return Ok(vec![Enqueued { id, created: true }]);
         }
-        let mut tx = self.shared.writer.begin().await?;
+        let mut w = self.shared.writer.lock().await?;
+        let mut tx = w.begin().await?;
         for (bytes, opts) in &rows {
             let id = JobId::generate();
             let run_at = opts.run_at.map(|t| t.timestamp()).unwrap_or(now_s);
@@ -625,7 +626,8 @@ impl Queue {
     #[tracing::instrument(skip(self), fields(job_id = %id))]
     pub async fn retry(&self, id: &JobId) -> Result<(), QueueError> {
         self.ensure_open()?;
-        let mut tx = self.shared.writer.begin().await?;
+        let mut w = self.shared.writer.lock().await?;
+        let mut tx = w.begin().await?;
         let queue: Option<String> = sqlx::query_scalar(sql::RETRY_FINISHED)
             .bind(id.as_str())
             .bind(Utc::now().timestamp())
@@ -666,7 +668,8 @@ impl Queue {
         self.ensure_open()?;
         let message =
             serde_json::json!({ "Err": format!("cancelled by {requested_by}") }).to_string();
-        let mut tx = self.shared.writer.begin().await?;
+        let mut w = self.shared.writer.lock().await?;
+        let mut tx = w.begin().await?;
         let n = sqlx::query(sql::CANCEL_WAITING)
             .bind(id.as_str())
             .bind(Utc::now().timestamp())

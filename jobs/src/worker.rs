@@ -15,6 +15,7 @@ use std::{
 
 use chrono::Utc;
 use futures::{FutureExt, future::BoxFuture};
+use sqlx::Connection;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
     task::AbortHandle,
@@ -178,6 +179,7 @@ where
     F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), QueueError>> + Send + 'static,
 {
+    let s = shared.clone();
     let handle = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -191,6 +193,8 @@ where
                     tracing::error!(task = %name, panic = %panic_message(&*p), "task panicked; restarting")
                 }
             }
+            // The writer connection is held, not pooled per statement: replace it if it died.
+            s.writer.check().await;
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -255,7 +259,8 @@ where
         }
     }
     let now = now_ms();
-    let mut tx = shared.writer.begin().await?;
+    let mut w = shared.writer.lock().await?;
+    let mut tx = w.begin().await?;
     sqlx::query(sql::REGISTER_APALIS_WORKER)
         .bind(&worker_id)
         .bind(kind.queue_name())
@@ -325,7 +330,8 @@ async fn claim(
     limit: usize,
 ) -> Result<Vec<Claimed>, QueueError> {
     let now = now_ms();
-    let mut tx = shared.writer.begin().await?;
+    let mut w = shared.writer.lock().await?;
+    let mut tx = w.begin().await?;
     let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
         .bind(&kw.worker_id)
         .bind(kw.kind.queue_name())
@@ -590,7 +596,8 @@ async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Commit
     let now = now_ms();
     let now_s = now / 1000;
     let mut out = Vec::new();
-    let mut tx = shared.writer.begin().await?;
+    let mut w = shared.writer.lock().await?;
+    let mut tx = w.begin().await?;
     for m in batch {
         match m {
             CommitMsg::Progress(ctx) => {
@@ -810,7 +817,7 @@ pub(crate) async fn mark_dead_local_workers(shared: &Shared) -> Result<(), Queue
             sqlx::query(sql::MARK_WORKER_DEAD)
                 .bind(&id)
                 .bind(now_ms())
-                .execute(&shared.writer)
+                .execute(&mut *shared.writer.lock().await?)
                 .await?;
         }
     }
@@ -821,7 +828,8 @@ pub(crate) async fn mark_dead_local_workers(shared: &Shared) -> Result<(), Queue
 pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
     let now = now_ms();
     let stale_ms = now - shared.config.orphan_after.as_millis() as i64;
-    let mut tx = shared.writer.begin().await?;
+    let mut w = shared.writer.lock().await?;
+    let mut tx = w.begin().await?;
     let workers: Vec<String> = sqlx::query_scalar(sql::STALE_WORKERS)
         .bind(stale_ms)
         .bind(&shared.instance)
@@ -867,7 +875,8 @@ async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
             _ = until_shutdown(&shared) => return Ok(()),
         }
         let now = now_ms();
-        let mut tx = shared.writer.begin().await?;
+        let mut w = shared.writer.lock().await?;
+        let mut tx = w.begin().await?;
         sqlx::query(sql::HEARTBEAT)
             .bind(&shared.instance)
             .bind(now)
@@ -946,7 +955,8 @@ async fn retention_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
 pub(crate) async fn prune(shared: &Shared, cutoff_s: i64) -> Result<u64, QueueError> {
     let mut total = 0;
     loop {
-        let mut tx = shared.writer.begin().await?;
+        let mut w = shared.writer.lock().await?;
+        let mut tx = w.begin().await?;
         let ids: Vec<String> = sqlx::query_scalar(sql::PRUNABLE)
             .bind(cutoff_s)
             .bind(1000i64)
@@ -972,7 +982,7 @@ pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
     sqlx::query(sql::STOP_WORKERS)
         .bind(&shared.instance)
         .bind(now_ms())
-        .execute(&shared.writer)
+        .execute(&mut *shared.writer.lock().await?)
         .await?;
     Ok(())
 }

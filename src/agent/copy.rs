@@ -12,7 +12,7 @@
 //! the checkpoint and the pin) use [`pin`] and [`copy_pinned`].
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +23,6 @@ use snapq_core::verify::{Hasher, make_standalone};
 /// A read transaction that pins the main database file; dropping it ends the transaction.
 pub struct Pinned {
     conn: Connection,
-    db_path: PathBuf,
     /// Events per type as the copy will hold them.
     pub events: u64,
 }
@@ -76,11 +75,7 @@ pub fn pin(conn: Connection, db_path: &Path) -> anyhow::Result<Option<Pinned>> {
         conn.execute_batch("COMMIT")?;
         return Ok(None);
     }
-    Ok(Some(Pinned {
-        conn,
-        db_path: db_path.to_owned(),
-        events,
-    }))
+    Ok(Some(Pinned { conn, events }))
 }
 
 /// Pins `db_path` from another process than its writer, retrying briefly while commits slip in.
@@ -107,9 +102,14 @@ fn wal_len(db_path: &Path) -> u64 {
 
 /// Copies the pinned main file to `dest` (through `dest` + `.partial`, fsynced, then renamed),
 /// hashing on the way, and ends the pin.
-pub fn copy_pinned(pinned: Pinned, dest: &Path) -> anyhow::Result<CopyInfo> {
+///
+/// `main_file` is a handle on the database file that the caller keeps open for as long as any
+/// SQLite connection to it is open in this process: opening and closing another descriptor here
+/// would drop SQLite's POSIX locks (they belong to the process, not the descriptor), and another
+/// process would then see no readers, checkpoint under the pin and delete the live WAL.
+pub fn copy_pinned(pinned: Pinned, main_file: &File, dest: &Path) -> anyhow::Result<CopyInfo> {
     let partial = partial_path(dest);
-    let result = write_copy(&pinned.db_path, &partial);
+    let result = write_copy(main_file, &partial);
     let events = pinned.events;
     drop(pinned.conn);
     let (size, sha256) = match result {
@@ -138,15 +138,14 @@ pub fn partial_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_copy(src: &Path, dest: &Path) -> io::Result<(u64, String)> {
-    let mut input = File::open(src)?;
+fn write_copy(input: &File, dest: &Path) -> io::Result<(u64, String)> {
     let mut output = File::create(dest)?;
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     let mut first = true;
     loop {
-        let n = read_full(&mut input, &mut buf)?;
+        let n = read_full_at(input, &mut buf, size)?;
         if n == 0 {
             break;
         }
@@ -162,10 +161,12 @@ fn write_copy(src: &Path, dest: &Path) -> io::Result<(u64, String)> {
     Ok((size, hasher.finish()))
 }
 
-fn read_full(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+/// Fills `buf` from `offset` with positioned reads (the handle's own position is never used).
+fn read_full_at(input: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
     let mut filled = 0;
     while filled < buf.len() {
-        match input.read(&mut buf[filled..])? {
+        match input.read_at(&mut buf[filled..], offset + filled as u64)? {
             0 => break,
             n => filled += n,
         }

@@ -34,6 +34,9 @@ pub fn export(data_dir: &Path, out_dir: &Path, hostname: Option<&str>) -> anyhow
     }
     snapq_core::verify::check_header(&db_path)
         .with_context(|| format!("{} is not a recorder database", db_path.display()))?;
+    // Opened before any connection and closed after the last one (see `copy::copy_pinned`).
+    let main_file =
+        std::fs::File::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
     let pinned = copy::pin_retrying(&db_path)?;
     let hostname = match hostname {
         Some(h) => h.to_owned(),
@@ -47,7 +50,8 @@ pub fn export(data_dir: &Path, out_dir: &Path, hostname: Option<&str>) -> anyhow
     if path.exists() {
         bail!("{} already exists; not overwriting it", path.display());
     }
-    let info = copy::copy_pinned(pinned, &path)?;
+    let info = copy::copy_pinned(pinned, &main_file, &path)?;
+    drop(main_file);
     Ok(Exported {
         path,
         size: info.size,

@@ -33,14 +33,14 @@ async fn real_recorder_sees_a_command_and_its_snapshot_holds_the_staged_event_co
         ..AgentOptions::default()
     });
     let marker = format!("snapq-it-{}", std::process::id());
-    let status = std::process::Command::new("sh")
-        .args(["-c", &format!("sleep 0.5; echo {marker} > /dev/null")])
-        .status()
+    // Runs long enough to be seen even when a loaded machine slows the recorder's /proc scans.
+    let mut command = std::process::Command::new("sh")
+        .args(["-c", &format!("sleep 5; echo {marker} > /dev/null")])
+        .spawn()
         .unwrap();
-    assert!(status.success());
     let filter = encode(&format!("cmdline co {marker}"));
     let found = eventually(
-        Duration::from_secs(15),
+        Duration::from_secs(40),
         "the recorder to see the command",
         || async {
             let (status, page) = agent
@@ -404,4 +404,48 @@ async fn manual_export_is_consistent_and_named_while_the_recorder_runs() {
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_process_reading_the_live_database_does_not_break_later_snapshots() {
+    let agent = TestAgent::spawn_with(AgentOptions {
+        simulate: Some(2000),
+        prefill: 20_000,
+        ..AgentOptions::default()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let db = agent.data_dir.join("monitor.db");
+    for round in 0..3 {
+        let (status, staged) = agent.post("/v1/snapshots").await;
+        assert_eq!(status, 201, "round {round}: {staged}");
+        let path = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
+        assert_eq!(count_events(&path), staged["events"].as_u64().unwrap());
+        // An analyst's sqlite3 (another process) opens the live file and closes it again: if the
+        // agent had lost its locks, this close would checkpoint and delete the live WAL.
+        let status = std::process::Command::new(crate::support::BIN)
+            .args([
+                "agent",
+                "export",
+                "--data-dir",
+                agent.data_dir.to_str().unwrap(),
+                "--out",
+            ])
+            .arg(tmp.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM dns", [], |r| r.get(0))
+            .unwrap();
+        assert!(n > 0);
+        drop(conn);
+        let mut wal = db.clone().into_os_string();
+        wal.push("-wal");
+        assert!(
+            std::path::Path::new(&wal).exists(),
+            "round {round}: the live WAL was deleted"
+        );
+    }
 }

@@ -466,3 +466,44 @@ async fn twenty_captures_survive_a_server_sigkill_and_complete_exactly_once() {
     let _ = fleet.kill();
     let _ = fleet.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_server_has_endpoints_to_capture_at_once() {
+    let server = TestServer::spawn_with(&["--demo", "2"]);
+    server.wait_online("demo-01").await;
+    server.wait_online("demo-02").await;
+    let (code, stdout, stderr) = server.cli(&["capture", "demo-02", "--yes", "--wait"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("demo-02 complete"), "{stdout}");
+    let (_, endpoints) = server.get("/v1/endpoints").await;
+    assert!(
+        endpoints
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["labels"][0] == "demo"),
+        "{endpoints}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_snapshot_being_captured_cancels_the_capture_first() {
+    let server = TestServer::spawn_with(&["--capture-rate-kib", "256"]);
+    let _agent = agent_for(&server, "web-01", 40_000);
+    server.wait_online("web-01").await;
+    let ids = queue_captures(&server, &["web-01"]).await;
+    eventually(Duration::from_secs(30), "the transfer to start", || async {
+        let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
+        (snap["bytes_done"].as_u64()? > 0).then_some(())
+    })
+    .await;
+    let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
+    let job = snap["job_id"].as_str().unwrap().to_owned();
+    let (code, stdout, stderr) = server.cli(&["snapshots", "delete", &ids[0].to_string(), "--yes"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (status, _) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
+    assert_eq!(status, 404);
+    let (_, detail) = server.get(&format!("/v1/queue/jobs/{job}")).await;
+    assert_eq!(detail["state"], "cancelled", "{detail}");
+    assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+}

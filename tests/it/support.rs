@@ -24,8 +24,9 @@ where
     }
 }
 
-/// Starts `snapq ARGS` and waits for its `... listening on ADDR` line.
-fn spawn_listening(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
+/// Starts `snapq ARGS` and waits for its `WHO listening on ADDR` line (`snapq agent`,
+/// `snapq server`).
+fn spawn_listening(who: &str, args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
     let mut child = Command::new(BIN)
         .args(args)
         .envs(envs.iter().copied())
@@ -41,7 +42,7 @@ fn spawn_listening(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) 
             .next()
             .unwrap_or_else(|| panic!("snapq {args:?} exited before listening"))
             .unwrap();
-        if let Some(addr) = line.split(" listening on ").nth(1) {
+        if let Some(addr) = line.strip_prefix(&format!("{who} listening on ")) {
             break addr.trim().parse().unwrap();
         }
     };
@@ -112,7 +113,7 @@ impl TestAgent {
         }
         args.extend(options.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening(&args, &[("SNAPQ_AGENT_TOKEN", token)]);
+        let (child, addr) = spawn_listening("snapq agent", &args, &[("SNAPQ_AGENT_TOKEN", token)]);
         TestAgent {
             child,
             addr,
@@ -229,7 +230,7 @@ impl TestServer {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening(&refs, &[]);
+        let (child, addr) = spawn_listening("snapq server", &refs, &[]);
         TestServer {
             child,
             addr,
@@ -248,7 +249,7 @@ impl TestServer {
     pub fn crash_and_restart(&mut self) {
         self.kill();
         let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening(&refs, &[]);
+        let (child, addr) = spawn_listening("snapq server", &refs, &[]);
         self.child = child;
         self.addr = addr;
     }

@@ -213,6 +213,8 @@ pub struct RecorderDb {
     path: PathBuf,
     limits: Limits,
     writer: Mutex<Connection>,
+    /// Declared last so it closes after the writer connection (see [`RecorderDb::main_file`]).
+    main_file: File,
 }
 
 impl std::fmt::Debug for RecorderDb {
@@ -365,10 +367,15 @@ impl RecorderDb {
         )
         .map_err(sqlite)?;
         schema::create(&conn).map_err(sqlite)?;
+        let main_file = File::open(path).map_err(|source| RecorderError::NotWritable {
+            dir: path.to_path_buf(),
+            source,
+        })?;
         let db = RecorderDb {
             path: path.to_path_buf(),
             limits,
             writer: Mutex::new(conn),
+            main_file,
         };
         let now = now_ms().to_string();
         let os = os_description();
@@ -425,23 +432,15 @@ impl RecorderDb {
     /// Runs `f` with the single writer connection; no recorder writes while it runs, so keep it
     /// short.
     pub fn with_writer<R>(&self, f: impl FnOnce(&mut Connection) -> R) -> R {
-        let mut conn = self.lock();
-        let t = Instant::now();
-        let r = f(&mut conn);
-        if t.elapsed() > Duration::from_millis(40) {
-            eprintln!(
-                "DIAG held {:?} at {}",
-                t.elapsed(),
-                std::backtrace::Backtrace::force_capture()
-                    .to_string()
-                    .lines()
-                    .filter(|l| l.contains("recorder::db"))
-                    .take(4)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            );
-        }
-        r
+        f(&mut self.lock())
+    }
+
+    /// A handle on the database file itself, open for as long as the `RecorderDb`: read the raw
+    /// file through this (positioned reads), never through a handle opened and closed on the way.
+    /// Closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's
+    /// included, and then another process closing its connection deletes the live WAL.
+    pub fn main_file(&self) -> &File {
+        &self.main_file
     }
 
     /// A new read-only connection (`query_only`, with a busy timeout).
