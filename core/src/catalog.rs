@@ -407,12 +407,14 @@ impl Catalog {
     }
 
     /// Removes a snapshot's row; `false` if there was none (deleting twice is not an error).
+    /// `RETURNING` tells exactly whether this call removed it, also when two race.
     pub async fn delete_snapshot(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM snapshots WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let deleted: Option<i64> =
+            sqlx::query_scalar("DELETE FROM snapshots WHERE id = ?1 RETURNING id")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(deleted.is_some())
     }
 
     /// Registers a verified snapshot that arrived whole (upload or watched folder).

@@ -265,8 +265,7 @@ async fn capture(
             .set_snapshot_job(snapshot_id, job_id.as_str())
             .await
             .map_err(ApiError::internal)?;
-        let _ = state
-            .catalog
+        state
             .audit(
                 &caller.name,
                 "capture",
@@ -348,6 +347,26 @@ async fn show_snapshot(
         .map_err(ApiError::internal)?
         .ok_or_else(not_found)?;
     Ok(Json(snap))
+}
+
+impl ServerState {
+    /// Appends to the audit log; a failure to do so is logged, never hidden.
+    async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: Option<&str>,
+    ) {
+        if let Err(e) = self
+            .catalog
+            .audit(actor, action, target, result, detail)
+            .await
+        {
+            tracing::warn!(%actor, %action, %target, error = %e, "could not write the audit log");
+        }
+    }
 }
 
 fn queue_error(err: QueueError) -> ApiError {
@@ -433,8 +452,7 @@ async fn queue_retry(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let result = state.queue.retry(&job_id(&id)?).await;
-    let _ = state
-        .catalog
+    state
         .audit(
             &caller.name,
             "queue.retry",
@@ -453,8 +471,7 @@ async fn queue_cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let result = state.queue.cancel(&job_id(&id)?, &caller.name).await;
-    let _ = state
-        .catalog
+    state
         .audit(
             &caller.name,
             "queue.cancel",
@@ -536,8 +553,7 @@ async fn delete_snapshots(
         .endpoint
         .clone()
         .unwrap_or_else(|| format!("snapshots {ids:?}"));
-    let _ = state
-        .catalog
+    state
         .audit(
             &caller.name,
             "snapshot.delete.request",
@@ -633,8 +649,7 @@ async fn upload(
         )
         .await
         .map_err(ApiError::internal)?;
-    let _ = state
-        .catalog
+    state
         .audit(
             &caller.name,
             "upload",

@@ -248,38 +248,23 @@ async fn deleting_snapshots_removes_file_and_entry_idempotently_and_is_audited()
     assert_eq!(files_under(&server.data_dir.join("snapshots")).len(), 3);
 
     // Two deletes of the same snapshot at once: it goes, once, and nothing errors.
-    let (a, b) = tokio::join!(
-        tokio::task::spawn_blocking({
-            let (url, dir, id) = (server.url(), server.data_dir.clone(), first.clone());
-            move || {
-                run_snapq(&[
-                    "snapshots",
-                    "delete",
-                    &id,
-                    "--yes",
-                    "--server",
-                    &url,
-                    "--data-dir",
-                    dir.to_str().unwrap(),
-                ])
-            }
-        }),
-        tokio::task::spawn_blocking({
-            let (url, dir, id) = (server.url(), server.data_dir.clone(), first.clone());
-            move || {
-                run_snapq(&[
-                    "snapshots",
-                    "delete",
-                    &id,
-                    "--yes",
-                    "--server",
-                    &url,
-                    "--data-dir",
-                    dir.to_str().unwrap(),
-                ])
-            }
+    let delete_first = || {
+        let (url, dir, id) = (server.url(), server.data_dir.clone(), first.clone());
+        tokio::task::spawn_blocking(move || {
+            let dir = dir.to_str().unwrap().to_owned();
+            run_snapq(&[
+                "snapshots",
+                "delete",
+                &id,
+                "--yes",
+                "--server",
+                &url,
+                "--data-dir",
+                &dir,
+            ])
         })
-    );
+    };
+    let (a, b) = tokio::join!(delete_first(), delete_first());
     let (a, b) = (a.unwrap(), b.unwrap());
     assert!(a.0 == 0 || b.0 == 0, "{a:?} {b:?}");
     for r in [&a, &b] {
@@ -304,7 +289,17 @@ async fn deleting_snapshots_removes_file_and_entry_idempotently_and_is_audited()
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(audit, 2);
+    let rows: Vec<String> = {
+        let conn = rusqlite::Connection::open(server.data_dir.join("catalog.db")).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT action || ' ' || target || ' ' || result FROM audit")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(audit, 2, "{rows:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,6 +36,42 @@ async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
         .collect()
 }
 
+/// Captures `host`, waits for the capture to fail with a reason containing `reason`, and returns
+/// the snapshot and its job's detail (with every attempt).
+async fn capture_fails(server: &TestServer, host: &str, reason: &str) -> (Value, Value) {
+    let ids = queue_captures(server, &[host]).await;
+    let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
+    assert_eq!(snap["state"], "failed", "{snap}");
+    assert!(snap["error"].as_str().unwrap().contains(reason), "{snap}");
+    let (_, job) = server
+        .get(&format!(
+            "/v1/queue/jobs/{}",
+            snap["job_id"].as_str().unwrap()
+        ))
+        .await;
+    (snap, job)
+}
+
+/// Registers an endpoint the way an agent's heartbeat does, returning the HTTP status.
+async fn register(
+    server: &TestServer,
+    bearer: &str,
+    hostname: &str,
+    api_url: &str,
+    api_token: &str,
+) -> u16 {
+    server
+        .client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(bearer)
+        .json(&serde_json::json!({ "hostname": hostname, "api_url": api_url, "api_token": api_token }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
     let server = TestServer::spawn();
@@ -140,19 +176,7 @@ async fn an_offline_endpoint_is_retried_with_backoff_then_failed_with_the_reason
     let mut agent = agent_for(&server, "laptop-3", 0);
     server.wait_online("laptop-3").await;
     agent.kill();
-    let ids = queue_captures(&server, &["laptop-3"]).await;
-    let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
-    assert_eq!(snap["state"], "failed");
-    assert!(
-        snap["error"].as_str().unwrap().contains("unreachable"),
-        "{snap}"
-    );
-    let (_, job) = server
-        .get(&format!(
-            "/v1/queue/jobs/{}",
-            snap["job_id"].as_str().unwrap()
-        ))
-        .await;
+    let (_, job) = capture_fails(&server, "laptop-3", "unreachable").await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 3, "{job}");
 }
@@ -162,45 +186,18 @@ async fn a_wrong_agent_token_fails_at_once_without_retrying() {
     let server = TestServer::spawn();
     let agent = TestAgent::spawn();
     // Register the agent's address with a token it will refuse.
-    let response = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(server.enroll_secret())
-        .json(&serde_json::json!({
-            "hostname": "web-01", "api_url": agent.url(""), "api_token": "not-the-token"
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let ids = queue_captures(&server, &["web-01"]).await;
-    let snap = server.wait_snapshot(ids[0], Duration::from_secs(20)).await;
-    assert_eq!(snap["state"], "failed");
-    assert!(
-        snap["error"]
-            .as_str()
-            .unwrap()
-            .contains("rejected the server's token"),
-        "{snap}"
+    let secret = server.enroll_secret();
+    assert_eq!(
+        register(&server, &secret, "web-01", &agent.url(""), "not-the-token").await,
+        200
     );
-    let (_, job) = server
-        .get(&format!(
-            "/v1/queue/jobs/{}",
-            snap["job_id"].as_str().unwrap()
-        ))
-        .await;
+    let (_, job) = capture_fails(&server, "web-01", "rejected the server's token").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
-
     // A wrong enroll token cannot register anything.
-    let response = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth("guess")
-        .json(&serde_json::json!({"hostname": "evil", "api_url": "http://127.0.0.1:1", "api_token": "x"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 401);
+    assert_eq!(
+        register(&server, "guess", "evil", "http://127.0.0.1:1", "x").await,
+        401
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -322,30 +319,12 @@ async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
 async fn bytes_that_do_not_match_the_staged_sha256_are_retried_then_failed_and_never_stored() {
     let server = TestServer::spawn_with(&["--job-max-attempts", "2", "--job-retry-base-ms", "50"]);
     let (addr, _liar) = lying_agent().await;
-    let response = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(server.enroll_secret())
-        .json(&serde_json::json!({
-            "hostname": "liar", "api_url": format!("http://{addr}"), "api_token": "t"
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let ids = queue_captures(&server, &["liar"]).await;
-    let snap = server.wait_snapshot(ids[0], Duration::from_secs(20)).await;
-    assert_eq!(snap["state"], "failed");
-    assert!(
-        snap["error"].as_str().unwrap().contains("do not match"),
-        "{snap}"
+    let secret = server.enroll_secret();
+    assert_eq!(
+        register(&server, &secret, "liar", &format!("http://{addr}"), "t").await,
+        200
     );
-    let (_, job) = server
-        .get(&format!(
-            "/v1/queue/jobs/{}",
-            snap["job_id"].as_str().unwrap()
-        ))
-        .await;
+    let (_, job) = capture_fails(&server, "liar", "do not match").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 2, "{job}");
     assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
 }
@@ -506,4 +485,55 @@ async fn deleting_a_snapshot_being_captured_cancels_the_capture_first() {
     let (_, detail) = server.get(&format!("/v1/queue/jobs/{job}")).await;
     assert_eq!(detail["state"], "cancelled", "{detail}");
     assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_come_from_the_file_flags_win_and_sigterm_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("snapq.toml");
+    std::fs::write(
+        &config,
+        "capture_reserve_mib = 111\nonline_window_secs = 5\nupload_max_mib = 7\n",
+    )
+    .unwrap();
+    let data = tmp.path().join("data");
+    let server = TestServer::spawn_in(&data, &["--config", config.to_str().unwrap()]);
+    let _agent = agent_for(&server, "web-01", 0);
+    server.wait_online("web-01").await;
+    let (_, info) = server.get("/v1/endpoints/web-01").await;
+    assert_eq!(info["capture_reserve_bytes"], 111u64 << 20, "{info}");
+    drop(server);
+
+    // A flag wins over the file.
+    let mut server = TestServer::spawn_in(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--capture-reserve-mib",
+            "222",
+        ],
+    );
+    server.wait_online("web-01").await;
+    let (_, info) = server.get("/v1/endpoints/web-01").await;
+    assert_eq!(info["capture_reserve_bytes"], 222u64 << 20, "{info}");
+
+    // SIGTERM: the server shuts down gracefully and exits 0.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // An unknown key in the file is an error that names it.
+    std::fs::write(&config, "capture_reserve_mb = 1\n").unwrap();
+    let (code, _, stderr) = crate::support::run_snapq(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("capture_reserve_mb"), "{stderr}");
 }

@@ -46,18 +46,24 @@ pub async fn run(svc: Arc<Services>, args: DeleteArgs, ctx: JobContext) -> Resul
         svc.store.remove(&name).transient()?;
         let _ = std::fs::remove_file(svc.store.partial_path(&name));
     }
-    svc.catalog.delete_snapshot(snap.id).await.transient()?;
-    let _ = svc
-        .catalog
-        .audit(
-            ctx.requested_by(),
-            "snapshot.delete",
-            &target,
-            "deleted",
-            Some(&snap.hostname),
-        )
-        .await;
-    tracing::debug!(%target, "deleted");
+    // Two deletes of one snapshot may both get here; only the one that removed the row audits.
+    if svc.catalog.delete_snapshot(snap.id).await.transient()? {
+        let detail = format!("{} (job {})", snap.hostname, ctx.id());
+        if let Err(e) = svc
+            .catalog
+            .audit(
+                ctx.requested_by(),
+                "snapshot.delete",
+                &target,
+                "deleted",
+                Some(&detail),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not write the audit log");
+        }
+        tracing::debug!(%target, "deleted");
+    }
     Ok(())
 }
 
