@@ -155,7 +155,8 @@ def cache_state() -> str:
 class Proc:
     """A snapq process that announced `... listening on ADDR` on stdout."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, expect: int = 1, timeout: float = 600):
+    def __init__(self, name: str, args: list[str], log_dir: Path, expect: int = 1, timeout: float = 600,
+                 who_prefix: str = ""):
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr.log"
         self.stderr = open(self.stderr_path, "wb")
@@ -175,7 +176,8 @@ class Proc:
                 self.lines.append(line)
                 if " listening on " in line:
                     who, addr = line.split(" listening on ", 1)
-                    self.addrs[who.strip()] = addr.strip()
+                    if who.strip().startswith(who_prefix):
+                        self.addrs[who.strip()] = addr.strip()
                     if len(self.addrs) >= expect:
                         got.set()
             got.set()
@@ -295,10 +297,21 @@ def agent(scratch: Path, name: str, hostname: str, prefill: int, rate: int, serv
         args += ["--server", server.url, "--enroll-token", server.enroll_token, "--heartbeat-secs", "1"]
     t0 = time.monotonic()
     proc = Proc(name, args, scratch, timeout=3600)
-    size = (data / "monitor.db").stat().st_size
-    log(f"agent {hostname}: {prefill:,} events prefilled, monitor.db {human(size)} in {time.monotonic() - t0:.1f}s")
+    size = sum(p.stat().st_size for p in data.glob("monitor.db*"))
+    log(f"agent {hostname}: {prefill:,} events prefilled, monitor.db + WAL {human(size)} in {time.monotonic() - t0:.1f}s")
     proc.data_dir = data  # type: ignore[attr-defined]
     return proc
+
+
+def checkpoint(db: Path) -> int:
+    """Moves the prefill out of the WAL into monitor.db (as a capture's own checkpoint does), so
+    `cp monitor.db` copies the same bytes a snapshot holds; returns the main file's size."""
+    conn = sqlite3.connect(db, timeout=30)
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    conn.close()
+    if busy:
+        log(f"checkpoint of {db} was busy; cp may copy less than the snapshot holds")
+    return db.stat().st_size
 
 
 def timed(cmd: list[str] | str, shell: bool = False) -> float:
@@ -366,7 +379,7 @@ def bench_capture(scratch: Path) -> Proc | None:
     server = Server(scratch, "server-cap-small")
     a = agent(scratch, "agent-small", host_small, SMALL_EVENTS, RATE, server)
     server.wait_online([host_small])
-    small_size = (a.data_dir / "monitor.db").stat().st_size
+    small_size = checkpoint(a.data_dir / "monitor.db")
     drop_caches()
     took, out = server.cli("capture", host_small, "--yes", "--wait", "--json")
     small_hwm = server.proc.vmhwm()
@@ -381,7 +394,7 @@ def bench_capture(scratch: Path) -> Proc | None:
     a = agent(scratch, "agent-big", host_big, EVENTS, RATE, server)
     server.wait_online([host_big])
     db = a.data_dir / "monitor.db"
-    size = db.stat().st_size
+    size = checkpoint(db)
     copy = scratch / "cp-baseline.db"
     drop_caches()
     t_cp = timed(["cp", str(db), str(copy)])
@@ -452,13 +465,13 @@ def bench_fleet(scratch: Path) -> None:
     fleet = Proc("fleet-sim", ["fleet-sim", "--count", str(FLEET), "--server", server.url,
                                "--enroll-token", server.enroll_token, "--data-dir", str(fdir),
                                "--prefill-events", str(FLEET_EVENTS), "--events-per-sec", "10"],
-                 scratch, expect=FLEET, timeout=3600)
+                 scratch, expect=FLEET, timeout=3600, who_prefix="sim-")
     hosts = sorted(fleet.addrs)
     log(f"fleet-sim: {len(hosts)} endpoints listening after {time.monotonic() - t0:.1f}s ({hosts[0]}..{hosts[-1]})")
     server.wait_online(hosts)
-    sizes = [(fdir / h / "monitor.db").stat().st_size for h in hosts if (fdir / h / "monitor.db").exists()]
+    sizes = [sum(p.stat().st_size for p in (fdir / h).glob("monitor.db*")) for h in hosts]
     if sizes:
-        log(f"fleet dbs: median {human(statistics.median(sizes))}, min {human(min(sizes))}, max {human(max(sizes))}")
+        log(f"fleet dbs (monitor.db + WAL): median {human(statistics.median(sizes))}, min {human(min(sizes))}, max {human(max(sizes))}")
 
     # Single-capture throughput on one of them (median of SINGLE_RUNS, polled every 10 ms).
     singles = []
@@ -486,7 +499,8 @@ def bench_fleet(scratch: Path) -> None:
          f"{statistics.median(durations):.2f}s max {durations[-1]:.2f}s; server VmHWM {human(hwm)}")
     for s in failed[:5]:
         note(f"fleet capture failed: {s['hostname']}: {s.get('error')}")
-    row(f"{len(hosts)} concurrent captures of ~{human(statistics.median(sizes) if sizes else 0)} "
+    snap_sizes = [s["size"] for s in by_id.values() if s["size"]]
+    row(f"{len(hosts)} concurrent captures of ~{human(statistics.median(snap_sizes) if snap_sizes else 0)} "
         f"(concurrency {CAPTURE_CONCURRENCY})",
         f"{took:.1f} s, {len(by_id) - len(failed)}/{len(by_id)} ok",
         f"{expected:.1f} s = {human(total)} / {throughput / MIB:.1f} MiB/s", ratio, "<= 1.5x, all ok",

@@ -153,6 +153,32 @@ pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Transfer rate from successive progress readings, smoothed so the ETA does not jump about.
+#[derive(Debug, Clone, Default)]
+struct Rate {
+    last: Option<(std::time::Instant, u64)>,
+    per_sec: f64,
+}
+
+impl Rate {
+    fn update(&mut self, done: u64) -> f64 {
+        let now = std::time::Instant::now();
+        if let Some((at, before)) = self.last {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 && done >= before {
+                let current = (done - before) as f64 / secs;
+                self.per_sec = if self.per_sec == 0.0 {
+                    current
+                } else {
+                    0.7 * self.per_sec + 0.3 * current
+                };
+            }
+        }
+        self.last = Some((now, done));
+        self.per_sec
+    }
+}
+
 /// Asks a yes/no question on the terminal; `false` unless the answer starts with y.
 pub fn confirm(question: &str) -> bool {
     eprint!("{question} [y/N] ");
@@ -202,6 +228,7 @@ pub async fn capture(
     }
     let show_progress = std::io::stderr().is_terminal() && !client.json;
     let mut finished: Vec<Option<Value>> = vec![None; items.len()];
+    let mut rates: Vec<Rate> = vec![Rate::default(); items.len()];
     while finished.iter().any(Option::is_none) {
         for (i, item) in items.iter().enumerate() {
             if finished[i].is_some() {
@@ -214,13 +241,21 @@ pub async fn capture(
                 let done = snap["bytes_done"].as_u64().unwrap_or(0);
                 let total = snap["bytes_total"].as_u64().unwrap_or(0);
                 let pct = (done * 100).checked_div(total).unwrap_or(0);
+                let per_sec = rates[i].update(done);
+                let eta = if per_sec > 0.0 && total > done {
+                    format!("ETA {:.0}s", (total - done) as f64 / per_sec)
+                } else {
+                    String::new()
+                };
                 eprint!(
-                    "\r{:<24} {:<12} {:>3}% {} / {}   ",
+                    "\r{:<24} {:<12} {:>3}% {} / {} {}/s {}   ",
                     snap["hostname"].as_str().unwrap_or(""),
                     snap["state"].as_str().unwrap_or(""),
                     pct,
                     human_bytes(done),
-                    human_bytes(total)
+                    human_bytes(total),
+                    human_bytes(per_sec as u64),
+                    eta
                 );
             }
             if matches!(snap["state"].as_str(), Some("complete" | "failed")) {

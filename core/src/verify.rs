@@ -113,16 +113,7 @@ fn uri_escape(path: &str) -> String {
 pub fn verify_snapshot(path: &Path) -> Result<Verified, VerifyError> {
     check_header(path)?;
     let conn = open_snapshot(path)?;
-    let corrupt = |e: rusqlite::Error| VerifyError::Corrupt(e.to_string());
-    let mut stmt = conn.prepare("PRAGMA quick_check").map_err(corrupt)?;
-    let problems: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(corrupt)?
-        .collect::<Result<_, _>>()
-        .map_err(corrupt)?;
-    if problems != ["ok"] {
-        return Err(VerifyError::Corrupt(problems.join("; ")));
-    }
+    quick_check(&conn)?;
     schema::check(&conn)?;
     let summary = crate::query::summary(&conn).map_err(|e| VerifyError::Corrupt(e.to_string()))?;
     let verified = Verified {
@@ -136,6 +127,23 @@ pub fn verify_snapshot(path: &Path) -> Result<Verified, VerifyError> {
             .ok(),
     };
     Ok(verified)
+}
+
+/// Runs `PRAGMA quick_check`; anything but a single `ok` is [`VerifyError::Corrupt`] with the
+/// first problems it names.
+pub fn quick_check(conn: &Connection) -> Result<(), VerifyError> {
+    let corrupt = |e: rusqlite::Error| VerifyError::Corrupt(e.to_string());
+    let mut stmt = conn.prepare("PRAGMA quick_check").map_err(corrupt)?;
+    let problems: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(corrupt)?
+        .take(3)
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)?;
+    if problems != ["ok"] {
+        return Err(VerifyError::Corrupt(problems.join("; ")));
+    }
+    Ok(())
 }
 
 /// Rewrites a copied WAL-mode database header to rollback-journal mode (bytes 18 and 19 from 2 to

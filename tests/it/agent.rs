@@ -56,6 +56,7 @@ async fn real_recorder_sees_a_command_and_its_snapshot_holds_the_staged_event_co
         found[0]["path"].as_str().unwrap().ends_with("sh"),
         "{found:?}"
     );
+    assert!(command.wait().unwrap().success());
 
     let (status, staged) = agent.post("/v1/snapshots").await;
     assert_eq!(status, 201, "{staged}");

@@ -5,7 +5,7 @@
 //! writes with [`RecorderDb::with_writer`] while it checkpoints and pins a read transaction.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use snapq_core::schema::{self, TABLES, Table};
+use snapq_core::verify::{self, VerifyError};
 
 /// How long any connection waits on a lock before giving up with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -252,22 +253,11 @@ pub(crate) fn now_ms() -> i64 {
 /// Why an existing file is not a recorder database we may write, or `None` if it is one (or is an
 /// empty SQLite database we may initialise). Opens it read-only: the file is never modified.
 fn refusal_reason(path: &Path) -> Result<Option<String>, io::Error> {
-    let mut header = [0u8; 16];
-    let mut file = File::open(path)?;
-    let mut read = 0;
-    while read < header.len() {
-        match file.read(&mut header[read..])? {
-            0 => break,
-            n => read += n,
-        }
-    }
-    if read == 0 {
-        return Ok(None); // an empty file is an empty database
-    }
-    if read < header.len() || &header != b"SQLite format 3\0" {
-        return Ok(Some(
-            "it is not a SQLite database (its first 16 bytes are not the SQLite header)".into(),
-        ));
+    match verify::check_header(path) {
+        Ok(()) => {}
+        Err(VerifyError::Empty) => return Ok(None), // an empty file is an empty database
+        Err(VerifyError::Io(e)) => return Err(e),
+        Err(e) => return Ok(Some(format!("it is not a SQLite database ({e})"))),
     }
     let conn = match Connection::open_with_flags(
         path,
@@ -277,20 +267,8 @@ fn refusal_reason(path: &Path) -> Result<Option<String>, io::Error> {
         Err(e) => return Ok(Some(format!("SQLite cannot open it: {e}"))),
     };
     let _ = conn.busy_timeout(BUSY_TIMEOUT);
-    let check: rusqlite::Result<Vec<String>> =
-        conn.prepare("PRAGMA quick_check").and_then(|mut s| {
-            s.query_map([], |r| r.get::<_, String>(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()
-        });
-    match check {
-        Ok(rows) if rows.len() == 1 && rows[0] == "ok" => {}
-        Ok(rows) => {
-            return Ok(Some(format!(
-                "it is damaged (quick_check: {})",
-                rows.into_iter().take(3).collect::<Vec<_>>().join("; ")
-            )));
-        }
-        Err(e) => return Ok(Some(format!("it is damaged ({e})"))),
+    if let Err(e) = verify::quick_check(&conn) {
+        return Ok(Some(format!("it is damaged ({e})")));
     }
     let objects: i64 = match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
     {
