@@ -365,6 +365,11 @@ pub async fn snapshot_show(client: &Client, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A JSON number as an integer, so `{:>8}` pads it (a `Value` ignores width).
+fn count(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
 fn print_status(status: &Value) {
     println!(
         "{:<9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>10} {:>12} {:>10}",
@@ -386,14 +391,14 @@ fn print_status(status: &Value) {
         println!(
             "{:<9} {:>8} {:>8} {:>9} {:>9} {:>7} {:>10} {:>12} {:>10}",
             k["kind"].as_str().unwrap_or(""),
-            k["pending"],
-            k["running"],
-            k["retrying"],
-            k["done"],
-            k["failed"],
-            k["cancelled"],
+            count(&k["pending"]),
+            count(&k["running"]),
+            count(&k["retrying"]),
+            count(&k["done"]),
+            count(&k["failed"]),
+            count(&k["cancelled"]),
             age,
-            k["done_last_60s"]
+            count(&k["done_last_60s"])
         );
     }
     let running = status["running"].as_array().cloned().unwrap_or_default();

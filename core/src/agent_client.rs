@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::wire::{EndpointInfo, Staged};
+use crate::wire::{DbSize, EndpointInfo, Staged};
 
 /// Why a call to an agent failed, sorted by whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,13 @@ impl AgentClient {
     pub async fn endpoint_info(&self) -> Result<EndpointInfo, AgentError> {
         let url = self.url("/v1/endpoint");
         self.json(self.http.get(&url), &url).await
+    }
+
+    /// The recorder database's size with its WAL (cheap: no event counting).
+    pub async fn db_size(&self) -> Result<u64, AgentError> {
+        let url = self.url("/v1/endpoint/size");
+        let size: DbSize = self.json(self.http.get(&url), &url).await?;
+        Ok(size.db_bytes)
     }
 
     /// Asks the agent to stage a consistent copy.

@@ -356,6 +356,15 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets the staged copy a capture was downloading, so its next attempt stages a new one.
+    pub async fn clear_snapshot_staged(&self, id: i64) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET staged_id = NULL, bytes_done = 0 WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_snapshot_progress(&self, id: i64, done: i64, total: i64) -> Result<()> {
         sqlx::query("UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3 WHERE id = ?1")
             .bind(id)

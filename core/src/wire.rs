@@ -30,3 +30,10 @@ pub struct Staged {
     /// Events in the copy, counted inside the same read transaction that pinned it.
     pub events: u64,
 }
+
+/// `GET /v1/endpoint/size`: what a capture needs to check disk space, without counting events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DbSize {
+    pub db_bytes: u64,
+    pub disk_free_bytes: u64,
+}

@@ -68,6 +68,28 @@ const SCHEMA: &[&str] = &[
     // ever locked. With (lock_by, id) both terms are an index seek. Our own ack goes through
     // the primary key; this index also serves the orphan rescue (`lock_by = ? AND status ..`).
     "CREATE INDEX IF NOT EXISTS snapq_idx_jobs_lock_by_id ON Jobs(lock_by, id)",
+    // Attempt bookkeeping rides on the job's own update, so a claim and a success are one
+    // statement each (one round trip to SQLite's thread, one commit) and stay atomic with
+    // the attempt row. Only our workers' claims count (apalis' own fetch goes through
+    // `Queued`). The explicit per-outcome path (`FINISH_ATTEMPT`) handles everything else.
+    "CREATE TRIGGER IF NOT EXISTS snapq_attempt_start AFTER UPDATE OF status ON Jobs
+    WHEN NEW.status = 'Running' AND OLD.status IN ('Pending', 'Failed')
+        AND NEW.lock_by IS NOT NULL
+        AND EXISTS (SELECT 1 FROM snapq_workers w WHERE w.id = NEW.lock_by)
+    BEGIN
+        INSERT INTO snapq_job_attempts (job_id, attempt, worker, started_ms)
+        VALUES (NEW.id, NEW.attempts + 1, NEW.lock_by,
+            CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER));
+    END",
+    "CREATE TRIGGER IF NOT EXISTS snapq_attempt_done AFTER UPDATE OF status ON Jobs
+    WHEN NEW.status = 'Done' AND OLD.status = 'Running' AND OLD.lock_by IS NOT NULL
+    BEGIN
+        UPDATE snapq_job_attempts
+        SET finished_ms = CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER),
+            outcome = 'ok', error = NULL
+        WHERE job_id = NEW.id AND attempt = NEW.attempts AND worker = OLD.lock_by
+            AND finished_ms IS NULL;
+    END",
 ];
 
 /// The single writer connection, held for the life of the queue and handed out behind an
@@ -193,6 +215,7 @@ pub(crate) fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConn
         .foreign_keys(true)
         .pragma("temp_store", "memory")
         .pragma("cache_size", "-16000")
+        .pragma("wal_autocheckpoint", "4000")
 }
 
 pub(crate) async fn open(path: &Path, busy_timeout: Duration) -> Result<Db, QueueError> {
@@ -255,4 +278,37 @@ pub(crate) async fn open(path: &Path, busy_timeout: Duration) -> Result<Db, Queu
 
 pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) static PROBE: [std::sync::atomic::AtomicU64; 12] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 12];
+pub(crate) fn probe(i: usize, t: std::time::Instant) {
+    PROBE[i * 2].fetch_add(
+        t.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    PROBE[i * 2 + 1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+pub(crate) fn probe_dump() {
+    for (i, n) in [
+        "enq-wait",
+        "enq-hold",
+        "claim-wait",
+        "claim-hold",
+        "commit-wait",
+        "commit-hold",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let t = PROBE[i * 2].swap(0, std::sync::atomic::Ordering::Relaxed);
+        let c = PROBE[i * 2 + 1].swap(0, std::sync::atomic::Ordering::Relaxed);
+        if c > 0 {
+            eprintln!(
+                "probe {n}: n={c} avg={}us total={}ms",
+                t / c / 1000,
+                t / 1_000_000
+            );
+        }
+    }
 }

@@ -27,7 +27,8 @@ pub(crate) const FIND_BY_IDEMPOTENCY_KEY: &str =
 
 /// apalis' `fetch_next.sql`, claiming straight into `Running` (we only claim what we have
 /// free slots for, so nothing sits `Queued` in a buffer), and honouring our millisecond retry
-/// time for `Failed` rows.
+/// time for `Failed` rows. One autocommit statement: the `snapq_attempt_start` trigger (see
+/// `db::SCHEMA`) records each claimed job's attempt in the same statement.
 /// ?1 worker, ?2 queue, ?3 limit, ?4 now (s), ?5 now (ms)
 pub(crate) const CLAIM: &str = "UPDATE Jobs SET status = 'Running', lock_by = ?1, lock_at = ?4
     WHERE ROWID IN (
@@ -51,12 +52,6 @@ pub(crate) const CLAIM: &str = "UPDATE Jobs SET status = 'Running', lock_by = ?1
     )
     RETURNING id, job, attempts, max_attempts, metadata";
 
-/// ?1 JSON array of {"id","a"}, ?2 worker, ?3 now (ms)
-pub(crate) const INSERT_ATTEMPTS: &str =
-    "INSERT INTO snapq_job_attempts (job_id, attempt, worker, started_ms)
-    SELECT value ->> 'id', value ->> 'a', ?2, ?3 FROM json_each(?1)
-    RETURNING job_id, seq";
-
 /// When the next pending or retrying job of a queue becomes due (ms), if any.
 pub(crate) const NEXT_DUE: &str = "SELECT MIN(t) FROM (
         SELECT MIN(run_at) * 1000 AS t FROM Jobs
@@ -72,6 +67,17 @@ pub(crate) const NEXT_DUE: &str = "SELECT MIN(t) FROM (
 pub(crate) const FINISH_DONE: &str = "UPDATE Jobs SET status = 'Done', attempts = ?3,
         done_at = ?4, last_result = '{\"Ok\":null}', lock_by = NULL, lock_at = NULL
     WHERE id = ?1 AND lock_by = ?2";
+
+/// Many successes of one worker in one statement (the `snapq_attempt_done` trigger closes
+/// their attempts). `attempts + 1` is the claimed attempt: nothing else changes `attempts`
+/// while the row is locked by this worker. Returns the ids actually finished; a missing one
+/// was re-queued by someone else meanwhile (its outcome is then recorded as lost).
+/// ?1 JSON array of ids, ?2 worker, ?3 now (s)
+pub(crate) const FINISH_DONE_MANY: &str = "UPDATE Jobs SET status = 'Done',
+        attempts = attempts + 1, done_at = ?3, last_result = '{\"Ok\":null}',
+        lock_by = NULL, lock_at = NULL
+    WHERE id IN (SELECT value FROM json_each(?1)) AND lock_by = ?2
+    RETURNING id";
 
 /// Dead: permanent error, or the last allowed attempt failed. `max_attempts` is lowered to the
 /// attempts used so a permanent failure reads as dead to apalis too.
@@ -94,9 +100,10 @@ pub(crate) const RELEASE: &str = "UPDATE Jobs SET status = 'Pending', run_at = ?
         lock_by = NULL, lock_at = NULL
     WHERE id = ?1 AND lock_by = ?2";
 
-/// ?1 seq, ?2 finished (ms), ?3 outcome, ?4 error
-pub(crate) const FINISH_ATTEMPT: &str =
-    "UPDATE snapq_job_attempts SET finished_ms = ?2, outcome = ?3, error = ?4 WHERE seq = ?1";
+/// ?1 job id, ?2 attempt, ?3 worker, ?4 finished (ms), ?5 outcome, ?6 error
+pub(crate) const FINISH_ATTEMPT: &str = "UPDATE snapq_job_attempts
+    SET finished_ms = ?4, outcome = ?5, error = ?6
+    WHERE job_id = ?1 AND attempt = ?2 AND worker = ?3";
 
 pub(crate) const SET_NEXT_RUN: &str = "INSERT INTO snapq_job_state (id, next_run_ms, updated_ms)
     VALUES (?1, ?2, ?3)

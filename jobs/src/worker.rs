@@ -4,7 +4,6 @@
 //! poll, cancel watch, retention).
 
 use std::{
-    collections::HashMap,
     panic::AssertUnwindSafe,
     sync::{
         Arc, Mutex,
@@ -145,13 +144,19 @@ pub(crate) struct Finished {
     kind: JobKind,
     id: JobId,
     worker_id: String,
-    seq: i64,
     attempt: u32,
     max_attempts: u32,
     outcome: Outcome,
     cancelled: bool,
     /// Whether a `snapq_job_state` row may hold flags to clear (skipped on the hot path).
     may_have_state: bool,
+}
+
+impl Finished {
+    /// Succeeded, not cancelled, no state row to clear: recorded in bulk.
+    fn is_plain_success(&self) -> bool {
+        matches!(self.outcome, Outcome::Success) && !self.cancelled && !self.may_have_state
+    }
 }
 
 pub(crate) enum CommitMsg {
@@ -320,42 +325,24 @@ struct Claimed {
     attempt: u32,
     max_attempts: u32,
     requested_by: String,
-    seq: i64,
 }
 
-#[tracing::instrument(skip(shared, kw), fields(kind = %kw.kind))]
+/// Claim up to `limit` due jobs on the writer connection: one autocommit statement, the
+/// attempt rows come from the `snapq_attempt_start` trigger in the same statement.
 async fn claim(
-    shared: &Shared,
+    conn: &mut sqlx::SqliteConnection,
     kw: &KindWorkers,
     limit: usize,
 ) -> Result<Vec<Claimed>, QueueError> {
     let now = now_ms();
-    let mut w = shared.writer.lock().await?;
-    let mut tx = w.begin().await?;
     let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
         .bind(&kw.worker_id)
         .bind(kw.kind.queue_name())
         .bind(limit as i64)
         .bind(now / 1000)
         .bind(now)
-        .fetch_all(&mut *tx)
+        .fetch_all(conn)
         .await?;
-    if rows.is_empty() {
-        tx.rollback().await?;
-        return Ok(Vec::new());
-    }
-    let spec: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|(id, _, attempts, _, _)| serde_json::json!({ "id": id, "a": attempts + 1 }))
-        .collect();
-    let seqs: Vec<(String, i64)> = sqlx::query_as(sql::INSERT_ATTEMPTS)
-        .bind(serde_json::Value::Array(spec).to_string())
-        .bind(&kw.worker_id)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    let seqs: HashMap<String, i64> = seqs.into_iter().collect();
     Ok(rows
         .into_iter()
         .map(|(id, args, attempts, max_attempts, metadata)| {
@@ -365,7 +352,6 @@ async fn claim(
                 .and_then(|v| v.get("requested_by")?.as_str().map(str::to_owned))
                 .unwrap_or_default();
             Claimed {
-                seq: seqs.get(&id).copied().unwrap_or_default(),
                 id: JobId::from(id),
                 args,
                 attempt: (attempts + 1).max(1) as u32,
@@ -401,36 +387,49 @@ async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), Que
             return Ok(());
         }
         // Claim only what there are free slots for: nothing sits claimed but not started.
-        let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
-        while permits.len() < shared.config.claim_batch {
-            match kw.sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        // Wait for one slot, then for the writer; slots that free up meanwhile (the committer
+        // may be recording the outcomes that free them) join the same claim.
+        let first = tokio::select! {
+            p = kw.sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+            r = shutdown.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                continue;
             }
-        }
-        if permits.is_empty() {
-            tokio::select! {
-                p = kw.sem.clone().acquire_owned() => drop(p),
-                _ = shutdown.changed() => {}
+        };
+        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
+        let jobs = {
+            let t0 = std::time::Instant::now();
+            let mut w = shared.writer.lock().await?;
+            crate::db::probe(2, t0);
+            let t0 = std::time::Instant::now();
+            let _g = scopeguard(move || crate::db::probe(3, t0));
+            while permits.len() < shared.config.claim_batch {
+                match kw.sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
             }
-            continue;
+            claim(&mut w, &kw, permits.len()).await?
+        };
+        let short = jobs.len() < permits.len();
+        for job in jobs {
+            let permit = permits
+                .pop()
+                .expect("claimed at most as many jobs as permits");
+            start_job(&shared, &kw, job, permit);
         }
-        let jobs = claim(&shared, &kw, permits.len()).await?;
-        if jobs.is_empty() {
-            drop(permits);
+        drop(permits);
+        if short {
+            // Nothing more is due now: sleep until an enqueue, another process's commit, or
+            // the next scheduled / retrying job.
             let wait = idle_wait(&shared, kw.kind).await?;
             tokio::select! {
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
                 r = shutdown.changed() => if r.is_err() { return Ok(()) },
             }
-            continue;
-        }
-        for job in jobs {
-            let permit = permits
-                .pop()
-                .expect("claimed at most as many jobs as permits");
-            start_job(&shared, &kw, job, permit);
         }
     }
 }
@@ -524,7 +523,6 @@ async fn run_job(
         kind: kw.kind,
         id: job.id.clone(),
         worker_id: kw.worker_id.clone(),
-        seq: job.seq,
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         outcome,
@@ -595,9 +593,73 @@ type Committed = (Option<JobEvent>, Option<JobKind>);
 async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Committed>, QueueError> {
     let now = now_ms();
     let now_s = now / 1000;
-    let mut out = Vec::new();
+    // Plain successes (the hot path) go in one statement per worker; everything else
+    // (failures, cancels, progress, successes that may leave state flags) one by one.
+    let mut done: Vec<(&str, Vec<&Finished>)> = Vec::new();
+    let mut other = 0;
+    for m in batch {
+        match m {
+            CommitMsg::Finish(f) if f.is_plain_success() => {
+                match done.iter_mut().find(|(w, _)| *w == f.worker_id) {
+                    Some((_, v)) => v.push(f),
+                    None => done.push((&f.worker_id, vec![f])),
+                }
+            }
+            CommitMsg::Flush(_) => {}
+            _ => other += 1,
+        }
+    }
+    let t0 = std::time::Instant::now();
     let mut w = shared.writer.lock().await?;
+    crate::db::probe(4, t0);
+    let t0 = std::time::Instant::now();
+    let _g = scopeguard(move || crate::db::probe(5, t0));
+    if other == 0 && done.len() <= 1 {
+        // A single statement is atomic on its own: no BEGIN/COMMIT round trips.
+        return commit_msgs(&mut w, shared, batch, &done, now, now_s).await;
+    }
     let mut tx = w.begin().await?;
+    let out = commit_msgs(&mut tx, shared, batch, &done, now, now_s).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn commit_msgs(
+    conn: &mut sqlx::SqliteConnection,
+    shared: &Shared,
+    batch: &[CommitMsg],
+    done: &[(&str, Vec<&Finished>)],
+    now: i64,
+    now_s: i64,
+) -> Result<Vec<Committed>, QueueError> {
+    let mut out = Vec::new();
+    for (worker, jobs) in done {
+        let ids: Vec<&str> = jobs.iter().map(|f| f.id.as_str()).collect();
+        let finished: Vec<String> = sqlx::query_scalar(sql::FINISH_DONE_MANY)
+            .bind(serde_json::to_string(&ids).expect("strings serialize"))
+            .bind(*worker)
+            .bind(now_s)
+            .fetch_all(&mut *conn)
+            .await?;
+        let finished: std::collections::HashSet<String> = finished.into_iter().collect();
+        for f in jobs {
+            if finished.contains(f.id.as_str()) {
+                tracing::debug!(job_id = %f.id, kind = %f.kind, "job done");
+                out.push((
+                    Some(JobEvent {
+                        id: f.id.clone(),
+                        kind: f.kind,
+                        state: JobState::Done,
+                        attempt: f.attempt,
+                    }),
+                    None,
+                ));
+            } else {
+                // Re-queued by someone else while it ran: `finish` records the lost outcome.
+                out.push(finish(&mut *conn, shared, f, now, now_s).await?);
+            }
+        }
+    }
     for m in batch {
         match m {
             CommitMsg::Progress(ctx) => {
@@ -610,17 +672,18 @@ async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Commit
                         .bind(p.total.min(i64::MAX as u64) as i64)
                         .bind(p.note.as_deref())
                         .bind(p.updated_at.timestamp_millis())
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                 }
             }
             CommitMsg::Flush(_) => {}
             CommitMsg::Finish(f) => {
-                out.push(finish(&mut tx, shared, f, now, now_s).await?);
+                if !f.is_plain_success() {
+                    out.push(finish(&mut *conn, shared, f, now, now_s).await?);
+                }
             }
         }
     }
-    tx.commit().await?;
     Ok(out)
 }
 
@@ -756,7 +819,9 @@ async fn finish(
         (outcome, error)
     };
     sqlx::query(sql::FINISH_ATTEMPT)
-        .bind(f.seq)
+        .bind(id)
+        .bind(attempts)
+        .bind(&f.worker_id)
         .bind(now)
         .bind(outcome.as_str())
         .bind(error.as_deref())
@@ -888,6 +953,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        drop(w); // rescue_orphans takes the writer itself
         rescue_orphans(&shared).await?;
     }
 }
@@ -985,4 +1051,14 @@ pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
         .execute(&mut *shared.writer.lock().await?)
         .await?;
     Ok(())
+}
+
+struct Sg<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Sg<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Sg<F> {
+    Sg(f)
 }

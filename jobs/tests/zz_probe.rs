@@ -1,66 +1,43 @@
-use sqlx::{
-    Connection, SqliteConnection,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
-};
-use std::time::{Duration, Instant};
+use snapq_jobs::{JobKind, NoopArgs};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore]
 async fn probe() {
-    for ckpt in ["1000", "10000", "0", "1000", "10000"] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("queue.db");
-        let q = snapq_jobs::Queue::open(&path, snapq_jobs::QueueConfig::default())
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let q = snapq_jobs::Queue::open(&path, snapq_jobs::QueueConfig::default())
+        .await
+        .unwrap();
+    q.push(&NoopArgs { n: 1 }, "x").await.unwrap();
+    q.shutdown(Duration::from_secs(1)).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let claim = include_str!("../src/sql.rs");
+    let start = claim.find("pub(crate) const CLAIM: &str = \"").unwrap()
+        + "pub(crate) const CLAIM: &str = \"".len();
+    let end = start + claim[start..].find("\";").unwrap();
+    let sql = claim[start..end].replace("\\\"", "\"");
+    let rows: Vec<(i64, i64, i64, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+            .bind("w")
+            .bind(JobKind::Noop.queue_name())
+            .bind(32)
+            .bind(0)
+            .bind(0)
+            .fetch_all(&pool)
             .await
             .unwrap();
-        q.shutdown(Duration::from_secs(1)).await.unwrap();
-        let opts = SqliteConnectOptions::new()
-            .filename(&path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
-            .pragma("wal_autocheckpoint", ckpt);
-        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
-        let n = 5000;
-        let ins = "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, last_result, lock_at, lock_by, done_at, priority, metadata, idempotency_key) VALUES (?1, ?2, 'q', 'Pending', 0, 6, 0, NULL, NULL, NULL, NULL, 0, '{}', NULL)";
-        let mut lat = Vec::new();
-        let t = Instant::now();
-        for i in 0..n {
-            let t0 = Instant::now();
-            sqlx::query(ins)
-                .bind(b"{}".to_vec())
-                .bind(format!("a{i:08}"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            lat.push(t0.elapsed());
-        }
-        let tot = t.elapsed();
-        lat.sort();
-        println!(
-            "ckpt {ckpt}: autocommit insert: {:?}/call p50 {:?} p99 {:?} max {:?}",
-            tot / n,
-            lat[2500],
-            lat[4950],
-            lat[4999]
-        );
-        let t = Instant::now();
-        let mut tx = conn.begin().await.unwrap();
-        for i in 0..n {
-            sqlx::query(ins)
-                .bind(b"{}".to_vec())
-                .bind(format!("c{i:08}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-        println!("  in-tx insert: {:?}/call", t.elapsed() / n);
-        let t = Instant::now();
-        for _ in 0..n {
-            let tx = conn.begin().await.unwrap();
-            tx.commit().await.unwrap();
-        }
-        println!("  empty begin/commit: {:?}/call", t.elapsed() / n);
+    for r in rows {
+        println!("{:?}", r);
+    }
+    let idx: Vec<(String,)> =
+        sqlx::query_as("SELECT sql FROM sqlite_schema WHERE tbl_name='Jobs' AND sql IS NOT NULL")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for r in idx {
+        println!("{}", r.0);
     }
 }

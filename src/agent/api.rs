@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use snapq_core::disk;
 use snapq_core::query::{self, EventQuery};
-use snapq_core::wire::EndpointInfo;
+use snapq_core::wire::{DbSize, EndpointInfo};
 
 use super::staging::{StageError, Staging};
 use super::{recorder::RecorderDb, system};
@@ -29,6 +29,7 @@ pub struct AgentState {
 pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
         .route("/v1/endpoint", get(endpoint))
+        .route("/v1/endpoint/size", get(endpoint_size))
         .route("/v1/events", get(events))
         .route("/v1/events/summary", get(summary))
         .route("/v1/processes/{id}/tree", get(process_tree))
@@ -84,6 +85,15 @@ async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointI
         events: summary.counts.clone(),
         oldest_ts: summary.oldest_ts,
         newest_ts: summary.newest_ts,
+        disk_free_bytes: disk::free_bytes(db_path.parent().unwrap_or(db_path))
+            .map_err(ApiError::internal)?,
+    }))
+}
+
+async fn endpoint_size(State(state): State<Arc<AgentState>>) -> Result<Json<DbSize>, ApiError> {
+    let db_path = state.db.path();
+    Ok(Json(DbSize {
+        db_bytes: super::staging::db_bytes(db_path),
         disk_free_bytes: disk::free_bytes(db_path.parent().unwrap_or(db_path))
             .map_err(ApiError::internal)?,
     }))

@@ -37,6 +37,16 @@ impl Pinned {
     }
 }
 
+/// Whether a copy must reach the disk before it is renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Evidence handed to a person (`agent export`): fsync the file and its directory.
+    Fsync,
+    /// A staged copy: the server checks its sha256 end to end and stages again if a crash
+    /// damaged it, so the fsync's seconds on a large file buy nothing.
+    Cached,
+}
+
 /// What a finished copy is.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CopyInfo {
@@ -107,9 +117,14 @@ fn wal_len(db_path: &Path) -> u64 {
 /// SQLite connection to it is open in this process: opening and closing another descriptor here
 /// would drop SQLite's POSIX locks (they belong to the process, not the descriptor), and another
 /// process would then see no readers, checkpoint under the pin and delete the live WAL.
-pub fn copy_pinned(pinned: Pinned, main_file: &File, dest: &Path) -> anyhow::Result<CopyInfo> {
+pub fn copy_pinned(
+    pinned: Pinned,
+    main_file: &File,
+    dest: &Path,
+    durability: Durability,
+) -> anyhow::Result<CopyInfo> {
     let partial = partial_path(dest);
-    let result = write_copy(main_file, &partial);
+    let result = write_copy(main_file, &partial, durability);
     let events = pinned.events;
     drop(pinned.conn);
     let (size, sha256) = match result {
@@ -121,7 +136,7 @@ pub fn copy_pinned(pinned: Pinned, main_file: &File, dest: &Path) -> anyhow::Res
     };
     fs::rename(&partial, dest)
         .with_context(|| format!("renaming {} into place", partial.display()))?;
-    if let Some(dir) = dest.parent() {
+    if let (Durability::Fsync, Some(dir)) = (durability, dest.parent()) {
         File::open(dir).and_then(|d| d.sync_all())?;
     }
     Ok(CopyInfo {
@@ -138,7 +153,7 @@ pub fn partial_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_copy(input: &File, dest: &Path) -> io::Result<(u64, String)> {
+fn write_copy(input: &File, dest: &Path, durability: Durability) -> io::Result<(u64, String)> {
     let mut output = File::create(dest)?;
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
@@ -157,7 +172,9 @@ fn write_copy(input: &File, dest: &Path) -> io::Result<(u64, String)> {
         output.write_all(&buf[..n])?;
         size += n as u64;
     }
-    output.sync_all()?;
+    if durability == Durability::Fsync {
+        output.sync_all()?;
+    }
     Ok((size, hasher.finish()))
 }
 

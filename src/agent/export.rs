@@ -50,7 +50,7 @@ pub fn export(data_dir: &Path, out_dir: &Path, hostname: Option<&str>) -> anyhow
     if path.exists() {
         bail!("{} already exists; not overwriting it", path.display());
     }
-    let info = copy::copy_pinned(pinned, &main_file, &path)?;
+    let info = copy::copy_pinned(pinned, &main_file, &path, copy::Durability::Fsync)?;
     drop(main_file);
     Ok(Exported {
         path,

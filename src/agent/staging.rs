@@ -83,7 +83,7 @@ impl Staging {
                 .ok_or_else(|| {
                     anyhow::anyhow!("the recorder database could not be checkpointed; try again")
                 })?;
-            copy::copy_pinned(pinned, db.main_file(), &dest)
+            copy::copy_pinned(pinned, db.main_file(), &dest, copy::Durability::Cached)
         })
         .await
         .map_err(anyhow::Error::from)??;

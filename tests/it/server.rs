@@ -284,6 +284,12 @@ async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
             }),
         )
         .route(
+            "/v1/endpoint/size",
+            get(|| async {
+                axum::Json(serde_json::json!({"db_bytes": 4096, "disk_free_bytes": 1u64 << 30}))
+            }),
+        )
+        .route(
             "/v1/snapshots",
             post(|| async {
                 (

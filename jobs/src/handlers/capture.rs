@@ -102,7 +102,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .set_snapshot_state(snapshot_id, SnapshotState::Measuring)
         .await
         .transient()?;
-    let info = agent.endpoint_info().await.map_err(fail)?;
+    let db_bytes = agent.db_size().await.map_err(fail)?;
     let free = snapq_core::disk::free_bytes(svc.store.root()).transient()?;
 
     // Reuse the copy an earlier attempt staged if the agent still holds it (resume), else stage.
@@ -114,7 +114,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
             .filter(|s| &s.sha256 == sha),
         _ => None,
     };
-    let need = reused.as_ref().map_or(info.db_bytes, |s| s.size);
+    let need = reused.as_ref().map_or(db_bytes, |s| s.size);
     let _held = svc
         .reservations
         .reserve(&hostname, need, free, svc.capture.reserve_bytes)
@@ -142,7 +142,16 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     svc.store.prepare(&name).transient()?;
 
     let final_path = svc.store.path(&name);
-    if !final_path.exists() {
+    let verified = if final_path.exists() {
+        // A crash between the rename and the registration: check the stored file, don't refetch.
+        verify_stored(&final_path, &staged.sha256)
+            .await
+            .map_err(|e| {
+                JobError::transient(format!(
+                    "the stored copy of {hostname} failed verification: {e}"
+                ))
+            })?
+    } else {
         catalog
             .set_snapshot_state(snapshot_id, SnapshotState::Transferring)
             .await
@@ -160,26 +169,36 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
             .transient()?;
         if sha256 != staged.sha256 {
             let _ = std::fs::remove_file(&partial);
+            // The staged copy itself may be bad (e.g. damaged by a crash on the endpoint):
+            // the next attempt stages a new one.
+            catalog
+                .clear_snapshot_staged(snapshot_id)
+                .await
+                .transient()?;
             return Err(JobError::transient(format!(
-                "the bytes received from {hostname} do not match the staged copy: sha256 {sha256}, expected {}; the download is restarted",
+                "the bytes received from {hostname} do not match the staged copy: sha256 {sha256}, expected {}; the copy is staged again",
                 staged.sha256
             )));
         }
-        let verified = verify_blocking(&partial).await;
-        if let Err(e) = verified {
+        let verified = verify_blocking(&partial).await.map_err(|e| {
             let _ = std::fs::remove_file(&partial);
-            return Err(JobError::transient(format!(
-                "the copy of {hostname} failed verification: {e}"
-            )));
+            JobError::transient(format!("the copy of {hostname} failed verification: {e}"))
+        });
+        if verified.is_err() {
+            catalog
+                .clear_snapshot_staged(snapshot_id)
+                .await
+                .transient()?;
         }
-        svc.store.commit(&partial, &name).transient()?;
-    }
-    // Verify the file in place: also covers a crash between the rename and the registration.
-    let verified = verify_blocking(&final_path).await.map_err(|e| {
-        JobError::transient(format!(
-            "the stored copy of {hostname} failed verification: {e}"
-        ))
-    })?;
+        let verified = verified?;
+        // fsync of a large file can take seconds: keep it off the async workers.
+        let (store, to) = (svc.store.clone(), name.clone());
+        tokio::task::spawn_blocking(move || store.commit(&partial, &to))
+            .await
+            .transient()?
+            .transient()?;
+        verified
+    };
     catalog
         .complete_snapshot(
             snapshot_id,
@@ -210,6 +229,19 @@ fn discard_partial(svc: &Services, snap: &Snapshot) {
     {
         let _ = std::fs::remove_file(svc.store.partial_path(&name));
     }
+}
+
+/// Verifies a file already in the store, including that it is the staged copy's bytes.
+async fn verify_stored(path: &Path, sha256: &str) -> Result<verify::Verified, String> {
+    let owned = path.to_owned();
+    let actual = tokio::task::spawn_blocking(move || verify::sha256_file(&owned))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if actual != sha256 {
+        return Err(format!("sha256 {actual}, expected {sha256}"));
+    }
+    verify_blocking(path).await
 }
 
 async fn verify_blocking(path: &Path) -> Result<verify::Verified, String> {

@@ -734,7 +734,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(v) = f() {
                 return v;
@@ -801,7 +801,7 @@ mod tests {
 
         // A command: `sh` stays (two commands), its child `sleep` links to it.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 1; true", &marker])
+            .args(["-c", "sleep 4; true", &marker])
             .spawn()
             .unwrap();
         let sh_pid = child.id() as i64;
@@ -822,7 +822,7 @@ mod tests {
         let (sleep_path, sleep_sha): (String, Option<String>) = wait_for("the sleep child", || {
             reader
                 .query_row(
-                    "SELECT path, sha256 FROM process WHERE parent_id = ?1 AND cmdline = 'sleep 1'",
+                    "SELECT path, sha256 FROM process WHERE parent_id = ?1 AND cmdline = 'sleep 4'",
                     [sh_row],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
