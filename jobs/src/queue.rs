@@ -432,10 +432,6 @@ impl Queue {
             && opts.idempotency_key.is_none()
         {
             let id = JobId::generate();
-            let t0 = std::time::Instant::now();
-            let mut w = self.shared.writer.lock().await?;
-            db::probe(0, t0);
-            let t0 = std::time::Instant::now();
             sqlx::query(sql::INSERT_JOB)
                 .bind(bytes)
                 .bind(id.as_str())
@@ -449,10 +445,8 @@ impl Queue {
                 .bind(opts.priority as i64)
                 .bind(&metadata)
                 .bind(None::<&str>)
-                .execute(&mut *w)
+                .execute(&mut *self.shared.writer.lock().await?)
                 .await?;
-            drop(w);
-            db::probe(1, t0);
             self.shared.notify_kind(kind);
             return Ok(vec![Enqueued { id, created: true }]);
         }
@@ -771,7 +765,6 @@ impl Queue {
             return Ok(ShutdownReport::default());
         }
         let shared = &self.shared;
-        db::probe_dump();
         let _ = shared.shutdown.send(true);
         let at_start = *shared.running_count.borrow();
         let mut count = shared.running_count.subscribe();

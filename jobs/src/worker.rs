@@ -400,11 +400,7 @@ async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), Que
         };
         let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
         let jobs = {
-            let t0 = std::time::Instant::now();
             let mut w = shared.writer.lock().await?;
-            crate::db::probe(2, t0);
-            let t0 = std::time::Instant::now();
-            let _g = scopeguard(move || crate::db::probe(3, t0));
             while permits.len() < shared.config.claim_batch {
                 match kw.sem.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
@@ -609,11 +605,7 @@ async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Commit
             _ => other += 1,
         }
     }
-    let t0 = std::time::Instant::now();
     let mut w = shared.writer.lock().await?;
-    crate::db::probe(4, t0);
-    let t0 = std::time::Instant::now();
-    let _g = scopeguard(move || crate::db::probe(5, t0));
     if other == 0 && done.len() <= 1 {
         // A single statement is atomic on its own: no BEGIN/COMMIT round trips.
         return commit_msgs(&mut w, shared, batch, &done, now, now_s).await;
@@ -1051,14 +1043,4 @@ pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
         .execute(&mut *shared.writer.lock().await?)
         .await?;
     Ok(())
-}
-
-struct Sg<F: FnMut()>(F);
-impl<F: FnMut()> Drop for Sg<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-fn scopeguard<F: FnMut()>(f: F) -> Sg<F> {
-    Sg(f)
 }

@@ -618,5 +618,65 @@ async fn our_ack_is_a_primary_key_seek_not_a_scan_of_the_workers_history() {
         ours.contains("(lock_by=? AND id=?)") || ours.contains("(id=?)"),
         "{ours}"
     );
+    // The bulk ack of successes (sql::FINISH_DONE_MANY) seeks each id too.
+    let bulk = plan(
+        "EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Done', attempts = attempts + 1
+         WHERE id IN (SELECT value FROM json_each('[\"x\"]')) AND lock_by = 'w' RETURNING id",
+    )
+    .await;
+    assert!(
+        bulk.contains("(lock_by=? AND id=?)") || bulk.contains("(id=?)"),
+        "{bulk}"
+    );
+    assert!(!bulk.contains("SCAN Jobs"), "{bulk}");
     drop(q);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    q.spawn_workers(JobKind::Noop, 8, move |args: NoopArgs, _| {
+        let g = g.clone();
+        async move {
+            if args.n == 0 {
+                // The first job waits until the test has looked at it while it runs.
+                g.acquire().await.unwrap().forget();
+            }
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    let first = q.push(&NoopArgs { n: 0 }, "tester").await.unwrap();
+    let d = wait_state(&q, &first, JobState::Running).await;
+    // The claim's trigger wrote the attempt in the same statement as the claim.
+    assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+    assert!(d.attempt_log[0].started_at.is_some());
+    assert!(d.attempt_log[0].finished_at.is_none());
+    assert_eq!(d.attempt_log[0].outcome, None);
+    assert!(d.job.started_at.is_some());
+
+    let args: Vec<NoopArgs> = (1..=300).map(|n| NoopArgs { n }).collect();
+    let ids = q
+        .enqueue_many(JobKind::Noop, &args, "tester")
+        .await
+        .unwrap();
+    gate.add_permits(1);
+    for id in ids.iter().chain(std::iter::once(&first)) {
+        let d = wait_state(&q, id, JobState::Done).await;
+        assert_eq!(d.job.attempts, 1);
+        assert_eq!(d.job.locked_by, None);
+        assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+        let a = &d.attempt_log[0];
+        assert_eq!(a.attempt, 1);
+        assert_eq!(a.outcome, Some(AttemptOutcome::Ok));
+        assert_eq!(a.error, None);
+        let (started, finished) = (a.started_at.unwrap(), a.finished_at.unwrap());
+        assert!(started <= finished, "{a:?}");
+        assert!(d.job.finished_at.is_some());
+    }
+    q.shutdown(Duration::from_secs(5)).await.unwrap();
 }
