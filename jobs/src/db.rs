@@ -81,6 +81,16 @@ const SCHEMA: &[&str] = &[
         VALUES (NEW.id, NEW.attempts + 1, NEW.lock_by,
             CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER));
     END",
+    // The same for a job enqueued straight into a free local worker slot
+    // (`sql::INSERT_JOB_CLAIMED`): the insert and its attempt row are one statement.
+    "CREATE TRIGGER IF NOT EXISTS snapq_attempt_insert AFTER INSERT ON Jobs
+    WHEN NEW.status = 'Running' AND NEW.lock_by IS NOT NULL
+        AND EXISTS (SELECT 1 FROM snapq_workers w WHERE w.id = NEW.lock_by)
+    BEGIN
+        INSERT INTO snapq_job_attempts (job_id, attempt, worker, started_ms)
+        VALUES (NEW.id, NEW.attempts + 1, NEW.lock_by,
+            CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER));
+    END",
     "CREATE TRIGGER IF NOT EXISTS snapq_attempt_done AFTER UPDATE OF status ON Jobs
     WHEN NEW.status = 'Done' AND OLD.status = 'Running' AND OLD.lock_by IS NOT NULL
     BEGIN

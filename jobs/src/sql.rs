@@ -22,6 +22,33 @@ pub(crate) const INSERT_JOB: &str =
     VALUES (?1, ?2, ?3, 'Pending', 0, ?4, ?5, NULL, NULL, NULL, NULL, ?6, ?7, ?8)
     ON CONFLICT(job_type, idempotency_key) DO NOTHING";
 
+/// Enqueue straight into a free local worker slot (no idempotency key, due now): the job is
+/// inserted `Running`, locked by that worker, unless an already due job of the same queue
+/// would be claimed before it (pending or retrying, priority at least as high); then it is
+/// inserted `Pending` like `INSERT_JOB`. One autocommit statement; the
+/// `snapq_attempt_insert` trigger (see `db::SCHEMA`) writes the attempt row of a `Running`
+/// insert in the same statement. Returns the status the row got.
+/// ?1 job, ?2 id, ?3 queue, ?4 max_attempts, ?5 now (s), ?6 priority, ?7 metadata,
+/// ?8 worker, ?9 now (ms)
+pub(crate) const INSERT_JOB_CLAIMED: &str =
+    "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts,
+        run_at, last_result, lock_at, lock_by, done_at, priority, metadata, idempotency_key)
+    SELECT ?1, ?2, ?3, CASE WHEN c.free THEN 'Running' ELSE 'Pending' END, 0, ?4,
+        ?5, NULL, CASE WHEN c.free THEN ?5 END, CASE WHEN c.free THEN ?8 END, NULL, ?6, ?7, NULL
+    FROM (SELECT NOT EXISTS (
+            SELECT 1 FROM Jobs
+            WHERE job_type = ?3 AND status = 'Pending' AND lock_by IS NULL AND run_at <= ?5
+                AND priority >= ?6
+            UNION ALL
+            SELECT 1 FROM Jobs
+            WHERE job_type = ?3 AND status = 'Failed' AND attempts < max_attempts
+                AND run_at <= ?5 AND priority >= ?6
+                AND NOT EXISTS (SELECT 1 FROM snapq_job_state s
+                                WHERE s.id = Jobs.id AND s.next_run_ms > ?9)
+        ) AS free) AS c
+    WHERE true
+    RETURNING status";
+
 pub(crate) const FIND_BY_IDEMPOTENCY_KEY: &str =
     "SELECT id FROM Jobs WHERE job_type = ?1 AND idempotency_key = ?2";
 

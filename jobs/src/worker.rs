@@ -319,12 +319,27 @@ where
 /// id, args, attempts, max_attempts, metadata
 type ClaimRow = (String, Vec<u8>, i64, i64, Option<String>);
 
-struct Claimed {
-    id: JobId,
-    args: Vec<u8>,
-    attempt: u32,
-    max_attempts: u32,
-    requested_by: String,
+pub(crate) struct Claimed {
+    pub(crate) id: JobId,
+    pub(crate) args: Vec<u8>,
+    pub(crate) attempt: u32,
+    pub(crate) max_attempts: u32,
+    pub(crate) requested_by: String,
+}
+
+/// A free slot of this process's workers for `kind`, if they run and are not shutting down:
+/// an enqueue may then claim its job in its own statement (`sql::INSERT_JOB_CLAIMED`) and
+/// start it here with [`start_job`]. The permit is released if the job is not claimed.
+pub(crate) fn free_slot(
+    shared: &Shared,
+    kind: JobKind,
+) -> Option<(Arc<KindWorkers>, OwnedSemaphorePermit)> {
+    if *shared.shutdown.borrow() {
+        return None;
+    }
+    let kw = shared.kinds.lock().unwrap().get(&kind)?.clone();
+    let permit = kw.sem.clone().try_acquire_owned().ok()?;
+    Some((kw, permit))
 }
 
 /// Claim up to `limit` due jobs on the writer connection: one autocommit statement, the
@@ -430,7 +445,7 @@ async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), Que
     }
 }
 
-fn start_job(
+pub(crate) fn start_job(
     shared: &Arc<Shared>,
     kw: &Arc<KindWorkers>,
     job: Claimed,

@@ -680,3 +680,74 @@ async fn bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_i
     }
     q.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_into_a_free_local_slot_is_running_when_it_returns_and_can_be_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    q.spawn_workers(JobKind::Noop, 2, move |_: NoopArgs, ctx| async move {
+        ctx.cancelled().await;
+        Err(JobError::Transient("stopped".into()))
+    })
+    .await
+    .unwrap();
+    let id = q.push(&NoopArgs { n: 1 }, "tester").await.unwrap();
+    // Claimed by the enqueue's own statement: running, with its attempt, before any wake-up.
+    let d = q.show(&id).await.unwrap();
+    assert_eq!(d.job.state, JobState::Running, "{d:#?}");
+    assert_eq!(d.job.attempts, 0);
+    assert!(d.job.locked_by.is_some());
+    assert_eq!(d.job.requested_by.as_deref(), Some("tester"));
+    assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+    assert_eq!(d.attempt_log[0].attempt, 1);
+    assert_eq!(Some(&d.attempt_log[0].worker), d.job.locked_by.as_ref());
+    assert_eq!(d.attempt_log[0].outcome, None);
+    let s = q.status().await.unwrap();
+    assert_eq!(s.local_workers[0].running, 1, "{s:#?}");
+    let noop = s.kinds.iter().find(|k| k.kind == "noop").unwrap();
+    assert_eq!((noop.running, noop.pending), (1, 0), "{s:#?}");
+
+    assert_eq!(
+        q.cancel(&id, "tester").await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let d = wait_state(&q, &id, JobState::Cancelled).await;
+    assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+    assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Cancelled));
+    q.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    // No wake-ups from polling: the worker hears only of enqueues made in its own process.
+    let config = QueueConfig {
+        poll_interval: Duration::from_secs(3600),
+        idle_recheck: Duration::from_secs(3600),
+        ..fast_config()
+    };
+    let q = Queue::open(&path, config.clone()).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let o = order.clone();
+    q.spawn_workers(JobKind::Noop, 1, move |args: NoopArgs, _| {
+        let o = o.clone();
+        async move {
+            o.lock().unwrap().push(args.n);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    // Give the fetcher time to find the queue empty and go to sleep.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another process enqueues: the job is due but nobody here was woken for it.
+    let other = Queue::open(&path, config).await.unwrap();
+    let waiting = other.push(&NoopArgs { n: 1 }, "other").await.unwrap();
+    let mine = q.push(&NoopArgs { n: 2 }, "tester").await.unwrap();
+    wait_state(&q, &waiting, JobState::Done).await;
+    wait_state(&q, &mine, JobState::Done).await;
+    assert_eq!(*order.lock().unwrap(), vec![1, 2]);
+    other.shutdown(Duration::from_secs(1)).await.unwrap();
+    q.shutdown(Duration::from_secs(5)).await.unwrap();
+}
