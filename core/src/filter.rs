@@ -297,11 +297,7 @@ fn schema_column(table: &Table, field: &str) -> Result<(&'static str, ColType), 
         .ok_or_else(|| FilterError::UnknownField {
             field: field.to_string(),
             table: table.name.to_string(),
-            valid: table
-                .all_columns()
-                .map(|(c, _)| c)
-                .collect::<Vec<_>>()
-                .join(", "),
+            valid: table.column_list(),
         })
 }
 

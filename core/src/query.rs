@@ -129,11 +129,7 @@ impl Sort {
             .ok_or_else(|| QueryError::UnknownSortField {
                 field: name.to_string(),
                 table: table.name.to_string(),
-                valid: table
-                    .all_columns()
-                    .map(|(c, _)| c)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                valid: table.column_list(),
             })?;
         Ok(Sort { field, descending })
     }

@@ -242,11 +242,7 @@ async fn a_capture_resumes_after_the_agent_is_killed_mid_transfer() {
     let mut agent = TestAgent::spawn_in(tmp.path(), &options);
     server.wait_online("web-01").await;
     let ids = queue_captures(&server, &["web-01"]).await;
-    eventually(Duration::from_secs(30), "the transfer to start", || async {
-        let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
-        (snap["bytes_done"].as_u64()? > 0).then_some(())
-    })
-    .await;
+    server.wait_transfer_started(ids[0]).await;
     agent.kill();
     let _agent = TestAgent::spawn_in(tmp.path(), &options);
     let snap = server.wait_snapshot(ids[0], Duration::from_secs(60)).await;
@@ -477,11 +473,7 @@ async fn deleting_a_snapshot_being_captured_cancels_the_capture_first() {
     let _agent = agent_for(&server, "web-01", 40_000);
     server.wait_online("web-01").await;
     let ids = queue_captures(&server, &["web-01"]).await;
-    eventually(Duration::from_secs(30), "the transfer to start", || async {
-        let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
-        (snap["bytes_done"].as_u64()? > 0).then_some(())
-    })
-    .await;
+    server.wait_transfer_started(ids[0]).await;
     let (_, snap) = server.get(&format!("/v1/snapshots/{}", ids[0])).await;
     let job = snap["job_id"].as_str().unwrap().to_owned();
     let (code, stdout, stderr) = server.cli(&["snapshots", "delete", &ids[0].to_string(), "--yes"]);

@@ -133,33 +133,11 @@ impl TestAgent {
 
     /// GET with the agent's token, returning status and JSON body.
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self
-            .client()
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        )
+        send_json(self.client().get(self.url(path)).bearer_auth(&self.token)).await
     }
 
     pub async fn post(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self
-            .client()
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        )
+        send_json(self.client().post(self.url(path)).bearer_auth(&self.token)).await
     }
 
     pub fn kill(&mut self) {
@@ -172,6 +150,16 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends a request, returning the status and the JSON body (`null` when there is none).
+async fn send_json(request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// Runs `snapq ARGS` to completion: (exit code, stdout, stderr).
@@ -295,18 +283,21 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self
-            .client()
-            .get(format!("{}{path}", self.url()))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
+        send_json(
+            self.client()
+                .get(format!("{}{path}", self.url()))
+                .bearer_auth(&self.token),
         )
+        .await
+    }
+
+    /// Waits until capture `id` has moved its first bytes.
+    pub async fn wait_transfer_started(&self, id: i64) {
+        eventually(Duration::from_secs(30), "the transfer to start", || async {
+            let (_, snap) = self.get(&format!("/v1/snapshots/{id}")).await;
+            (snap["bytes_done"].as_u64()? > 0).then_some(())
+        })
+        .await
     }
 
     /// Waits until `hostname` is listed online.
