@@ -498,3 +498,60 @@ async fn files_waiting_in_the_drop_folder_at_start_up_are_ingested() {
     assert_eq!(all[0]["hostname"], "early-bird");
     assert_eq!(all[0]["origin"], "watch");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_signed_pair_is_trusted_through_ca_cert_and_agents_through_server_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut server = TestServer::spawn();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let certs = server.data_dir.join("certs");
+    std::fs::write(certs.join("httpPublicCert.pem"), leaf.pem()).unwrap();
+    std::fs::write(certs.join("httpPrivKey.pem"), leaf_key.serialize_pem()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_file = tmp.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    server.crash_and_restart();
+
+    // A client elsewhere: no data directory to pin from, the CA file instead.
+    let (code, stdout, stderr) = run_snapq(&[
+        "endpoints",
+        "list",
+        "--json",
+        "--server",
+        &server.url(),
+        "--token",
+        server.token.trim(),
+        "--ca-cert",
+        ca_file.to_str().unwrap(),
+        "--data-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "[]");
+
+    // An agent that verifies the server with the CA file instead of the enroll token's pin.
+    let secret = server.enroll_secret();
+    let _agent = crate::support::TestAgent::spawn_with(crate::support::AgentOptions {
+        hostname: "ca-trusting".into(),
+        simulate: Some(10),
+        prefill: 0,
+        extra: vec![
+            "--server".into(),
+            server.url(),
+            "--enroll-token".into(),
+            secret,
+            "--server-ca".into(),
+            ca_file.to_str().unwrap().into(),
+            "--heartbeat-secs".into(),
+            "1".into(),
+        ],
+    });
+    server.wait_online("ca-trusting").await;
+}
