@@ -4,7 +4,6 @@
 //! table, which apalis owns in this file).
 
 use std::{
-    io::Read,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -190,27 +189,16 @@ fn map_open_err(path: &Path, e: sqlx::Error) -> QueueError {
 /// Refuse a file that exists and is not SQLite before handing it to SQLite, which would
 /// otherwise report the problem only at the first query.
 fn check_header(path: &Path) -> Result<(), QueueError> {
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(not_a_queue(path, format!("cannot read it: {e}"))),
-    };
-    let mut header = [0u8; 16];
-    let mut read = 0;
-    while read < header.len() {
-        match file.read(&mut header[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) => return Err(not_a_queue(path, format!("cannot read it: {e}"))),
-        }
+    use snapq_core::verify::{self, VerifyError};
+    if !path.exists() {
+        return Ok(());
     }
-    if read == 0 {
-        return Ok(()); // an empty file becomes a fresh database
+    match verify::check_header(path) {
+        // An empty file becomes a fresh database.
+        Ok(()) | Err(VerifyError::Empty) => Ok(()),
+        Err(VerifyError::Io(e)) => Err(not_a_queue(path, format!("cannot read it: {e}"))),
+        Err(_) => Err(not_a_queue(path, "no SQLite header")),
     }
-    if header[..read] != b"SQLite format 3\0"[..read] || read < header.len() {
-        return Err(not_a_queue(path, "no SQLite header"));
-    }
-    Ok(())
 }
 
 pub(crate) fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
