@@ -23,8 +23,6 @@ use snapq_core::verify::{Hasher, make_standalone};
 /// A read transaction that pins the main database file; dropping it ends the transaction.
 pub struct Pinned {
     conn: Connection,
-    /// Events per type as the copy will hold them.
-    pub events: u64,
 }
 
 impl Pinned {
@@ -76,16 +74,15 @@ pub fn pin(conn: Connection, db_path: &Path) -> anyhow::Result<Option<Pinned>> {
         return Ok(None);
     }
     conn.execute_batch("BEGIN")?;
-    // The first read starts the transaction and takes its read mark.
-    let events = snapq_core::query::summary(&conn)
-        .context("counting the events in the copy")?
-        .total;
+    // The first read starts the transaction and takes its read mark. Keep it cheap: the caller may
+    // hold the recorder's writer lock until this returns. Counting waits until after the copy.
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
     // An empty WAL after the read began means it was empty when it began: the read uses mark 0.
     if wal_len(db_path) != 0 {
         conn.execute_batch("COMMIT")?;
         return Ok(None);
     }
-    Ok(Some(Pinned { conn, events }))
+    Ok(Some(Pinned { conn }))
 }
 
 /// Pins `db_path` from another process than its writer, retrying briefly while commits slip in.
@@ -124,10 +121,16 @@ pub fn copy_pinned(
     durability: Durability,
 ) -> anyhow::Result<CopyInfo> {
     let partial = partial_path(dest);
-    let result = write_copy(main_file, &partial, durability);
-    let events = pinned.events;
+    // Count inside the same read transaction, after the copy has brought the file into the page
+    // cache: on a cold multi-GB database that is the difference between seconds and milliseconds.
+    let result = write_copy(main_file, &partial, durability).and_then(|done| {
+        let events = snapq_core::query::summary(&pinned.conn)
+            .map_err(|e| io::Error::other(format!("counting the events in the copy: {e}")))?
+            .total;
+        Ok((done, events))
+    });
     drop(pinned.conn);
-    let (size, sha256) = match result {
+    let ((size, sha256), events) = match result {
         Ok(done) => done,
         Err(e) => {
             let _ = fs::remove_file(&partial);
