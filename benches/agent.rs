@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use snapq::agent::api::{AgentState, router};
 use snapq::agent::recorder::{self, Event, Limits, RecorderDb, RecorderKind};
 use snapq::agent::staging::Staging;
-use snapq_core::wire::Staged;
+use snapq_core::wire::{Staged, StagedState};
 
 const HOSTNAME: &str = "bench-01";
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -210,7 +210,7 @@ fn run() -> anyhow::Result<()> {
             "staging run {}: {:.3} s ({} events, {})",
             run + 1,
             took.as_secs_f64(),
-            staged.events,
+            staged.events.unwrap_or_default(),
             mib(staged.size)
         );
         stage_times.push(took);
@@ -342,20 +342,20 @@ fn run() -> anyhow::Result<()> {
     let sha = snapq_core::verify::sha256_file(&download)?;
     let verified = snapq_core::verify::verify_snapshot(&download)
         .map_err(|e| anyhow::anyhow!("the staged copy does not verify: {e}"))?;
-    let sha_ok = sha == staged.sha256;
-    let consistent = verified.events == staged.events && sha_ok && bytes == staged.size;
+    let sha_ok = Some(&sha) == staged.sha256.as_ref();
+    let consistent = Some(verified.events) == staged.events && sha_ok && bytes == staged.size;
     println!(
         "consistency: downloaded {bytes} bytes, sha256 {}, verify_snapshot events {} vs agent-reported {}",
         if sha_ok { "matches" } else { "DIFFERS" },
         verified.events,
-        staged.events
+        staged.events.unwrap_or_default()
     );
     rows.push(Row {
         what: "staged copy downloaded: quick_check ok, events == reported".into(),
         measured: format!(
             "{} == {}, sha256 {}",
             verified.events,
-            staged.events,
+            staged.events.unwrap_or_default(),
             if sha_ok { "ok" } else { "mismatch" }
         ),
         target: "equal".into(),
@@ -603,7 +603,25 @@ impl Api {
                 response.text().await?
             );
         }
-        Ok(response.json().await?)
+        // Staging answers once the copy is pinned; it is done when the copy is written, hashed
+        // and checked.
+        let mut staged: Staged = response.json().await?;
+        while staged.state == StagedState::Copying {
+            let response = self
+                .http
+                .get(format!(
+                    "{}/v1/snapshots/{}/info?wait_ms=30000",
+                    self.base, staged.id
+                ))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?;
+            staged = response.error_for_status()?.json().await?;
+        }
+        if staged.state == StagedState::Failed {
+            bail!("staging failed: {:?}", staged.error);
+        }
+        Ok(staged)
     }
 
     async fn delete_staged(&self, id: &str) -> anyhow::Result<()> {

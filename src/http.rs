@@ -84,11 +84,15 @@ pub async fn serve_file(
     path: &Path,
     etag: &str,
     request: &HeaderMap,
+    growing: Option<Growing>,
 ) -> Result<Response, ApiError> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::not_found(format!("file is gone: {e}")))?;
-    let size = file.metadata().await.map_err(ApiError::internal)?.len();
+    let size = match &growing {
+        Some(g) => g.size,
+        None => file.metadata().await.map_err(ApiError::internal)?.len(),
+    };
     let etag_value = HeaderValue::from_str(&format!("\"{etag}\"")).map_err(ApiError::internal)?;
     let range = match request.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
@@ -116,10 +120,13 @@ pub async fn serve_file(
     file.seek(SeekFrom::Start(start))
         .await
         .map_err(ApiError::internal)?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-        file.take(len),
-        256 * 1024,
-    ));
+    let body = match growing {
+        None => Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file.take(len),
+            CHUNK,
+        )),
+        Some(g) => Body::from_stream(follow(file, start, start + len, g.written)),
+    };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -138,6 +145,48 @@ pub async fn serve_file(
         );
     }
     Ok(response)
+}
+
+const CHUNK: usize = 256 * 1024;
+
+/// A file still being written: its final size, and the bytes written so far (the writer drops the
+/// sender when it stops, finished or not).
+pub struct Growing {
+    pub size: u64,
+    pub written: tokio::sync::watch::Receiver<u64>,
+}
+
+/// The bytes `[pos, end)` of a file being written, each chunk sent once it is on disk; fails if the
+/// writer stops before `end`.
+fn follow(
+    file: tokio::fs::File,
+    pos: u64,
+    end: u64,
+    written: tokio::sync::watch::Receiver<u64>,
+) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    futures::stream::try_unfold(
+        (file, pos, written),
+        move |(mut file, pos, mut written)| async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let want = (end - pos).min(CHUNK as u64);
+            let ready = written.wait_for(|&n| n >= pos + want).await.is_ok();
+            let available = (*written.borrow()).min(end) - pos.min(end);
+            if !ready && available == 0 {
+                return Err(std::io::Error::other(
+                    "the file stopped growing before it was complete",
+                ));
+            }
+            let mut buf = vec![0u8; want.min(available.max(1)) as usize];
+            file.read_exact(&mut buf).await?;
+            let n = buf.len() as u64;
+            Ok(Some((
+                axum::body::Bytes::from(buf),
+                (file, pos + n, written),
+            )))
+        },
+    )
 }
 
 /// Parses one `bytes=` range against a file of `size` bytes into inclusive `(start, end)`.

@@ -145,14 +145,21 @@ impl AgentClient {
     }
 
     /// The staged copy `id`, if the agent still holds it.
-    pub async fn staged(&self, id: &str) -> Result<Option<Staged>, AgentError> {
-        let url = self.url("/v1/snapshots");
-        let all: Vec<Staged> = self.json(self.http.get(&url), &url).await?;
-        Ok(all.into_iter().find(|s| s.id == id))
+    /// A staging the agent holds (`None` if it holds none by that id); with `wait`, the agent waits
+    /// up to that long (at most a minute) for it to stop `copying`.
+    pub async fn staged(&self, id: &str, wait: Duration) -> Result<Option<Staged>, AgentError> {
+        let url = self.url(&format!(
+            "/v1/snapshots/{id}/info?wait_ms={}",
+            wait.as_millis()
+        ));
+        let request = self.http.get(&url).timeout(wait + Duration::from_secs(30));
+        match self.json(request, &url).await {
+            Ok(staged) => Ok(Some(staged)),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Starts downloading staged copy `id` from byte `from` (a `Range` request when `from > 0`).
-    /// The caller checks the `ETag` against the sha256 it expects before appending.
     pub async fn download(&self, id: &str, from: u64) -> Result<reqwest::Response, AgentError> {
         let url = self.url(&format!("/v1/snapshots/{id}"));
         let mut request = self.http.get(&url);

@@ -340,19 +340,28 @@ impl Catalog {
         staged_id: &str,
         name: &str,
         size: i64,
-        sha256: &str,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE snapshots SET staged_id = ?2, name = ?3, bytes_total = ?4, sha256 = ?5, bytes_done = 0
+            "UPDATE snapshots SET staged_id = ?2, name = ?3, bytes_total = ?4, sha256 = NULL, bytes_done = 0
              WHERE id = ?1",
         )
         .bind(id)
         .bind(staged_id)
         .bind(name)
         .bind(size)
-        .bind(sha256)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Records the sha256 a capture received and the agent confirmed, before the file is renamed
+    /// into the store: after a crash, a stored file is checked against it instead of refetched.
+    pub async fn set_snapshot_sha256(&self, id: i64, sha256: &str) -> Result<()> {
+        sqlx::query("UPDATE snapshots SET sha256 = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(sha256)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -20,15 +20,34 @@ pub struct EndpointInfo {
     pub disk_free_bytes: u64,
 }
 
-/// A staged snapshot copy: `POST /v1/snapshots`, `GET /v1/snapshots`.
+/// A staged snapshot copy: `POST /v1/snapshots`, `GET /v1/snapshots`, `GET /v1/snapshots/{id}/info`.
+///
+/// Staging answers as soon as the copy is pinned, with `state: copying`: the copy can be downloaded
+/// while the agent still writes it (the download follows the writer). It becomes `ready` when the
+/// whole copy is written, hashed, and the image it was copied from passed `PRAGMA quick_check`, or
+/// `failed` with the reason.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Staged {
+    /// Also the download's ETag: an id never names other bytes.
     pub id: String,
+    /// Known from the pin: the copy's final size.
     pub size: u64,
-    pub sha256: String,
     pub created_at: DateTime<Utc>,
-    /// Events in the copy, counted inside the same read transaction that pinned it.
-    pub events: u64,
+    pub state: StagedState,
+    /// Set once `ready`.
+    pub sha256: Option<String>,
+    /// Events in the copy, counted inside the same read transaction that pinned it; set once `ready`.
+    pub events: Option<u64>,
+    /// Why a `failed` staging failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StagedState {
+    Copying,
+    Ready,
+    Failed,
 }
 
 /// `GET /v1/endpoint/size`: what a capture needs to check disk space, without counting events.

@@ -743,7 +743,17 @@ async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another process enqueues: the job is due but nobody here was woken for it.
     let other = Queue::open(&path, config).await.unwrap();
-    let waiting = other.push(&NoopArgs { n: 1 }, "other").await.unwrap();
+    // Due a moment ago, so it is ahead in the queue's order (priority, run time, then id) even
+    // when both enqueues fall in the same millisecond, where ids from two processes are unordered.
+    let opts = EnqueueOptions {
+        run_at: Some(chrono::Utc::now() - chrono::Duration::seconds(2)),
+        ..EnqueueOptions::default()
+    };
+    let waiting = other
+        .enqueue_with(JobKind::Noop, &NoopArgs { n: 1 }, "other", &opts)
+        .await
+        .unwrap()
+        .id;
     let mine = q.push(&NoopArgs { n: 2 }, "tester").await.unwrap();
     wait_state(&q, &waiting, JobState::Done).await;
     wait_state(&q, &mine, JobState::Done).await;

@@ -3,9 +3,11 @@
 //! Every route needs the agent's bearer token. Queries run on their own read-only connection in a
 //! blocking task, so a slow filter never holds up the recorder or other requests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,9 +17,9 @@ use snapq_core::disk;
 use snapq_core::query::{self, EventQuery};
 use snapq_core::wire::{DbSize, EndpointInfo};
 
-use super::staging::{StageError, Staging};
+use super::staging::{StageError, Staged, StagedState, Staging};
 use super::{recorder::RecorderDb, system};
-use crate::http::{ApiError, bearer_matches, serve_file, unauthorized};
+use crate::http::{ApiError, Growing, bearer_matches, serve_file, unauthorized};
 
 pub struct AgentState {
     pub hostname: String,
@@ -38,6 +40,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
             "/v1/snapshots/{id}",
             get(download_staged).delete(delete_staged),
         )
+        .route("/v1/snapshots/{id}/info", get(staged_info))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -219,11 +222,51 @@ async fn download_staged(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (staged, path) = state
+    let (staged, path, written) = state
         .staging
         .get(&id)
         .ok_or_else(|| unknown_snapshot(&id))?;
-    serve_file(&path, &staged.sha256, &headers).await
+    if staged.state == StagedState::Failed {
+        return Err(failed_staging(&staged));
+    }
+    let growing = written.map(|written| Growing {
+        size: staged.size,
+        written,
+    });
+    serve_file(&path, &staged.id, &headers, growing).await
+}
+
+fn failed_staging(staged: &Staged) -> ApiError {
+    ApiError::not_found(format!(
+        "staging {} failed: {}; stage a new one",
+        staged.id,
+        staged.error.as_deref().unwrap_or("unknown error")
+    ))
+}
+
+/// The longest `GET /v1/snapshots/{id}/info?wait_ms=` waits for a copy to finish.
+const MAX_INFO_WAIT: Duration = Duration::from_secs(60);
+
+/// A staging's state; with `wait_ms`, waits that long (at most a minute) for it to stop copying.
+async fn staged_info(
+    State(state): State<Arc<AgentState>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Staged>, ApiError> {
+    let wait = match params.get("wait_ms") {
+        None => Duration::ZERO,
+        Some(ms) => ms.parse().map(Duration::from_millis).map_err(|_| {
+            ApiError::bad_request(format!(
+                "wait_ms must be a number of milliseconds, not {ms:?}"
+            ))
+        })?,
+    };
+    state
+        .staging
+        .settled(&id, wait.min(MAX_INFO_WAIT))
+        .await
+        .map(Json)
+        .ok_or_else(|| unknown_snapshot(&id))
 }
 
 async fn delete_staged(

@@ -156,8 +156,64 @@ pub fn partial_path(dest: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Copies the pinned main file into `output`, an already created file the agent serves while it
+/// grows, and at the same time checks the image it copies with `PRAGMA quick_check` on the pinned
+/// connection (the pages it reads are the ones copied: the pin keeps the main file still, and the
+/// end-to-end sha256 proves the server received them). Then counts the events and ends the pin.
+/// `progress` is told the number of bytes written so far.
+pub fn stage_pinned(
+    pinned: Pinned,
+    main_file: &File,
+    output: File,
+    progress: impl FnMut(u64) + Send,
+) -> anyhow::Result<CopyInfo> {
+    let conn = pinned.conn;
+    let started = std::time::Instant::now();
+    let info = std::thread::scope(|scope| {
+        let copier = scope.spawn(move || {
+            let mut output = output;
+            let copied = copy_into(main_file, &mut output, progress);
+            tracing::debug!(
+                secs = started.elapsed().as_secs_f64(),
+                "staged copy written"
+            );
+            copied
+        });
+        let checked = snapq_core::verify::quick_check(&conn);
+        tracing::debug!(secs = started.elapsed().as_secs_f64(), "quick_check done");
+        // The pin must outlive the copy, whatever the check found.
+        let copied = copier
+            .join()
+            .map_err(|_| anyhow::anyhow!("the copy thread panicked"))?;
+        let (size, sha256) = copied.context("writing the staged copy")?;
+        checked.context("checking the recorder database")?;
+        let events = snapq_core::query::summary(&conn)
+            .context("counting the events in the copy")?
+            .total;
+        anyhow::Ok(CopyInfo {
+            size,
+            sha256,
+            events,
+        })
+    });
+    drop(conn);
+    info
+}
+
 fn write_copy(input: &File, dest: &Path, durability: Durability) -> io::Result<(u64, String)> {
     let mut output = File::create(dest)?;
+    let done = copy_into(input, &mut output, |_| {})?;
+    if durability == Durability::Fsync {
+        output.sync_all()?;
+    }
+    Ok(done)
+}
+
+fn copy_into(
+    input: &File,
+    output: &mut File,
+    mut progress: impl FnMut(u64),
+) -> io::Result<(u64, String)> {
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -174,9 +230,7 @@ fn write_copy(input: &File, dest: &Path, durability: Durability) -> io::Result<(
         hasher.update(&buf[..n]);
         output.write_all(&buf[..n])?;
         size += n as u64;
-    }
-    if durability == Durability::Fsync {
-        output.sync_all()?;
+        progress(size);
     }
     Ok((size, hasher.finish()))
 }

@@ -3,15 +3,22 @@
 //! A staged copy is `staged/<id>.db` with `staged/<id>.json` beside it; the JSON is written last, so
 //! a copy without one is an interrupted staging and is removed at start-up. Copies survive an agent
 //! restart (the server resumes downloads across it) and expire after a TTL.
+//!
+//! Staging answers once the database is pinned; the copy (and the `quick_check` of the image it
+//! copies) goes on in the background, and the file can be downloaded while it grows: a download
+//! follows the bytes written so far ([`Staging::get`] hands out a [`Growing`] receiver). Copies in
+//! progress, and stagings that failed, live in memory only.
 
-use std::fs;
+use std::collections::HashMap;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use snapq_core::disk;
-pub use snapq_core::wire::Staged;
+pub use snapq_core::wire::{Staged, StagedState};
+use tokio::sync::watch;
 
 use super::copy;
 use super::recorder::RecorderDb;
@@ -27,12 +34,23 @@ pub enum StageError {
     Other(#[from] anyhow::Error),
 }
 
+/// The bytes of a copy in progress written so far; the sender is dropped when the copy ends (the
+/// staging is then `ready` or `failed`).
+pub type Growing = watch::Receiver<u64>;
+
+/// A staging that is not (or not yet) a finished copy on disk.
+struct Live {
+    staged: Staged,
+    written: Growing,
+}
+
 pub struct Staging {
     dir: PathBuf,
     db: Arc<RecorderDb>,
     ttl: Duration,
-    /// One staging at a time: a second request waits and then gets its own copy.
-    busy: tokio::sync::Mutex<()>,
+    /// One copy at a time: a second request waits until the first copy ends, then gets its own.
+    busy: Arc<tokio::sync::Mutex<()>>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
 }
 
 impl Staging {
@@ -55,14 +73,16 @@ impl Staging {
             dir: dir.to_owned(),
             db,
             ttl,
-            busy: tokio::sync::Mutex::new(()),
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            live: Arc::default(),
         })
     }
 
-    /// Stages a consistent copy of the recorder database while the recorder keeps writing.
+    /// Pins a consistent view of the recorder database while the recorder keeps writing, and
+    /// starts copying it in the background; answers with the copy `copying`.
     #[tracing::instrument(skip(self))]
     pub async fn stage(&self) -> Result<Staged, StageError> {
-        let _one_at_a_time = self.busy.lock().await;
+        let one_at_a_time = self.busy.clone().lock_owned().await;
         let need = db_bytes(self.db.path());
         let free = disk::free_bytes(&self.dir).map_err(anyhow::Error::from)?;
         if need > free {
@@ -75,7 +95,8 @@ impl Staging {
         let id = new_id();
         let dest = self.dir.join(format!("{id}.db"));
         let db = self.db.clone();
-        let info = tokio::task::spawn_blocking(move || -> anyhow::Result<copy::CopyInfo> {
+        let pin_dest = dest.clone();
+        let (pinned, output, size) = tokio::task::spawn_blocking(move || {
             let conn = copy::open_for_pin(db.path())?;
             // Holding the writer's lock keeps the WAL empty between checkpoint and pin.
             let pinned = db
@@ -83,41 +104,105 @@ impl Staging {
                 .ok_or_else(|| {
                     anyhow::anyhow!("the recorder database could not be checkpointed; try again")
                 })?;
-            copy::copy_pinned(pinned, db.main_file(), &dest, copy::Durability::Cached)
+            // Nothing writes the main file while it is pinned: its length is the copy's size.
+            let size = db.main_file().metadata()?.len();
+            let output = File::create(&pin_dest)?;
+            anyhow::Ok((pinned, output, size))
         })
         .await
         .map_err(anyhow::Error::from)??;
         let staged = Staged {
-            id,
-            size: info.size,
-            sha256: info.sha256,
+            id: id.clone(),
+            size,
             created_at: Utc::now(),
-            events: info.events,
+            state: StagedState::Copying,
+            sha256: None,
+            events: None,
+            error: None,
         };
-        let meta = self.meta_path(&staged.id);
-        let tmp = copy::partial_path(&meta);
-        fs::write(
-            &tmp,
-            serde_json::to_vec(&staged).map_err(anyhow::Error::from)?,
-        )
-        .map_err(anyhow::Error::from)?;
-        fs::rename(&tmp, &meta).map_err(anyhow::Error::from)?;
-        tracing::debug!(id = %staged.id, size = staged.size, "staged snapshot");
+        let (tx, written) = watch::channel(0);
+        self.lock_live().insert(
+            id.clone(),
+            Live {
+                staged: staged.clone(),
+                written,
+            },
+        );
+        let (db, live, meta) = (self.db.clone(), self.live.clone(), self.meta_path(&id));
+        let mut copying = staged.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = one_at_a_time;
+            let copied = copy::stage_pinned(pinned, db.main_file(), output, |n| {
+                tx.send_replace(n);
+            });
+            // Under the lock, so a delete racing with the end of the copy either removes the
+            // finished copy or keeps it from ever being recorded.
+            let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = live.get_mut(&copying.id) else {
+                let _ = fs::remove_file(&dest);
+                return;
+            };
+            let recorded = copied.and_then(|info| {
+                copying.state = StagedState::Ready;
+                copying.sha256 = Some(info.sha256);
+                copying.events = Some(info.events);
+                write_meta(&meta, &copying)
+            });
+            match recorded {
+                // On disk now; a download still following the file reads the rest from there.
+                Ok(()) => {
+                    live.remove(&copying.id);
+                }
+                Err(e) => {
+                    tracing::warn!(id = %copying.id, error = format!("{e:#}"), "staging failed");
+                    let _ = fs::remove_file(&dest);
+                    entry.staged.state = StagedState::Failed;
+                    entry.staged.error = Some(format!("{e:#}"));
+                }
+            }
+            drop(tx);
+        });
+        tracing::debug!(id = %staged.id, size = staged.size, "staging");
         Ok(staged)
     }
 
-    /// A staged copy and its file, if `id` names one.
-    pub fn get(&self, id: &str) -> Option<(Staged, PathBuf)> {
+    /// A staging, its file, and while it is still being copied, the bytes written so far.
+    pub fn get(&self, id: &str) -> Option<(Staged, PathBuf, Option<Growing>)> {
         if !valid_id(id) {
             return None;
         }
-        let staged: Staged = serde_json::from_slice(&fs::read(self.meta_path(id)).ok()?).ok()?;
-        Some((staged, self.dir.join(format!("{id}.db"))))
+        let path = self.dir.join(format!("{id}.db"));
+        if let Some(live) = self.lock_live().get(id) {
+            return Some((live.staged.clone(), path, Some(live.written.clone())));
+        }
+        let staged = read_meta(&self.meta_path(id))?;
+        Some((staged, path, None))
+    }
+
+    /// A staging once it is no longer `copying`, or as it is when `wait` has passed.
+    pub async fn settled(&self, id: &str, wait: Duration) -> Option<Staged> {
+        let (staged, _, growing) = self.get(id)?;
+        let Some(mut growing) = growing else {
+            return Some(staged);
+        };
+        // The sender is dropped after the outcome is recorded.
+        let ended = async { while growing.changed().await.is_ok() {} };
+        let _ = tokio::time::timeout(wait, ended).await;
+        self.get(id).map(|(staged, _, _)| staged)
     }
 
     /// Deletes a staged copy; `false` if there was none.
     pub fn delete(&self, id: &str) -> bool {
-        if !valid_id(id) || !self.meta_path(id).exists() {
+        if !valid_id(id) {
+            return false;
+        }
+        if self.lock_live().remove(id).is_some() {
+            // A copy in progress keeps writing into its unlinked file, then finds its entry gone
+            // and records nothing (see `stage`).
+            let _ = fs::remove_file(self.dir.join(format!("{id}.db")));
+            return true;
+        }
+        if !self.meta_path(id).exists() {
             return false;
         }
         // Metadata first: a copy without it is treated as garbage, never served.
@@ -126,7 +211,7 @@ impl Staging {
         true
     }
 
-    /// Every staged copy, oldest first.
+    /// Every staging, oldest first.
     pub fn list(&self) -> Vec<Staged> {
         let mut all: Vec<Staged> = fs::read_dir(&self.dir)
             .into_iter()
@@ -135,20 +220,21 @@ impl Staging {
             .filter_map(|e| {
                 let path = e.path();
                 (path.extension()? == "json")
-                    .then(|| serde_json::from_slice(&fs::read(&path).ok()?).ok())
+                    .then(|| read_meta(&path))
                     .flatten()
             })
             .collect();
+        all.extend(self.lock_live().values().map(|l| l.staged.clone()));
         all.sort_by_key(|s| s.created_at);
         all
     }
 
-    /// Deletes staged copies older than the TTL; returns how many.
+    /// Deletes staged copies and failed stagings older than the TTL; returns how many.
     pub fn expire(&self) -> usize {
         let cutoff = Utc::now() - self.ttl;
         self.list()
             .into_iter()
-            .filter(|s| s.created_at < cutoff)
+            .filter(|s| s.created_at < cutoff && s.state != StagedState::Copying)
             .filter(|s| self.delete(&s.id))
             .count()
     }
@@ -156,6 +242,22 @@ impl Staging {
     fn meta_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
     }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn read_meta(path: &Path) -> Option<Staged> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+/// Writes a finished staging's metadata through a temporary name: its presence marks the copy done.
+fn write_meta(meta: &Path, staged: &Staged) -> anyhow::Result<()> {
+    let tmp = copy::partial_path(meta);
+    fs::write(&tmp, serde_json::to_vec(staged)?)?;
+    fs::rename(&tmp, meta)?;
+    Ok(())
 }
 
 /// Size of the database with its WAL: what a copy may need at most.

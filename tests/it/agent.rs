@@ -10,8 +10,14 @@ fn encode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Downloads a staged snapshot into `dir`, returning its path.
-async fn download(agent: &TestAgent, id: &str, dir: &std::path::Path) -> std::path::PathBuf {
+/// Downloads a staged snapshot into `dir` (following the copy while the agent still writes it),
+/// then waits for the staging to be `ready` and checks the bytes have the sha256 it reports.
+/// Returns the path and the finished staging.
+async fn download(
+    agent: &TestAgent,
+    id: &str,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, Value) {
     let response = agent
         .client()
         .get(agent.url(&format!("/v1/snapshots/{id}")))
@@ -23,7 +29,17 @@ async fn download(agent: &TestAgent, id: &str, dir: &std::path::Path) -> std::pa
     let bytes = response.bytes().await.unwrap();
     let path = dir.join(format!("{id}.db"));
     std::fs::write(&path, &bytes).unwrap();
-    path
+    let (status, staged) = agent
+        .get(&format!("/v1/snapshots/{id}/info?wait_ms=30000"))
+        .await;
+    assert_eq!(status, 200, "{staged}");
+    assert_eq!(staged["state"], "ready", "{staged}");
+    assert_eq!(
+        snapq_core::verify::sha256_file(&path).unwrap(),
+        staged["sha256"].as_str().unwrap()
+    );
+    assert_eq!(bytes.len() as u64, staged["size"].as_u64().unwrap());
+    (path, staged)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -61,11 +77,7 @@ async fn real_recorder_sees_a_command_and_its_snapshot_holds_the_staged_event_co
     let (status, staged) = agent.post("/v1/snapshots").await;
     assert_eq!(status, 201, "{staged}");
     let tmp = tempfile::tempdir().unwrap();
-    let path = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
-    assert_eq!(
-        snapq_core::verify::sha256_file(&path).unwrap(),
-        staged["sha256"].as_str().unwrap()
-    );
+    let (path, staged) = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
     assert_eq!(count_events(&path), staged["events"].as_u64().unwrap());
     let copy = snapq_core::verify::open_snapshot(&path).unwrap();
     let n: i64 = copy
@@ -89,7 +101,7 @@ async fn snapshots_stay_consistent_while_the_simulator_writes() {
     for _ in 0..3 {
         let (status, staged) = agent.post("/v1/snapshots").await;
         assert_eq!(status, 201, "{staged}");
-        let path = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
+        let (path, staged) = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
         let events = count_events(&path);
         assert_eq!(events, staged["events"].as_u64().unwrap());
         assert!(events >= 50_000);
@@ -126,7 +138,7 @@ async fn staged_copies_download_in_ranges_and_can_be_deleted() {
         format!("bytes 0-99/{size}")
     );
     let etag = first.headers()["etag"].to_str().unwrap().to_owned();
-    assert_eq!(etag, format!("\"{}\"", staged["sha256"].as_str().unwrap()));
+    assert_eq!(etag, format!("\"{id}\""));
     assert_eq!(first.bytes().await.unwrap().len(), 100);
 
     let tail = ranged(format!("bytes={}-", size - 10)).await.unwrap();
@@ -172,7 +184,7 @@ async fn two_snapshot_requests_at_once_both_get_a_valid_copy() {
     assert_ne!(a.1["id"], b.1["id"]);
     let tmp = tempfile::tempdir().unwrap();
     for staged in [a.1, b.1] {
-        let path = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
+        let (path, staged) = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
         assert_eq!(count_events(&path), staged["events"].as_u64().unwrap());
     }
     let (_, list) = agent.get("/v1/snapshots").await;
@@ -419,7 +431,7 @@ async fn another_process_reading_the_live_database_does_not_break_later_snapshot
     for round in 0..3 {
         let (status, staged) = agent.post("/v1/snapshots").await;
         assert_eq!(status, 201, "round {round}: {staged}");
-        let path = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
+        let (path, staged) = download(&agent, staged["id"].as_str().unwrap(), tmp.path()).await;
         assert_eq!(count_events(&path), staged["events"].as_u64().unwrap());
         // An analyst's sqlite3 (another process) opens the live file and closes it again: if the
         // agent had lost its locks, this close would checkpoint and delete the live WAL.

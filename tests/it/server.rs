@@ -268,6 +268,14 @@ async fn a_capture_resumes_after_the_agent_is_killed_mid_transfer() {
 /// An agent that stages fine but serves bytes other than the ones it promised.
 async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     use axum::routing::{get, post};
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+    fn staged(state: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": ID, "size": 4096, "created_at": "2026-11-28T14:03:07.091Z", "state": state,
+            "sha256": (state == "ready").then(|| "00".repeat(32)),
+            "events": (state == "ready").then_some(0),
+        })
+    }
     let app = axum::Router::new()
         .route(
             "/v1/endpoint",
@@ -290,24 +298,19 @@ async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
             post(|| async {
                 (
                     axum::http::StatusCode::CREATED,
-                    axum::Json(serde_json::json!({
-                        "id": "0123456789abcdef0123456789abcdef", "size": 4096,
-                        "sha256": "00".repeat(32), "created_at": "2026-11-28T14:03:07.091Z",
-                        "events": 0
-                    })),
+                    axum::Json(staged("copying")),
                 )
             })
             .get(|| async { axum::Json(serde_json::json!([])) }),
         )
         .route(
             "/v1/snapshots/{id}",
-            get(|| async {
-                (
-                    [("etag", format!("\"{}\"", "00".repeat(32)))],
-                    vec![7u8; 4096],
-                )
-            })
-            .delete(|| async { axum::http::StatusCode::NO_CONTENT }),
+            get(|| async { ([("etag", format!("\"{ID}\""))], vec![7u8; 4096]) })
+                .delete(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
+        .route(
+            "/v1/snapshots/{id}/info",
+            get(|| async { axum::Json(staged("ready")) }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

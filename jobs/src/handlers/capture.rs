@@ -18,7 +18,7 @@ use snapq_core::SnapshotName;
 use snapq_core::agent_client::{AgentClient, AgentError, error_chain};
 use snapq_core::catalog::{Snapshot, SnapshotState};
 use snapq_core::verify::{self, Hasher};
-use snapq_core::wire::Staged;
+use snapq_core::wire::{Staged, StagedState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Services;
@@ -98,6 +98,10 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let agent = AgentClient::new(svc.http.clone(), url, token);
     let fail = |e: AgentError| agent_error(e, &hostname);
 
+    if let Some((name, sha256, verified)) = stored_before_a_crash(svc, &snap).await? {
+        return register(svc, &agent, &snap, &name, &sha256, &verified).await;
+    }
+
     catalog
         .set_snapshot_state(snapshot_id, SnapshotState::Measuring)
         .await
@@ -106,13 +110,13 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let free = snapq_core::disk::free_bytes(svc.store.root()).transient()?;
 
     // Reuse the copy an earlier attempt staged if the agent still holds it (resume), else stage.
-    let reused = match (&snap.staged_id, &snap.sha256) {
-        (Some(id), Some(sha)) => agent
-            .staged(id)
+    let reused = match &snap.staged_id {
+        Some(id) => agent
+            .staged(id, Duration::ZERO)
             .await
             .map_err(fail)?
-            .filter(|s| &s.sha256 == sha),
-        _ => None,
+            .filter(|s| s.state != StagedState::Failed),
+        None => None,
     };
     let need = reused.as_ref().map_or(db_bytes, |s| s.size);
     let _held = svc
@@ -131,7 +135,6 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
                     &staged.id,
                     &name.to_string(),
                     staged.size as i64,
-                    &staged.sha256,
                 )
                 .await
                 .transient()?;
@@ -141,78 +144,144 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let name = name_of(&hostname, &staged)?;
     svc.store.prepare(&name).transient()?;
 
-    let final_path = svc.store.path(&name);
-    let verified = if final_path.exists() {
-        // A crash between the rename and the registration: check the stored file, don't refetch.
-        verify_stored(&final_path, &staged.sha256)
-            .await
-            .map_err(|e| {
-                JobError::transient(format!(
-                    "the stored copy of {hostname} failed verification: {e}"
-                ))
-            })?
-    } else {
-        catalog
-            .set_snapshot_state(snapshot_id, SnapshotState::Transferring)
-            .await
-            .transient()?;
-        let partial = svc.store.partial_path(&name);
-        let sha256 = download(svc, &agent, &staged, &partial, snapshot_id, ctx)
-            .await
-            .map_err(|e| match e {
-                Download::Agent(e) => fail(e),
-                Download::Job(e) => e,
-            })?;
-        catalog
-            .set_snapshot_state(snapshot_id, SnapshotState::Verifying)
-            .await
-            .transient()?;
-        if sha256 != staged.sha256 {
-            let _ = std::fs::remove_file(&partial);
-            // The staged copy itself may be bad (e.g. damaged by a crash on the endpoint):
-            // the next attempt stages a new one.
-            catalog
-                .clear_snapshot_staged(snapshot_id)
-                .await
-                .transient()?;
-            return Err(JobError::transient(format!(
-                "the bytes received from {hostname} do not match the staged copy: sha256 {sha256}, expected {}; the copy is staged again",
-                staged.sha256
-            )));
-        }
-        let verified = verify_blocking(&partial).await.map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            JobError::transient(format!("the copy of {hostname} failed verification: {e}"))
-        });
-        if verified.is_err() {
-            catalog
-                .clear_snapshot_staged(snapshot_id)
-                .await
-                .transient()?;
-        }
-        let verified = verified?;
-        // fsync of a large file can take seconds: keep it off the async workers.
-        let (store, to) = (svc.store.clone(), name.clone());
-        tokio::task::spawn_blocking(move || store.commit(&partial, &to))
-            .await
-            .transient()?
-            .transient()?;
-        verified
-    };
     catalog
-        .complete_snapshot(
-            snapshot_id,
-            &name.to_string(),
-            staged.size as i64,
-            &staged.sha256,
-            &verified,
-        )
+        .set_snapshot_state(snapshot_id, SnapshotState::Transferring)
         .await
         .transient()?;
-    if let Err(e) = agent.delete_staged(&staged.id).await {
+    let partial = svc.store.partial_path(&name);
+    // The download follows the agent's copy while it is still being written.
+    let sha256 = match download(svc, &agent, &staged, &partial, snapshot_id, ctx).await {
+        Ok(sha256) => sha256,
+        Err(Download::Agent(e)) if e.status() == Some(404) => {
+            return Err(stage_again(svc, snapshot_id, &partial, e.to_string()).await);
+        }
+        Err(Download::Agent(e)) => return Err(fail(e)),
+        Err(Download::Job(e)) => return Err(e),
+    };
+    catalog
+        .set_snapshot_state(snapshot_id, SnapshotState::Verifying)
+        .await
+        .transient()?;
+    // The fsync (seconds for a large file) runs while the agent finishes its check.
+    let synced = tokio::task::spawn_blocking({
+        let partial = partial.clone();
+        move || std::fs::File::open(partial)?.sync_all()
+    });
+    let confirmed = settled(&agent, &staged.id, ctx).await;
+    synced.await.transient()?.transient()?;
+    let expected = match confirmed.map_err(fail)? {
+        Some(Staged {
+            state: StagedState::Ready,
+            sha256: Some(sha256),
+            ..
+        }) => sha256,
+        Some(Staged {
+            error: Some(error), ..
+        }) => {
+            let reason = format!("the agent on {hostname} could not make a good copy: {error}");
+            return Err(stage_again(svc, snapshot_id, &partial, reason).await);
+        }
+        _ => {
+            let reason = format!("the agent on {hostname} no longer holds the staged copy");
+            return Err(stage_again(svc, snapshot_id, &partial, reason).await);
+        }
+    };
+    if sha256 != expected {
+        // The staged copy itself may be bad (e.g. damaged by a crash on the endpoint).
+        let reason = format!(
+            "the bytes received from {hostname} do not match the staged copy: sha256 {sha256}, expected {expected}"
+        );
+        return Err(stage_again(svc, snapshot_id, &partial, reason).await);
+    }
+    let verified = match blocking(&partial, verify::verify_checked_copy).await {
+        Ok(verified) => verified,
+        Err(e) => {
+            let reason = format!("the copy of {hostname} failed verification: {e}");
+            return Err(stage_again(svc, snapshot_id, &partial, reason).await);
+        }
+    };
+    catalog
+        .set_snapshot_sha256(snapshot_id, &sha256)
+        .await
+        .transient()?;
+    // fsync of a large file can take seconds: keep it off the async workers.
+    let (store, to) = (svc.store.clone(), name.clone());
+    tokio::task::spawn_blocking(move || store.commit(&partial, &to))
+        .await
+        .transient()?
+        .transient()?;
+    let snap = Snapshot {
+        staged_id: Some(staged.id),
+        ..snap
+    };
+    register(svc, &agent, &snap, &name, &sha256, &verified).await
+}
+
+/// Drops a bad or vanished staged copy and its partial download; the next attempt stages anew.
+async fn stage_again(svc: &Services, snapshot_id: i64, partial: &Path, reason: String) -> JobError {
+    let _ = std::fs::remove_file(partial);
+    if let Err(e) = svc.catalog.clear_snapshot_staged(snapshot_id).await {
+        return JobError::transient(e.to_string());
+    }
+    JobError::transient(format!("{reason}; the copy is staged again"))
+}
+
+/// Waits until the agent has finished the copy being downloaded: written, hashed and checked.
+async fn settled(
+    agent: &AgentClient,
+    id: &str,
+    ctx: &JobContext,
+) -> Result<Option<Staged>, AgentError> {
+    loop {
+        match agent.staged(id, Duration::from_secs(30)).await? {
+            Some(s) if s.state == StagedState::Copying && !ctx.is_cancelled() => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// After a crash between the rename into the store and the registration: the stored file,
+/// verified against the sha256 recorded before the rename. `None` when there is no such file.
+async fn stored_before_a_crash(
+    svc: &Services,
+    snap: &Snapshot,
+) -> Result<Option<(SnapshotName, String, verify::Verified)>, JobError> {
+    let (Some(name), Some(sha256)) = (&snap.name, &snap.sha256) else {
+        return Ok(None);
+    };
+    let Ok(name) = name.parse::<SnapshotName>() else {
+        return Ok(None);
+    };
+    let path = svc.store.path(&name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let verified = verify_stored(&path, sha256).await.map_err(|e| {
+        JobError::transient(format!("the stored copy {name} failed verification: {e}"))
+    })?;
+    Ok(Some((name, sha256.clone(), verified)))
+}
+
+/// Registers the stored snapshot and asks the agent to drop its staged copy.
+async fn register(
+    svc: &Services,
+    agent: &AgentClient,
+    snap: &Snapshot,
+    name: &SnapshotName,
+    sha256: &str,
+    verified: &verify::Verified,
+) -> Result<(), JobError> {
+    let size = std::fs::metadata(svc.store.path(name)).transient()?.len();
+    svc.catalog
+        .complete_snapshot(snap.id, &name.to_string(), size as i64, sha256, verified)
+        .await
+        .transient()?;
+    if let Some(id) = &snap.staged_id
+        && let Err(e) = agent.delete_staged(id).await
+    {
         tracing::info!(error = %e, "could not delete the staged copy; the agent expires it");
     }
-    tracing::debug!(snapshot = snapshot_id, %name, "captured");
+    tracing::debug!(snapshot = snap.id, %name, "captured");
     Ok(())
 }
 
@@ -233,20 +302,20 @@ fn discard_partial(svc: &Services, snap: &Snapshot) {
 
 /// Verifies a file already in the store, including that it is the staged copy's bytes.
 async fn verify_stored(path: &Path, sha256: &str) -> Result<verify::Verified, String> {
-    let owned = path.to_owned();
-    let actual = tokio::task::spawn_blocking(move || verify::sha256_file(&owned))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let actual = blocking(path, verify::sha256_file).await?;
     if actual != sha256 {
         return Err(format!("sha256 {actual}, expected {sha256}"));
     }
-    verify_blocking(path).await
+    blocking(path, verify::verify_snapshot).await
 }
 
-async fn verify_blocking(path: &Path) -> Result<verify::Verified, String> {
+/// Runs a check of the file at `path` on a blocking thread.
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    path: &Path,
+    check: fn(&Path) -> Result<T, E>,
+) -> Result<T, String> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || verify::verify_snapshot(&path))
+    tokio::task::spawn_blocking(move || check(&path))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
@@ -289,7 +358,7 @@ async fn download(
         .headers()
         .get(reqwest::header::ETAG)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|etag| etag.trim_matches('"') == staged.sha256);
+        .is_some_and(|etag| etag.trim_matches('"') == staged.id);
     if !same_copy {
         return Err(JobError::transient(
             "the agent no longer serves the staged copy (ETag changed); staging again",
@@ -343,7 +412,6 @@ async fn download(
         }
     }
     out.flush().await.transient()?;
-    out.into_inner().sync_all().await.transient()?;
     ctx.progress(have, staged.size, Some("verifying"));
     svc.catalog
         .set_snapshot_progress(snapshot_id, have as i64, staged.size as i64)
