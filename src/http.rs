@@ -216,7 +216,72 @@ fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use std::io::Write;
+
+    use axum::http::{HeaderMap, header};
+    use tokio::sync::watch;
+
+    use super::{Growing, parse_range, serve_file};
+
+    fn append(path: &std::path::Path, bytes: &[u8]) {
+        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        file.write_all(bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_growing_file_is_served_whole_as_it_is_written_also_in_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        let content: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content[..100_000]).unwrap();
+        let (tx, written) = watch::channel(100_000u64);
+        let growing = || {
+            Some(Growing {
+                size: content.len() as u64,
+                written: written.clone(),
+            })
+        };
+        let whole = serve_file(&path, "id", &HeaderMap::new(), growing())
+            .await
+            .unwrap();
+        assert_eq!(whole.headers()[header::CONTENT_LENGTH], "700000");
+        let mut ranged = HeaderMap::new();
+        ranged.insert(header::RANGE, "bytes=650000-".parse().unwrap());
+        let tail = serve_file(&path, "id", &ranged, growing()).await.unwrap();
+        assert_eq!(tail.status(), 206);
+        let whole = tokio::spawn(axum::body::to_bytes(whole.into_body(), usize::MAX));
+        let tail = tokio::spawn(axum::body::to_bytes(tail.into_body(), usize::MAX));
+
+        append(&path, &content[100_000..400_000]);
+        tx.send_replace(400_000);
+        append(&path, &content[400_000..]);
+        tx.send_replace(700_000);
+        drop(tx);
+        assert!(whole.await.unwrap().unwrap() == content[..]);
+        assert!(tail.await.unwrap().unwrap() == content[650_000..]);
+    }
+
+    #[tokio::test]
+    async fn a_growing_file_whose_writer_stops_early_ends_in_an_error_not_a_short_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        std::fs::write(&path, vec![1u8; 300_000]).unwrap();
+        let (tx, written) = watch::channel(300_000u64);
+        let response = serve_file(
+            &path,
+            "id",
+            &HeaderMap::new(),
+            Some(Growing {
+                size: 1_000_000,
+                written,
+            }),
+        )
+        .await
+        .unwrap();
+        drop(tx);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+        assert!(body.is_err(), "a short body was served as complete");
+    }
 
     #[test]
     fn ranges_parse_like_rfc_9110() {

@@ -9,7 +9,8 @@
 //!
 //! Both the agent's staging (which holds the recorder's writer lock while it pins, so it succeeds at
 //! once) and `snapq agent export` (another process, which retries until no commit slipped in between
-//! the checkpoint and the pin) use [`pin`] and [`copy_pinned`].
+//! the checkpoint and the pin) use [`pin`]. Staging copies with [`stage_pinned`], which also runs
+//! `quick_check` on the pinned image while it copies; export copies with [`copy_pinned`].
 
 use std::fs::{self, File};
 use std::io::{self, Write};

@@ -171,6 +171,18 @@ async fn staged_copies_download_in_ranges_and_can_be_deleted() {
     );
     let (status, _) = agent.get("/v1/snapshots/..%2F..%2Fmonitor").await;
     assert_eq!(status, 404);
+    let (status, _) = agent.get(&format!("/v1/snapshots/{id}/info")).await;
+    assert_eq!(status, 404);
+    let (_, other) = agent.post("/v1/snapshots").await;
+    let other = other["id"].as_str().unwrap();
+    let (status, body) = agent
+        .get(&format!("/v1/snapshots/{other}/info?wait_ms=soon"))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("wait_ms"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -335,6 +335,58 @@ async fn bytes_that_do_not_match_the_staged_sha256_are_retried_then_failed_and_n
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_recorder_database_fails_the_capture_with_the_endpoints_reason() {
+    let server = TestServer::spawn_with(&["--job-max-attempts", "2", "--job-retry-base-ms", "50"]);
+    let agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "web-01".into(),
+        simulate: Some(1),
+        prefill: 20_000,
+        extra: server.enroll_args(),
+    });
+    server.wait_online("web-01").await;
+    // A first staging checkpoints the prefill into monitor.db, so the page damaged below is not
+    // rewritten from the WAL by the next one.
+    let (status, staged) = agent.post("/v1/snapshots").await;
+    assert_eq!(status, 201, "{staged}");
+    let id = staged["id"].as_str().unwrap();
+    let (_, staged) = agent
+        .get(&format!("/v1/snapshots/{id}/info?wait_ms=30000"))
+        .await;
+    assert_eq!(staged["state"], "ready", "{staged}");
+    assert_eq!(agent.delete(&format!("/v1/snapshots/{id}")).await.0, 204);
+    damage_a_middle_page(&agent.data_dir.join("monitor.db"));
+
+    let (snap, job) = capture_fails(&server, "web-01", "could not make a good copy").await;
+    let reason = snap["error"].as_str().unwrap();
+    assert!(
+        reason.contains("web-01") && reason.contains("damaged"),
+        "{reason}"
+    );
+    assert_eq!(job["attempt_log"].as_array().unwrap().len(), 2, "{job}");
+    assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+    // The endpoint keeps no bad copy, only the failure, which it reports and refuses to serve.
+    assert!(files_under(&agent.data_dir.join("staged")).is_empty());
+    let (_, list) = agent.get("/v1/snapshots").await;
+    let failed = &list.as_array().unwrap()[0];
+    assert_eq!(failed["state"], "failed", "{list}");
+    let (status, body) = agent
+        .get(&format!("/v1/snapshots/{}", failed["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("failed"), "{body}");
+}
+
+/// Overwrites one page in the middle of a database file with garbage.
+fn damage_a_middle_page(db: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+    let pages = file.metadata().unwrap().len() / 4096;
+    assert!(pages > 100, "{pages} pages");
+    file.write_all_at(&[0xA5; 4096], pages / 2 * 4096).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn queue_retry_and_cancel_refuse_unknown_and_finished_jobs() {
     let server = TestServer::spawn();
     let (code, _, stderr) = server.cli(&["queue", "retry", "01JUNKJUNKJUNKJUNKJUNKJUNK"]);

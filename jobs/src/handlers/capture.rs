@@ -153,7 +153,14 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let sha256 = match download(svc, &agent, &staged, &partial, snapshot_id, ctx).await {
         Ok(sha256) => sha256,
         Err(Download::Agent(e)) if e.status() == Some(404) => {
-            return Err(stage_again(svc, snapshot_id, &partial, e.to_string()).await);
+            // The staging failed before the download began, or the agent lost it.
+            let reason = match agent.staged(&staged.id, Duration::ZERO).await {
+                Ok(Some(Staged {
+                    error: Some(error), ..
+                })) => bad_copy(&hostname, &error),
+                _ => format!("{e}"),
+            };
+            return Err(stage_again(svc, snapshot_id, &partial, reason).await);
         }
         Err(Download::Agent(e)) => return Err(fail(e)),
         Err(Download::Job(e)) => return Err(e),
@@ -178,7 +185,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         Some(Staged {
             error: Some(error), ..
         }) => {
-            let reason = format!("the agent on {hostname} could not make a good copy: {error}");
+            let reason = bad_copy(&hostname, &error);
             return Err(stage_again(svc, snapshot_id, &partial, reason).await);
         }
         _ => {
@@ -215,6 +222,11 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         ..snap
     };
     register(svc, &agent, &snap, &name, &sha256, &verified).await
+}
+
+/// Why a capture failed when the agent's staging did (e.g. the image failed `quick_check`).
+fn bad_copy(hostname: &str, error: &str) -> String {
+    format!("the agent on {hostname} could not make a good copy: {error}")
 }
 
 /// Drops a bad or vanished staged copy and its partial download; the next attempt stages anew.
