@@ -6,7 +6,7 @@
 //!
 //! Staging answers once the database is pinned; the copy (and the `quick_check` of the image it
 //! copies) goes on in the background, and the file can be downloaded while it grows: a download
-//! follows the bytes written so far ([`Staging::get`] hands out a [`Growing`] receiver). Copies in
+//! follows the bytes written so far ([`Staging::get`] hands out a [`Written`] receiver). Copies in
 //! progress, and stagings that failed, live in memory only.
 
 use std::collections::HashMap;
@@ -36,12 +36,12 @@ pub enum StageError {
 
 /// The bytes of a copy in progress written so far; the sender is dropped when the copy ends (the
 /// staging is then `ready` or `failed`).
-pub type Growing = watch::Receiver<u64>;
+pub type Written = watch::Receiver<u64>;
 
 /// A staging that is not (or not yet) a finished copy on disk.
 struct Live {
     staged: Staged,
-    written: Growing,
+    written: Written,
 }
 
 pub struct Staging {
@@ -167,7 +167,7 @@ impl Staging {
     }
 
     /// A staging, its file, and while it is still being copied, the bytes written so far.
-    pub fn get(&self, id: &str) -> Option<(Staged, PathBuf, Option<Growing>)> {
+    pub fn get(&self, id: &str) -> Option<(Staged, PathBuf, Option<Written>)> {
         if !valid_id(id) {
             return None;
         }
