@@ -144,7 +144,6 @@ impl AgentClient {
         self.json(self.http.post(&url), &url).await
     }
 
-    /// The staged copy `id`, if the agent still holds it.
     /// A staging the agent holds (`None` if it holds none by that id); with `wait`, the agent waits
     /// up to that long (at most a minute) for it to stop `copying`.
     pub async fn staged(&self, id: &str, wait: Duration) -> Result<Option<Staged>, AgentError> {
@@ -160,6 +159,9 @@ impl AgentClient {
         }
     }
 
+    /// Starts downloading staged copy `id` from byte `from` (a `Range` request when `from > 0`),
+    /// following the copy while the agent still writes it. The caller checks that the `ETag` is
+    /// the staging's id before appending to bytes it already has.
     pub async fn download(&self, id: &str, from: u64) -> Result<reqwest::Response, AgentError> {
         let url = self.url(&format!("/v1/snapshots/{id}"));
         let mut request = self.http.get(&url);

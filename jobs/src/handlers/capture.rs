@@ -1,12 +1,14 @@
 //! The `capture` job: from "take a snapshot of web-01" to a verified file in the store.
 //!
 //! measure → check the disk (minus the reserve and what captures in flight hold) → stage a
-//! consistent copy on the agent → stream it into a hidden temporary file, hashing on the way →
-//! verify (sha256 end to end, `quick_check`, recorder schema) → fsync, rename → register → ask the
-//! agent to drop its copy. The catalog row remembers the staged copy, so a retry (after an agent
-//! restart, a network cut or a server crash) resumes the download with `Range` while the agent
-//! still holds the same copy (same ETag), and a crash after the rename registers the file instead
-//! of fetching it again.
+//! consistent copy on the agent → stream it into a hidden temporary file while the agent is still
+//! writing it, hashing on the way → wait for the agent's verdict (its sha256 of the pinned image,
+//! which passed `quick_check` there) while the file is fsynced → verify (sha256 end to end, header,
+//! recorder schema, counts) → rename → register → ask the agent to drop its copy. The catalog row
+//! remembers the staged copy, so a retry (after an agent restart, a network cut or a server crash)
+//! resumes the download with `Range` while the agent still holds the same copy (its id is the
+//! ETag), and a crash after the rename registers the file, checked against the sha256 recorded
+//! before the rename, instead of fetching it again.
 
 use std::path::Path;
 use std::sync::Arc;
