@@ -232,29 +232,29 @@ pub(crate) const STATE_OF: &str = concat!(
     " AS state, j.job_type FROM Jobs j WHERE j.id = ?1"
 );
 
-pub(crate) const SHOW_JOB: &str = concat!(
-    "SELECT j.id, j.job_type, j.job, ",
-    state_expr!(),
-    " AS state, j.attempts, j.max_attempts, j.priority, j.idempotency_key, j.run_at, j.done_at,
+/// The columns `queue::job_from_row` reads, from `Jobs j` joined with its state.
+macro_rules! select_job {
+    () => {
+        concat!(
+            "SELECT j.id, j.job_type, j.job, ",
+            state_expr!(),
+            " AS state, j.attempts, j.max_attempts, j.priority, j.idempotency_key, j.run_at, j.done_at,
     j.last_result, j.lock_by, j.metadata,
     s.progress_done, s.progress_total, s.progress_note, s.progress_ms, s.next_run_ms,
     s.cancel_requested_ms,
     (SELECT MIN(a.started_ms) FROM snapq_job_attempts a WHERE a.job_id = j.id) AS started_ms,
     (SELECT MAX(a.finished_ms) FROM snapq_job_attempts a WHERE a.job_id = j.id) AS finished_ms
-    FROM Jobs j LEFT JOIN snapq_job_state s ON s.id = j.id WHERE j.id = ?1"
-);
+    FROM Jobs j LEFT JOIN snapq_job_state s ON s.id = j.id"
+        )
+    };
+}
+
+pub(crate) const SHOW_JOB: &str = concat!(select_job!(), " WHERE j.id = ?1");
 
 /// ?1 queue name or NULL, ?2 state or NULL, ?3 limit. Newest first (ids are ULIDs).
 pub(crate) const LIST_JOBS: &str = concat!(
-    "SELECT j.id, j.job_type, j.job, ",
-    state_expr!(),
-    " AS state, j.attempts, j.max_attempts, j.priority, j.idempotency_key, j.run_at, j.done_at,
-    j.last_result, j.lock_by, j.metadata,
-    s.progress_done, s.progress_total, s.progress_note, s.progress_ms, s.next_run_ms,
-    s.cancel_requested_ms,
-    (SELECT MIN(a.started_ms) FROM snapq_job_attempts a WHERE a.job_id = j.id) AS started_ms,
-    (SELECT MAX(a.finished_ms) FROM snapq_job_attempts a WHERE a.job_id = j.id) AS finished_ms
-    FROM Jobs j LEFT JOIN snapq_job_state s ON s.id = j.id
+    select_job!(),
+    "
     WHERE (?1 IS NULL OR j.job_type = ?1) AND (?2 IS NULL OR state = ?2)
     ORDER BY j.id DESC LIMIT ?3"
 );
