@@ -98,7 +98,10 @@ impl Store {
     /// to a hidden temporary name of its own first, so the final name still only ever shows a
     /// whole file, and two commits of the same name never share a temporary file.
     pub fn commit(&self, from: &Path, name: &SnapshotName) -> io::Result<PathBuf> {
-        self.prepare(name)?;
+        // Not `AlreadyExists`, which means "a file of that name is stored" below.
+        self.prepare(name).map_err(|e| {
+            io::Error::other(format!("cannot create the directory for {name}: {e}"))
+        })?;
         let dest = self.path(name);
         File::open(from)?.sync_all()?;
         match rename_noreplace(from, &dest) {
