@@ -244,8 +244,14 @@ pub async fn capture(
             // job ended (cancelled, dead) is over even before its row says so.
             if !matches!(snap["state"].as_str(), Some("complete" | "failed")) {
                 if let Some(reason) = job_ended_without_success(client, &item["job_id"]).await? {
-                    snap["state"] = "failed".into();
-                    snap["error"] = reason.into();
+                    // The row may have ended between the two reads: it wins if it did.
+                    snap = client
+                        .get(&format!("/v1/snapshots/{}", item["snapshot_id"]))
+                        .await?;
+                    if !matches!(snap["state"].as_str(), Some("complete" | "failed")) {
+                        snap["state"] = "failed".into();
+                        snap["error"] = reason.into();
+                    }
                 } else if timed_out {
                     snap["error"] = format!(
                         "still {} when --timeout ran out; the capture goes on as job {}",
@@ -665,8 +671,12 @@ async fn wait_ingest(
             return Ok(ingest);
         }
         if let Some(reason) = job_ended_without_success(client, &Value::from(job)).await? {
-            ingest["state"] = "failed".into();
-            ingest["reason"] = reason.into();
+            // The row may have ended between the two reads: it wins if it did.
+            ingest = client.get(&format!("/v1/ingests/{}", enc(job))).await?;
+            if ingest["state"] == "pending" {
+                ingest["state"] = "failed".into();
+                ingest["reason"] = reason.into();
+            }
             return Ok(ingest);
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
