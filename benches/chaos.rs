@@ -33,16 +33,20 @@ fn main() {
         let report = runtime.block_on(chaos::chaos_run(&chaos::Chaos {
             kills,
             endpoints,
-            max_pause: Duration::from_millis(2000),
+            max_pause: Duration::from_millis(1500),
             settle: Duration::from_secs(300),
+            capture_rate_kib: 2048,
         }));
+        let cut_off: u64 = report.running_at_kill.iter().sum();
+        let kills_mid_work = report.running_at_kill.iter().filter(|n| **n > 0).count();
         let mut restarts = report.restarts.clone();
         restarts.sort();
         let median = restarts[restarts.len() / 2];
         let max = restarts.last().copied().unwrap_or_default();
         println!(
             "run {run}: PASS  kills {}  captures {}  uploads {}  drops {}  deletes {}  \
-             refused mid-kill {}  restart median {:.0} ms max {:.0} ms  settle {:.1} s  total {:.1} s",
+             refused mid-kill {}  kills with jobs running {kills_mid_work} ({cut_off} jobs cut off)  \
+             restart median {:.0} ms max {:.0} ms  settle {:.1} s  total {:.1} s",
             report.kills,
             report.captures,
             report.uploads,

@@ -25,6 +25,8 @@ pub struct Chaos {
     pub max_pause: Duration,
     /// How long everything may take to settle after the last restart.
     pub settle: Duration,
+    /// Each capture's download rate: slow enough that kills land mid-transfer, too.
+    pub capture_rate_kib: u32,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +40,8 @@ pub struct ChaosReport {
     pub refused: usize,
     /// Time from SIGKILL to the restarted server listening, each kill.
     pub restarts: Vec<Duration>,
+    /// Jobs running at the moment of each kill (the kill cut them off).
+    pub running_at_kill: Vec<u64>,
     /// From the last restart until every job had ended.
     pub settle: Duration,
     pub total: Duration,
@@ -171,7 +175,7 @@ pub async fn chaos_run(chaos: &Chaos) -> ChaosReport {
             "--job-max-attempts",
             "100",
             "--capture-rate-kib",
-            "8192",
+            &chaos.capture_rate_kib.to_string(),
         ],
     );
     let _fleet = start_fleet(&server, &tmp.path().join("fleet"), chaos.endpoints);
@@ -254,6 +258,11 @@ pub async fn chaos_run(chaos: &Chaos) -> ChaosReport {
         // Kill at a random moment of what is now in flight.
         let pause = rng.random_range(0..=chaos.max_pause.as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(pause)).await;
+        let running = match get(&server, "/v1/queue/status").await {
+            Some(status) => status["running"].as_array().map_or(0, |r| r.len() as u64),
+            None => 0,
+        };
+        report.running_at_kill.push(running);
         let killed = Instant::now();
         server.crash_and_restart();
         report.restarts.push(killed.elapsed());
@@ -413,10 +422,13 @@ async fn every_request_survives_five_server_sigkills_at_random_moments() {
     let report = chaos_run(&Chaos {
         kills: 5,
         endpoints: 6,
-        max_pause: Duration::from_millis(2000),
+        max_pause: Duration::from_millis(1500),
         settle: Duration::from_secs(60),
+        capture_rate_kib: 2048,
     })
     .await;
     assert_eq!(report.kills, 5);
     assert!(report.captures > 0 && report.uploads > 0, "{report:?}");
+    // The kills did cut work off (else this test would prove nothing).
+    assert!(report.running_at_kill.iter().sum::<u64>() > 0, "{report:?}");
 }
