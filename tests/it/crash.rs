@@ -368,11 +368,26 @@ async fn a_watched_file_whose_ingest_died_is_tried_again_after_a_restart() {
     let file = snapshot_file(tmp.path(), "web-05", 300);
     let name = file.file_name().unwrap().to_owned();
     std::fs::rename(&file, watch.join(&name)).unwrap();
-    eventually(Duration::from_secs(20), "the ingest to die", || async {
+    let job = eventually(Duration::from_secs(20), "the ingest to die", || async {
         let (_, jobs) = server.get("/v1/queue/jobs?kind=ingest&state=failed").await;
-        (!jobs.as_array()?.is_empty()).then_some(())
+        Some(jobs.as_array()?.first()?["id"].as_str()?.to_owned())
     })
     .await;
+    // Its ingest row follows the job: failed with the job's reason, not pending forever.
+    let ingest = eventually(
+        Duration::from_secs(10),
+        "the ingest row to fail",
+        || async {
+            let (_, ingest) = server.get(&format!("/v1/ingests/{job}")).await;
+            (ingest["state"] != "pending").then_some(ingest)
+        },
+    )
+    .await;
+    assert_eq!(ingest["state"], "failed", "{ingest}");
+    assert!(
+        ingest["reason"].as_str().unwrap().contains("web-05"),
+        "{ingest}"
+    );
     assert!(watch.join(&name).exists());
     std::fs::remove_file(&blocker).unwrap();
     server.crash_and_restart();
