@@ -150,7 +150,7 @@ impl Tracker {
                 writer_open: pending.writer_open,
             })
             .collect();
-        files.sort_by(|a, b| b.unchanged_for.cmp(&a.unchanged_for));
+        files.sort_by_key(|f| std::cmp::Reverse(f.unchanged_for));
         files
     }
 
