@@ -2,5 +2,6 @@
 
 mod agent;
 mod ingest;
+mod recorder;
 mod server;
 mod support;
