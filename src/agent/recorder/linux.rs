@@ -16,19 +16,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 use super::db::{Event, ProcessEnd, RecorderDb, meta_keys, now_ms};
 use super::handle::{RecorderHandle, Ticker, next_tick};
 
 mod files;
+mod hasher;
 mod kernel;
 mod procs;
 mod sys;
@@ -129,7 +128,7 @@ fn maybe_retention(db: &RecorderDb, last: &mut Instant) {
 }
 
 /// Without kernel events: everything is polled every `config.interval`.
-fn run_polling(db: &RecorderDb, config: &LinuxConfig, ticker: &Ticker) {
+pub(super) fn run_polling(db: &RecorderDb, config: &LinuxConfig, ticker: &Ticker) {
     let mut state = State::new(config);
     let mut tick = Instant::now();
     let mut last_retention = Instant::now();
@@ -151,6 +150,22 @@ fn run_polling(db: &RecorderDb, config: &LinuxConfig, ticker: &Ticker) {
         tick = next_tick(tick, config.interval);
         if !ticker.wait_until(tick) {
             break;
+        }
+    }
+}
+
+/// A process's executable hash: known (or unknowable), or being computed off the event thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sha {
+    Known(Option<String>),
+    Pending(hasher::HashKey),
+}
+
+impl Sha {
+    fn split(self) -> (Option<String>, Option<hasher::HashKey>) {
+        match self {
+            Sha::Known(h) => (h, None),
+            Sha::Pending(k) => (None, Some(k)),
         }
     }
 }
@@ -179,6 +194,8 @@ struct Tracked {
     ppid: i32,
     user: Option<String>,
     sha256: Option<String>,
+    /// Kernel mode: the hash being computed for this row.
+    sha_pending: Option<hasher::HashKey>,
     /// Kernel mode: when a `/proc` scan (not an event) recorded it, on `CLOCK_MONOTONIC`; events
     /// older than this are already reflected in the row.
     scanned_ns: Option<u64>,
@@ -253,7 +270,11 @@ struct State {
     boot_ms: i64,
     clk_tck: u64,
     procs: HashMap<i32, Tracked>,
-    hashes: HashMap<(u64, u64, i64, u64), Option<String>>,
+    hashes: HashMap<hasher::HashKey, Option<String>>,
+    /// Kernel mode: hashes executables off the event thread (`None`: hash inline).
+    hasher: Option<hasher::Hasher>,
+    /// Kernel mode: process rows waiting for their executable's hash.
+    awaiting_hash: Vec<(Row, hasher::HashKey)>,
     users: HashMap<u32, String>,
     passwd_mtime: Option<SystemTime>,
     sockets: HashMap<u64, RecordedSocket>,
@@ -266,6 +287,8 @@ struct State {
     ends: Vec<ProcessEnd>,
     /// Kernel mode: forked processes that have not run `exec` yet (no row yet).
     forks: HashMap<i32, kernel::Fork>,
+    /// Kernel mode: `/proc/PID` read as soon as an exec event arrived.
+    prefetched: HashMap<i32, kernel::Details>,
     /// Kernel mode: each process's command name from the last `comm` event.
     comms: HashMap<i32, String>,
     /// Kernel mode: what file events to keep.
@@ -288,6 +311,8 @@ impl State {
             clk_tck,
             procs: HashMap::new(),
             hashes: HashMap::new(),
+            hasher: None,
+            awaiting_hash: Vec::new(),
             users: HashMap::new(),
             passwd_mtime: None,
             sockets: HashMap::new(),
@@ -298,6 +323,7 @@ impl State {
             ends: Vec::new(),
             forks: HashMap::new(),
             comms: HashMap::new(),
+            prefetched: HashMap::new(),
             files: kernel::FileFilter::new(config),
         }
     }
@@ -310,6 +336,7 @@ impl State {
             }
         };
         self.procs.values_mut().for_each(|p| fix(&mut p.row));
+        self.awaiting_hash.iter_mut().for_each(|(r, _)| fix(r));
         self.sockets
             .values_mut()
             .filter_map(|s| s.process.as_mut())
@@ -319,6 +346,8 @@ impl State {
     /// The batch was lost: forget what it would have recorded, so the next poll records it again.
     fn forget_pending(&mut self) {
         self.procs.retain(|_, p| matches!(p.row, Row::Known(_)));
+        self.awaiting_hash
+            .retain(|(r, _)| matches!(r, Row::Known(_)));
         self.sockets.clear();
     }
 
@@ -441,7 +470,10 @@ impl State {
                 }
             };
             let user = read_euid(pid).map(|uid| self.user_name(uid));
-            let sha256 = exe.as_ref().and_then(|_| self.exe_sha256(pid));
+            let (sha256, sha_pending) = match exe {
+                Some(_) => self.exe_sha256(pid).split(),
+                None => (None, None),
+            };
             self.push_process(
                 pid,
                 ts,
@@ -453,6 +485,7 @@ impl State {
                     ppid: stat.ppid,
                     user,
                     sha256,
+                    sha_pending,
                     scanned_ns,
                 },
             );
@@ -472,6 +505,9 @@ impl State {
         ev = set_row(ev, "parent_id", parent_row);
         self.events.push(ev);
         t.row = Row::Pending(self.events.len() - 1);
+        if let Some(key) = t.sha_pending {
+            self.awaiting_hash.push((t.row, key));
+        }
         self.procs.insert(pid, t);
     }
 
@@ -491,24 +527,34 @@ impl State {
     }
 
     /// The sha256 of a process's executable, hashed once per (device, inode, mtime, size).
-    fn exe_sha256(&mut self, pid: i32) -> Option<String> {
+    fn exe_sha256(&mut self, pid: i32) -> Sha {
         // /proc/PID/exe opens the very file the process runs, even if it was deleted or replaced.
-        let mut file = File::open(format!("/proc/{pid}/exe")).ok()?;
-        let m = file.metadata().ok()?;
+        match File::open(format!("/proc/{pid}/exe")) {
+            Ok(file) => self.sha256_of_exe(file),
+            Err(_) => Sha::Known(None),
+        }
+    }
+
+    /// The sha256 of an open executable (see [`State::exe_sha256`]).
+    fn sha256_of_exe(&mut self, mut file: File) -> Sha {
+        let Ok(m) = file.metadata() else {
+            return Sha::Known(None);
+        };
         let key = (m.dev(), m.ino(), m.mtime(), m.size());
         if let Some(h) = self.hashes.get(&key) {
-            return h.clone();
+            return Sha::Known(h.clone());
         }
-        let hash = if m.size() > MAX_HASH_BYTES {
-            None
-        } else {
-            let mut hasher = Sha256::new();
-            io::copy(&mut file, &mut hasher)
-                .ok()
-                .map(|_| hex::encode(hasher.finalize()))
-        };
+        if m.size() > MAX_HASH_BYTES {
+            self.hashes.insert(key, None);
+            return Sha::Known(None);
+        }
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.request(key, file);
+            return Sha::Pending(key);
+        }
+        let hash = hasher::sha256_of(&mut file);
         self.hashes.insert(key, hash.clone());
-        hash
+        Sha::Known(hash)
     }
 
     fn poll_sockets(&mut self) {
@@ -860,6 +906,7 @@ pub(crate) fn utmp_record(
 mod tests {
     use super::*;
     use crate::agent::recorder::Limits;
+    use sha2::{Digest, Sha256};
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
 

@@ -12,16 +12,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::files::{self, Entry, FanEvent};
+use super::hasher::Hasher;
 use super::procs::{self, ProcEvent};
 use super::sys;
 use super::{
-    LinuxConfig, RETENTION_INTERVAL, RecorderDb, Row, State, Tracked, read_cmdline, read_euid,
-    read_stat,
+    LinuxConfig, RETENTION_INTERVAL, RecorderDb, Row, State, Tracked, read_cmdline, read_stat,
 };
 use crate::agent::recorder::db::{Event, now_ms};
 use crate::agent::recorder::handle::{Ticker, next_tick};
@@ -36,6 +37,13 @@ const FILE_MASK: u64 =
 /// Directory handles resolved to paths are cached for one batch (a directory renamed within one
 /// batch interval may be reported under its old path).
 const DIR_CACHE_MAX: usize = 4096;
+/// Process events read before their execs are prefetched and all are handled.
+const PREFETCH_BATCH: usize = 4096;
+/// A fork that has not run `exec` for this long gets a row with its parent's image (a loaded
+/// machine can take well over one batch interval between a fork and its exec).
+const FORK_GRACE: Duration = Duration::from_secs(1);
+/// The process-event reader thread's nice value.
+const READER_NICE: i32 = -10;
 /// What a process row's cmdline says when the process was gone before it could be read.
 pub const DETAILS_LOST: &str = "(exited before its details could be read)";
 
@@ -254,8 +262,10 @@ impl FileFilter {
     }
 }
 
-struct Details {
+pub(super) struct Details {
     exe: Option<String>,
+    /// The executable itself, held open to hash it even after the process is gone.
+    exe_file: Option<std::fs::File>,
     cmdline: String,
     ppid: i32,
     start_ticks: u64,
@@ -263,25 +273,28 @@ struct Details {
 }
 
 /// What `/proc/PID` says about a live process; `None` once it has exited (even if not reaped).
+/// The command line first: it is what a short-lived process is most often identified by, and it
+/// reads empty once the process has exited.
 fn read_details(pid: i32) -> Option<Details> {
-    let stat = read_stat(pid)?;
-    if stat.is_zombie() {
-        return None;
-    }
+    let cmdline = read_cmdline(pid)?;
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned());
-    let cmdline = read_cmdline(pid);
-    let euid = read_euid(pid);
-    // Read again: if it exited meanwhile, what was read may be empty.
-    if exe.is_none() && read_stat(pid).is_none_or(|s| s.is_zombie()) {
-        return None;
-    }
+    let exe_file = exe
+        .as_ref()
+        .and_then(|_| std::fs::File::open(format!("/proc/{pid}/exe")).ok());
+    let stat = read_stat(pid);
+    // The owner of /proc/PID is the process's effective uid (root for a non-dumpable process,
+    // e.g. one running a setuid-root binary): cheaper than parsing /proc/PID/status.
+    let euid = std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
     Some(Details {
         exe,
-        cmdline: cmdline.unwrap_or_else(|| format!("[{}]", stat.comm)),
-        ppid: stat.ppid,
-        start_ticks: stat.start_ticks,
+        exe_file,
+        cmdline,
+        ppid: stat.as_ref().map_or(0, |s| s.ppid),
+        start_ticks: stat.as_ref().map_or(0, |s| s.start_ticks),
         euid,
     })
 }
@@ -298,9 +311,12 @@ impl State {
 
     /// A tracked process from `/proc`, or `None` if it is gone.
     fn tracked_from_proc(&mut self, pid: i32, ppid: Option<i32>) -> Option<Tracked> {
-        let d = read_details(pid)?;
+        let d = self.prefetched.remove(&pid).or_else(|| read_details(pid))?;
         let user = d.euid.map(|u| self.user_name(u));
-        let sha256 = d.exe.as_ref().and_then(|_| self.exe_sha256(pid));
+        let (sha256, sha_pending) = match d.exe_file {
+            Some(f) => self.sha256_of_exe(f).split(),
+            None => (None, None),
+        };
         Some(Tracked {
             start_ticks: d.start_ticks,
             row: Row::Pending(0),
@@ -309,6 +325,7 @@ impl State {
             ppid: ppid.unwrap_or(d.ppid),
             user,
             sha256,
+            sha_pending,
             scanned_ns: None,
         })
     }
@@ -333,6 +350,7 @@ impl State {
                     ppid: f.ppid,
                     user: p.user.clone(),
                     sha256: p.sha256.clone(),
+                    sha_pending: p.sha_pending,
                     scanned_ns: None,
                 },
                 None => Tracked {
@@ -343,6 +361,7 @@ impl State {
                     ppid: f.ppid,
                     user: None,
                     sha256: None,
+                    sha_pending: None,
                     scanned_ns: None,
                 },
             },
@@ -432,6 +451,7 @@ impl State {
                         ppid: known_ppid.unwrap_or(0),
                         user: None,
                         sha256: None,
+                        sha_pending: None,
                         scanned_ns: None,
                     },
                 };
@@ -527,6 +547,61 @@ impl State {
     }
 }
 
+impl State {
+    /// Puts finished hashes into the rows waiting for them: into this batch's events, or as
+    /// updates of rows already written (returned as `(row id, sha256)`).
+    fn apply_hashes(&mut self) -> Vec<(i64, String)> {
+        let Some(hasher) = self.hasher.as_mut() else {
+            return Vec::new();
+        };
+        hasher.collect(&mut self.hashes);
+        let mut updates = Vec::new();
+        let waiting = std::mem::take(&mut self.awaiting_hash);
+        for (row, key) in waiting {
+            match self.hashes.get(&key) {
+                None => self.awaiting_hash.push((row, key)),
+                Some(None) => {}
+                Some(Some(hash)) => match row {
+                    Row::Pending(b) => {
+                        let ev = self.events[b].clone();
+                        self.events[b] = ev.set("sha256", hash.clone());
+                    }
+                    Row::Known(id) => updates.push((id, hash.clone())),
+                },
+            }
+        }
+        for t in self.procs.values_mut() {
+            if let Some(key) = t.sha_pending
+                && let Some(h) = self.hashes.get(&key)
+            {
+                t.sha256 = h.clone();
+                t.sha_pending = None;
+            }
+        }
+        updates
+    }
+}
+
+/// Writes hashes that finished after their rows were written, in one transaction.
+fn write_hash_updates(db: &RecorderDb, updates: &[(i64, String)]) {
+    if updates.is_empty() {
+        return;
+    }
+    let r = db.with_writer(|c| -> rusqlite::Result<()> {
+        let tx = c.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE process SET sha256 = ?2 WHERE id = ?1")?;
+            for (id, hash) in updates {
+                stmt.execute(rusqlite::params![id, hash])?;
+            }
+        }
+        tx.commit()
+    });
+    if let Err(e) = r {
+        tracing::info!(error = %e, "writing executable hashes failed");
+    }
+}
+
 /// Counts, logs and repairs a process-event overrun.
 fn overrun(state: &mut State, db: &RecorderDb, overruns: &mut u64) {
     *overruns += 1;
@@ -540,29 +615,88 @@ fn overrun(state: &mut State, db: &RecorderDb, overruns: &mut u64) {
     state.scan_processes(Some(sys::monotonic_ns()));
 }
 
-/// Handles every queued process event (bounded, so files and batches still get their turn).
-fn drain_procs(
+/// What the process-event reader thread hands to the recorder loop, in kernel order.
+enum ProcMsg {
+    /// Events, with `/proc/PID` as read right when each exec arrived.
+    Events(Vec<ProcEvent>, HashMap<i32, Details>),
+    /// The socket overran: events were lost.
+    Overrun,
+}
+
+/// The reader thread: receives process events and reads `/proc/PID` at each exec at once, so a
+/// short-lived process is read while it runs, whatever the recorder loop is busy with (writing a
+/// batch, polling sockets). Ends when `stop` is set or the recorder loop drops its receiver.
+fn spawn_proc_reader(
+    conn: sys::ProcConnector,
+    tx: mpsc::Sender<ProcMsg>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("snapq-proc-events".into())
+        .spawn(move || {
+            // Like auditd's priority_boost: on a loaded machine the read at an exec must not wait
+            // past the life of a short process. This thread needs little CPU.
+            if let Err(e) = sys::set_thread_nice(READER_NICE) {
+                tracing::info!(error = %e, "cannot raise the process-event reader's priority");
+            }
+            let mut buf = vec![0u8; 64 << 10];
+            while !stop.load(Ordering::Relaxed) {
+                let _ = sys::poll_readable(&[conn.as_fd()], Duration::from_millis(100));
+                let mut evs = Vec::new();
+                let mut details = HashMap::new();
+                let mut overran = false;
+                for _ in 0..PREFETCH_BATCH {
+                    match conn.recv(&mut buf) {
+                        Ok(n) => {
+                            for ev in procs::parse(&buf[..n]) {
+                                if let ProcEvent::Exec { tgid, .. } = ev
+                                    && let Some(d) = read_details(tgid)
+                                {
+                                    details.insert(tgid, d);
+                                }
+                                evs.push(ev);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                            overran = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading process events failed");
+                            break;
+                        }
+                    }
+                }
+                if !evs.is_empty() && tx.send(ProcMsg::Events(evs, details)).is_err() {
+                    return;
+                }
+                if overran && tx.send(ProcMsg::Overrun).is_err() {
+                    return;
+                }
+            }
+        })
+}
+
+/// Applies what the reader thread sent so far.
+fn apply_proc_msgs(
     state: &mut State,
-    conn: &sys::ProcConnector,
-    buf: &mut [u8],
+    rx: &mpsc::Receiver<ProcMsg>,
     offset_ns: i128,
     db: &RecorderDb,
     overruns: &mut u64,
 ) {
-    for _ in 0..50_000 {
-        match conn.recv(buf) {
-            Ok(n) => {
-                for ev in procs::parse(&buf[..n]) {
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            ProcMsg::Events(evs, details) => {
+                state.prefetched = details;
+                for ev in evs {
                     state.on_proc_event(ev, offset_ns);
                 }
+                state.prefetched.clear();
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => overrun(state, db, overruns),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading process events failed");
-                return;
-            }
+            ProcMsg::Overrun => overrun(state, db, overruns),
         }
     }
 }
@@ -613,10 +747,22 @@ fn write_batch(state: &mut State, db: &RecorderDb, ticker: &Ticker) {
 pub(super) fn run(db: &Arc<RecorderDb>, config: &LinuxConfig, ticker: &Ticker, src: Sources) {
     let offset_ns = sys::monotonic_offset_ns();
     let mut state = State::new(config);
+    match Hasher::spawn() {
+        Ok(h) => state.hasher = Some(h),
+        Err(e) => tracing::warn!(error = %e, "no hashing thread; hashing inline"),
+    }
+    let (tx, rx) = mpsc::channel();
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let reader = match spawn_proc_reader(src.conn, tx, stop_reader.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the process-event reader; falling back to polling");
+            return super::run_polling(db, config, ticker);
+        }
+    };
     state.reload_users();
     state.scan_processes(Some(sys::monotonic_ns()));
     let mut overruns = 0u64;
-    let mut nl_buf = vec![0u8; 64 << 10];
     let mut fan_buf = vec![0u8; 256 << 10];
     let mut next_flush = Instant::now();
     let mut last_retention = Instant::now();
@@ -625,56 +771,44 @@ pub(super) fn run(db: &Arc<RecorderDb>, config: &LinuxConfig, ticker: &Ticker, s
         let wait = next_flush
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(100));
-        let mut fds = vec![src.conn.as_fd()];
-        if let Some(fan) = &src.fan {
-            fds.push(fan.as_fd());
-        }
-        if let Err(e) = sys::poll_readable(&fds, wait) {
-            tracing::warn!(error = %e, "waiting for kernel events failed");
-            std::thread::sleep(wait);
-        }
-        drain_procs(
-            &mut state,
-            &src.conn,
-            &mut nl_buf,
-            offset_ns,
-            db,
-            &mut overruns,
-        );
-        if let Some(fan) = &src.fan {
-            let evs = read_files(fan, &mut fan_buf);
-            if !evs.is_empty() {
-                // The writers' own fork and exec first, so their file events link to them.
-                drain_procs(
-                    &mut state,
-                    &src.conn,
-                    &mut nl_buf,
-                    offset_ns,
-                    db,
-                    &mut overruns,
-                );
-                for ev in &evs {
-                    if ev.overflow() {
-                        tracing::warn!("file events were lost (fanotify queue overflow)");
+        let mut stopping = false;
+        match &src.fan {
+            Some(fan) => {
+                if let Err(e) = sys::poll_readable(&[fan.as_fd()], wait) {
+                    tracing::warn!(error = %e, "waiting for file events failed");
+                    std::thread::sleep(wait);
+                }
+                let evs = read_files(fan, &mut fan_buf);
+                if !evs.is_empty() {
+                    // The writers' own fork and exec first, so their file events link to them.
+                    apply_proc_msgs(&mut state, &rx, offset_ns, db, &mut overruns);
+                    for ev in &evs {
+                        if ev.overflow() {
+                            tracing::warn!("file events were lost (fanotify queue overflow)");
+                        }
+                        state.on_file_event(fan, ev);
                     }
-                    state.on_file_event(fan, ev);
                 }
             }
+            None => stopping = !ticker.wait_until(Instant::now() + wait),
         }
-        let stopping = !ticker.wait_until(Instant::now());
+        stopping = stopping || !ticker.wait_until(Instant::now());
         if stopping || Instant::now() >= next_flush {
+            apply_proc_msgs(&mut state, &rx, offset_ns, db, &mut overruns);
             if stopping {
                 let pending: Vec<i32> = state.forks.keys().copied().collect();
-                pending
-                    .into_iter()
-                    .for_each(|p| state.materialize_fork(p, 0));
+                for p in pending {
+                    state.materialize_fork(p, 0);
+                }
             } else {
-                state.materialize_old_forks(config.interval);
+                state.materialize_old_forks(FORK_GRACE.max(config.interval));
             }
             state.reload_users();
             state.poll_sockets();
             state.poll_logons();
+            let updates = state.apply_hashes();
             write_batch(&mut state, db, ticker);
+            write_hash_updates(db, &updates);
             state.files.dirs.clear();
             next_flush = next_tick(next_flush, config.interval);
         }
@@ -699,6 +833,8 @@ pub(super) fn run(db: &Arc<RecorderDb>, config: &LinuxConfig, ticker: &Ticker, s
                 .ok();
         }
     }
+    stop_reader.store(true, Ordering::Relaxed);
+    let _ = reader.join();
     if let Some(h) = retention {
         let _ = h.join();
     }
@@ -837,14 +973,32 @@ mod tests {
         wait_for("99 % of the children with exit codes", || {
             (r.count(complete, [sh_row, sh_pid]) >= 990).then_some(())
         });
-        let detailed = r.count(
-            "SELECT count(*) FROM process WHERE parent_id = ?1 AND cmdline = 'sleep 0.01' \
-             AND path LIKE '%/sleep' AND sha256 IS NOT NULL",
-            [sh_row],
-        );
+        let detailed_sql = "SELECT count(*) FROM process WHERE parent_id = ?1 \
+             AND cmdline = 'sleep 0.01' AND path LIKE '%/sleep' AND sha256 IS NOT NULL \
+             AND user IS NOT NULL";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let detailed = loop {
+            // Hashes of a first-seen executable arrive a batch or two after the rows.
+            let n = r.count(detailed_sql, [sh_row]);
+            if n >= 950 || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let breakdown: (i64, i64, i64, i64) = r
+            .reader
+            .query_row(
+                "SELECT sum(cmdline = 'sleep 0.01'), sum(path LIKE '%/sleep'), \
+                 sum(sha256 IS NOT NULL), sum(user IS NOT NULL) FROM process \
+                 WHERE parent_id = ?1",
+                [sh_row],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .unwrap();
         assert!(
             detailed >= 950,
-            "only {detailed} of 1000 with path and cmdline"
+            "only {detailed} of 1000 with path, cmdline, user and sha256; \
+             (cmdline, path, sha256, user): {breakdown:?}"
         );
         let lost = r.count(
             "SELECT count(*) FROM process WHERE parent_id = ?1 AND cmdline LIKE '%' || ?2",
