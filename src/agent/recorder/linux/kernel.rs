@@ -859,8 +859,13 @@ mod tests {
             .then(|| "fanotify filesystem marks are not permitted".into())
     }
 
+    /// Each recorder reads every process of the machine: these tests run one at a time, so one
+    /// test's fork storm does not slow another's recorder.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     macro_rules! kernel_or_skip {
         () => {
+            let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(reason) = unavailable() {
                 eprintln!("skipped: kernel events unavailable here: {reason}");
                 return;
