@@ -30,6 +30,7 @@ mod files;
 mod hasher;
 mod kernel;
 mod procs;
+mod sockdiag;
 mod sys;
 
 pub use kernel::{MODES_META_KEY, Modes};
@@ -208,7 +209,7 @@ struct Socket {
     local_port: u16,
     remote_addr: String,
     remote_port: u16,
-    /// TCP state from /proc/net (0A listen, 01 established, …).
+    /// TCP state (0A listen, 01 established, …; 07 for an unconnected UDP socket).
     state: u8,
 }
 
@@ -418,7 +419,12 @@ impl State {
         let gone: Vec<i32> = self
             .procs
             .iter()
-            .filter(|(pid, t)| alive.get(pid) != Some(&t.start_ticks))
+            .filter(|(pid, t)| match alive.get(pid) {
+                None => true,
+                // A row made from events alone does not know its start: the same process.
+                Some(_) if t.start_ticks == 0 => false,
+                Some(start) => *start != t.start_ticks,
+            })
             .map(|(pid, _)| *pid)
             .collect();
         for pid in gone {
@@ -456,8 +462,13 @@ impl State {
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned());
             let cmdline = read_cmdline(pid).unwrap_or_else(|| format!("[{}]", stat.comm));
-            let ts = match self.procs.get(&pid) {
+            let ts = match self.procs.get_mut(&pid) {
                 Some(t) if t.exe == exe && t.cmdline == cmdline => continue,
+                Some(t) if t.start_ticks == 0 => {
+                    // Made from events alone (details lost, or its parent's image): keep the row.
+                    t.start_ticks = stat.start_ticks;
+                    continue;
+                }
                 // The same process ran a new image (exec): a new row, the old one ends.
                 Some(_) => {
                     let old = self.procs.remove(&pid).expect("just seen");
@@ -560,15 +571,19 @@ impl State {
     fn poll_sockets(&mut self) {
         let now = now_ms();
         let mut current: HashMap<u64, Socket> = HashMap::new();
-        for (file, protocol, v6) in [
-            ("/proc/net/tcp", "tcp", false),
-            ("/proc/net/tcp6", "tcp6", true),
-            ("/proc/net/udp", "udp", false),
-            ("/proc/net/udp6", "udp6", true),
-        ] {
-            if let Ok(text) = fs::read_to_string(file) {
-                for (inode, socket) in parse_proc_net(&text, protocol, v6) {
-                    current.insert(inode, socket);
+        match sockdiag::sockets() {
+            Ok(all) => current.extend(all),
+            // Without inet_diag: the same table as text.
+            Err(_) => {
+                for (file, protocol, v6) in [
+                    ("/proc/net/tcp", "tcp", false),
+                    ("/proc/net/tcp6", "tcp6", true),
+                    ("/proc/net/udp", "udp", false),
+                    ("/proc/net/udp6", "udp6", true),
+                ] {
+                    if let Ok(text) = fs::read_to_string(file) {
+                        current.extend(parse_proc_net(&text, protocol, v6));
+                    }
                 }
             }
         }

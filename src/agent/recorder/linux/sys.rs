@@ -355,3 +355,74 @@ pub(super) fn set_thread_nice(nice: i32) -> io::Result<()> {
     // SAFETY: setpriority on our own thread id; the result is checked.
     cvt(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }).map(drop)
 }
+
+/// `NETLINK_SOCK_DIAG` and `SOCK_DIAG_BY_FAMILY` from `<linux/sock_diag.h>`.
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+/// One `sock_diag` dump of the `family`/`protocol` sockets in any state: every netlink message
+/// the kernel answered with, as `(type, payload)`. Needs no privileges (as `ss`).
+pub(super) fn sock_diag_dump(family: u8, protocol: u8) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = owned(cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    })?);
+    // nlmsghdr + inet_diag_req_v2 (family, protocol, ext, pad, states, 48-byte sockid).
+    let mut msg = Vec::with_capacity(NLMSG_HDR + 56);
+    msg.extend_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+    msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    msg.extend_from_slice(&[family, protocol, 0, 0]);
+    msg.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    msg.extend_from_slice(&[0u8; 48]);
+    // SAFETY: `msg` is valid for reads of its length.
+    cvt_size(unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) })?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n =
+            cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) })?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0;
+        while off + NLMSG_HDR <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            if len < NLMSG_HDR || off + len > n {
+                break;
+            }
+            match kind {
+                3 => return Ok(out), // NLMSG_DONE
+                2 => {
+                    // NLMSG_ERROR: a negative errno follows the header.
+                    let err = i32::from_ne_bytes(
+                        buf[off + NLMSG_HDR..off + NLMSG_HDR + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    );
+                    return Err(io::Error::from_raw_os_error(-err));
+                }
+                _ => out.push((kind, buf[off + NLMSG_HDR..off + len].to_vec())),
+            }
+            off += len.div_ceil(4) * 4;
+        }
+    }
+}
+
+/// Puts the calling thread in the `SCHED_RR` real-time class at `priority` (needs
+/// `CAP_SYS_NICE`); the kernel's real-time throttling still leaves 5 % of each second to others.
+pub(super) fn set_thread_realtime(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is valid for reads; pid 0 is the calling thread.
+    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &raw const param) }).map(drop)
+}
