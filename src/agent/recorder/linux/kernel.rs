@@ -3,10 +3,14 @@
 //!
 //! Processes: a `fork` is remembered without a row; the `exec` that follows reads `/proc/PID`
 //! (path, cmdline, user, sha256) and writes one row that starts at the fork. A fork that never
-//! runs `exec` gets a row with its parent's image once it has lived one batch interval, or when
-//! it exits. `exit` fills `end_ts` and `exit_code`. A process gone before `/proc/PID` could be
-//! read keeps what the events carried (pid, ppid, times, exit code, command name) and its
-//! cmdline says the details were lost. When the socket overruns (ENOBUFS) the loss is counted,
+//! runs `exec` gets a row with its parent's image once it has lived a second, or when it exits. `exit` fills `end_ts` and `exit_code`. A process gone before `/proc/PID` could be
+//! read keeps what the events carried (pid, ppid, times, exit code; its command name if its
+//! zombie could still be read) and its cmdline says the details were lost.
+//!
+//! Threads: a reader thread (real-time priority when allowed) receives the process events and
+//! reads `/proc/PID` at each exec at once; the recorder loop applies them in order, handles file
+//! events, polls sockets and logons and writes the batches; a hashing thread hashes executables
+//! seen for the first time; retention runs on its own thread. When the socket overruns (ENOBUFS) the loss is counted,
 //! logged, and `/proc` is scanned again so no running process stays unknown.
 
 use std::collections::{BTreeMap, HashMap};
@@ -617,8 +621,9 @@ fn overrun(state: &mut State, db: &RecorderDb, overruns: &mut u64) {
 
 /// What the process-event reader thread hands to the recorder loop, in kernel order.
 enum ProcMsg {
-    /// Events, with `/proc/PID` as read right when each exec arrived.
-    Events(Vec<ProcEvent>, HashMap<i32, Details>),
+    /// Events, with `/proc/PID` as read right when each exec arrived, and the command name of
+    /// those already exited (a zombie's `stat` still has it).
+    Events(Vec<ProcEvent>, HashMap<i32, Details>, HashMap<i32, String>),
     /// The socket overran: events were lost.
     Overrun,
 }
@@ -648,15 +653,23 @@ fn spawn_proc_reader(
                 let _ = sys::poll_readable(&[conn.as_fd()], Duration::from_millis(100));
                 let mut evs = Vec::new();
                 let mut details = HashMap::new();
+                let mut names = HashMap::new();
                 let mut overran = false;
                 for _ in 0..PREFETCH_BATCH {
                     match conn.recv(&mut buf) {
                         Ok(n) => {
                             for ev in procs::parse(&buf[..n]) {
-                                if let ProcEvent::Exec { tgid, .. } = ev
-                                    && let Some(d) = read_details(tgid)
-                                {
-                                    details.insert(tgid, d);
+                                if let ProcEvent::Exec { tgid, .. } = ev {
+                                    match read_details(tgid) {
+                                        Some(d) => {
+                                            details.insert(tgid, d);
+                                        }
+                                        None => {
+                                            if let Some(st) = read_stat(tgid) {
+                                                names.insert(tgid, st.comm);
+                                            }
+                                        }
+                                    }
                                 }
                                 evs.push(ev);
                             }
@@ -673,7 +686,7 @@ fn spawn_proc_reader(
                         }
                     }
                 }
-                if !evs.is_empty() && tx.send(ProcMsg::Events(evs, details)).is_err() {
+                if !evs.is_empty() && tx.send(ProcMsg::Events(evs, details, names)).is_err() {
                     return;
                 }
                 if overran && tx.send(ProcMsg::Overrun).is_err() {
@@ -693,8 +706,9 @@ fn apply_proc_msgs(
 ) {
     while let Ok(msg) = rx.try_recv() {
         match msg {
-            ProcMsg::Events(evs, details) => {
+            ProcMsg::Events(evs, details, names) => {
                 state.prefetched = details;
+                state.comms.extend(names);
                 for ev in evs {
                     state.on_proc_event(ev, offset_ns);
                 }
