@@ -461,7 +461,13 @@ impl State {
             let exe = fs::read_link(format!("/proc/{pid}/exe"))
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned());
-            let cmdline = read_cmdline(pid).unwrap_or_else(|| format!("[{}]", stat.comm));
+            let cmdline = match read_cmdline(pid) {
+                Some(c) => c,
+                // No command line and no executable: exiting (its memory is gone), caught
+                // between `exit` and becoming a zombie. Not a new process either.
+                None if exe.is_none() => continue,
+                None => format!("[{}]", stat.comm),
+            };
             let ts = match self.procs.get_mut(&pid) {
                 Some(t) if t.exe == exe && t.cmdline == cmdline => continue,
                 Some(t) if t.start_ticks == 0 => {
