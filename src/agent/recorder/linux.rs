@@ -1000,6 +1000,17 @@ mod tests {
             rand::random::<u32>()
         );
 
+        // The first poll hashes every running executable (seconds when large test binaries
+        // run): start once it is done, as the test process's own row shows.
+        wait_for("the first poll", || {
+            reader
+                .query_row(
+                    "SELECT 1 FROM process WHERE pid = ?1",
+                    [i64::from(std::process::id())],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+        });
         // A command: `sh` stays (two commands), its child `sleep` links to it.
         let mut child = std::process::Command::new("sh")
             .args(["-c", "sleep 4; true", &marker])

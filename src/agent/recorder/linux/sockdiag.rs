@@ -97,5 +97,11 @@ mod tests {
         assert!(conn.1.is_established());
         assert_eq!(conn.1.remote_addr, "127.0.0.1");
         assert_ne!(listen.0, conn.0, "distinct inodes");
+        // Dump after dump, a socket that stays open is in every one, under the same inode.
+        for i in 0..50 {
+            let again = sockets().unwrap();
+            let n = again.iter().filter(|(inode, _)| *inode == conn.0).count();
+            assert_eq!(n, 1, "dump {i}: the open connection appears {n} times");
+        }
     }
 }
