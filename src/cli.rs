@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::agent::AgentConfig;
 use crate::agent::enroll::{EnrollToken, ServerLink};
 use crate::agent::fleet::FleetSpec;
-use crate::agent::recorder::{Limits, RecorderKind};
+use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
 use crate::server::ServeConfig;
 
@@ -332,9 +332,19 @@ struct AgentArgs {
     /// Delete events older than this many days.
     #[arg(long, value_name = "DAYS")]
     max_age_days: Option<u64>,
-    /// How often the real recorder polls /proc, in milliseconds.
+    /// How often the real recorder polls (sockets, logons; processes without kernel events) and
+    /// writes a batch of kernel events, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 250)]
     poll_ms: u64,
+    /// Record file changes on the filesystem holding this path (repeatable) [default: /].
+    #[arg(long, value_name = "PATH")]
+    watch: Vec<PathBuf>,
+    /// Do not record file changes under this path (repeatable); the data directory always is.
+    #[arg(long, value_name = "PATH")]
+    exclude: Vec<PathBuf>,
+    /// Poll /proc even when kernel process and file events are available.
+    #[arg(long)]
+    no_kernel_events: bool,
     /// Staged snapshot copies not fetched within this many minutes are deleted.
     #[arg(long, value_name = "MINUTES", default_value_t = 60)]
     staging_ttl_minutes: u64,
@@ -673,9 +683,15 @@ impl AgentArgs {
             token: self.token,
             recorder: match self.simulate {
                 Some(events_per_sec) => RecorderKind::Simulate { events_per_sec },
-                None => RecorderKind::Linux {
-                    interval: Duration::from_millis(self.poll_ms.max(10)),
-                },
+                None => {
+                    let mut linux = LinuxConfig::new(Duration::from_millis(self.poll_ms.max(10)));
+                    if !self.watch.is_empty() {
+                        linux.watch = self.watch;
+                    }
+                    linux.exclude = self.exclude;
+                    linux.kernel_events = !self.no_kernel_events;
+                    RecorderKind::Linux(Box::new(linux))
+                }
             },
             prefill_events: self.prefill_events,
             limits: Limits {

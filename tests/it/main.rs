@@ -3,5 +3,6 @@
 mod agent;
 mod dropfolder;
 mod ingest;
+mod recorder;
 mod server;
 mod support;
