@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::agent::AgentConfig;
 use crate::agent::enroll::{EnrollToken, ServerLink};
 use crate::agent::fleet::FleetSpec;
-use crate::agent::recorder::{Limits, RecorderKind};
+use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
 use crate::server::ServeConfig;
 
@@ -84,6 +84,37 @@ enum CommandArgs {
         command: QueueCommand,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Files the ingest job rejected: see why, send them back to ingest, or delete them.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Quarantined files, newest first: id, name, origin, size, reason, when.
+    List,
+    /// One quarantined file with the full rejection.
+    Show { id: String },
+    /// Ingest quarantined files again (after a false reason, or under a fixed name).
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Ingest it under this snapshot name (one id only).
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Delete quarantined files for good.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -216,6 +247,13 @@ struct ServeArgs {
     /// A file written in place into the drop folder counts once unchanged this long [default: 2000]
     #[arg(long, value_name = "MS", env = "SNAPQ_WATCH_QUIET_MS")]
     watch_quiet_ms: Option<u64>,
+    /// A dropped file that fails validation while it may still be arriving is quarantined only
+    /// after it stayed unchanged this long [default: 60]
+    #[arg(long, value_name = "SECS", env = "SNAPQ_WATCH_SETTLE_SECS")]
+    watch_settle_secs: Option<u64>,
+    /// Quarantined files are deleted after this many days [default: 30]
+    #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
+    quarantine_retention_days: Option<u64>,
     /// Ingests running at once [default: 2]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
@@ -238,6 +276,8 @@ struct ServeFile {
     upload_max_mib: Option<u64>,
     watch: Option<PathBuf>,
     watch_quiet_ms: Option<u64>,
+    watch_settle_secs: Option<u64>,
+    quarantine_retention_days: Option<u64>,
     ingest_concurrency: Option<usize>,
 }
 
@@ -299,9 +339,19 @@ struct AgentArgs {
     /// Delete events older than this many days.
     #[arg(long, value_name = "DAYS")]
     max_age_days: Option<u64>,
-    /// How often the real recorder polls /proc, in milliseconds.
+    /// How often the real recorder polls (sockets, logons; processes without kernel events) and
+    /// writes a batch of kernel events, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 250)]
     poll_ms: u64,
+    /// Record file changes on the filesystem holding this path (repeatable) [default: /].
+    #[arg(long, value_name = "PATH")]
+    watch: Vec<PathBuf>,
+    /// Do not record file changes under this path (repeatable); the data directory always is.
+    #[arg(long, value_name = "PATH")]
+    exclude: Vec<PathBuf>,
+    /// Poll /proc even when kernel process and file events are available.
+    #[arg(long)]
+    no_kernel_events: bool,
     /// Staged snapshot copies not fetched within this many minutes are deleted.
     #[arg(long, value_name = "MINUTES", default_value_t = 60)]
     staging_ttl_minutes: u64,
@@ -414,6 +464,17 @@ pub enum ClientCommand {
     QueueCancel {
         id: String,
     },
+    QuarantineList,
+    QuarantineShow {
+        id: String,
+    },
+    QuarantineRetry {
+        ids: Vec<String>,
+        as_name: Option<String>,
+    },
+    QuarantineDelete {
+        ids: Vec<String>,
+    },
 }
 
 impl ClientArgs {
@@ -517,6 +578,29 @@ impl Cli {
                     QueueCommand::Cancel { id } => ClientCommand::QueueCancel { id },
                 },
             )),
+            CommandArgs::Quarantine { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    QuarantineCommand::List => ClientCommand::QuarantineList,
+                    QuarantineCommand::Show { id } => ClientCommand::QuarantineShow { id },
+                    QuarantineCommand::Retry { ids, as_name } => {
+                        if as_name.is_some() && ids.len() > 1 {
+                            return Err(UsageError(
+                                "--as renames one file: give one id with it".into(),
+                            )
+                            .into());
+                        }
+                        ClientCommand::QuarantineRetry { ids, as_name }
+                    }
+                    QuarantineCommand::Delete { ids, yes } => {
+                        confirm_destructive(
+                            yes,
+                            &format!("Delete {} quarantined file(s) for good?", ids.len()),
+                        )?;
+                        ClientCommand::QuarantineDelete { ids }
+                    }
+                },
+            )),
             CommandArgs::Agent(args) => match args.command {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
@@ -588,6 +672,18 @@ impl ServeArgs {
         if let Some(ms) = self.watch_quiet_ms.or(file.watch_quiet_ms) {
             config.watch_quiet = Duration::from_millis(ms);
         }
+        if let Some(secs) = self.watch_settle_secs.or(file.watch_settle_secs) {
+            config.watch_settle = Duration::from_secs(secs);
+        }
+        if let Some(days) = self
+            .quarantine_retention_days
+            .or(file.quarantine_retention_days)
+        {
+            if days == 0 {
+                bail!("quarantine retention must be at least 1 day");
+            }
+            config.quarantine_retention = Duration::from_secs(days * 24 * 3600);
+        }
         if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
             config.ingest_concurrency = n.max(1);
         }
@@ -609,9 +705,15 @@ impl AgentArgs {
             token: self.token,
             recorder: match self.simulate {
                 Some(events_per_sec) => RecorderKind::Simulate { events_per_sec },
-                None => RecorderKind::Linux {
-                    interval: Duration::from_millis(self.poll_ms.max(10)),
-                },
+                None => {
+                    let mut linux = LinuxConfig::new(Duration::from_millis(self.poll_ms.max(10)));
+                    if !self.watch.is_empty() {
+                        linux.watch = self.watch;
+                    }
+                    linux.exclude = self.exclude;
+                    linux.kernel_events = !self.no_kernel_events;
+                    RecorderKind::Linux(Box::new(linux))
+                }
             },
             prefill_events: self.prefill_events,
             limits: Limits {

@@ -17,9 +17,11 @@ use snapq_core::disk;
 use snapq_core::query::{self, EventQuery};
 use snapq_core::wire::{DbSize, EndpointInfo};
 
+use super::recorder::{self, RecorderDb};
 use super::staging::{StageError, Staged, StagedState, Staging};
-use super::{recorder::RecorderDb, system};
+use super::system;
 use crate::http::{ApiError, Growing, bearer_matches, serve_file, unauthorized};
+use rusqlite::OptionalExtension;
 
 pub struct AgentState {
     pub hostname: String,
@@ -78,6 +80,18 @@ fn query_error(err: query::QueryError) -> ApiError {
 
 async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointInfo>, ApiError> {
     let summary = with_reader(&state, |c| query::summary(c).map_err(query_error)).await?;
+    let recorder_modes = with_reader(&state, |c| {
+        let json: Option<String> = c
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [recorder::MODES_META_KEY],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(ApiError::internal)?;
+        Ok(json.map(|j| recorder::Modes::parse(&j)).unwrap_or_default())
+    })
+    .await?;
     let db_path = state.db.path();
     Ok(Json(EndpointInfo {
         hostname: state.hostname.clone(),
@@ -90,6 +104,7 @@ async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointI
         newest_ts: summary.newest_ts,
         disk_free_bytes: disk::free_bytes(db_path.parent().unwrap_or(db_path))
             .map_err(ApiError::internal)?,
+        recorder_modes,
     }))
 }
 

@@ -79,7 +79,7 @@ impl Agent {
             db.clone(),
             config.staging_ttl,
         )?;
-        let recorder = recorder::spawn(config.recorder, db.clone());
+        let recorder = recorder::spawn(config.recorder.clone(), db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;

@@ -3,6 +3,8 @@
 mod agent;
 mod chaos;
 mod crash;
+mod dropfolder;
 mod ingest;
+mod recorder;
 mod server;
 mod support;
