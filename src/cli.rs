@@ -50,6 +50,9 @@ enum CommandArgs {
         /// Wait for the captures, showing progress; exit 0 only if all complete.
         #[arg(long)]
         wait: bool,
+        /// Stop waiting after this many seconds (exit 1; the captures go on) [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -68,6 +71,10 @@ enum CommandArgs {
         /// Wait for each ingest and show the snapshot it became (Upload & Connect).
         #[arg(long)]
         connect: bool,
+        /// Stop waiting for an ingest after this many seconds (exit 1; the ingest goes on)
+        /// [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -421,6 +428,8 @@ pub enum ClientCommand {
         hosts: Vec<String>,
         yes: bool,
         wait: bool,
+        /// How long `wait` may take.
+        timeout: Option<Duration>,
     },
     SnapshotsList {
         endpoint: Option<String>,
@@ -435,6 +444,8 @@ pub enum ClientCommand {
     Upload {
         files: Vec<PathBuf>,
         connect: bool,
+        /// How long `connect` may wait for one ingest.
+        timeout: Option<Duration>,
     },
     QueueStatus {
         watch: bool,
@@ -512,10 +523,16 @@ impl Cli {
                 hosts,
                 yes,
                 wait,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Capture { hosts, yes, wait },
+                ClientCommand::Capture {
+                    hosts,
+                    yes,
+                    wait,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Snapshots { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -539,10 +556,15 @@ impl Cli {
             CommandArgs::Upload {
                 files,
                 connect,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Upload { files, connect },
+                ClientCommand::Upload {
+                    files,
+                    connect,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Queue { command, client } => Ok(Command::Client(
                 client.into_config(),

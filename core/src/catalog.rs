@@ -426,6 +426,52 @@ impl Catalog {
         Ok(())
     }
 
+    /// Fails a snapshot that is not finished yet (its job ended dead or cancelled); a complete
+    /// or already failed one is left as it is. `true` if this call failed it.
+    pub async fn fail_unfinished_snapshot(&self, id: i64, reason: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3
+             WHERE id = ?1 AND state NOT IN ('complete', 'failed')",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// At start-up: captures whose row was created but whose job never was (the server died in
+    /// between) can never progress; they fail with a reason. Returns how many.
+    pub async fn fail_unqueued_captures(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE snapshots SET state = 'failed', completed_ms = ?1,
+                error = 'the server stopped before the capture was queued; capture again'
+             WHERE state = 'queued' AND job_id IS NULL AND origin = 'capture'",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Ends a still `pending` ingest as `failed` (its job ended dead or cancelled without
+    /// storing, finding a duplicate or quarantining). `true` if this call ended it.
+    pub async fn fail_pending_ingest(&self, job_id: &str, reason: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE ingests SET state = 'failed', reason = ?2, finished_ms = ?3
+             WHERE job_id = ?1 AND state = 'pending'",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
     /// Removes a snapshot's row; `false` if there was none (deleting twice is not an error).
     /// `RETURNING` tells exactly whether this call removed it, also when two race.
     pub async fn delete_snapshot(&self, id: i64) -> Result<bool> {
@@ -493,7 +539,9 @@ impl Catalog {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
-             VALUES (?1, ?2, ?3, 'pending', ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
+             ON CONFLICT (job_id) DO UPDATE SET state = 'pending', reason = NULL, finished_ms = NULL
+             WHERE state = 'failed'",
         )
         .bind(job_id)
         .bind(origin.as_str())

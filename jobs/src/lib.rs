@@ -21,8 +21,8 @@ pub use id::JobId;
 pub use kind::{JobArgs, JobKind, NoopArgs, queue_names};
 pub use model::{
     AttemptInfo, AttemptOutcome, EnqueueOptions, Enqueued, JobDetail, JobEvent, JobInfo, JobState,
-    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus,
+    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus, TerminalJob,
 };
-pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport};
+pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport, TerminalHook};
 pub use retry::RetryPolicy;
 pub use worker::JobContext;

@@ -598,7 +598,9 @@ async fn upload(
     let incoming = state.config.data_dir.join("incoming");
     let spool_id = hex::encode(rand::random::<[u8; 16]>());
     let partial = incoming.join(format!("{spool_id}.partial"));
-    let spooled = incoming.join(format!("{spool_id}.db"));
+    // The spool name keeps the upload's name, so a file spooled just before a crash can still
+    // be ingested at the next start (see `server::recover_spool`).
+    let spooled = incoming.join(super::spool_name(&spool_id, &name));
     let limit = state.config.upload_max_bytes;
     let result: Result<u64, ApiError> = async {
         let file = tokio::fs::File::create(&partial).await.map_err(ApiError::internal)?;
@@ -635,9 +637,7 @@ async fn upload(
         .await
         .map_err(ApiError::internal)?;
     let args = IngestArgs::new(spooled, name.to_string(), Origin::Upload);
-    let job = state
-        .queue
-        .push(&args, &caller.name)
+    let job = super::enqueue_spooled(&state.queue, &args, &spool_id, &caller.name)
         .await
         .map_err(ApiError::internal)?;
     state

@@ -94,6 +94,7 @@ pub struct ServerState {
 }
 
 pub struct Server {
+    _lock: DataDirLock,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     state: Arc<ServerState>,
@@ -104,9 +105,20 @@ impl Server {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Server> {
         let dir = &config.data_dir;
         crate::agent::ensure_writable_dir(dir)?;
+        // Before anything else: a second server on the same directory must not touch it.
+        let lock = DataDirLock::acquire(dir)?;
+        // Then the port: a server that cannot listen must not have claimed any job.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
         let catalog = Catalog::open(&dir.join("catalog.db")).await?;
         let store = Store::open(&dir.join("snapshots"))
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
+        match store.remove_abandoned_copies() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
+            Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
+        }
         for sub in ["incoming", "quarantine", "exports"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -143,11 +155,15 @@ impl Server {
                 settle: config.watch_settle,
             },
         });
+        let terminal_catalog = catalog.clone();
+        queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
+        catalog.fail_unqueued_captures().await?;
         spawn_workers(&queue, &services, &config).await?;
-        let listener = TcpListener::bind(config.listen)
+        recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+            .context("recovering spooled uploads")?;
         Ok(Server {
+            _lock: lock,
             listener,
             tls,
             state: Arc::new(ServerState {
@@ -178,6 +194,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
+        let _lock = self._lock;
         let state = self.state.clone();
         let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
         let watcher = start_watcher(&state).await?;
@@ -200,6 +217,87 @@ impl Server {
         let report = state.queue.shutdown(Duration::from_secs(10)).await;
         tracing::info!(?report, "workers stopped");
         served.context("serving the API")
+    }
+}
+
+/// The catalog follows the queue's terminal outcome: whatever ended a job dead or cancelled
+/// (its last attempt, a cancel while it waited, a handler that ignored its cancel, the orphan
+/// rescue, a panic), its snapshot or ingest row ends `failed` with the job's reason here, not
+/// in each handler. A row that already finished (complete, quarantined, ...) is left alone.
+async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Result<(), String> {
+    let reason = job.error.clone().unwrap_or_else(|| job.state.to_string());
+    match job.kind {
+        JobKind::Capture => {
+            let Some(id) = job.args["snapshot_id"].as_i64() else {
+                return Ok(());
+            };
+            catalog
+                .fail_unfinished_snapshot(id, &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        JobKind::Ingest => {
+            let Ok(args) = serde_json::from_value::<IngestArgs>(job.args.clone()) else {
+                return Ok(());
+            };
+            // The job may have died before its handler first ran.
+            catalog
+                .create_ingest(
+                    job.id.as_str(),
+                    args.origin,
+                    &args.original_name,
+                    job.requested_by.as_deref().unwrap_or(""),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog
+                .fail_pending_ingest(job.id.as_str(), &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An exclusive lock on the data directory (`DIR/serve.lock`, holding the owner's pid), held
+/// for the server's life: two servers on one directory would run the same jobs twice.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = dir.join("serve.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let pid = if pid.is_empty() { "unknown" } else { pid };
+                anyhow::bail!(
+                    "another snapq serve (pid {pid}) is using {}; stop it first or choose another --data-dir",
+                    dir.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", path.display()));
+        }
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(DataDirLock { _file: file })
     }
 }
 
@@ -236,6 +334,16 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
                 .enqueue_with(JobKind::Ingest, &args, "watch", &options)
                 .await
                 .map_err(|e| e.to_string())?;
+            // This version of the file was submitted before. If that job died (say the disk
+            // was full for every attempt), the file is still here and deserves another try.
+            if !enqueued.created {
+                let job = queue.show(&enqueued.id).await.map_err(|e| e.to_string())?;
+                if job.job.state == snapq_jobs::JobState::Failed {
+                    tracing::info!(job_id = %enqueued.id, path = %candidate.path.display(),
+                        "a watched file's ingest had died; trying it again");
+                    queue.retry(&enqueued.id).await.map_err(|e| e.to_string())?;
+                }
+            }
             catalog
                 .create_ingest(enqueued.id.as_str(), Origin::Watch, &original_name, "watch")
                 .await
@@ -244,6 +352,59 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
     })
     .await
     .with_context(|| format!("watching {}", state.config.watch_dir.display()))
+}
+
+/// `incoming/<spool id>_<snapshot name>`: a spooled upload.
+pub(crate) fn spool_name(spool_id: &str, name: &snapq_core::SnapshotName) -> String {
+    format!("{spool_id}_{name}")
+}
+
+/// Enqueues the ingest of a spooled upload, keyed by its spool id, so the start-up sweep of
+/// `incoming/` and the upload route can never make two jobs of one file.
+pub(crate) async fn enqueue_spooled(
+    queue: &Queue,
+    args: &IngestArgs,
+    spool_id: &str,
+    requested_by: &str,
+) -> Result<snapq_jobs::JobId, snapq_jobs::QueueError> {
+    let options = EnqueueOptions {
+        idempotency_key: Some(format!("upload:{spool_id}")),
+        ..EnqueueOptions::default()
+    };
+    let enqueued = queue
+        .enqueue_with(JobKind::Ingest, args, requested_by, &options)
+        .await?;
+    if !enqueued.created
+        && queue.show(&enqueued.id).await?.job.state == snapq_jobs::JobState::Failed
+    {
+        // Its job died and left the file: try again.
+        queue.retry(&enqueued.id).await?;
+    }
+    Ok(enqueued.id)
+}
+
+/// Files spooled completely by an earlier run whose ingest may never have been queued (the
+/// server died between the spool and the enqueue): each gets its ingest job (the same one if
+/// it was queued, by its key), so nothing that arrived whole is forgotten in `incoming/`.
+async fn recover_spool(queue: &Queue, catalog: &Catalog, incoming: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(incoming)?.flatten() {
+        let path = entry.path();
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((spool_id, name)) = file.split_once('_') else {
+            continue;
+        };
+        let Ok(name) = name.parse::<snapq_core::SnapshotName>() else {
+            continue;
+        };
+        let args = IngestArgs::new(path.clone(), name.to_string(), Origin::Upload);
+        let job = enqueue_spooled(queue, &args, spool_id, "upload").await?;
+        catalog
+            .create_ingest(job.as_str(), Origin::Upload, &args.original_name, "upload")
+            .await?;
+    }
+    Ok(())
 }
 
 /// Removes uploads that were cut off mid-stream (`*.partial`) by an earlier run.

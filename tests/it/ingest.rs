@@ -1,31 +1,11 @@
 //! Snapshots that arrive whole: uploads over HTTPS, rejected files, deletion, and TLS itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{TestServer, eventually, files_under, run_snapq};
-
-/// A real exported snapshot of a recorder database with `events` events.
-pub(crate) fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
-    let data = dir.join(format!("agent-{hostname}"));
-    std::fs::create_dir_all(&data).unwrap();
-    {
-        let db = snapq::agent::recorder::RecorderDb::open(
-            &data.join("monitor.db"),
-            hostname,
-            Default::default(),
-        )
-        .unwrap();
-        snapq::agent::recorder::prefill(&db, events).unwrap();
-    }
-    let out = dir.join(format!("out-{hostname}-{events}"));
-    std::fs::create_dir_all(&out).unwrap();
-    snapq::agent::export::export(&data, &out, None)
-        .unwrap()
-        .path
-}
+use crate::support::{TestServer, eventually, files_under, run_snapq, snapshot_file};
 
 fn quarantined(server: &TestServer) -> Vec<PathBuf> {
     files_under(&server.data_dir.join("quarantine"))

@@ -1,6 +1,8 @@
 //! End-to-end tests: real `snapq` processes on loopback with temp data directories.
 
 mod agent;
+mod chaos;
+mod crash;
 mod dropfolder;
 mod ingest;
 mod recorder;

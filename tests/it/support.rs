@@ -220,11 +220,13 @@ impl TestServer {
             "serve".into(),
             "--data-dir".into(),
             data_dir.to_str().unwrap().into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--online-window-secs".into(),
             "5".into(),
         ];
+        // Port 0 unless the caller needs the same address across restarts.
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let (child, addr) = spawn_listening("snapq server", &refs, &[]);
@@ -361,4 +363,24 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A real exported snapshot of a recorder database with `events` events.
+pub fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
+    let data = dir.join(format!("agent-{hostname}"));
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let db = snapq::agent::recorder::RecorderDb::open(
+            &data.join("monitor.db"),
+            hostname,
+            Default::default(),
+        )
+        .unwrap();
+        snapq::agent::recorder::prefill(&db, events).unwrap();
+    }
+    let out = dir.join(format!("out-{hostname}-{events}"));
+    std::fs::create_dir_all(&out).unwrap();
+    snapq::agent::export::export(&data, &out, None)
+        .unwrap()
+        .path
 }

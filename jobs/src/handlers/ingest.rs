@@ -368,23 +368,28 @@ async fn ingest(
         tracing::info!(duplicate_of = existing.id, "already stored");
         return Ok(Outcome::Duplicate(existing.id));
     }
-    if source != stored && stored.exists() {
-        return Ok(Outcome::Rejected {
-            reason: format!("a different snapshot named {name} is already stored (sha256 differs)"),
-            curable: false,
-        });
-    }
     let endpoint = svc
         .catalog
         .ensure_endpoint(name.hostname())
         .await
         .transient()?;
     if source != stored {
+        // The commit never replaces: a file already stored under the name (an earlier run cut
+        // off before it registered, or another ingest of the same name right now) is compared.
         let (store, from, to) = (svc.store.clone(), source.clone(), name.clone());
-        tokio::task::spawn_blocking(move || store.commit(&from, &to))
+        let committed = tokio::task::spawn_blocking(move || store.commit(&from, &to))
             .await
-            .transient()?
             .transient()?;
+        match committed {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if let Some(outcome) = already_stored(svc, &name, &stored, &source, &sha256).await?
+                {
+                    return Ok(outcome);
+                }
+            }
+            Err(e) => return Err(JobError::transient(e.to_string())),
+        }
     }
     let id = svc
         .catalog
@@ -411,6 +416,38 @@ async fn ingest(
         )
         .await;
     Ok(Outcome::Stored(id))
+}
+
+/// A file is already stored under `name`: the same bytes (by sha256) make this ingest that
+/// snapshot (`None`: register the stored file, which nothing registered yet); other bytes are a
+/// rejection. `source` is removed once the stored file is known to be the same.
+async fn already_stored(
+    svc: &Services,
+    name: &SnapshotName,
+    stored: &Path,
+    source: &Path,
+    sha256: &str,
+) -> Result<Option<Outcome>, JobError> {
+    let stored_sha = {
+        let stored = stored.to_owned();
+        tokio::task::spawn_blocking(move || verify::sha256_file(&stored))
+            .await
+            .transient()?
+            .transient()?
+    };
+    if stored_sha != sha256 {
+        return Ok(Some(Outcome::Rejected {
+            reason: format!("a different snapshot named {name} is already stored (sha256 differs)"),
+            curable: false,
+        }));
+    }
+    let _ = std::fs::remove_file(source);
+    Ok(svc
+        .catalog
+        .snapshot_by_name(&name.to_string())
+        .await
+        .transient()?
+        .map(|existing| Outcome::Duplicate(existing.id)))
 }
 
 /// `<file>.reason.json`: the quarantined file's reason, beside it.
