@@ -124,11 +124,17 @@ impl TestAgent {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("https://{}{}", self.addr, path)
     }
 
+    /// The sha256 of the certificate the agent's API presents.
+    pub fn cert_sha256(&self) -> String {
+        snapq::tls::cert_pin(&self.data_dir.join("certs/httpPublicCert.pem")).unwrap()
+    }
+
+    /// An HTTPS client that trusts exactly this agent's certificate.
     pub fn client(&self) -> reqwest::Client {
-        snapq_core::agent_client::http_client()
+        snapq::tls::client(&snapq::tls::Trust::Pin(self.cert_sha256())).unwrap()
     }
 
     /// GET with the agent's token, returning status and JSON body.
