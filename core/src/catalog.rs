@@ -210,12 +210,13 @@ impl Catalog {
     /// Enrolls the agent of `hb.hostname`: binds the hostname to its certificate and `nonce` and
     /// records its facts, creating the endpoint if it is new. `None` when the hostname is already
     /// bound to an agent (checked and written in one statement, so two enrollments cannot both win).
+    /// The endpoint is not seen (online) until a heartbeat proves the agent kept its credential.
     pub async fn enroll(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         let now = now_ms();
         Ok(sqlx::query_as::<_, Endpoint>(
             "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, last_seen_ms,
                 created_ms, cert_sha256, identity_nonce, enrolled_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?7)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?7)
              ON CONFLICT (hostname) DO UPDATE SET ips = excluded.ips, os = excluded.os,
                 agent_version = excluded.agent_version, labels = excluded.labels,
                 api_url = excluded.api_url, last_seen_ms = excluded.last_seen_ms,

@@ -147,6 +147,8 @@ pub async fn heartbeat_loop(link: ServerLink, heartbeat: Heartbeat, identity: Ar
             }
             Beat::Enrolled => {
                 tracing::info!(server = %link.url, "enrolled with the server");
+                // The server lists the endpoint online once a heartbeat proves the credential.
+                tick.reset_immediately();
                 true
             }
             Beat::CredentialRefused(e) => {

@@ -453,7 +453,7 @@ async fn queue_retry_and_cancel_refuse_unknown_and_finished_jobs() {
     server.wait_online("web-01").await;
     let ids = queue_captures(&server, &["web-01"]).await;
     let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
-    assert_eq!(snap["state"], "complete");
+    assert_eq!(snap["state"], "complete", "{snap}");
     let job = snap["job_id"].as_str().unwrap();
     let (code, _, stderr) = server.cli(&["queue", "cancel", job]);
     assert_eq!(code, 1);
