@@ -585,7 +585,9 @@ async fn upload(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
     if declared.is_some_and(|n| n > limit) {
+        drain_briefly(stream);
         return Err(too_large());
     }
     // The spool counts against the same disk reservations as captures: the declared length up
@@ -604,7 +606,13 @@ async fn upload(
             .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))
     };
     const STEP: u64 = 64 << 20;
-    let mut held = vec![reserve(declared.unwrap_or(STEP.min(limit)))?];
+    let mut held = match reserve(declared.unwrap_or(STEP.min(limit))) {
+        Ok(first) => vec![first],
+        Err(e) => {
+            drain_briefly(stream);
+            return Err(e);
+        }
+    };
     let mut covered = declared.unwrap_or(STEP.min(limit));
     let result: Result<u64, ApiError> = async {
         let file = tokio::fs::File::create(&partial)
@@ -612,7 +620,6 @@ async fn upload(
             .map_err(ApiError::internal)?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut received = 0u64;
-        let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk =
                 chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
@@ -639,6 +646,7 @@ async fn upload(
     let received = match result {
         Ok(n) => n,
         Err(e) => {
+            drain_briefly(stream);
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
@@ -684,6 +692,16 @@ async fn upload(
         Json(serde_json::json!({ "job_id": job.as_str(), "name": args.original_name, "bytes": received })),
     )
         .into_response())
+}
+
+/// Reads and discards what is left of a refused upload for a moment, so that a client still
+/// sending reads the answer (413, 507) instead of a broken pipe; then the connection closes.
+fn drain_briefly(mut stream: axum::body::BodyDataStream) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    });
 }
 
 async fn show_ingest(
