@@ -372,6 +372,32 @@ mod tests {
     }
 
     #[test]
+    fn files_are_opened_without_following_symlinks_and_a_swap_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("web-01_2026_01_01T00.00.00.000Z.db");
+        recorder_db(&real);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(matches!(
+            open_regular_no_follow(&link),
+            Err(VerifyError::NotRegular(_))
+        ));
+
+        let file = open_regular_no_follow(&real).unwrap();
+        let (verified, sha256, size) = verify_open_file(&file).unwrap();
+        assert_eq!(verified.events, 2);
+        assert_eq!(sha256, sha256_file(&real).unwrap());
+        assert_eq!(size, std::fs::metadata(&real).unwrap().len());
+        assert!(still_names(&real, &file));
+        // Swapped for a symlink after it was opened: the path no longer names the checked file.
+        std::fs::remove_file(&real).unwrap();
+        std::os::unix::fs::symlink(&secret, &real).unwrap();
+        assert!(!still_names(&real, &file));
+    }
+
+    #[test]
     fn sha256_matches_the_known_digest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("abc");

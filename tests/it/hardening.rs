@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{TestServer, files_under};
+use crate::support::{AgentOptions, TestAgent, TestServer, files_under};
 
 /// Sends `head` (request line and headers, no body) over TLS and returns what the server answers
 /// within 10 s.
@@ -114,4 +114,53 @@ async fn an_upload_that_would_eat_into_the_disk_reserve_is_refused_before_spooli
     assert!(files_under(&server.data_dir.join("incoming")).is_empty());
     let (_, jobs) = server.get("/v1/queue/jobs").await;
     assert_eq!(jobs.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_keeps_its_staging_reserve_free() {
+    let free_mib = snapq_core::disk::free_bytes(&std::env::temp_dir()).unwrap() >> 20;
+    let agent = TestAgent::spawn_with(AgentOptions {
+        prefill: 1_000,
+        extra: vec!["--staging-reserve-mib".into(), free_mib.to_string()],
+        ..AgentOptions::default()
+    });
+    let (status, body) = agent.post("/v1/snapshots").await;
+    assert_eq!(status, 507, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("the staging reserve"), "{error}");
+    let (_, staged) = agent.get("/v1/snapshots").await;
+    assert_eq!(staged.as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_answering_with_an_endless_body_is_cut_off() {
+    use axum::routing::get;
+    let server = TestServer::spawn_with(&["--job-max-attempts", "1"]);
+    let app = axum::Router::new().route(
+        "/v1/endpoint/size",
+        get(|| async { format!("{{\"db_bytes\": 1, \"pad\": \"{}\"}}", "x".repeat(8 << 20)) }),
+    );
+    let certs = tempfile::tempdir().unwrap();
+    let pair = snapq::tls::CertPair::ensure(certs.path(), &["localhost".into()]).unwrap();
+    let (config, pin) = (pair.server_config().unwrap(), pair.pin().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _agent = tokio::spawn(snapq::tls::serve(
+        listener,
+        config,
+        app,
+        std::future::pending(),
+    ));
+    let (status, _) = crate::server::heartbeat(
+        &server,
+        &server.enroll_secret(),
+        "chatty",
+        &format!("https://{addr}"),
+        &pin,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (snap, _) =
+        crate::server::capture_fails(&server, "chatty", "larger than 1048576 bytes").await;
+    assert_eq!(snap["bytes_done"], 0, "{snap}");
 }

@@ -139,6 +139,15 @@ async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
         .unwrap()
         .clone();
     assert_eq!(capture["done"], 1);
+    // Only the kinds this server runs.
+    let mut kinds: Vec<&str> = status["status"]["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["capture", "delete", "ingest"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
