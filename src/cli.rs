@@ -297,8 +297,8 @@ struct FleetSimArgs {
 struct AgentArgs {
     #[command(subcommand)]
     command: Option<AgentCommandArgs>,
-    /// Where the agent keeps monitor.db, agent.token and staged copies
-    /// [default: $XDG_DATA_HOME/snapq-agent]
+    /// Where the agent keeps monitor.db, agent.token, its certificate pair (certs/), the server's
+    /// credential and staged copies [default: $XDG_DATA_HOME/snapq-agent]
     #[arg(long, env = "SNAPQ_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Address and port of the endpoint API.
