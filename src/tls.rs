@@ -141,7 +141,8 @@ pub fn client(trust: &Trust) -> anyhow::Result<reqwest::Client> {
     snapq_core::agent_client::install_crypto_provider();
     let builder = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
-        .read_timeout(std::time::Duration::from_secs(120));
+        .read_timeout(std::time::Duration::from_secs(120))
+        .pool_idle_timeout(std::time::Duration::from_secs(20));
     let builder = match trust {
         Trust::System => builder,
         Trust::CaFile(path) => {
@@ -165,10 +166,13 @@ pub fn client(trust: &Trust) -> anyhow::Result<reqwest::Client> {
     builder.build().context("building the HTTPS client")
 }
 
-/// A client has this long to start its TLS handshake and finish it, and then to send each
-/// request's headers; a silent or slow client loses its connection, not the server's attention.
+/// A client has this long to start its TLS handshake and finish it; a silent or slow client loses
+/// its connection, not the server's attention.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and this long to send each request's headers, which also ends an idle keep-alive connection
+/// (hyper starts the timer when it waits for the next request). Clients keep idle connections for
+/// less (20 s), so they never reuse one the server is closing.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The most connections served at once; beyond it new ones wait in the listen backlog. Lowered to
 /// fit the process's open-file limit (raised to its hard limit first).
 pub const MAX_CONNECTIONS: usize = 4096;

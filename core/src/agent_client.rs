@@ -67,7 +67,9 @@ fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(60))
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Shorter than the agent's keep-alive (30 s), so a pooled connection is never one the
+        // agent is closing.
+        .pool_idle_timeout(Duration::from_secs(20))
 }
 
 /// An HTTPS client that trusts only the agent certificate pinned as `pin`: short connect timeout,
