@@ -261,9 +261,11 @@ impl TestServer {
         format!("https://{}", self.addr)
     }
 
-    /// The secret part of the enroll token, which agents send as their bearer token.
+    /// The secret part of the current enroll token (re-read: an admin may have rotated it), which
+    /// agents enroll with.
     pub fn enroll_secret(&self) -> String {
-        self.enroll_token.split('.').next().unwrap().to_owned()
+        let token = std::fs::read_to_string(self.data_dir.join("enroll.token")).unwrap();
+        token.trim().split('.').next().unwrap().to_owned()
     }
 
     /// An HTTPS client that trusts exactly this server's certificate.
