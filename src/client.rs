@@ -33,7 +33,7 @@ impl Client {
         let token = match &config.token {
             Some(t) => t.clone(),
             None => {
-                let path = crate::server::admin_token_path(&config.data_dir);
+                let path = crate::layout::ServerDir::new(&config.data_dir).admin_token();
                 crate::token::read(&path).with_context(|| {
                     format!(
                         "no token given and {} is unreadable; pass --token or SNAPQ_TOKEN, or --data-dir of the local server",
@@ -42,7 +42,9 @@ impl Client {
                 })?
             }
         };
-        let local_cert = crate::tls::CertPair::in_dir(&config.data_dir.join("certs")).cert;
+        let local_cert =
+            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&config.data_dir).certs())
+                .cert;
         let trust = match &config.ca_cert {
             Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
             None if local_cert.exists() => {
@@ -115,6 +117,35 @@ fn time_of(ms: &Value) -> String {
 
 fn bytes_of(v: &Value) -> String {
     v.as_u64().map(human_bytes).unwrap_or_else(|| "-".into())
+}
+
+/// `snapq endpoints rekey HOST` / `snapq endpoints forget HOST`.
+pub async fn endpoint_identity(client: &Client, host: &str, forget: bool) -> anyhow::Result<()> {
+    let action = if forget { "forget" } else { "rekey" };
+    let result: Value = client
+        .post(
+            &format!("/v1/endpoints/{}/{action}", enc(host)),
+            &Value::Null,
+        )
+        .await?;
+    client.print(&result, |_| {
+        if forget {
+            println!("{host}: agent forgotten; it can enroll again with the enroll token");
+        } else {
+            println!("{host}: re-keyed; the next agent to enroll as {host} with the enroll token is bound to it");
+        }
+    });
+    Ok(())
+}
+
+/// `snapq enroll-token rotate`: prints the new token.
+pub async fn enroll_token_rotate(client: &Client) -> anyhow::Result<()> {
+    let result: Value = client.post("/v1/enroll-token/rotate", &Value::Null).await?;
+    client.print(&result, |r| {
+        println!("{}", r["enroll_token"].as_str().unwrap_or_default());
+        eprintln!("new enroll token issued; agents already enrolled keep working");
+    });
+    Ok(())
 }
 
 pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {

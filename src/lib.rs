@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod http;
+pub mod layout;
 pub mod logging;
 pub mod server;
 pub mod tls;
@@ -74,6 +75,8 @@ async fn run_client(
     let c = client::Client::new(&config)?;
     match command {
         C::Endpoints { search } => client::endpoints(&c, &search).await,
+        C::EndpointIdentity { host, forget } => client::endpoint_identity(&c, &host, forget).await,
+        C::EnrollTokenRotate => client::enroll_token_rotate(&c).await,
         C::Capture {
             hosts,
             yes,

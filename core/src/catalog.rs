@@ -89,10 +89,21 @@ pub struct Endpoint {
     #[sqlx(json)]
     pub labels: Vec<String>,
     pub api_url: Option<String>,
-    #[serde(skip)]
-    pub api_token: Option<String>,
     pub last_seen_ms: Option<i64>,
     pub created_ms: i64,
+    /// The sha256 of the agent's TLS certificate, pinned at enrollment (`None`: not enrolled).
+    pub cert_sha256: Option<String>,
+    /// What the agent's credential derives from (see `identity`); not a secret by itself.
+    #[serde(skip)]
+    pub identity_nonce: Option<String>,
+    pub enrolled_ms: Option<i64>,
+}
+
+impl Endpoint {
+    /// Whether an agent is bound to this hostname (heartbeats must prove its identity).
+    pub fn is_enrolled(&self) -> bool {
+        self.identity_nonce.is_some()
+    }
 }
 
 /// What an agent reports about itself on each heartbeat.
@@ -106,7 +117,9 @@ pub struct Heartbeat {
     #[serde(default)]
     pub labels: Vec<String>,
     pub api_url: String,
-    pub api_token: String,
+    /// The sha256 of the certificate the agent's API presents (pinned at enrollment).
+    #[serde(default)]
+    pub cert_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]
@@ -196,16 +209,22 @@ impl Catalog {
 
     // --- endpoints -------------------------------------------------------------------------
 
-    /// Records an agent's heartbeat, creating the endpoint on its first one.
-    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Endpoint> {
+    /// Enrolls the agent of `hb.hostname`: binds the hostname to its certificate and `nonce` and
+    /// records its facts, creating the endpoint if it is new. `None` when the hostname is already
+    /// bound to an agent (checked and written in one statement, so two enrollments cannot both win).
+    /// The endpoint is not seen (online) until a heartbeat proves the agent kept its credential.
+    pub async fn enroll(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         let now = now_ms();
-        let endpoint = sqlx::query_as::<_, Endpoint>(
-            "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, api_token, last_seen_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, last_seen_ms,
+                created_ms, cert_sha256, identity_nonce, enrolled_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?7)
              ON CONFLICT (hostname) DO UPDATE SET ips = excluded.ips, os = excluded.os,
                 agent_version = excluded.agent_version, labels = excluded.labels,
-                api_url = excluded.api_url, api_token = excluded.api_token,
-                last_seen_ms = excluded.last_seen_ms
+                api_url = excluded.api_url, last_seen_ms = excluded.last_seen_ms,
+                cert_sha256 = excluded.cert_sha256, identity_nonce = excluded.identity_nonce,
+                enrolled_ms = excluded.enrolled_ms
+             WHERE endpoints.identity_nonce IS NULL
              RETURNING *",
         )
         .bind(&hb.hostname)
@@ -214,11 +233,69 @@ impl Catalog {
         .bind(&hb.agent_version)
         .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
         .bind(&hb.api_url)
-        .bind(&hb.api_token)
         .bind(now)
-        .fetch_one(&self.pool)
+        .bind(&hb.cert_sha256)
+        .bind(nonce)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records a heartbeat of an enrolled agent whose credential the caller checked against
+    /// `nonce`: its facts and address, never its pinned certificate. `None` if the endpoint was
+    /// re-keyed or forgotten meanwhile.
+    pub async fn heartbeat(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "UPDATE endpoints SET ips = ?2, os = ?3, agent_version = ?4, labels = ?5, api_url = ?6,
+                last_seen_ms = ?7
+             WHERE hostname = ?1 AND identity_nonce = ?8
+             RETURNING *",
+        )
+        .bind(&hb.hostname)
+        .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
+        .bind(&hb.os)
+        .bind(&hb.agent_version)
+        .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
+        .bind(&hb.api_url)
+        .bind(now_ms())
+        .bind(nonce)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Unbinds `hostname` from its agent so that the next enrollment binds it anew (a reimaged
+    /// machine, a replaced certificate); the old credential stops working. `false` if unknown.
+    pub async fn rekey_endpoint(&self, hostname: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL
+             WHERE hostname = ?1",
+        )
+        .bind(hostname)
+        .execute(&self.pool)
         .await?;
-        Ok(endpoint)
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Forgets `hostname`'s agent: its binding and address; the endpoint row goes too unless
+    /// snapshots still belong to it (they stay, under an offline endpoint). `false` if unknown.
+    pub async fn forget_endpoint(&self, hostname: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL,
+                api_url = NULL, last_seen_ms = NULL
+             WHERE hostname = ?1",
+        )
+        .bind(hostname)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM endpoints WHERE hostname = ?1
+             AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = endpoints.id)",
+        )
+        .bind(hostname)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// The endpoint of `hostname`, creating an offline one (known only from its snapshots) if new.

@@ -611,17 +611,39 @@ async fn our_ack_is_a_primary_key_seek_not_a_scan_of_the_workers_history() {
     // `lock_by = ?` (now a covering (lock_by, id) index scan). snapq never runs it: its ack
     // is a primary-key update and it clears `lock_by` when a job finishes.
     eprintln!("apalis ack plan: {apalis_ack}");
-    let ours =
-        plan("EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Done' WHERE id = 'x' AND lock_by = 'w'")
-            .await;
+    // The product's own statements, planned with their parameters bound.
+    let explain = |sql: &str, binds: Vec<Value>| {
+        let pool = pool.clone();
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        async move {
+            let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql));
+            for b in binds {
+                query = match b {
+                    Value::Number(n) => query.bind(n.as_i64().unwrap()),
+                    other => query.bind(other.as_str().unwrap().to_owned()),
+                };
+            }
+            let rows = query.fetch_all(&pool).await.unwrap();
+            rows.into_iter()
+                .map(|r| r.3)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        }
+    };
+    let ours = explain(
+        snapq_jobs::statements::FINISH_DONE,
+        vec![json!("x"), json!("w"), json!(1), json!(0)],
+    )
+    .await;
     assert!(
         ours.contains("(lock_by=? AND id=?)") || ours.contains("(id=?)"),
         "{ours}"
     );
-    // The bulk ack of successes (sql::FINISH_DONE_MANY) seeks each id too.
-    let bulk = plan(
-        "EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Done', attempts = attempts + 1
-         WHERE id IN (SELECT value FROM json_each('[\"x\"]')) AND lock_by = 'w' RETURNING id",
+    assert!(!ours.contains("SCAN Jobs"), "{ours}");
+    // The bulk ack of successes seeks each id too.
+    let bulk = explain(
+        snapq_jobs::statements::FINISH_DONE_MANY,
+        vec![json!("[\"x\"]"), json!("w"), json!(0)],
     )
     .await;
     assert!(

@@ -5,6 +5,7 @@
 //! listener and starts the workers; [`Server::run`] serves until the shutdown signal, then lets
 //! running jobs finish or leaves them to resume at the next start.
 
+pub mod agents;
 pub mod api;
 pub mod demo;
 pub mod quarantine;
@@ -24,6 +25,7 @@ use snapq_jobs::{EnqueueOptions, JobKind, Queue, QueueConfig, RetryPolicy};
 use tokio::net::TcpListener;
 
 use crate::agent::enroll::EnrollToken;
+use crate::layout::ServerDir;
 use crate::tls::CertPair;
 
 /// A validated server configuration.
@@ -72,7 +74,7 @@ impl ServeConfig {
             demo_endpoints: 0,
             ingest_concurrency: 2,
             upload_max_bytes: 16 << 30,
-            watch_dir: data_dir.join("watch"),
+            watch_dir: ServerDir::new(&data_dir).watch(),
             watch_quiet: Duration::from_secs(2),
             watch_rescan: Duration::from_secs(30),
             watch_settle: Duration::from_secs(60),
@@ -88,9 +90,21 @@ pub struct ServerState {
     pub catalog: Catalog,
     pub queue: Queue,
     pub services: Arc<Services>,
-    pub enroll_token: EnrollToken,
+    /// What new agents enroll with; an admin can rotate it (`snapq enroll-token rotate`).
+    pub enroll_token: std::sync::RwLock<EnrollToken>,
     /// What the drop-folder watcher is waiting for (set once it runs).
     pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
+}
+
+impl ServerState {
+    pub fn layout(&self) -> ServerDir {
+        ServerDir::new(&self.config.data_dir)
+    }
+
+    /// The current enroll token.
+    pub fn enroll_token(&self) -> EnrollToken {
+        self.enroll_token.read().expect("enroll token lock").clone()
+    }
 }
 
 pub struct Server {
@@ -104,6 +118,7 @@ impl Server {
     #[tracing::instrument(skip_all, fields(data_dir = %config.data_dir.display()))]
     pub async fn build(config: ServeConfig) -> anyhow::Result<Server> {
         let dir = &config.data_dir;
+        let layout = ServerDir::new(dir);
         crate::agent::ensure_writable_dir(dir)?;
         // Before anything else: a second server on the same directory must not touch it.
         let lock = DataDirLock::acquire(dir)?;
@@ -111,28 +126,29 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let catalog = Catalog::open(&dir.join("catalog.db")).await?;
-        let store = Store::open(&dir.join("snapshots"))
+        let catalog = Catalog::open(&layout.catalog()).await?;
+        let store = Store::open(&layout.snapshots())
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
         match store.remove_abandoned_copies() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
             Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
         }
-        for sub in ["incoming", "quarantine", "exports"] {
-            std::fs::create_dir_all(dir.join(sub))?;
+        for sub in [layout.incoming(), layout.quarantine(), layout.exports()] {
+            std::fs::create_dir_all(sub)?;
         }
-        clean_spool(&dir.join("incoming"));
-        let admin_token = crate::token::load_or_create(None, &dir.join("admin.token"))?;
+        clean_spool(&layout.incoming());
+        let admin_token = crate::token::load_or_create(None, &layout.admin_token())?;
         catalog
             .ensure_token("admin", "admin", &sha256_hex(&admin_token))
             .await?;
-        let certs = CertPair::ensure(&dir.join("certs"), &certificate_names())?;
+        let certs = CertPair::ensure(&layout.certs(), &certificate_names())?;
         let tls = certs.server_config()?;
-        let enroll_token = enroll_token(dir, &certs)?;
+        let enroll_token = enroll_token(&layout, &certs)?;
+        let agents_key = snapq_core::identity::AgentKey::load_or_create(&layout.agents_key())?;
 
         let queue = Queue::open(
-            &dir.join("queue.db"),
+            &layout.queue(),
             QueueConfig {
                 retry: config.retry,
                 retention: Some(config.job_retention),
@@ -144,8 +160,8 @@ impl Server {
             catalog: catalog.clone(),
             queue: queue.clone(),
             store,
-            quarantine: dir.join("quarantine"),
-            http: snapq_core::agent_client::http_client(),
+            quarantine: layout.quarantine(),
+            agents: snapq_core::agent_client::Agents::new(agents_key),
             reservations: Reservations::default(),
             capture: CaptureSettings {
                 reserve_bytes: config.capture_reserve_bytes,
@@ -171,7 +187,7 @@ impl Server {
                 catalog,
                 queue,
                 services,
-                enroll_token,
+                enroll_token: std::sync::RwLock::new(enroll_token),
                 watcher: std::sync::OnceLock::new(),
             }),
         })
@@ -464,8 +480,8 @@ fn certificate_names() -> Vec<String> {
 
 /// `enroll.token`: a secret made on first start, with the pin of the current certificate, so a
 /// replaced certificate gets a new pin and the same secret.
-fn enroll_token(dir: &Path, certs: &CertPair) -> anyhow::Result<EnrollToken> {
-    let path = dir.join("enroll.token");
+fn enroll_token(layout: &ServerDir, certs: &CertPair) -> anyhow::Result<EnrollToken> {
+    let path = layout.enroll_token();
     let secret = match std::fs::read_to_string(&path) {
         Ok(text) => EnrollToken::parse(&text).secret,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::token::generate(),
@@ -483,14 +499,4 @@ pub fn sha256_hex(text: &str) -> String {
     let mut hasher = snapq_core::verify::Hasher::default();
     hasher.update(text.as_bytes());
     hasher.finish()
-}
-
-/// The default server data directory: `$XDG_DATA_HOME/snapq`.
-pub fn default_data_dir() -> PathBuf {
-    crate::cli::default_data_dir("snapq")
-}
-
-/// The admin token file of a data directory, which the local CLI reads when given no token.
-pub fn admin_token_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.token")
 }

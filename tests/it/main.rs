@@ -4,6 +4,8 @@ mod agent;
 mod chaos;
 mod crash;
 mod dropfolder;
+mod hardening;
+mod identity;
 mod ingest;
 mod recorder;
 mod server;

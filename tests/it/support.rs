@@ -124,11 +124,17 @@ impl TestAgent {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("https://{}{}", self.addr, path)
     }
 
+    /// The sha256 of the certificate the agent's API presents.
+    pub fn cert_sha256(&self) -> String {
+        snapq::tls::cert_pin(&self.data_dir.join("certs/httpPublicCert.pem")).unwrap()
+    }
+
+    /// An HTTPS client that trusts exactly this agent's certificate.
     pub fn client(&self) -> reqwest::Client {
-        snapq_core::agent_client::http_client()
+        snapq::tls::client(&snapq::tls::Trust::Pin(self.cert_sha256())).unwrap()
     }
 
     /// GET with the agent's token, returning status and JSON body.
@@ -257,9 +263,11 @@ impl TestServer {
         format!("https://{}", self.addr)
     }
 
-    /// The secret part of the enroll token, which agents send as their bearer token.
+    /// The secret part of the current enroll token (re-read: an admin may have rotated it), which
+    /// agents enroll with.
     pub fn enroll_secret(&self) -> String {
-        self.enroll_token.split('.').next().unwrap().to_owned()
+        let token = std::fs::read_to_string(self.data_dir.join("enroll.token")).unwrap();
+        token.trim().split('.').next().unwrap().to_owned()
     }
 
     /// An HTTPS client that trusts exactly this server's certificate.

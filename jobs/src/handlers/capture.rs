@@ -64,6 +64,9 @@ fn disk_error(err: super::InsufficientDisk) -> JobError {
 }
 
 fn agent_error(err: AgentError, hostname: &str) -> JobError {
+    if let AgentError::CertificateChanged { .. } = err {
+        return JobError::permanent(err.to_string());
+    }
     match err.status() {
         Some(401 | 403) => JobError::permanent(format!(
             "the agent on {hostname} rejected the server's token: {err}; re-enroll the agent"
@@ -94,12 +97,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
             JobError::permanent(format!("endpoint of snapshot {snapshot_id} is unknown"))
         })?;
     let hostname = endpoint.hostname.clone();
-    let (Some(url), Some(token)) = (&endpoint.api_url, &endpoint.api_token) else {
-        return Err(JobError::permanent(format!(
-            "{hostname} has no agent registered with this server, so it cannot be captured; upload an export instead"
-        )));
-    };
-    let agent = AgentClient::new(svc.http.clone(), url, token);
+    let agent = svc.agents.client(&endpoint).permanent()?;
     let fail = |e: AgentError| agent_error(e, &hostname);
 
     if let Some((name, sha256, verified)) = stored_before_a_crash(svc, &snap).await? {
@@ -446,6 +444,15 @@ async fn download(
         let chunk = chunk.map_err(|e| {
             JobError::transient(format!("download interrupted: {}", error_chain(&e)))
         })?;
+        if have + chunk.len() as u64 > staged.size {
+            // An agent cannot make the server store more than the size it staged (and reserved).
+            let _ = tokio::fs::remove_file(partial).await;
+            return Err(JobError::permanent(format!(
+                "the agent sent more than the {} bytes it staged; the download was stopped",
+                staged.size
+            ))
+            .into());
+        }
         hasher.update(&chunk);
         out.write_all(&chunk).await.transient()?;
         have += chunk.len() as u64;

@@ -335,12 +335,17 @@ async fn ingest(
         let source = source.clone();
         tokio::task::spawn_blocking(
             move || -> Result<(Verified, String, u64), verify::VerifyError> {
-                // Hash first: one sequential read that also brings the file into the page
-                // cache, where quick_check's scattered reads are several times faster.
-                let sha256 = verify::sha256_file(&source)?;
-                let verified = verify::verify_snapshot(&source)?;
-                let size = std::fs::metadata(&source)?.len();
-                Ok((verified, sha256, size))
+                // Opened without following symlinks and checked through the open handle, so a
+                // dropped file swapped for a symlink after the watcher saw it is never read.
+                let file = verify::open_regular_no_follow(&source)?;
+                let checked = verify::verify_open_file(&file)?;
+                if !verify::still_names(&source, &file) {
+                    return Err(verify::VerifyError::NotRegular(format!(
+                        "{} was replaced while it was checked",
+                        source.display()
+                    )));
+                }
+                Ok(checked)
             },
         )
         .await
@@ -465,6 +470,7 @@ async fn quarantine(
     job_id: &str,
     reason: &str,
 ) -> std::io::Result<PathBuf> {
+    // Hashing and moving (maybe copying) a whole hostile file: never on the async runtime.
     let (dir, args, job_id, reason) = (
         svc.quarantine.clone(),
         args.clone(),
@@ -477,18 +483,22 @@ async fn quarantine(
 }
 
 fn quarantine_blocking(
-    dir: &Path,
+    quarantine: &Path,
     args: &IngestArgs,
     job_id: &str,
     reason: &str,
 ) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let dest = dir.join(format!("{}-{job_id}", safe_file_name(&args.original_name)));
-    let (size, sha256) = match std::fs::metadata(&args.path) {
-        Ok(m) => (Some(m.len()), verify::sha256_file(&args.path).ok()),
+    std::fs::create_dir_all(quarantine)?;
+    let dest = quarantine.join(format!("{}-{job_id}", safe_file_name(&args.original_name)));
+    // Never follows a symlink: a link is moved aside as it is, not hashed where it points.
+    let (size, sha256) = match verify::open_regular_no_follow(&args.path) {
+        Ok(file) => (
+            file.metadata().ok().map(|m| m.len()),
+            verify::sha256_open_file(&file).ok(),
+        ),
         Err(_) => (None, None),
     };
-    if args.path.exists() {
+    if args.path.symlink_metadata().is_ok() {
         move_file(&args.path, &dest)?;
         if args.retry_of.is_some() {
             let _ = std::fs::remove_file(reason_path(&args.path));
