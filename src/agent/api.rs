@@ -20,7 +20,7 @@ use snapq_core::wire::{DbSize, EndpointInfo};
 
 use super::recorder::{self, RecorderDb};
 use super::staging::{StageError, Staged, StagedState, Staging};
-use super::{recorder::RecorderDb, system};
+use super::system;
 use crate::http::{ApiError, Growing, bearer, bearer_matches, serve_file, unauthorized};
 use rusqlite::OptionalExtension;
 
