@@ -9,18 +9,22 @@ use serde_json::Value;
 
 use crate::support::{TestServer, eventually, files_under, snapshot_file};
 
-/// Registers an endpoint the way an agent's heartbeat does.
-async fn register(server: &TestServer, hostname: &str, api_url: &str) {
-    let status = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(server.enroll_secret())
-        .json(&serde_json::json!({ "hostname": hostname, "api_url": api_url, "api_token": "t" }))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+/// Enrolls an endpoint the way an agent's first heartbeat does, pinning `cert_sha256`.
+async fn register(server: &TestServer, hostname: &str, api_url: &str, cert_sha256: &str) {
+    let (status, body) = crate::server::heartbeat(
+        server,
+        &server.enroll_secret(),
+        hostname,
+        api_url,
+        cert_sha256,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A pin for an agent that is never reached (nothing listens at its address).
+fn unused_pin() -> String {
+    "ab".repeat(32)
 }
 
 /// Queues a capture of `host` through the API, returning its snapshot id and job id.
@@ -55,7 +59,12 @@ const STAGED_ID: &str = "00112233445566778899aabbccddeeff";
 /// An agent that stages `bytes` (a real recorder export) and serves them with `Range` and an
 /// ETag like the real one (416 for a range past the end), but answers its verdict only after
 /// `info_unavailable` refusals.
-async fn scripted_agent(bytes: Vec<u8>, script: Arc<Script>) -> std::net::SocketAddr {
+/// Returns its address and the sha256 pin of its certificate.
+async fn scripted_agent(
+    bytes: Vec<u8>,
+    script: Arc<Script>,
+    certs_dir: &std::path::Path,
+) -> (std::net::SocketAddr, String) {
     use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse;
     use axum::routing::{get, post};
@@ -131,10 +140,18 @@ async fn scripted_agent(bytes: Vec<u8>, script: Arc<Script>) -> std::net::Socket
                 }
             }),
         );
+    // Over TLS like a real agent, with a certificate of its own that the server pins.
+    let certs = snapq::tls::CertPair::ensure(certs_dir, &["127.0.0.1".to_owned()]).unwrap();
+    let tls = certs.server_config().unwrap();
+    let pin = certs.pin().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    tokio::spawn(async move {
+        snapq::tls::serve(listener, tls, app, std::future::pending())
+            .await
+            .unwrap()
+    });
+    (addr, pin)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,9 +163,14 @@ async fn a_capture_whose_download_finished_before_the_verdict_resumes_to_complet
         info_unavailable: 1,
         ..Script::default()
     });
-    let addr = scripted_agent(bytes.clone(), script.clone()).await;
+    let (addr, pin) = scripted_agent(
+        bytes.clone(),
+        script.clone(),
+        &tmp.path().join("agent-certs"),
+    )
+    .await;
     let server = TestServer::spawn_with(&["--job-retry-base-ms", "50", "--job-max-attempts", "3"]);
-    register(&server, "web-09", &format!("http://{addr}")).await;
+    register(&server, "web-09", &format!("https://{addr}"), &pin).await;
     let (id, _) = queue_capture(&server, "web-09").await;
     let snap = server.wait_snapshot(id, Duration::from_secs(30)).await;
     assert_eq!(snap["state"], "complete", "{snap}");
@@ -169,14 +191,14 @@ fn closed_port() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    format!("http://{addr}")
+    format!("https://{addr}")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_retrying_capture_fails_its_snapshot_and_ends_the_cli_wait() {
     let server =
         TestServer::spawn_with(&["--job-retry-base-ms", "300", "--job-max-attempts", "50"]);
-    register(&server, "web-09", &closed_port()).await;
+    register(&server, "web-09", &closed_port(), &unused_pin()).await;
     let url = server.url();
     let data_dir = server.data_dir.to_str().unwrap().to_owned();
     let mut waiting = std::process::Command::new(crate::support::BIN)
@@ -229,7 +251,7 @@ async fn cancelling_a_retrying_capture_fails_its_snapshot_and_ends_the_cli_wait(
 async fn capture_wait_gives_up_at_its_timeout_and_says_the_capture_goes_on() {
     let server =
         TestServer::spawn_with(&["--job-retry-base-ms", "300", "--job-max-attempts", "50"]);
-    register(&server, "web-09", &closed_port()).await;
+    register(&server, "web-09", &closed_port(), &unused_pin()).await;
     let started = std::time::Instant::now();
     let (code, out, err) = server.cli(&["capture", "web-09", "--yes", "--wait", "--timeout", "2"]);
     assert_eq!(code, 1, "{out}{err}");
