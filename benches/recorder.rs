@@ -119,16 +119,20 @@ fn run_sequential(n: usize, life: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time (user + system) of this process's thread named `name`, in seconds.
-fn thread_cpu_secs(name: &str) -> Option<f64> {
+/// CPU time (user + system), in seconds, of this process's recorder threads: every thread whose
+/// name starts with `snapq-` (the recorder loop, the process-event reader, the hasher).
+fn recorder_cpu_secs() -> Option<f64> {
     let tck = clk_tck();
+    let mut total = 0.0;
+    let mut found = false;
     for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if name.starts_with(comm.trim()) && !comm.trim().is_empty() {
-            return cpu_of_stat(&entry.path().join("stat"), tck);
+        if comm.starts_with("snapq-") {
+            found = true;
+            total += cpu_of_stat(&entry.path().join("stat"), tck).unwrap_or(0.0);
         }
     }
-    None
+    found.then_some(total)
 }
 
 fn clk_tck() -> f64 {
@@ -211,11 +215,11 @@ fn main() -> anyhow::Result<()> {
     println!("## Exec storm under kernel events: {STORM_PER_SEC}/s for {storm_secs} s");
     let mut r = start(true)?;
     let since = now_ms();
-    let cpu0 = thread_cpu_secs("snapq-linux-recorder").context("recorder thread")?;
+    let cpu0 = recorder_cpu_secs().context("recorder threads")?;
     let t0 = Instant::now();
     let ran = storm(STORM_PER_SEC, storm_secs)?;
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = thread_cpu_secs("snapq-linux-recorder").context("recorder thread")? - cpu0;
+    let cpu = recorder_cpu_secs().context("recorder threads")? - cpu0;
     let (all, detailed, coded) = r.stop_and_count("true", since)?;
     let recorded = pct(all.min(coded), ran as i64);
     let cpu_pct = 100.0 * cpu / wall;
@@ -235,7 +239,7 @@ fn main() -> anyhow::Result<()> {
         pct(detailed, ran as i64)
     );
     println!(
-        "| recorder thread CPU | {cpu_pct:.1} % of one core | <= {STORM_CPU_TARGET} % | {} |",
+        "| recorder threads' CPU (loop + reader + hasher) | {cpu_pct:.1} % of one core | <= {STORM_CPU_TARGET} % | {} |",
         verdict(cpu_pct <= STORM_CPU_TARGET)
     );
 
