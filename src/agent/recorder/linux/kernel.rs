@@ -41,8 +41,10 @@ const FILE_MASK: u64 =
 /// Directory handles resolved to paths are cached for one batch (a directory renamed within one
 /// batch interval may be reported under its old path).
 const DIR_CACHE_MAX: usize = 4096;
-/// Process events read before their execs are prefetched and all are handled.
+/// The most process events the reader hands over at once.
 const PREFETCH_BATCH: usize = 4096;
+/// Stands for the directory of a file event whose directory was gone before it could be resolved.
+const UNPLACED: &str = "...";
 /// A fork that has not run `exec` for this long gets a row with its parent's image (a loaded
 /// machine can take well over one batch interval between a fork and its exec).
 const FORK_GRACE: Duration = Duration::from_secs(1);
@@ -261,7 +263,7 @@ impl FileFilter {
         match dir {
             Some(d) => d.join(&e.name),
             // The directory is gone already: at least the name.
-            None => Path::new("...").join(&e.name),
+            None => Path::new(UNPLACED).join(&e.name),
         }
     }
 }
@@ -508,8 +510,14 @@ impl State {
         };
         let path = self.files.resolve(fan, entry);
         let new_path = ev.new_entry.as_ref().map(|e| self.files.resolve(fan, e));
-        let kept =
-            self.files.keeps(&path) || new_path.as_ref().is_some_and(|p| self.files.keeps(p));
+        // A path whose directory was already gone (`rm -rf`) cannot be placed: kept when the
+        // whole tree is watched.
+        let unplaced = |p: &Path| {
+            p.starts_with(UNPLACED) && self.files.watch.iter().any(|w| w == Path::new("/"))
+        };
+        let kept = self.files.keeps(&path)
+            || unplaced(&path)
+            || new_path.as_ref().is_some_and(|p| self.files.keeps(p));
         let excluded = |p: &Path| self.files.exclude.iter().any(|x| p.starts_with(x));
         if !kept || excluded(&path) || new_path.as_deref().is_some_and(excluded) {
             return;
