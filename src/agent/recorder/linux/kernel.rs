@@ -48,6 +48,8 @@ const UNPLACED: &str = "...";
 /// A fork that has not run `exec` for this long gets a row with its parent's image (a loaded
 /// machine can take well over one batch interval between a fork and its exec).
 const FORK_GRACE: Duration = Duration::from_secs(1);
+/// Above this share of one core, the reader leaves real-time priority.
+const REALTIME_MAX_SHARE: f64 = 0.5;
 /// The process-event reader thread's nice value.
 const READER_NICE: i32 = -10;
 /// What a process row's cmdline says when the process was gone before it could be read.
@@ -651,13 +653,28 @@ fn spawn_proc_reader(
             // not wait past the life of a short process. This thread does little per event (a few
             // /proc reads), so the lowest real-time priority costs others little; without the
             // privilege, a nice value.
-            if let Err(e) = sys::set_thread_realtime(1)
-                && let Err(e2) = sys::set_thread_nice(READER_NICE)
-            {
-                tracing::info!(error = %e, nice_error = %e2, "cannot raise the process-event reader's priority");
-            }
+            let _ = sys::set_thread_nice(READER_NICE);
+            let rt_allowed = sys::set_thread_realtime(1).is_ok();
+            let mut realtime = rt_allowed;
+            let mut window = (Instant::now(), sys::thread_cpu_ns());
             let mut buf = vec![0u8; 64 << 10];
             while !stop.load(Ordering::Relaxed) {
+                // A fork bomb must not make a real-time thread take the machine: above half a
+                // core over a second, back to the normal class until it calms down.
+                if rt_allowed && window.0.elapsed() >= Duration::from_secs(1) {
+                    let cpu = sys::thread_cpu_ns().saturating_sub(window.1);
+                    let share = cpu as f64 / window.0.elapsed().as_nanos() as f64;
+                    if realtime && share > REALTIME_MAX_SHARE {
+                        realtime = sys::set_thread_normal().is_err();
+                        tracing::warn!(
+                            share,
+                            "process events flood in: the reader leaves real-time priority"
+                        );
+                    } else if !realtime && share < REALTIME_MAX_SHARE / 2.0 {
+                        realtime = sys::set_thread_realtime(1).is_ok();
+                    }
+                    window = (Instant::now(), sys::thread_cpu_ns());
+                }
                 let _ = sys::poll_readable(&[conn.as_fd()], Duration::from_millis(100));
                 let mut evs = Vec::new();
                 let mut details = HashMap::new();
