@@ -78,6 +78,37 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Files the ingest job rejected: see why, send them back to ingest, or delete them.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Quarantined files, newest first: id, name, origin, size, reason, when.
+    List,
+    /// One quarantined file with the full rejection.
+    Show { id: String },
+    /// Ingest quarantined files again (after a false reason, or under a fixed name).
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Ingest it under this snapshot name (one id only).
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Delete quarantined files for good.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// How a client subcommand reaches the server.
@@ -209,6 +240,13 @@ struct ServeArgs {
     /// A file written in place into the drop folder counts once unchanged this long [default: 2000]
     #[arg(long, value_name = "MS", env = "SNAPQ_WATCH_QUIET_MS")]
     watch_quiet_ms: Option<u64>,
+    /// A dropped file that fails validation while it may still be arriving is quarantined only
+    /// after it stayed unchanged this long [default: 60]
+    #[arg(long, value_name = "SECS", env = "SNAPQ_WATCH_SETTLE_SECS")]
+    watch_settle_secs: Option<u64>,
+    /// Quarantined files are deleted after this many days [default: 30]
+    #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
+    quarantine_retention_days: Option<u64>,
     /// Ingests running at once [default: 2]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
@@ -231,6 +269,8 @@ struct ServeFile {
     upload_max_mib: Option<u64>,
     watch: Option<PathBuf>,
     watch_quiet_ms: Option<u64>,
+    watch_settle_secs: Option<u64>,
+    quarantine_retention_days: Option<u64>,
     ingest_concurrency: Option<usize>,
 }
 
@@ -413,6 +453,17 @@ pub enum ClientCommand {
     QueueCancel {
         id: String,
     },
+    QuarantineList,
+    QuarantineShow {
+        id: String,
+    },
+    QuarantineRetry {
+        ids: Vec<String>,
+        as_name: Option<String>,
+    },
+    QuarantineDelete {
+        ids: Vec<String>,
+    },
 }
 
 impl ClientArgs {
@@ -505,6 +556,29 @@ impl Cli {
                     QueueCommand::Cancel { id } => ClientCommand::QueueCancel { id },
                 },
             )),
+            CommandArgs::Quarantine { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    QuarantineCommand::List => ClientCommand::QuarantineList,
+                    QuarantineCommand::Show { id } => ClientCommand::QuarantineShow { id },
+                    QuarantineCommand::Retry { ids, as_name } => {
+                        if as_name.is_some() && ids.len() > 1 {
+                            return Err(UsageError(
+                                "--as renames one file: give one id with it".into(),
+                            )
+                            .into());
+                        }
+                        ClientCommand::QuarantineRetry { ids, as_name }
+                    }
+                    QuarantineCommand::Delete { ids, yes } => {
+                        confirm_destructive(
+                            yes,
+                            &format!("Delete {} quarantined file(s) for good?", ids.len()),
+                        )?;
+                        ClientCommand::QuarantineDelete { ids }
+                    }
+                },
+            )),
             CommandArgs::Agent(args) => match args.command {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
@@ -575,6 +649,18 @@ impl ServeArgs {
         }
         if let Some(ms) = self.watch_quiet_ms.or(file.watch_quiet_ms) {
             config.watch_quiet = Duration::from_millis(ms);
+        }
+        if let Some(secs) = self.watch_settle_secs.or(file.watch_settle_secs) {
+            config.watch_settle = Duration::from_secs(secs);
+        }
+        if let Some(days) = self
+            .quarantine_retention_days
+            .or(file.quarantine_retention_days)
+        {
+            if days == 0 {
+                bail!("quarantine retention must be at least 1 day");
+            }
+            config.quarantine_retention = Duration::from_secs(days * 24 * 3600);
         }
         if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
             config.ingest_concurrency = n.max(1);

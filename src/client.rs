@@ -426,6 +426,7 @@ fn print_status(status: &Value) {
             );
         }
     }
+    print_watch_status(&status["watch"]);
 }
 
 pub async fn queue_status(client: &Client, watch: bool) -> anyhow::Result<()> {
@@ -653,4 +654,113 @@ pub async fn snapshots_delete(
         }
     });
     Ok(all_ok)
+}
+
+/// `snapq quarantine list`.
+pub async fn quarantine_list(client: &Client) -> anyhow::Result<()> {
+    let list: Value = client.get("/v1/quarantine").await?;
+    client.print(&list, |list| {
+        let entries = list.as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            println!("quarantine is empty");
+        }
+        for q in entries {
+            println!(
+                "{}  {}  {:<6} {:>9}  {}\n    {}",
+                q["id"].as_str().unwrap_or(""),
+                time_of(&q["quarantined_ms"]),
+                q["origin"].as_str().unwrap_or(""),
+                bytes_of(&q["size"]),
+                q["name"].as_str().unwrap_or(""),
+                q["reason"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine show ID`.
+pub async fn quarantine_show(client: &Client, id: &str) -> anyhow::Result<()> {
+    let q: Value = client.get(&format!("/v1/quarantine/{}", enc(id))).await?;
+    client.print(&q, |q| {
+        println!("id:          {}", q["id"].as_str().unwrap_or(""));
+        println!("name:        {}", q["name"].as_str().unwrap_or(""));
+        println!("origin:      {}", q["origin"].as_str().unwrap_or(""));
+        println!("size:        {}", bytes_of(&q["size"]));
+        println!("quarantined: {}", time_of(&q["quarantined_ms"]));
+        println!("by:          {}", q["requested_by"].as_str().unwrap_or(""));
+        println!("file:        {}", q["path"].as_str().unwrap_or("-"));
+        println!("reason:      {}", q["reason"].as_str().unwrap_or(""));
+        if let Some(sha) = q["rejection"]["sha256"].as_str() {
+            println!("sha256:      {sha}");
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine retry ID... [--as NAME]`: queues an ingest of each file where it lies.
+pub async fn quarantine_retry(
+    client: &Client,
+    ids: &[String],
+    as_name: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut queued = Vec::new();
+    for id in ids {
+        let body = serde_json::json!({ "as": as_name });
+        let r: Value = client
+            .post(&format!("/v1/quarantine/{}/retry", enc(id)), &body)
+            .await?;
+        queued.push(r);
+    }
+    client.print(&Value::Array(queued), |queued| {
+        for r in queued.as_array().into_iter().flatten() {
+            println!(
+                "{}: ingesting {} again (job {}); `snapq queue show {}` follows it",
+                r["retry_of"].as_str().unwrap_or(""),
+                r["name"].as_str().unwrap_or(""),
+                r["job_id"].as_str().unwrap_or(""),
+                r["job_id"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine delete ID... [--yes]`.
+pub async fn quarantine_delete(client: &Client, ids: &[String]) -> anyhow::Result<()> {
+    let r: Value = client
+        .post("/v1/quarantine/delete", &serde_json::json!({ "ids": ids }))
+        .await?;
+    client.print(&r, |r| {
+        for id in r["deleted"].as_array().into_iter().flatten() {
+            println!("deleted {}", id.as_str().unwrap_or(""));
+        }
+    });
+    Ok(())
+}
+
+/// The drop folder's part of `snapq queue status`: files still waiting, and why.
+fn print_watch_status(watch: &Value) {
+    let waiting = watch["waiting"].as_array().cloned().unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    println!(
+        "\ndrop folder {}: {} file(s) waiting",
+        watch["dir"].as_str().unwrap_or(""),
+        waiting.len()
+    );
+    for w in waiting {
+        let why = if w["writer_open"].as_bool() == Some(true) {
+            "waiting for its writer to close it"
+        } else {
+            "still changing or within the quiet period"
+        };
+        println!(
+            "  {}  {}  unchanged {:.1}s  {why}",
+            w["name"].as_str().unwrap_or(""),
+            bytes_of(&w["size"]),
+            w["unchanged_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        );
+    }
 }

@@ -104,5 +104,11 @@ async fn run_client(
         C::QueueShow { id } => client::queue_show(&c, &id).await,
         C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
         C::QueueCancel { id } => client::queue_action(&c, &id, "cancel").await,
+        C::QuarantineList => client::quarantine_list(&c).await,
+        C::QuarantineShow { id } => client::quarantine_show(&c, &id).await,
+        C::QuarantineRetry { ids, as_name } => {
+            client::quarantine_retry(&c, &ids, as_name.as_deref()).await
+        }
+        C::QuarantineDelete { ids } => client::quarantine_delete(&c, &ids).await,
     }
 }

@@ -144,6 +144,8 @@ pub struct Ingest {
     pub requested_by: String,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
+    /// Where the file lies while the ingest is `quarantined`.
+    pub quarantine_path: Option<String>,
 }
 
 const SNAPSHOT_COLUMNS: &str = "s.id, s.endpoint_id, e.hostname, s.name, s.state, s.origin, s.size, \
@@ -503,7 +505,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records how an ingest ended: `complete`, `duplicate` (of `snapshot_id`) or `quarantined`.
+    /// Records how an ingest ended: `complete`, `duplicate` (of `snapshot_id`), `superseded` (a newer
+    /// version of the file is another job's) or `settling` (checked again after the settle period).
     pub async fn finish_ingest(
         &self,
         job_id: &str,
@@ -522,6 +525,51 @@ impl Catalog {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records that an ingest ended in quarantine, with the file now at `path` (`None` if it could
+    /// not be moved there).
+    pub async fn quarantine_ingest(
+        &self,
+        job_id: &str,
+        reason: &str,
+        path: Option<&Path>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE ingests SET state = 'quarantined', reason = ?2, quarantine_path = ?3, finished_ms = ?4
+             WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .bind(path.map(|p| p.to_string_lossy().into_owned()))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Closes a quarantine entry whose file left quarantine: `retried`, `deleted` or `expired`.
+    /// Returns whether it was still open.
+    pub async fn close_quarantine(&self, job_id: &str, state: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE ingests SET state = ?2 WHERE job_id = ?1 AND state = 'quarantined'",
+        )
+        .bind(job_id)
+        .bind(state)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Open quarantine entries, newest first; `before_ms` limits them to older ones (retention).
+    pub async fn quarantined(&self, before_ms: Option<i64>) -> Result<Vec<Ingest>> {
+        Ok(sqlx::query_as::<_, Ingest>(
+            "SELECT * FROM ingests WHERE state = 'quarantined' AND (?1 IS NULL OR finished_ms < ?1)
+             ORDER BY finished_ms DESC",
+        )
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn ingest(&self, job_id: &str) -> Result<Option<Ingest>> {

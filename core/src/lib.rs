@@ -15,5 +15,6 @@ pub mod schema;
 pub mod store;
 pub mod verify;
 pub mod wire;
+pub mod writers;
 
 pub use name::SnapshotName;

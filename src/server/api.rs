@@ -45,6 +45,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/queue/jobs/{id}", get(queue_show))
         .route("/v1/queue/jobs/{id}/retry", post(queue_retry))
         .route("/v1/queue/jobs/{id}/cancel", post(queue_cancel))
+        .merge(super::quarantine::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_user));
     let agent_routes = Router::new()
         .route("/v1/agents/heartbeat", post(heartbeat))
@@ -351,7 +352,7 @@ async fn show_snapshot(
 
 impl ServerState {
     /// Appends to the audit log; a failure to do so is logged, never hidden.
-    async fn audit(
+    pub(super) async fn audit(
         &self,
         actor: &str,
         action: &str,
@@ -390,7 +391,11 @@ async fn queue_status(State(state): State<Arc<ServerState>>) -> Result<Response,
         })
         .await
         .map_err(queue_error)?;
-    Ok(Json(serde_json::json!({ "status": status, "running": running })).into_response())
+    let watch = super::quarantine::watch_status(&state).await;
+    Ok(
+        Json(serde_json::json!({ "status": status, "running": running, "watch": watch }))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -629,11 +634,7 @@ async fn upload(
     tokio::fs::rename(&partial, &spooled)
         .await
         .map_err(ApiError::internal)?;
-    let args = IngestArgs {
-        path: spooled,
-        original_name: name.to_string(),
-        origin: Origin::Upload,
-    };
+    let args = IngestArgs::new(spooled, name.to_string(), Origin::Upload);
     let job = state
         .queue
         .push(&args, &caller.name)

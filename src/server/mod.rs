@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod demo;
+pub mod quarantine;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use anyhow::Context;
 use snapq_core::catalog::Catalog;
 use snapq_core::catalog::Origin;
 use snapq_core::store::Store;
-use snapq_jobs::handlers::ingest::IngestArgs;
+use snapq_jobs::handlers::ingest::{FileVersion, IngestArgs};
 use snapq_jobs::handlers::{self, CaptureSettings, Reservations, Services};
 use snapq_jobs::{EnqueueOptions, JobKind, Queue, QueueConfig, RetryPolicy};
 use tokio::net::TcpListener;
@@ -51,6 +52,10 @@ pub struct ServeConfig {
     pub watch_quiet: Duration,
     /// How often the drop folder is rescanned for events that were missed.
     pub watch_rescan: Duration,
+    /// A dropped file that failed validation is quarantined only after it stayed unchanged this long.
+    pub watch_settle: Duration,
+    /// Quarantined files older than this are deleted.
+    pub quarantine_retention: Duration,
 }
 
 impl ServeConfig {
@@ -70,6 +75,8 @@ impl ServeConfig {
             watch_dir: data_dir.join("watch"),
             watch_quiet: Duration::from_secs(2),
             watch_rescan: Duration::from_secs(30),
+            watch_settle: Duration::from_secs(60),
+            quarantine_retention: Duration::from_secs(30 * 24 * 3600),
             data_dir,
         }
     }
@@ -82,6 +89,8 @@ pub struct ServerState {
     pub queue: Queue,
     pub services: Arc<Services>,
     pub enroll_token: EnrollToken,
+    /// What the drop-folder watcher is waiting for (set once it runs).
+    pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
 }
 
 pub struct Server {
@@ -130,6 +139,9 @@ impl Server {
                 reserve_bytes: config.capture_reserve_bytes,
                 max_bytes_per_sec: config.capture_max_bytes_per_sec,
             },
+            ingest: handlers::ingest::IngestSettings {
+                settle: config.watch_settle,
+            },
         });
         spawn_workers(&queue, &services, &config).await?;
         let listener = TcpListener::bind(config.listen)
@@ -144,6 +156,7 @@ impl Server {
                 queue,
                 services,
                 enroll_token,
+                watcher: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -168,6 +181,8 @@ impl Server {
         let state = self.state.clone();
         let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
         let watcher = start_watcher(&state).await?;
+        let _ = state.watcher.set(watcher.status_handle());
+        let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -178,6 +193,7 @@ impl Server {
         )
         .await;
         drop(demo);
+        quarantine_pruner.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
@@ -205,9 +221,12 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let args = IngestArgs {
-                path: candidate.path.clone(),
-                original_name: original_name.clone(),
-                origin: Origin::Watch,
+                version: Some(FileVersion {
+                    len: candidate.len,
+                    mtime_ms: candidate.mtime_ms,
+                    inode: candidate.inode,
+                }),
+                ..IngestArgs::new(candidate.path.clone(), original_name.clone(), Origin::Watch)
             };
             let options = EnqueueOptions {
                 idempotency_key: Some(format!("watch:{}", candidate.identity_key())),

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::support::{TestServer, eventually, files_under, run_snapq};
 
 /// A real exported snapshot of a recorder database with `events` events.
-fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
+pub(crate) fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
     let data = dir.join(format!("agent-{hostname}"));
     std::fs::create_dir_all(&data).unwrap();
     {
@@ -384,7 +384,7 @@ async fn a_user_supplied_certificate_pair_is_served_after_a_restart() {
 }
 
 /// Waits until the catalog lists `n` snapshots, returning the flat list.
-async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
+pub(crate) async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
     eventually(
         Duration::from_secs(30),
         "the drop folder to be ingested",
@@ -403,7 +403,7 @@ async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drop_folder_ingests_renamed_and_slowly_copied_files_once_each() {
-    let server = TestServer::spawn_with(&["--watch-quiet-ms", "400"]);
+    let server = TestServer::spawn_with(&["--watch-quiet-ms", "400", "--watch-settle-secs", "1"]);
     let watch = server.data_dir.join("watch");
     let tmp = tempfile::tempdir().unwrap();
     let first = snapshot_file(tmp.path(), "drop-01", 2_000);

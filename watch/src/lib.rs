@@ -10,8 +10,13 @@
 //! When a file counts as complete:
 //! - **renamed or moved into the folder** (`mv`, or a tool that writes `x.db.partial` and renames it):
 //!   at once;
+//! - **closed after writing** (`cp`, `scp`, Explorer over SMB on the server's side): at once when
+//!   the kernel confirms that no process still has it open for writing (a read lease, see
+//!   `snapq_core::writers`);
 //! - **written in place**: once its size, mtime and inode stayed the same for
-//!   [`WatchConfig::quiet_period`];
+//!   [`WatchConfig::quiet_period`] *and* no process has it open for writing. A writer that stalls
+//!   with the file open (a network hiccup) keeps it waiting however long the stall; where the kernel
+//!   cannot tell (network filesystems, files the server may not lease) the quiet period alone decides.
 //! - **already there at start-up, or found by the periodic rescan** (missed events, network filesystems,
 //!   notification queue overflow): after one quiet period of not changing.
 //!
@@ -68,6 +73,51 @@ impl WatchConfig {
             rescan_interval: Self::DEFAULT_RESCAN_INTERVAL,
             use_notify: true,
         }
+    }
+}
+
+/// A file in the drop folder that has not been handed over yet, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingFile {
+    pub path: PathBuf,
+    /// Its length at the last look (`None` before the first look after an event).
+    pub len: Option<u64>,
+    /// How long it has not changed.
+    pub unchanged_for: Duration,
+    /// It stopped changing, but a process still has it open for writing: it is taken once that
+    /// writer closes it.
+    pub writer_open: bool,
+}
+
+/// Asks a running watcher what it is waiting for (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct StatusHandle {
+    dir: PathBuf,
+    uses_notify: bool,
+    commands: mpsc::Sender<Command>,
+}
+
+impl StatusHandle {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn uses_notify(&self) -> bool {
+        self.uses_notify
+    }
+
+    /// The files not handed over yet (still changing, within the quiet period, or held open by a
+    /// writer), longest-unchanged first.
+    pub async fn waiting(&self) -> Result<Vec<WaitingFile>, WatchError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || WatchError::Stopped {
+            path: self.dir.clone(),
+        };
+        self.commands
+            .send(Command::Status(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
     }
 }
 
@@ -172,6 +222,15 @@ impl Watcher {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())
+    }
+
+    /// A handle that asks this watcher what it is waiting for, for status pages.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle {
+            dir: self.dir.clone(),
+            uses_notify: self.uses_notify,
+            commands: self.commands.clone(),
+        }
     }
 
     /// Stops watching and waits for the watcher task to end; reports a crash of that task.

@@ -22,6 +22,7 @@ pub struct Services {
     pub http: reqwest::Client,
     pub reservations: Reservations,
     pub capture: CaptureSettings,
+    pub ingest: ingest::IngestSettings,
 }
 
 #[derive(Debug, Clone)]
