@@ -50,6 +50,9 @@ enum CommandArgs {
         /// Wait for the captures, showing progress; exit 0 only if all complete.
         #[arg(long)]
         wait: bool,
+        /// Stop waiting after this many seconds (exit 1; the captures go on) [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -68,6 +71,10 @@ enum CommandArgs {
         /// Wait for each ingest and show the snapshot it became (Upload & Connect).
         #[arg(long)]
         connect: bool,
+        /// Stop waiting for an ingest after this many seconds (exit 1; the ingest goes on)
+        /// [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -82,6 +89,13 @@ enum CommandArgs {
     Quarantine {
         #[command(subcommand)]
         command: QuarantineCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The token new agents enroll with (admin).
+    EnrollToken {
+        #[command(subcommand)]
+        command: EnrollTokenCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -109,6 +123,13 @@ enum QuarantineCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollTokenCommand {
+    /// Issue a new enroll token (printed, and written to the server's enroll.token); the old one
+    /// stops admitting agents, enrolled agents keep working.
+    Rotate,
 }
 
 /// How a client subcommand reaches the server.
@@ -143,6 +164,22 @@ enum EndpointsCommand {
     List,
     /// Endpoints whose hostname or IP contains TEXT (prefix matches first).
     Search { text: String },
+    /// Let HOST enroll again with a new agent identity (a reimaged machine, a replaced
+    /// certificate); its current agent's credential stops working (admin).
+    Rekey {
+        host: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Forget HOST's agent: its identity and address (and the endpoint, unless it has snapshots);
+    /// its agent can enroll again (admin).
+    Forget {
+        host: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,7 +219,7 @@ enum QueueCommand {
         /// pending, running, retrying, done, failed or cancelled.
         #[arg(long)]
         state: Option<String>,
-        /// capture, ingest, export, delete, fleet or noop.
+        /// capture, ingest or delete.
         #[arg(long)]
         kind: Option<String>,
         #[arg(long, default_value_t = 100)]
@@ -219,10 +256,10 @@ struct ServeArgs {
     /// Limit each capture's download to this many KiB/s.
     #[arg(long, value_name = "KIB_PER_SEC", env = "SNAPQ_CAPTURE_RATE_KIB")]
     capture_rate_kib: Option<u64>,
-    /// Attempts a job gets before it fails [default: 5]
+    /// Attempts a job gets before it fails [default: 6]
     #[arg(long, value_name = "N", env = "SNAPQ_JOB_MAX_ATTEMPTS")]
     job_max_attempts: Option<u32>,
-    /// First retry delay in milliseconds, doubled per attempt with jitter [default: 1000]
+    /// First retry delay in milliseconds, doubled per attempt with jitter [default: 2000]
     #[arg(long, value_name = "MS", env = "SNAPQ_JOB_RETRY_BASE_MS")]
     job_retry_base_ms: Option<u64>,
     /// Finished jobs are pruned after this many days [default: 30]
@@ -307,8 +344,8 @@ struct FleetSimArgs {
 struct AgentArgs {
     #[command(subcommand)]
     command: Option<AgentCommandArgs>,
-    /// Where the agent keeps monitor.db, agent.token and staged copies
-    /// [default: $XDG_DATA_HOME/snapq-agent]
+    /// Where the agent keeps monitor.db, agent.token, its certificate pair (certs/), the server's
+    /// credential and staged copies [default: $XDG_DATA_HOME/snapq-agent]
     #[arg(long, env = "SNAPQ_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Address and port of the endpoint API.
@@ -348,6 +385,16 @@ struct AgentArgs {
     /// Staged snapshot copies not fetched within this many minutes are deleted.
     #[arg(long, value_name = "MINUTES", default_value_t = 60)]
     staging_ttl_minutes: u64,
+    /// Disk space (MiB) staging a snapshot always leaves free on the endpoint.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    staging_reserve_mib: u64,
+    /// The endpoint API's TLS certificate (PEM) [default: DATA_DIR/certs/httpPublicCert.pem,
+    /// generated self-signed on first start]; the server pins it at enrollment.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Enroll with this server and send it heartbeats.
     #[arg(
         long,
@@ -417,10 +464,18 @@ pub enum ClientCommand {
     Endpoints {
         search: String,
     },
+    /// `endpoints rekey` (`forget: false`) or `endpoints forget`.
+    EndpointIdentity {
+        host: String,
+        forget: bool,
+    },
+    EnrollTokenRotate,
     Capture {
         hosts: Vec<String>,
         yes: bool,
         wait: bool,
+        /// How long `wait` may take.
+        timeout: Option<Duration>,
     },
     SnapshotsList {
         endpoint: Option<String>,
@@ -435,6 +490,8 @@ pub enum ClientCommand {
     Upload {
         files: Vec<PathBuf>,
         connect: bool,
+        /// How long `connect` may wait for one ingest.
+        timeout: Option<Duration>,
     },
     QueueStatus {
         watch: bool,
@@ -472,7 +529,9 @@ impl ClientArgs {
             server: self.server,
             token: self.token,
             ca_cert: self.ca_cert,
-            data_dir: self.data_dir.unwrap_or_else(|| default_data_dir("snapq")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(crate::layout::ServerDir::default_root),
             json: self.json,
         }
     }
@@ -499,23 +558,51 @@ impl Cli {
                 own_addresses: true,
             })),
             CommandArgs::Endpoints { command, client } => {
-                let search = match command {
-                    EndpointsCommand::List => String::new(),
-                    EndpointsCommand::Search { text } => text,
+                let command = match command {
+                    EndpointsCommand::List => ClientCommand::Endpoints {
+                        search: String::new(),
+                    },
+                    EndpointsCommand::Search { text } => ClientCommand::Endpoints { search: text },
+                    EndpointsCommand::Rekey { host, yes } => {
+                        confirm(
+                            yes,
+                            &format!(
+                                "Let another agent enroll as {host}? Its current agent will be refused."
+                            ),
+                            "rekey",
+                        )?;
+                        ClientCommand::EndpointIdentity {
+                            host,
+                            forget: false,
+                        }
+                    }
+                    EndpointsCommand::Forget { host, yes } => {
+                        confirm(yes, &format!("Forget {host}'s agent?"), "forget")?;
+                        ClientCommand::EndpointIdentity { host, forget: true }
+                    }
                 };
-                Ok(Command::Client(
-                    client.into_config(),
-                    ClientCommand::Endpoints { search },
-                ))
+                Ok(Command::Client(client.into_config(), command))
             }
+            CommandArgs::EnrollToken { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    EnrollTokenCommand::Rotate => ClientCommand::EnrollTokenRotate,
+                },
+            )),
             CommandArgs::Capture {
                 hosts,
                 yes,
                 wait,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Capture { hosts, yes, wait },
+                ClientCommand::Capture {
+                    hosts,
+                    yes,
+                    wait,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Snapshots { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -539,10 +626,15 @@ impl Cli {
             CommandArgs::Upload {
                 files,
                 connect,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Upload { files, connect },
+                ClientCommand::Upload {
+                    files,
+                    connect,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Queue { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -583,7 +675,7 @@ impl Cli {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
                         .data_dir
-                        .unwrap_or_else(|| default_data_dir("snapq-agent")),
+                        .unwrap_or_else(crate::layout::AgentDir::default_root),
                     out: e.out,
                     hostname: e.hostname,
                     json: e.json,
@@ -610,7 +702,7 @@ impl ServeArgs {
         let data_dir = self
             .data_dir
             .or(file.data_dir)
-            .unwrap_or_else(|| default_data_dir("snapq"));
+            .unwrap_or_else(crate::layout::ServerDir::default_root);
         let mut config = ServeConfig::with_data_dir(data_dir);
         if let Some(listen) = self.listen.or(file.listen) {
             config.listen = listen;
@@ -677,7 +769,7 @@ impl AgentArgs {
         Ok(AgentConfig {
             data_dir: self
                 .data_dir
-                .unwrap_or_else(|| default_data_dir("snapq-agent")),
+                .unwrap_or_else(crate::layout::AgentDir::default_root),
             listen: self.listen,
             hostname: self.hostname.unwrap_or_else(crate::agent::system::hostname),
             token: self.token,
@@ -701,6 +793,11 @@ impl AgentArgs {
                     .map(|d| Duration::from_secs(d * 24 * 3600)),
             },
             staging_ttl: Duration::from_secs(self.staging_ttl_minutes * 60),
+            staging_reserve_bytes: self.staging_reserve_mib << 20,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::CertPair { cert, key }),
+                _ => None,
+            },
             server: match (self.server, self.enroll_token) {
                 (Some(url), Some(enroll_token)) => Some(ServerLink {
                     url,
@@ -723,28 +820,24 @@ pub struct UsageError(pub String);
 
 /// Destructive commands ask first; without a terminal to ask on they need `--yes`.
 fn confirm_destructive(yes: bool, question: &str) -> anyhow::Result<()> {
+    confirm(yes, question, "delete")
+}
+
+/// Asks `question` unless `--yes`; `verb` names what is refused without an answer.
+fn confirm(yes: bool, question: &str, verb: &str) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
-        return Err(UsageError(
-            "refusing to delete without confirmation: not a terminal; pass --yes".into(),
-        )
+        return Err(UsageError(format!(
+            "refusing to {verb} without confirmation: not a terminal; pass --yes"
+        ))
         .into());
     }
     if crate::client::confirm(question) {
         Ok(())
     } else {
-        Err(UsageError("nothing deleted".into()).into())
+        Err(UsageError(format!("did not {verb}")).into())
     }
-}
-
-/// `$XDG_DATA_HOME/<name>`, else `~/.local/share/<name>`.
-pub fn default_data_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join(name)
 }

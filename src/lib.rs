@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod http;
+pub mod layout;
 pub mod logging;
 pub mod server;
 pub mod tls;
@@ -74,8 +75,15 @@ async fn run_client(
     let c = client::Client::new(&config)?;
     match command {
         C::Endpoints { search } => client::endpoints(&c, &search).await,
-        C::Capture { hosts, yes, wait } => {
-            if client::capture(&c, &hosts, yes, wait).await? {
+        C::EndpointIdentity { host, forget } => client::endpoint_identity(&c, &host, forget).await,
+        C::EnrollTokenRotate => client::enroll_token_rotate(&c).await,
+        C::Capture {
+            hosts,
+            yes,
+            wait,
+            timeout,
+        } => {
+            if client::capture(&c, &hosts, yes, wait, timeout).await? {
                 Ok(())
             } else {
                 anyhow::bail!("not every capture completed")
@@ -90,8 +98,12 @@ async fn run_client(
                 anyhow::bail!("not every snapshot was deleted")
             }
         }
-        C::Upload { files, connect } => {
-            if client::upload(&c, &files, connect).await? {
+        C::Upload {
+            files,
+            connect,
+            timeout,
+        } => {
+            if client::upload(&c, &files, connect, timeout).await? {
                 Ok(())
             } else {
                 anyhow::bail!("not every upload was ingested")

@@ -1,6 +1,7 @@
 //! The endpoint API: what the server (and an analyst's live connection) asks of an agent.
 //!
-//! Every route needs the agent's bearer token. Queries run on their own read-only connection in a
+//! Served over TLS. Every route needs a bearer token: the credential the server enrolled this
+//! agent with, or the agent's local `agent.token`. Queries run on their own read-only connection in a
 //! blocking task, so a slow filter never holds up the recorder or other requests.
 
 use std::collections::HashMap;
@@ -20,12 +21,15 @@ use snapq_core::wire::{DbSize, EndpointInfo};
 use super::recorder::{self, RecorderDb};
 use super::staging::{StageError, Staged, StagedState, Staging};
 use super::system;
-use crate::http::{ApiError, Growing, bearer_matches, serve_file, unauthorized};
+use crate::http::{ApiError, Growing, bearer, bearer_matches, serve_file, unauthorized};
 use rusqlite::OptionalExtension;
 
 pub struct AgentState {
     pub hostname: String,
+    /// The local token (`agent.token`), for calling the agent directly.
     pub token: String,
+    /// The credential the server enrolled this agent with; the server calls with it.
+    pub identity: Arc<super::enroll::Identity>,
     pub db: Arc<RecorderDb>,
     pub staging: Staging,
 }
@@ -44,6 +48,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         )
         .route("/v1/snapshots/{id}/info", get(staged_info))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }
 
@@ -52,7 +57,8 @@ async fn require_token(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if bearer_matches(request.headers(), &state.token) {
+    let server = bearer(request.headers()).is_some_and(|given| state.identity.is_server(given));
+    if server || bearer_matches(request.headers(), &state.token) {
         next.run(request).await
     } else {
         unauthorized().into_response()

@@ -10,15 +10,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use snapq_core::agent_client::AgentClient;
-use snapq_core::catalog::{Endpoint, Heartbeat, Origin, Snapshot, now_ms};
+use snapq_core::agent_client::NotCallable;
+use snapq_core::catalog::{Endpoint, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
 use snapq_jobs::{JobId, JobKind, JobState, ListFilter, QueueError};
 
 use super::{ServerState, sha256_hex};
-use crate::http::{ApiError, bearer_matches, unauthorized};
+use crate::http::{ApiError, unauthorized};
 
 /// Who is asking: the user a bearer token belongs to.
 #[derive(Debug, Clone)]
@@ -46,17 +46,13 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/queue/jobs/{id}/retry", post(queue_retry))
         .route("/v1/queue/jobs/{id}/cancel", post(queue_cancel))
         .merge(super::quarantine::routes())
+        .merge(super::agents::admin_routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_user));
-    let agent_routes = Router::new()
-        .route("/v1/agents/heartbeat", post(heartbeat))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_enroll_token,
-        ));
     Router::new()
         .route("/status", get(status))
         .merge(user_routes)
-        .merge(agent_routes)
+        .merge(super::agents::heartbeat_routes())
+        .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }
 
@@ -84,42 +80,12 @@ async fn require_user(
     }
 }
 
-async fn require_enroll_token(
-    State(state): State<Arc<ServerState>>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    if bearer_matches(request.headers(), &state.enroll_token.secret) {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "wrong enroll token: start the agent with the content of the server's enroll.token",
-        )
-        .into_response()
-    }
-}
-
 async fn status() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "service": "snapq",
         "version": env!("CARGO_PKG_VERSION"),
         "healthy": true,
     }))
-}
-
-async fn heartbeat(
-    State(state): State<Arc<ServerState>>,
-    Json(hb): Json<Heartbeat>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    snapq_core::name::validate_hostname(&hb.hostname)
-        .map_err(|e| ApiError::bad_request(format!("hostname {:?}: {e}", hb.hostname)))?;
-    let endpoint = state
-        .catalog
-        .heartbeat(&hb)
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({ "endpoint_id": endpoint.id })))
 }
 
 /// An endpoint as listings show it.
@@ -131,6 +97,9 @@ pub struct EndpointView {
     pub labels: Vec<String>,
     pub online: bool,
     pub last_seen_ms: Option<i64>,
+    /// The sha256 of the agent certificate pinned at enrollment (`None`: no agent enrolled).
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
 }
 
 fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
@@ -144,6 +113,7 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
             .last_seen_ms
             .is_some_and(|seen| now_ms() - seen < window && e.api_url.is_some()),
         last_seen_ms: e.last_seen_ms,
+        cert_sha256: e.cert_sha256.clone(),
     }
 }
 
@@ -185,15 +155,13 @@ async fn show_endpoint(
     Path(host): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let endpoint = endpoint_or_404(&state, &host).await?;
-    let live = match (&endpoint.api_url, &endpoint.api_token) {
-        (Some(url), Some(token)) => {
-            let agent = AgentClient::new(state.services.http.clone(), url, token);
-            match agent.endpoint_info().await {
-                Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            }
-        }
-        _ => serde_json::Value::Null,
+    let live = match state.services.agents.client(&endpoint) {
+        Ok(agent) => match agent.endpoint_info().await {
+            Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
+        Err(NotCallable::NoAgent(_)) => serde_json::Value::Null,
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
     let free =
         snapq_core::disk::free_bytes(state.services.store.root()).map_err(ApiError::internal)?;
@@ -381,7 +349,14 @@ fn queue_error(err: QueueError) -> ApiError {
 }
 
 async fn queue_status(State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
-    let status = state.queue.status().await.map_err(queue_error)?;
+    let mut status = state.queue.status().await.map_err(queue_error)?;
+    // Only the kinds this server runs (and any that somehow hold jobs): no `noop`, no kinds
+    // without workers yet.
+    let workers = status.local_workers.clone();
+    status.kinds.retain(|k| {
+        workers.iter().any(|w| w.kind.as_str() == k.kind)
+            || k.pending + k.running + k.retrying + k.done + k.failed + k.cancelled > 0
+    });
     let running = state
         .queue
         .list(&ListFilter {
@@ -586,6 +561,7 @@ async fn upload(
     State(state): State<Arc<ServerState>>,
     Extension(caller): Extension<Caller>,
     Query(params): Query<UploadParams>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use futures::StreamExt;
@@ -595,51 +571,106 @@ async fn upload(
     let name: snapq_core::SnapshotName = params.name.parse().map_err(|e| {
         ApiError::bad_request(format!("{:?} is not a snapshot name: {e}", params.name))
     })?;
-    let incoming = state.config.data_dir.join("incoming");
+    let incoming = state.layout().incoming();
     let spool_id = hex::encode(rand::random::<[u8; 16]>());
     let partial = incoming.join(format!("{spool_id}.partial"));
-    let spooled = incoming.join(format!("{spool_id}.db"));
+    // The spool name keeps the upload's name, so a file spooled just before a crash can still
+    // be ingested at the next start (see `server::recover_spool`).
+    let spooled = incoming.join(super::spool_name(&spool_id, &name));
     let limit = state.config.upload_max_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{name} is larger than the upload limit of {}; raise --upload-max-mib on the server",
+                snapq_core::disk::human_bytes(limit)
+            ),
+        )
+    };
+    // A declared length over the limit is refused before a byte is read.
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
+    if declared.is_some_and(|n| n > limit) {
+        drain_briefly(stream);
+        return Err(too_large());
+    }
+    // The spool counts against the same disk reservations as captures: the declared length up
+    // front, or step by step as an undeclared body grows.
+    let reserve = |need: u64| -> Result<snapq_jobs::handlers::Reservation, ApiError> {
+        let free = snapq_core::disk::free_bytes(&incoming).map_err(ApiError::internal)?;
+        state
+            .services
+            .reservations
+            .reserve(
+                name.hostname(),
+                need,
+                free,
+                state.config.capture_reserve_bytes,
+            )
+            .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))
+    };
+    const STEP: u64 = 64 << 20;
+    let mut held = match reserve(declared.unwrap_or(STEP.min(limit))) {
+        Ok(first) => vec![first],
+        Err(e) => {
+            drain_briefly(stream);
+            return Err(e);
+        }
+    };
+    let mut covered = declared.unwrap_or(STEP.min(limit));
     let result: Result<u64, ApiError> = async {
-        let file = tokio::fs::File::create(&partial).await.map_err(ApiError::internal)?;
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(ApiError::internal)?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut received = 0u64;
-        let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
             received += chunk.len() as u64;
-            if received > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "{name} is larger than the upload limit of {}; raise --upload-max-mib on the server",
-                        snapq_core::disk::human_bytes(limit)
-                    ),
-                ));
+            if received > limit || declared.is_some_and(|n| received > n) {
+                return Err(too_large());
+            }
+            if received > covered {
+                let step = STEP.max(received - covered);
+                held.push(reserve(step)?);
+                covered += step;
             }
             out.write_all(&chunk).await.map_err(ApiError::internal)?;
         }
         out.flush().await.map_err(ApiError::internal)?;
-        out.into_inner().sync_all().await.map_err(ApiError::internal)?;
+        out.into_inner()
+            .sync_all()
+            .await
+            .map_err(ApiError::internal)?;
         Ok(received)
     }
     .await;
+    drop(held);
     let received = match result {
         Ok(n) => n,
         Err(e) => {
+            drain_briefly(stream);
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
     };
-    tokio::fs::rename(&partial, &spooled)
-        .await
-        .map_err(ApiError::internal)?;
+    if let Err(e) = tokio::fs::rename(&partial, &spooled).await {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(ApiError::internal(e));
+    }
     let args = IngestArgs::new(spooled, name.to_string(), Origin::Upload);
-    let job = state
-        .queue
-        .push(&args, &caller.name)
-        .await
-        .map_err(ApiError::internal)?;
+    let job = match super::enqueue_spooled(&state.queue, &args, &spool_id, &caller.name).await {
+        Ok(job) => job,
+        Err(e) => {
+            // Nothing will ever ingest it: do not leave it in the spool.
+            let _ = tokio::fs::remove_file(&args.path).await;
+            return Err(ApiError::internal(e));
+        }
+    };
     state
         .catalog
         .create_ingest(
@@ -664,6 +695,16 @@ async fn upload(
         Json(serde_json::json!({ "job_id": job.as_str(), "name": args.original_name, "bytes": received })),
     )
         .into_response())
+}
+
+/// Reads and discards what is left of a refused upload for a moment, so that a client still
+/// sending reads the answer (413, 507) instead of a broken pipe; then the connection closes.
+fn drain_briefly(mut stream: axum::body::BodyDataStream) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    });
 }
 
 async fn show_ingest(

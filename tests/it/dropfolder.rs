@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::ingest::{snapshot_file, wait_snapshots};
-use crate::support::{TestServer, eventually, files_under};
+use crate::ingest::wait_snapshots;
+use crate::support::{TestServer, eventually, files_under, snapshot_file};
 
 fn quarantine_entries(server: &TestServer) -> Vec<Value> {
     let (code, stdout, stderr) = server.cli(&["quarantine", "list", "--json"]);

@@ -1,7 +1,11 @@
 //! End-to-end tests: real `snapq` processes on loopback with temp data directories.
 
 mod agent;
+mod chaos;
+mod crash;
 mod dropfolder;
+mod hardening;
+mod identity;
 mod ingest;
 mod recorder;
 mod server;

@@ -131,6 +131,8 @@ pub struct Candidate {
     pub mtime_ms: i64,
     /// Inode number (0 where the platform has none, i.e. Windows).
     pub inode: u64,
+    /// Inode change time, ns since the Unix epoch (0 where the platform has none).
+    pub ctime_ns: i64,
 }
 
 impl Candidate {
@@ -140,18 +142,24 @@ impl Candidate {
             len: id.len,
             mtime_ms: epoch_ms(id.mtime),
             inode: id.inode,
+            ctime_ns: id.ctime_ns,
         }
     }
 
-    /// `"<file name>:<len>:<mtime_ms>:<inode>"`: the same for the same version of the same dropped file,
-    /// across watcher restarts. Meant as the idempotency key of the ingest job the server enqueues.
+    /// `"<file name>:<len>:<mtime_ms>:<inode>:<ctime_ns>"`: the same for the same version of the
+    /// same dropped file, across watcher restarts. Meant as the idempotency key of the ingest job
+    /// the server enqueues. The change time tells a new file on a reused inode from the old one
+    /// even when a copy preserved name, length and mtime.
     pub fn identity_key(&self) -> String {
         let name = self
             .path
             .file_name()
             .map(|name| name.to_string_lossy())
             .unwrap_or_default();
-        format!("{name}:{}:{}:{}", self.len, self.mtime_ms, self.inode)
+        format!(
+            "{name}:{}:{}:{}:{}",
+            self.len, self.mtime_ms, self.inode, self.ctime_ns
+        )
     }
 }
 
@@ -377,11 +385,38 @@ mod tests {
             len: 4096,
             mtime_ms: 1_795_000_000_123,
             inode: 42,
+            ctime_ns: 1_795_000_000_123_456_789,
         };
         assert_eq!(
             candidate.identity_key(),
-            "web-01_2026_11_28T14.03.07.091Z.db:4096:1795000000123:42"
+            "web-01_2026_11_28T14.03.07.091Z.db:4096:1795000000123:42:1795000000123456789"
         );
+    }
+
+    #[test]
+    fn a_new_file_on_a_reused_inode_with_a_preserved_mtime_gets_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web-01_2026_11_28T14.03.07.091Z.db");
+        std::fs::write(&path, b"first").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let first = Candidate::new(path.clone(), crate::probe::probe(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        // File times tick with the kernel's clock (a few ms): let it move on.
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(&path, b"other").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let second = Candidate::new(path.clone(), crate::probe::probe(&path).unwrap());
+        assert_eq!(
+            (first.len, first.mtime_ms),
+            (second.len, second.mtime_ms),
+            "same name, length and mtime"
+        );
+        assert_ne!(first.identity_key(), second.identity_key());
     }
 
     #[test]

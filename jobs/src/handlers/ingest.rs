@@ -335,12 +335,17 @@ async fn ingest(
         let source = source.clone();
         tokio::task::spawn_blocking(
             move || -> Result<(Verified, String, u64), verify::VerifyError> {
-                // Hash first: one sequential read that also brings the file into the page
-                // cache, where quick_check's scattered reads are several times faster.
-                let sha256 = verify::sha256_file(&source)?;
-                let verified = verify::verify_snapshot(&source)?;
-                let size = std::fs::metadata(&source)?.len();
-                Ok((verified, sha256, size))
+                // Opened without following symlinks and checked through the open handle, so a
+                // dropped file swapped for a symlink after the watcher saw it is never read.
+                let file = verify::open_regular_no_follow(&source)?;
+                let checked = verify::verify_open_file(&file)?;
+                if !verify::still_names(&source, &file) {
+                    return Err(verify::VerifyError::NotRegular(format!(
+                        "{} was replaced while it was checked",
+                        source.display()
+                    )));
+                }
+                Ok(checked)
             },
         )
         .await
@@ -368,23 +373,28 @@ async fn ingest(
         tracing::info!(duplicate_of = existing.id, "already stored");
         return Ok(Outcome::Duplicate(existing.id));
     }
-    if source != stored && stored.exists() {
-        return Ok(Outcome::Rejected {
-            reason: format!("a different snapshot named {name} is already stored (sha256 differs)"),
-            curable: false,
-        });
-    }
     let endpoint = svc
         .catalog
         .ensure_endpoint(name.hostname())
         .await
         .transient()?;
     if source != stored {
+        // The commit never replaces: a file already stored under the name (an earlier run cut
+        // off before it registered, or another ingest of the same name right now) is compared.
         let (store, from, to) = (svc.store.clone(), source.clone(), name.clone());
-        tokio::task::spawn_blocking(move || store.commit(&from, &to))
+        let committed = tokio::task::spawn_blocking(move || store.commit(&from, &to))
             .await
-            .transient()?
             .transient()?;
+        match committed {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if let Some(outcome) = already_stored(svc, &name, &stored, &source, &sha256).await?
+                {
+                    return Ok(outcome);
+                }
+            }
+            Err(e) => return Err(JobError::transient(e.to_string())),
+        }
     }
     let id = svc
         .catalog
@@ -413,6 +423,38 @@ async fn ingest(
     Ok(Outcome::Stored(id))
 }
 
+/// A file is already stored under `name`: the same bytes (by sha256) make this ingest that
+/// snapshot (`None`: register the stored file, which nothing registered yet); other bytes are a
+/// rejection. `source` is removed once the stored file is known to be the same.
+async fn already_stored(
+    svc: &Services,
+    name: &SnapshotName,
+    stored: &Path,
+    source: &Path,
+    sha256: &str,
+) -> Result<Option<Outcome>, JobError> {
+    let stored_sha = {
+        let stored = stored.to_owned();
+        tokio::task::spawn_blocking(move || verify::sha256_file(&stored))
+            .await
+            .transient()?
+            .transient()?
+    };
+    if stored_sha != sha256 {
+        return Ok(Some(Outcome::Rejected {
+            reason: format!("a different snapshot named {name} is already stored (sha256 differs)"),
+            curable: false,
+        }));
+    }
+    let _ = std::fs::remove_file(source);
+    Ok(svc
+        .catalog
+        .snapshot_by_name(&name.to_string())
+        .await
+        .transient()?
+        .map(|existing| Outcome::Duplicate(existing.id)))
+}
+
 /// `<file>.reason.json`: the quarantined file's reason, beside it.
 pub fn reason_path(file: &Path) -> PathBuf {
     let mut path = file.as_os_str().to_owned();
@@ -428,6 +470,7 @@ async fn quarantine(
     job_id: &str,
     reason: &str,
 ) -> std::io::Result<PathBuf> {
+    // Hashing and moving (maybe copying) a whole hostile file: never on the async runtime.
     let (dir, args, job_id, reason) = (
         svc.quarantine.clone(),
         args.clone(),
@@ -440,18 +483,22 @@ async fn quarantine(
 }
 
 fn quarantine_blocking(
-    dir: &Path,
+    quarantine: &Path,
     args: &IngestArgs,
     job_id: &str,
     reason: &str,
 ) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let dest = dir.join(format!("{}-{job_id}", safe_file_name(&args.original_name)));
-    let (size, sha256) = match std::fs::metadata(&args.path) {
-        Ok(m) => (Some(m.len()), verify::sha256_file(&args.path).ok()),
+    std::fs::create_dir_all(quarantine)?;
+    let dest = quarantine.join(format!("{}-{job_id}", safe_file_name(&args.original_name)));
+    // Never follows a symlink: a link is moved aside as it is, not hashed where it points.
+    let (size, sha256) = match verify::open_regular_no_follow(&args.path) {
+        Ok(file) => (
+            file.metadata().ok().map(|m| m.len()),
+            verify::sha256_open_file(&file).ok(),
+        ),
         Err(_) => (None, None),
     };
-    if args.path.exists() {
+    if args.path.symlink_metadata().is_ok() {
         move_file(&args.path, &dest)?;
         if args.retry_of.is_some() {
             let _ = std::fs::remove_file(reason_path(&args.path));
