@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cli;
 pub mod client;
+pub mod client_access;
 pub mod http;
 pub mod logging;
 pub mod server;
@@ -104,5 +105,6 @@ async fn run_client(
         C::QueueShow { id } => client::queue_show(&c, &id).await,
         C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
         C::QueueCancel { id } => client::queue_action(&c, &id, "cancel").await,
+        C::Access(command) => client_access::run(&c, command).await,
     }
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::support::{TestServer, eventually, files_under, run_snapq};
 
 /// A real exported snapshot of a recorder database with `events` events.
-fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
+pub(crate) fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
     let data = dir.join(format!("agent-{hostname}"));
     std::fs::create_dir_all(&data).unwrap();
     {
