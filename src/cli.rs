@@ -861,14 +861,14 @@ fn confirm_destructive(yes: bool, question: &str) -> anyhow::Result<()> {
     }
     if !std::io::stdin().is_terminal() {
         return Err(UsageError(
-            "refusing to delete without confirmation: not a terminal; pass --yes".into(),
+            "refusing to go ahead without confirmation: not a terminal; pass --yes".into(),
         )
         .into());
     }
     if crate::client::confirm(question) {
         Ok(())
     } else {
-        Err(UsageError("nothing deleted".into()).into())
+        Err(UsageError("nothing changed".into()).into())
     }
 }
 

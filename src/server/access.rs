@@ -123,7 +123,24 @@ pub async fn authenticate(
     request.extensions_mut().insert(checked.clone());
     let route = request.uri().path().to_owned();
     let method = request.method().clone();
+    let caller_name = request
+        .extensions()
+        .get::<Arc<Caller>>()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
     let response = next.run(request).await;
+    if response.status() == StatusCode::FORBIDDEN && method != axum::http::Method::GET {
+        // A refused attempt to change something is worth an admin's attention.
+        state
+            .audit(
+                &caller_name,
+                "access.denied",
+                &format!("{method} {route}"),
+                "refused",
+                None,
+            )
+            .await;
+    }
     if !checked.0.load(Ordering::Relaxed) && !response.status().is_client_error() {
         tracing::error!(%method, %route, status = %response.status(),
             "BUG: this route answered without an authorization check; add an Access or Scoped extractor");
@@ -173,10 +190,10 @@ fn forbidden(caller: &Caller, need: Role) -> ApiError {
         format!(
             "this needs the {need} role; {} is {} {}",
             caller.name,
-            if caller.role == Role::Admin {
-                "an"
-            } else {
+            if caller.role == Role::Viewer {
                 "a"
+            } else {
+                "an"
             },
             caller.role
         ),
@@ -538,7 +555,7 @@ fn host_of_name(name: &str) -> Option<String> {
 
 /// The answer for endpoints that do not exist or are outside the caller's groups (the same).
 fn unknown_endpoints(hosts: &[&str]) -> ApiError {
-    let hosts: Vec<String> = hosts.iter().map(|h| format!("{:?}", short(h))).collect();
+    let hosts: Vec<String> = hosts.iter().map(|h| short(h)).collect();
     ApiError::not_found(format!(
         "unknown endpoint(s): {}; `snapq endpoints search TEXT` lists the ones you can reach",
         hosts.join(", ")
@@ -547,7 +564,7 @@ fn unknown_endpoints(hosts: &[&str]) -> ApiError {
 
 /// The answer for snapshots that do not exist or are outside the caller's groups (the same).
 fn unknown_snapshots(ids: &[&str]) -> ApiError {
-    let ids: Vec<String> = ids.iter().map(|i| format!("{:?}", short(i))).collect();
+    let ids: Vec<String> = ids.iter().map(|i| short(i)).collect();
     ApiError::not_found(format!(
         "no snapshot with id {}; `snapq snapshots list` shows them",
         ids.join(", ")
@@ -634,5 +651,61 @@ impl<T: Target, N: Need> FromRequestParts<Arc<ServerState>> for Scoped<T, N> {
             target,
             need: PhantomData,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+
+    /// The backstop: a route that answers without any authorization check is a 500 (and a logged
+    /// bug), while the same route with a check answers normally.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_route_that_forgets_its_check_answers_500_and_one_that_checks_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::server::ServeConfig::with_data_dir(dir.path().to_owned());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let server = crate::server::Server::build(config).await.unwrap();
+        let state = server.state().clone();
+        let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+
+        async fn forgetful(_access: Access) -> &'static str {
+            "everything, unchecked"
+        }
+        async fn careful(access: Access) -> Result<&'static str, ApiError> {
+            access.require(Role::Viewer)?;
+            Ok("checked")
+        }
+        let app: Router = Router::new()
+            .route("/forgetful", get(forgetful))
+            .route("/careful", get(careful))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authenticate,
+            ))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let http = snapq_core::agent_client::http_client();
+        let get = |path: &'static str| {
+            http.get(format!("http://{addr}{path}"))
+                .bearer_auth(token.trim())
+                .send()
+        };
+        let forgot = get("/forgetful").await.unwrap();
+        assert_eq!(forgot.status(), 500);
+        let body: serde_json::Value = forgot.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("made no authorization check"),
+            "{body}"
+        );
+        assert_eq!(get("/careful").await.unwrap().status(), 200);
     }
 }

@@ -140,7 +140,7 @@ async fn world() -> World {
         Some(json!({ "name": "team", "hostnames": ["acc-in-*"] })),
     )
     .await;
-    for (name, role) in [("op", "operator"), ("vw", "viewer")] {
+    for (name, role) in [("op", "operator"), ("vw", "viewer"), ("owner", "viewer")] {
         admin(
             &server,
             "POST",
@@ -330,7 +330,7 @@ async fn request_for(
         ),
         ("POST", "/v1/tokens") => (template.into(), Some(json!({ "label": "table" }))),
         (_, "/v1/tokens/{id}") => {
-            let (_, id) = token_for(s, "vw", json!({})).await;
+            let (_, id) = token_for(s, "owner", json!({})).await;
             (format!("/v1/tokens/{id}"), None)
         }
         ("POST", "/v1/groups") => (
@@ -487,37 +487,21 @@ async fn an_operator_sees_nothing_outside_their_groups_and_gets_the_404_of_a_mis
     assert_eq!(total(&op_status), 2, "{op_status}");
 
     // Outside ids answer exactly what a missing id answers.
-    for (outside, missing) in [
-        (
-            format!("/v1/endpoints/{OUTSIDE}"),
-            "/v1/endpoints/no-such-host".to_owned(),
-        ),
-        (
-            format!("/v1/snapshots/{}", w.snap[1]),
-            "/v1/snapshots/999999".into(),
-        ),
-        (
-            format!("/v1/snapshots/{}/file", w.snap[1]),
-            "/v1/snapshots/999999/file".into(),
-        ),
-        (
-            format!("/v1/queue/jobs/{}", w.job[1]),
-            "/v1/queue/jobs/no-such-job".into(),
-        ),
-        (
-            format!("/v1/ingests/{}", w.ingest[1]),
-            "/v1/ingests/no-such-job".into(),
-        ),
+    let (snap_out, job_out, ingest_out) = (w.snap[1].to_string(), &w.job[1], &w.ingest[1]);
+    for (template, outside, missing) in [
+        ("/v1/endpoints/ID", OUTSIDE, "no-such-host"),
+        ("/v1/snapshots/ID", snap_out.as_str(), "999999"),
+        ("/v1/snapshots/ID/file", snap_out.as_str(), "999999"),
+        ("/v1/queue/jobs/ID", job_out.as_str(), "no-such-job"),
+        ("/v1/ingests/ID", ingest_out.as_str(), "no-such-job"),
     ] {
-        let (s1, b1) = call(s, op, "GET", &outside, None).await;
-        let (s2, b2) = call(s, op, "GET", &missing, None).await;
-        assert_eq!((s1, s2), (404, 404), "{outside}: {b1}");
-        let strip = |b: &Value, id: &str| b["error"].as_str().unwrap().replace(id, "ID");
-        let id_of = |p: &str| p.split('/').nth(3).unwrap().to_owned();
+        let (s1, b1) = call(s, op, "GET", &template.replace("ID", outside), None).await;
+        let (s2, b2) = call(s, op, "GET", &template.replace("ID", missing), None).await;
+        assert_eq!((s1, s2), (404, 404), "{template}: {b1}");
         assert_eq!(
-            strip(&b1, &id_of(&outside)),
-            strip(&b2, &id_of(&missing)),
-            "{outside} tells more than a missing id"
+            b1["error"].as_str().unwrap().replace(outside, "ID"),
+            b2["error"].as_str().unwrap().replace(missing, "ID"),
+            "{template} outside the groups tells more than a missing id"
         );
     }
     let (status, body) = call(
@@ -619,6 +603,12 @@ async fn revoked_expired_and_orphaned_tokens_get_401_saying_which() {
 
     // Tokens carry the visible prefix and are listed with it, never whole.
     assert!(w.operator.starts_with("snapq_"));
+    assert_eq!(
+        call(s, Some(&w.operator), "GET", "/v1/endpoints", None)
+            .await
+            .0,
+        200
+    );
     let (code, out, _) = s.cli(&["tokens", "list", "--user", "op", "--json"]);
     assert_eq!(code, 0);
     assert!(!out.contains(&w.operator));
@@ -799,8 +789,13 @@ async fn users_tokens_and_groups_from_the_cli_scope_an_operator_and_are_audited(
     let shown: Value =
         serde_json::from_str(&ok(server.cli(&["users", "show", "alice", "--json"]))).unwrap();
     assert_eq!(shown["user"]["has_password"], true);
-    let catalog = std::fs::read(server.data_dir.join("catalog.db")).unwrap();
-    assert!(!catalog.windows(18).any(|w| w == b"hunter2-but-longer"));
+    for file in ["catalog.db", "catalog.db-wal"] {
+        let bytes = std::fs::read(server.data_dir.join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(18).any(|w| w == b"hunter2-but-longer"),
+            "{file}"
+        );
+    }
 
     // Every change is in the audit log, with who and how it ended.
     let audit: Value = serde_json::from_str(&ok(
