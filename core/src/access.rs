@@ -174,14 +174,14 @@ impl GroupRules {
     /// Parses the CIDRs once, for evaluating against many endpoints.
     pub fn compile(&self) -> CompiledGroup {
         CompiledGroup {
-            hostnames: self.hostnames.iter().map(|g| g.to_lowercase()).collect(),
+            hostnames: self.hostnames.clone(),
             cidrs: self
                 .cidrs
                 .iter()
                 .filter_map(|c| Cidr::parse(c).ok())
                 .collect(),
             labels: self.labels.clone(),
-            members: self.members.iter().map(|m| m.to_lowercase()).collect(),
+            members: self.members.clone(),
         }
     }
 
@@ -201,9 +201,12 @@ pub struct CompiledGroup {
 
 impl CompiledGroup {
     pub fn matches(&self, facts: &Facts<'_>) -> bool {
-        let host = facts.hostname.to_lowercase();
-        self.members.contains(&host)
-            || self.hostnames.iter().any(|g| glob_matches(g, &host))
+        let host = facts.hostname;
+        self.members.iter().any(|m| m.eq_ignore_ascii_case(host))
+            || self
+                .hostnames
+                .iter()
+                .any(|g| glob_matches(g.as_bytes(), host.as_bytes()))
             || self.labels.iter().any(|l| facts.labels.contains(l))
             || (!self.cidrs.is_empty()
                 && facts
@@ -297,18 +300,16 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u8) -> bool {
     a[whole] & mask == b[whole] & mask
 }
 
-/// `*` matches any run of characters, `?` one; everything else itself. Iterative, so a hostile
-/// pattern costs at most len(pattern) × len(text).
-fn glob_matches(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+/// `*` matches any run of bytes, `?` one; everything else itself, ASCII case-insensitively.
+/// Iterative and allocation-free, so a hostile pattern costs at most len(pattern) × len(text).
+fn glob_matches(p: &[u8], t: &[u8]) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
         } else if let Some((sp, st)) = star {
@@ -319,7 +320,7 @@ fn glob_matches(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|&c| c == '*')
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -344,8 +345,9 @@ mod tests {
         assert!(rules.matches(&Facts::hostname_only("db-07")));
         assert!(!rules.matches(&Facts::hostname_only("db-107")));
         assert!(!rules.matches(&Facts::hostname_only("myweb-01")));
-        assert!(glob_matches("*a*b*", "xxaxxbxx"));
-        assert!(!glob_matches("*a*b", "xxaxxbxx"));
+        assert!(glob_matches(b"*a*b*", b"xxaxxbxx"));
+        assert!(!glob_matches(b"*a*b", b"xxaxxbxx"));
+        assert!(glob_matches(b"WEB-*", b"web-01"));
     }
 
     #[test]

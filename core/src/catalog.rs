@@ -276,6 +276,19 @@ impl Catalog {
         .await?)
     }
 
+    /// Every endpoint's hostname, addresses and labels: what computer groups match against.
+    pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
+        type Json = sqlx::types::Json<Vec<String>>;
+        let rows: Vec<(String, Json, Json)> =
+            sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, ips, labels)| (h, ips.0, labels.0))
+            .collect())
+    }
+
     // --- snapshots -------------------------------------------------------------------------
 
     /// A new snapshot row in state `queued`, before its job is enqueued.

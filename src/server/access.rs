@@ -396,6 +396,13 @@ impl Access {
         Ok(ingest.expect("decide refuses a missing ingest"))
     }
 
+    /// For a listing of endpoints already loaded: checks the viewer role (every user has it) and
+    /// answers whether the caller may see each.
+    pub fn endpoint_filter(&self) -> Result<impl Fn(&Endpoint) -> bool + '_, ApiError> {
+        self.require(Role::Viewer)?;
+        Ok(|e: &Endpoint| self.caller.scope.allows(&e.facts()))
+    }
+
     /// What this caller's listings may show. Checks the viewer role (every user has it).
     pub async fn visible(&self) -> Result<Visible, ApiError> {
         self.require(Role::Viewer)?;
@@ -405,15 +412,22 @@ impl Access {
                 known: None,
             });
         }
-        let endpoints = self
+        let facts = self
             .state
             .catalog
-            .search_endpoints("")
+            .endpoint_facts()
             .await
             .map_err(ApiError::internal)?;
-        let known = endpoints
-            .iter()
-            .map(|e| (e.hostname.clone(), self.caller.scope.allows(&e.facts())))
+        let known = facts
+            .into_iter()
+            .map(|(hostname, ips, labels)| {
+                let allowed = self.caller.scope.allows(&Facts {
+                    hostname: &hostname,
+                    ips: &ips,
+                    labels: &labels,
+                });
+                (hostname, allowed)
+            })
             .collect();
         Ok(Visible {
             caller: self.caller.clone(),
@@ -530,10 +544,6 @@ impl Visible {
                 None => self.caller.scope.allows(&Facts::hostname_only(hostname)),
             },
         }
-    }
-
-    pub fn endpoint(&self, e: &Endpoint) -> bool {
-        self.host(&e.hostname)
     }
 
     /// Whether the caller sees everything (admins).

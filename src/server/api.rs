@@ -196,7 +196,7 @@ async fn list_endpoints(
     State(state): State<Arc<ServerState>>,
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Vec<EndpointView>>, ApiError> {
-    let visible = access.visible().await?;
+    let sees = access.endpoint_filter()?;
     let all = state
         .catalog
         .search_endpoints(params.search.trim())
@@ -204,7 +204,7 @@ async fn list_endpoints(
         .map_err(ApiError::internal)?;
     Ok(Json(
         all.iter()
-            .filter(|e| visible.endpoint(e))
+            .filter(|e| sees(e))
             .map(|e| view(&state, e))
             .collect(),
     ))
