@@ -145,6 +145,27 @@ pub struct Snapshot {
     pub completed_ms: Option<i64>,
 }
 
+/// A snapshot and the current facts of its endpoint.
+#[derive(Debug, Clone, FromRow)]
+pub struct SnapshotWithFacts {
+    #[sqlx(flatten)]
+    pub snapshot: Snapshot,
+    #[sqlx(json)]
+    pub endpoint_ips: Vec<String>,
+    #[sqlx(json)]
+    pub endpoint_labels: Vec<String>,
+}
+
+impl SnapshotWithFacts {
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            hostname: &self.snapshot.hostname,
+            ips: &self.endpoint_ips,
+            labels: &self.endpoint_labels,
+        }
+    }
+}
+
 /// What an ingest job came to.
 #[derive(Debug, Clone, Serialize, FromRow)]
 pub struct Ingest {
@@ -337,6 +358,24 @@ impl Catalog {
         .bind(hostname)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Like [`Catalog::snapshots`], each with its endpoint's facts, for listings filtered by
+    /// computer groups in the same query.
+    pub async fn snapshots_with_facts(
+        &self,
+        hostname: Option<&str>,
+    ) -> Result<Vec<SnapshotWithFacts>> {
+        Ok(
+            sqlx::query_as::<_, SnapshotWithFacts>(sqlx::AssertSqlSafe(format!(
+                "SELECT {SNAPSHOT_COLUMNS}, e.ips AS endpoint_ips, e.labels AS endpoint_labels
+             FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE ?1 IS NULL OR e.hostname = ?1 ORDER BY e.hostname, s.created_ms DESC, s.id DESC"
+            )))
+            .bind(hostname)
+            .fetch_all(&self.pool)
+            .await?,
+        )
     }
 
     /// A complete snapshot with this content, if the store already holds one.

@@ -396,11 +396,11 @@ impl Access {
         Ok(ingest.expect("decide refuses a missing ingest"))
     }
 
-    /// For a listing of endpoints already loaded: checks the viewer role (every user has it) and
-    /// answers whether the caller may see each.
-    pub fn endpoint_filter(&self) -> Result<impl Fn(&Endpoint) -> bool + '_, ApiError> {
+    /// For a listing whose rows carry their endpoint's facts: checks the viewer role (every user
+    /// has it) and answers whether the caller may see each row.
+    pub fn endpoint_filter(&self) -> Result<impl Fn(&Facts<'_>) -> bool + '_, ApiError> {
         self.require(Role::Viewer)?;
-        Ok(|e: &Endpoint| self.caller.scope.allows(&e.facts()))
+        Ok(|facts: &Facts<'_>| self.caller.scope.allows(facts))
     }
 
     /// What this caller's listings may show. Checks the viewer role (every user has it).

@@ -204,7 +204,7 @@ async fn list_endpoints(
         .map_err(ApiError::internal)?;
     Ok(Json(
         all.iter()
-            .filter(|e| sees(e))
+            .filter(|e| sees(&e.facts()))
             .map(|e| view(&state, e))
             .collect(),
     ))
@@ -324,23 +324,22 @@ async fn list_snapshots(
     State(state): State<Arc<ServerState>>,
     Query(params): Query<SnapshotParams>,
 ) -> Result<Json<Vec<SnapshotGroup>>, ApiError> {
-    let visible = match &params.endpoint {
-        Some(host) => {
-            access.endpoint(host, Role::Viewer).await?;
-            None
-        }
-        None => Some(access.visible().await?),
-    };
+    if let Some(host) = &params.endpoint {
+        // One endpoint's: outside the caller's groups it does not exist.
+        access.endpoint(host, Role::Viewer).await?;
+    }
+    let sees = access.endpoint_filter()?;
     let all = state
         .catalog
-        .snapshots(params.endpoint.as_deref())
+        .snapshots_with_facts(params.endpoint.as_deref())
         .await
         .map_err(ApiError::internal)?;
     let mut groups: Vec<SnapshotGroup> = Vec::new();
-    for snap in all {
-        if visible.as_ref().is_some_and(|v| !v.host(&snap.hostname)) {
+    for row in all {
+        if !sees(&row.facts()) {
             continue;
         }
+        let snap = row.snapshot;
         let value = serde_json::to_value(&snap).map_err(ApiError::internal)?;
         match groups.last_mut() {
             Some(g) if g.hostname == snap.hostname => g.snapshots.push(value),
