@@ -89,7 +89,7 @@ def main() -> None:
         for i in range(ENDPOINTS):
             agent.call("POST", "/v1/agents/heartbeat", {
                 "hostname": f"bench-{i:03}", "ips": [f"10.{i % 4}.1.{i + 1}"],
-                "labels": ["bench"], "api_url": "http://127.0.0.1:1", "api_token": "x",
+                "labels": ["bench"], "api_url": "https://127.0.0.1:1", "cert_sha256": "ab" * 32,
             })
         # Three groups; together (and each rule kind) they hold every endpoint.
         admin.call("POST", "/v1/groups", {"name": "g-glob", "hostnames": ["bench-0*"]})

@@ -154,7 +154,12 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let staging = Staging::open(&dir.join("staged"), db.clone(), Duration::from_secs(3600))?;
+    let staging = Staging::open(
+        &dir.join("staged"),
+        db.clone(),
+        Duration::from_secs(3600),
+        0,
+    )?;
     let simulator = recorder::spawn(
         RecorderKind::Simulate {
             events_per_sec: SIM_EVENTS_PER_SEC,
@@ -164,6 +169,9 @@ fn run() -> anyhow::Result<()> {
     let state = Arc::new(AgentState {
         hostname: HOSTNAME.into(),
         token: TOKEN.into(),
+        identity: Arc::new(snapq::agent::enroll::Identity::load(
+            dir.join("server.credential"),
+        )?),
         db: db.clone(),
         staging,
     });
@@ -185,7 +193,11 @@ fn run() -> anyhow::Result<()> {
         anyhow::Ok(addr)
     })?;
     let api = Api {
-        http: snapq_core::agent_client::http_client(),
+        // The endpoint API in-process over plain HTTP: this bench measures the agent's own work.
+        http: {
+            snapq_core::agent_client::install_crypto_provider();
+            reqwest::Client::new()
+        },
         base: format!("http://{addr}"),
     };
     println!(

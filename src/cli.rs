@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::agent::AgentConfig;
 use crate::agent::enroll::{EnrollToken, ServerLink};
 use crate::agent::fleet::FleetSpec;
-use crate::agent::recorder::{Limits, RecorderKind};
+use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
 use crate::client_access::AccessCommand;
 use crate::server::ServeConfig;
@@ -51,6 +51,9 @@ enum CommandArgs {
         /// Wait for the captures, showing progress; exit 0 only if all complete.
         #[arg(long)]
         wait: bool,
+        /// Stop waiting after this many seconds (exit 1; the captures go on) [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -69,6 +72,10 @@ enum CommandArgs {
         /// Wait for each ingest and show the snapshot it became (Upload & Connect).
         #[arg(long)]
         connect: bool,
+        /// Stop waiting for an ingest after this many seconds (exit 1; the ingest goes on)
+        /// [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -76,6 +83,20 @@ enum CommandArgs {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Files the ingest job rejected: see why, send them back to ingest, or delete them.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The token new agents enroll with (admin).
+    EnrollToken {
+        #[command(subcommand)]
+        command: EnrollTokenCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -228,6 +249,39 @@ enum AuditCommand {
 }
 
 /// How a client subcommand reaches the server.
+
+#[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Quarantined files, newest first: id, name, origin, size, reason, when.
+    List,
+    /// One quarantined file with the full rejection.
+    Show { id: String },
+    /// Ingest quarantined files again (after a false reason, or under a fixed name).
+    Retry {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Ingest it under this snapshot name (one id only).
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
+    /// Delete quarantined files for good.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollTokenCommand {
+    /// Issue a new enroll token (printed, and written to the server's enroll.token); the old one
+    /// stops admitting agents, enrolled agents keep working.
+    Rotate,
+}
+
+/// How a client subcommand reaches the server.
 #[derive(Debug, Args)]
 struct ClientArgs {
     /// The server's URL.
@@ -259,6 +313,22 @@ enum EndpointsCommand {
     List,
     /// Endpoints whose hostname or IP contains TEXT (prefix matches first).
     Search { text: String },
+    /// Let HOST enroll again with a new agent identity (a reimaged machine, a replaced
+    /// certificate); its current agent's credential stops working (admin).
+    Rekey {
+        host: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Forget HOST's agent: its identity and address (and the endpoint, unless it has snapshots);
+    /// its agent can enroll again (admin).
+    Forget {
+        host: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,7 +368,7 @@ enum QueueCommand {
         /// pending, running, retrying, done, failed or cancelled.
         #[arg(long)]
         state: Option<String>,
-        /// capture, ingest, export, delete, fleet or noop.
+        /// capture, ingest or delete.
         #[arg(long)]
         kind: Option<String>,
         #[arg(long, default_value_t = 100)]
@@ -335,10 +405,10 @@ struct ServeArgs {
     /// Limit each capture's download to this many KiB/s.
     #[arg(long, value_name = "KIB_PER_SEC", env = "SNAPQ_CAPTURE_RATE_KIB")]
     capture_rate_kib: Option<u64>,
-    /// Attempts a job gets before it fails [default: 5]
+    /// Attempts a job gets before it fails [default: 6]
     #[arg(long, value_name = "N", env = "SNAPQ_JOB_MAX_ATTEMPTS")]
     job_max_attempts: Option<u32>,
-    /// First retry delay in milliseconds, doubled per attempt with jitter [default: 1000]
+    /// First retry delay in milliseconds, doubled per attempt with jitter [default: 2000]
     #[arg(long, value_name = "MS", env = "SNAPQ_JOB_RETRY_BASE_MS")]
     job_retry_base_ms: Option<u64>,
     /// Finished jobs are pruned after this many days [default: 30]
@@ -356,6 +426,13 @@ struct ServeArgs {
     /// A file written in place into the drop folder counts once unchanged this long [default: 2000]
     #[arg(long, value_name = "MS", env = "SNAPQ_WATCH_QUIET_MS")]
     watch_quiet_ms: Option<u64>,
+    /// A dropped file that fails validation while it may still be arriving is quarantined only
+    /// after it stayed unchanged this long [default: 60]
+    #[arg(long, value_name = "SECS", env = "SNAPQ_WATCH_SETTLE_SECS")]
+    watch_settle_secs: Option<u64>,
+    /// Quarantined files are deleted after this many days [default: 30]
+    #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
+    quarantine_retention_days: Option<u64>,
     /// Ingests running at once [default: 2]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
@@ -378,6 +455,8 @@ struct ServeFile {
     upload_max_mib: Option<u64>,
     watch: Option<PathBuf>,
     watch_quiet_ms: Option<u64>,
+    watch_settle_secs: Option<u64>,
+    quarantine_retention_days: Option<u64>,
     ingest_concurrency: Option<usize>,
 }
 
@@ -414,8 +493,8 @@ struct FleetSimArgs {
 struct AgentArgs {
     #[command(subcommand)]
     command: Option<AgentCommandArgs>,
-    /// Where the agent keeps monitor.db, agent.token and staged copies
-    /// [default: $XDG_DATA_HOME/snapq-agent]
+    /// Where the agent keeps monitor.db, agent.token, its certificate pair (certs/), the server's
+    /// credential and staged copies [default: $XDG_DATA_HOME/snapq-agent]
     #[arg(long, env = "SNAPQ_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Address and port of the endpoint API.
@@ -439,12 +518,32 @@ struct AgentArgs {
     /// Delete events older than this many days.
     #[arg(long, value_name = "DAYS")]
     max_age_days: Option<u64>,
-    /// How often the real recorder polls /proc, in milliseconds.
+    /// How often the real recorder polls (sockets, logons; processes without kernel events) and
+    /// writes a batch of kernel events, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 250)]
     poll_ms: u64,
+    /// Record file changes on the filesystem holding this path (repeatable) [default: /].
+    #[arg(long, value_name = "PATH")]
+    watch: Vec<PathBuf>,
+    /// Do not record file changes under this path (repeatable); the data directory always is.
+    #[arg(long, value_name = "PATH")]
+    exclude: Vec<PathBuf>,
+    /// Poll /proc even when kernel process and file events are available.
+    #[arg(long)]
+    no_kernel_events: bool,
     /// Staged snapshot copies not fetched within this many minutes are deleted.
     #[arg(long, value_name = "MINUTES", default_value_t = 60)]
     staging_ttl_minutes: u64,
+    /// Disk space (MiB) staging a snapshot always leaves free on the endpoint.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    staging_reserve_mib: u64,
+    /// The endpoint API's TLS certificate (PEM) [default: DATA_DIR/certs/httpPublicCert.pem,
+    /// generated self-signed on first start]; the server pins it at enrollment.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Enroll with this server and send it heartbeats.
     #[arg(
         long,
@@ -514,10 +613,18 @@ pub enum ClientCommand {
     Endpoints {
         search: String,
     },
+    /// `endpoints rekey` (`forget: false`) or `endpoints forget`.
+    EndpointIdentity {
+        host: String,
+        forget: bool,
+    },
+    EnrollTokenRotate,
     Capture {
         hosts: Vec<String>,
         yes: bool,
         wait: bool,
+        /// How long `wait` may take.
+        timeout: Option<Duration>,
     },
     SnapshotsList {
         endpoint: Option<String>,
@@ -532,6 +639,8 @@ pub enum ClientCommand {
     Upload {
         files: Vec<PathBuf>,
         connect: bool,
+        /// How long `connect` may wait for one ingest.
+        timeout: Option<Duration>,
     },
     QueueStatus {
         watch: bool,
@@ -550,6 +659,17 @@ pub enum ClientCommand {
     QueueCancel {
         id: String,
     },
+    QuarantineList,
+    QuarantineShow {
+        id: String,
+    },
+    QuarantineRetry {
+        ids: Vec<String>,
+        as_name: Option<String>,
+    },
+    QuarantineDelete {
+        ids: Vec<String>,
+    },
     Access(AccessCommand),
 }
 
@@ -559,7 +679,9 @@ impl ClientArgs {
             server: self.server,
             token: self.token,
             ca_cert: self.ca_cert,
-            data_dir: self.data_dir.unwrap_or_else(|| default_data_dir("snapq")),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(crate::layout::ServerDir::default_root),
             json: self.json,
         }
     }
@@ -586,23 +708,51 @@ impl Cli {
                 own_addresses: true,
             })),
             CommandArgs::Endpoints { command, client } => {
-                let search = match command {
-                    EndpointsCommand::List => String::new(),
-                    EndpointsCommand::Search { text } => text,
+                let command = match command {
+                    EndpointsCommand::List => ClientCommand::Endpoints {
+                        search: String::new(),
+                    },
+                    EndpointsCommand::Search { text } => ClientCommand::Endpoints { search: text },
+                    EndpointsCommand::Rekey { host, yes } => {
+                        confirm(
+                            yes,
+                            &format!(
+                                "Let another agent enroll as {host}? Its current agent will be refused."
+                            ),
+                            "rekey",
+                        )?;
+                        ClientCommand::EndpointIdentity {
+                            host,
+                            forget: false,
+                        }
+                    }
+                    EndpointsCommand::Forget { host, yes } => {
+                        confirm(yes, &format!("Forget {host}'s agent?"), "forget")?;
+                        ClientCommand::EndpointIdentity { host, forget: true }
+                    }
                 };
-                Ok(Command::Client(
-                    client.into_config(),
-                    ClientCommand::Endpoints { search },
-                ))
+                Ok(Command::Client(client.into_config(), command))
             }
+            CommandArgs::EnrollToken { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    EnrollTokenCommand::Rotate => ClientCommand::EnrollTokenRotate,
+                },
+            )),
             CommandArgs::Capture {
                 hosts,
                 yes,
                 wait,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Capture { hosts, yes, wait },
+                ClientCommand::Capture {
+                    hosts,
+                    yes,
+                    wait,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Snapshots { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -626,10 +776,15 @@ impl Cli {
             CommandArgs::Upload {
                 files,
                 connect,
+                timeout,
                 client,
             } => Ok(Command::Client(
                 client.into_config(),
-                ClientCommand::Upload { files, connect },
+                ClientCommand::Upload {
+                    files,
+                    connect,
+                    timeout: timeout.map(Duration::from_secs),
+                },
             )),
             CommandArgs::Queue { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -643,6 +798,29 @@ impl Cli {
                     QueueCommand::Cancel { id } => ClientCommand::QueueCancel { id },
                 },
             )),
+            CommandArgs::Quarantine { command, client } => Ok(Command::Client(
+                client.into_config(),
+                match command {
+                    QuarantineCommand::List => ClientCommand::QuarantineList,
+                    QuarantineCommand::Show { id } => ClientCommand::QuarantineShow { id },
+                    QuarantineCommand::Retry { ids, as_name } => {
+                        if as_name.is_some() && ids.len() > 1 {
+                            return Err(UsageError(
+                                "--as renames one file: give one id with it".into(),
+                            )
+                            .into());
+                        }
+                        ClientCommand::QuarantineRetry { ids, as_name }
+                    }
+                    QuarantineCommand::Delete { ids, yes } => {
+                        confirm_destructive(
+                            yes,
+                            &format!("Delete {} quarantined file(s) for good?", ids.len()),
+                        )?;
+                        ClientCommand::QuarantineDelete { ids }
+                    }
+                },
+            )),
             CommandArgs::Users { command, client } => Ok(Command::Client(
                 client.into_config(),
                 ClientCommand::Access(match command {
@@ -652,7 +830,7 @@ impl Cli {
                     UsersCommand::List => AccessCommand::UsersList,
                     UsersCommand::Show { name } => AccessCommand::UsersShow { name },
                     UsersCommand::Remove { name, yes } => {
-                        confirm_destructive(yes, &format!("Remove user {name}?"))?;
+                        confirm(yes, &format!("Remove user {name}?"), "remove the user")?;
                         AccessCommand::UsersRemove { name }
                     }
                     UsersCommand::SetRole { name, role } => {
@@ -681,7 +859,7 @@ impl Cli {
                     },
                     TokensCommand::List { user } => AccessCommand::TokensList { user },
                     TokensCommand::Revoke { id, yes } => {
-                        confirm_destructive(yes, &format!("Revoke token {id}?"))?;
+                        confirm(yes, &format!("Revoke token {id}?"), "revoke the token")?;
                         AccessCommand::TokensRevoke { id }
                     }
                 }),
@@ -708,7 +886,7 @@ impl Cli {
                     GroupsCommand::List => AccessCommand::GroupsList,
                     GroupsCommand::Show { name } => AccessCommand::GroupsShow { name },
                     GroupsCommand::Remove { name, yes } => {
-                        confirm_destructive(yes, &format!("Remove group {name}?"))?;
+                        confirm(yes, &format!("Remove group {name}?"), "remove the group")?;
                         AccessCommand::GroupsRemove { name }
                     }
                 }),
@@ -733,7 +911,7 @@ impl Cli {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
                         .data_dir
-                        .unwrap_or_else(|| default_data_dir("snapq-agent")),
+                        .unwrap_or_else(crate::layout::AgentDir::default_root),
                     out: e.out,
                     hostname: e.hostname,
                     json: e.json,
@@ -760,7 +938,7 @@ impl ServeArgs {
         let data_dir = self
             .data_dir
             .or(file.data_dir)
-            .unwrap_or_else(|| default_data_dir("snapq"));
+            .unwrap_or_else(crate::layout::ServerDir::default_root);
         let mut config = ServeConfig::with_data_dir(data_dir);
         if let Some(listen) = self.listen.or(file.listen) {
             config.listen = listen;
@@ -800,6 +978,18 @@ impl ServeArgs {
         if let Some(ms) = self.watch_quiet_ms.or(file.watch_quiet_ms) {
             config.watch_quiet = Duration::from_millis(ms);
         }
+        if let Some(secs) = self.watch_settle_secs.or(file.watch_settle_secs) {
+            config.watch_settle = Duration::from_secs(secs);
+        }
+        if let Some(days) = self
+            .quarantine_retention_days
+            .or(file.quarantine_retention_days)
+        {
+            if days == 0 {
+                bail!("quarantine retention must be at least 1 day");
+            }
+            config.quarantine_retention = Duration::from_secs(days * 24 * 3600);
+        }
         if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
             config.ingest_concurrency = n.max(1);
         }
@@ -815,15 +1005,21 @@ impl AgentArgs {
         Ok(AgentConfig {
             data_dir: self
                 .data_dir
-                .unwrap_or_else(|| default_data_dir("snapq-agent")),
+                .unwrap_or_else(crate::layout::AgentDir::default_root),
             listen: self.listen,
             hostname: self.hostname.unwrap_or_else(crate::agent::system::hostname),
             token: self.token,
             recorder: match self.simulate {
                 Some(events_per_sec) => RecorderKind::Simulate { events_per_sec },
-                None => RecorderKind::Linux {
-                    interval: Duration::from_millis(self.poll_ms.max(10)),
-                },
+                None => {
+                    let mut linux = LinuxConfig::new(Duration::from_millis(self.poll_ms.max(10)));
+                    if !self.watch.is_empty() {
+                        linux.watch = self.watch;
+                    }
+                    linux.exclude = self.exclude;
+                    linux.kernel_events = !self.no_kernel_events;
+                    RecorderKind::Linux(Box::new(linux))
+                }
             },
             prefill_events: self.prefill_events,
             limits: Limits {
@@ -833,6 +1029,11 @@ impl AgentArgs {
                     .map(|d| Duration::from_secs(d * 24 * 3600)),
             },
             staging_ttl: Duration::from_secs(self.staging_ttl_minutes * 60),
+            staging_reserve_bytes: self.staging_reserve_mib << 20,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::CertPair { cert, key }),
+                _ => None,
+            },
             server: match (self.server, self.enroll_token) {
                 (Some(url), Some(enroll_token)) => Some(ServerLink {
                     url,
@@ -855,20 +1056,25 @@ pub struct UsageError(pub String);
 
 /// Destructive commands ask first; without a terminal to ask on they need `--yes`.
 fn confirm_destructive(yes: bool, question: &str) -> anyhow::Result<()> {
+    confirm(yes, question, "delete")
+}
+
+/// Asks `question` unless `--yes`; `verb` names what is refused without an answer.
+fn confirm(yes: bool, question: &str, verb: &str) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
-        return Err(UsageError(
-            "refusing to go ahead without confirmation: not a terminal; pass --yes".into(),
-        )
+        return Err(UsageError(format!(
+            "refusing to {verb} without confirmation: not a terminal; pass --yes"
+        ))
         .into());
     }
     if crate::client::confirm(question) {
         Ok(())
     } else {
-        Err(UsageError("nothing changed".into()).into())
+        Err(UsageError(format!("did not {verb}")).into())
     }
 }
 
@@ -912,13 +1118,4 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
         ))
         .into()),
     }
-}
-
-/// `$XDG_DATA_HOME/<name>`, else `~/.local/share/<name>`.
-pub fn default_data_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join(name)
 }

@@ -33,7 +33,7 @@ impl Client {
         let token = match &config.token {
             Some(t) => t.clone(),
             None => {
-                let path = crate::server::admin_token_path(&config.data_dir);
+                let path = crate::layout::ServerDir::new(&config.data_dir).admin_token();
                 crate::token::read(&path).with_context(|| {
                     format!(
                         "no token given and {} is unreadable; pass --token or SNAPQ_TOKEN, or --data-dir of the local server",
@@ -42,7 +42,9 @@ impl Client {
                 })?
             }
         };
-        let local_cert = crate::tls::CertPair::in_dir(&config.data_dir.join("certs")).cert;
+        let local_cert =
+            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&config.data_dir).certs())
+                .cert;
         let trust = match &config.ca_cert {
             Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
             None if local_cert.exists() => {
@@ -122,6 +124,35 @@ fn bytes_of(v: &Value) -> String {
     v.as_u64().map(human_bytes).unwrap_or_else(|| "-".into())
 }
 
+/// `snapq endpoints rekey HOST` / `snapq endpoints forget HOST`.
+pub async fn endpoint_identity(client: &Client, host: &str, forget: bool) -> anyhow::Result<()> {
+    let action = if forget { "forget" } else { "rekey" };
+    let result: Value = client
+        .post(
+            &format!("/v1/endpoints/{}/{action}", enc(host)),
+            &Value::Null,
+        )
+        .await?;
+    client.print(&result, |_| {
+        if forget {
+            println!("{host}: agent forgotten; it can enroll again with the enroll token");
+        } else {
+            println!("{host}: re-keyed; the next agent to enroll as {host} with the enroll token is bound to it");
+        }
+    });
+    Ok(())
+}
+
+/// `snapq enroll-token rotate`: prints the new token.
+pub async fn enroll_token_rotate(client: &Client) -> anyhow::Result<()> {
+    let result: Value = client.post("/v1/enroll-token/rotate", &Value::Null).await?;
+    client.print(&result, |r| {
+        println!("{}", r["enroll_token"].as_str().unwrap_or_default());
+        eprintln!("new enroll token issued; agents already enrolled keep working");
+    });
+    Ok(())
+}
+
 pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {
     let list: Value = client
         .get(&format!("/v1/endpoints?search={}", enc(search)))
@@ -197,6 +228,7 @@ pub async fn capture(
     hosts: &[String],
     yes: bool,
     wait: bool,
+    timeout: Option<Duration>,
 ) -> anyhow::Result<bool> {
     if !yes && std::io::stdin().is_terminal() {
         for host in hosts {
@@ -232,16 +264,40 @@ pub async fn capture(
         return Ok(true);
     }
     let show_progress = std::io::stderr().is_terminal() && !client.json;
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
     let mut finished: Vec<Option<Value>> = vec![None; items.len()];
     let mut rates: Vec<Rate> = vec![Rate::default(); items.len()];
     while finished.iter().any(Option::is_none) {
+        let timed_out = deadline.is_some_and(|d| std::time::Instant::now() >= d);
         for (i, item) in items.iter().enumerate() {
             if finished[i].is_some() {
                 continue;
             }
-            let snap: Value = client
+            let mut snap: Value = client
                 .get(&format!("/v1/snapshots/{}", item["snapshot_id"]))
                 .await?;
+            // The job is the truth about whether anything is still happening: a capture whose
+            // job ended (cancelled, dead) is over even before its row says so.
+            if !matches!(snap["state"].as_str(), Some("complete" | "failed")) {
+                if let Some(reason) = job_ended_without_success(client, &item["job_id"]).await? {
+                    // The row may have ended between the two reads: it wins if it did.
+                    snap = client
+                        .get(&format!("/v1/snapshots/{}", item["snapshot_id"]))
+                        .await?;
+                    if !matches!(snap["state"].as_str(), Some("complete" | "failed")) {
+                        snap["state"] = "failed".into();
+                        snap["error"] = reason.into();
+                    }
+                } else if timed_out {
+                    snap["error"] = format!(
+                        "still {} when --timeout ran out; the capture goes on as job {}",
+                        snap["state"].as_str().unwrap_or("queued"),
+                        item["job_id"].as_str().unwrap_or("")
+                    )
+                    .into();
+                    snap["state"] = "waiting".into();
+                }
+            }
             if show_progress {
                 let done = snap["bytes_done"].as_u64().unwrap_or(0);
                 let total = snap["bytes_total"].as_u64().unwrap_or(0);
@@ -263,7 +319,10 @@ pub async fn capture(
                     eta
                 );
             }
-            if matches!(snap["state"].as_str(), Some("complete" | "failed")) {
+            if matches!(
+                snap["state"].as_str(),
+                Some("complete" | "failed" | "waiting")
+            ) {
                 if show_progress {
                     eprintln!();
                 }
@@ -286,6 +345,11 @@ pub async fn capture(
                     bytes_of(&s["size"]),
                     s["sha256"].as_str().unwrap_or("")
                 ),
+                Some("waiting") => println!(
+                    "{} {}",
+                    s["hostname"].as_str().unwrap_or(""),
+                    s["error"].as_str().unwrap_or("")
+                ),
                 _ => println!(
                     "{} failed: {}",
                     s["hostname"].as_str().unwrap_or(""),
@@ -295,6 +359,23 @@ pub async fn capture(
         }
     });
     Ok(all_ok)
+}
+
+/// `Some(reason)` when the job ended failed or cancelled.
+async fn job_ended_without_success(client: &Client, job: &Value) -> anyhow::Result<Option<String>> {
+    let Some(job) = job.as_str() else {
+        return Ok(None);
+    };
+    let detail: Value = client.get(&format!("/v1/queue/jobs/{}", enc(job))).await?;
+    Ok(match detail["state"].as_str() {
+        Some(state @ ("failed" | "cancelled")) => Some(
+            detail["last_error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("job {job} {state}")),
+        ),
+        _ => None,
+    })
 }
 
 pub async fn snapshots_list(client: &Client, endpoint: Option<&str>) -> anyhow::Result<()> {
@@ -431,6 +512,7 @@ fn print_status(status: &Value) {
             );
         }
     }
+    print_watch_status(&status["watch"]);
 }
 
 pub async fn queue_status(client: &Client, watch: bool) -> anyhow::Result<()> {
@@ -499,7 +581,12 @@ pub async fn queue_action(client: &Client, id: &str, action: &str) -> anyhow::Re
 
 /// `snapq upload FILE... [--connect]`: streams each file (never whole in memory) with a progress
 /// line, then waits for its ingest when `connect` is set.
-pub async fn upload(client: &Client, files: &[PathBuf], connect: bool) -> anyhow::Result<bool> {
+pub async fn upload(
+    client: &Client,
+    files: &[PathBuf],
+    connect: bool,
+    timeout: Option<Duration>,
+) -> anyhow::Result<bool> {
     use futures::StreamExt;
     let mut all_ok = true;
     let mut results = Vec::new();
@@ -548,7 +635,7 @@ pub async fn upload(client: &Client, files: &[PathBuf], connect: bool) -> anyhow
             results.push(queued);
             continue;
         }
-        let ingest = wait_ingest(client, &job).await?;
+        let ingest = wait_ingest(client, &job, timeout).await?;
         let ok = matches!(ingest["state"].as_str(), Some("complete" | "duplicate"));
         all_ok &= ok;
         let snapshot = match ingest["snapshot_id"].as_i64() {
@@ -585,11 +672,17 @@ pub async fn upload(client: &Client, files: &[PathBuf], connect: bool) -> anyhow
                     time_of(&snap["oldest_ts"]),
                     time_of(&snap["newest_ts"])
                 ),
-                _ => println!(
-                    "{} rejected: {}",
+                Some(state) => println!(
+                    "{} {}: {}",
                     ingest["original_name"].as_str().unwrap_or(""),
+                    if state == "quarantined" {
+                        "rejected"
+                    } else {
+                        state
+                    },
                     ingest["reason"].as_str().unwrap_or("unknown reason")
                 ),
+                None => println!("{}", ingest),
             }
         }
     });
@@ -602,11 +695,31 @@ fn name_of(path: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-/// Polls an ingest until it is no longer pending.
-async fn wait_ingest(client: &Client, job: &str) -> anyhow::Result<Value> {
+/// Polls an ingest until it is no longer pending, its job ended, or `timeout` ran out.
+async fn wait_ingest(
+    client: &Client,
+    job: &str,
+    timeout: Option<Duration>,
+) -> anyhow::Result<Value> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
     loop {
-        let ingest: Value = client.get(&format!("/v1/ingests/{}", enc(job))).await?;
+        let mut ingest: Value = client.get(&format!("/v1/ingests/{}", enc(job))).await?;
         if ingest["state"] != "pending" {
+            return Ok(ingest);
+        }
+        if let Some(reason) = job_ended_without_success(client, &Value::from(job)).await? {
+            // The row may have ended between the two reads: it wins if it did.
+            ingest = client.get(&format!("/v1/ingests/{}", enc(job))).await?;
+            if ingest["state"] == "pending" {
+                ingest["state"] = "failed".into();
+                ingest["reason"] = reason.into();
+            }
+            return Ok(ingest);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            ingest["reason"] =
+                format!("still pending when --timeout ran out; the ingest goes on as job {job}")
+                    .into();
             return Ok(ingest);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -658,4 +771,113 @@ pub async fn snapshots_delete(
         }
     });
     Ok(all_ok)
+}
+
+/// `snapq quarantine list`.
+pub async fn quarantine_list(client: &Client) -> anyhow::Result<()> {
+    let list: Value = client.get("/v1/quarantine").await?;
+    client.print(&list, |list| {
+        let entries = list.as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            println!("quarantine is empty");
+        }
+        for q in entries {
+            println!(
+                "{}  {}  {:<6} {:>9}  {}\n    {}",
+                q["id"].as_str().unwrap_or(""),
+                time_of(&q["quarantined_ms"]),
+                q["origin"].as_str().unwrap_or(""),
+                bytes_of(&q["size"]),
+                q["name"].as_str().unwrap_or(""),
+                q["reason"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine show ID`.
+pub async fn quarantine_show(client: &Client, id: &str) -> anyhow::Result<()> {
+    let q: Value = client.get(&format!("/v1/quarantine/{}", enc(id))).await?;
+    client.print(&q, |q| {
+        println!("id:          {}", q["id"].as_str().unwrap_or(""));
+        println!("name:        {}", q["name"].as_str().unwrap_or(""));
+        println!("origin:      {}", q["origin"].as_str().unwrap_or(""));
+        println!("size:        {}", bytes_of(&q["size"]));
+        println!("quarantined: {}", time_of(&q["quarantined_ms"]));
+        println!("by:          {}", q["requested_by"].as_str().unwrap_or(""));
+        println!("file:        {}", q["path"].as_str().unwrap_or("-"));
+        println!("reason:      {}", q["reason"].as_str().unwrap_or(""));
+        if let Some(sha) = q["rejection"]["sha256"].as_str() {
+            println!("sha256:      {sha}");
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine retry ID... [--as NAME]`: queues an ingest of each file where it lies.
+pub async fn quarantine_retry(
+    client: &Client,
+    ids: &[String],
+    as_name: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut queued = Vec::new();
+    for id in ids {
+        let body = serde_json::json!({ "as": as_name });
+        let r: Value = client
+            .post(&format!("/v1/quarantine/{}/retry", enc(id)), &body)
+            .await?;
+        queued.push(r);
+    }
+    client.print(&Value::Array(queued), |queued| {
+        for r in queued.as_array().into_iter().flatten() {
+            println!(
+                "{}: ingesting {} again (job {}); `snapq queue show {}` follows it",
+                r["retry_of"].as_str().unwrap_or(""),
+                r["name"].as_str().unwrap_or(""),
+                r["job_id"].as_str().unwrap_or(""),
+                r["job_id"].as_str().unwrap_or("")
+            );
+        }
+    });
+    Ok(())
+}
+
+/// `snapq quarantine delete ID... [--yes]`.
+pub async fn quarantine_delete(client: &Client, ids: &[String]) -> anyhow::Result<()> {
+    let r: Value = client
+        .post("/v1/quarantine/delete", &serde_json::json!({ "ids": ids }))
+        .await?;
+    client.print(&r, |r| {
+        for id in r["deleted"].as_array().into_iter().flatten() {
+            println!("deleted {}", id.as_str().unwrap_or(""));
+        }
+    });
+    Ok(())
+}
+
+/// The drop folder's part of `snapq queue status`: files still waiting, and why.
+fn print_watch_status(watch: &Value) {
+    let waiting = watch["waiting"].as_array().cloned().unwrap_or_default();
+    if waiting.is_empty() {
+        return;
+    }
+    println!(
+        "\ndrop folder {}: {} file(s) waiting",
+        watch["dir"].as_str().unwrap_or(""),
+        waiting.len()
+    );
+    for w in waiting {
+        let why = if w["writer_open"].as_bool() == Some(true) {
+            "waiting for its writer to close it"
+        } else {
+            "still changing or within the quiet period"
+        };
+        println!(
+            "  {}  {}  unchanged {:.1}s  {why}",
+            w["name"].as_str().unwrap_or(""),
+            bytes_of(&w["size"]),
+            w["unchanged_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+        );
+    }
 }

@@ -44,6 +44,35 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// A layer for every router: an error answer that is not JSON already (axum's rejections of
+/// malformed JSON, a bad query string or path, a body over its limit) becomes `{"error": "..."}`
+/// with the same status, so clients always find the reason in the same place.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    ApiError::new(status, message).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
@@ -54,15 +83,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Whether the request carries `Authorization: Bearer <expected>`, compared in constant time.
-pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let Some(given) = headers
+/// The token of `Authorization: Bearer <token>`, if the request carries one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
+}
+
+/// Whether the request carries `Authorization: Bearer <expected>`, compared in constant time.
+pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+    bearer(headers).is_some_and(|given| same_secret(given, expected))
+}
+
+/// Whether two secrets are equal, compared in constant time.
+pub fn same_secret(given: &str, expected: &str) -> bool {
     given.len() == expected.len()
         && given
             .bytes()
@@ -172,7 +207,8 @@ fn follow(
             }
             let want = (end - pos).min(CHUNK as u64);
             let ready = written.wait_for(|&n| n >= pos + want).await.is_ok();
-            let available = (*written.borrow()).min(end) - pos.min(end);
+            // A range may start beyond what has been written so far: nothing is available yet.
+            let available = (*written.borrow()).min(end).saturating_sub(pos);
             if !ready && available == 0 {
                 return Err(std::io::Error::other(
                     "the file stopped growing before it was complete",
@@ -281,6 +317,31 @@ mod tests {
         drop(tx);
         let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
         assert!(body.is_err(), "a short body was served as complete");
+    }
+
+    #[tokio::test]
+    async fn a_range_past_what_was_written_when_the_writer_stops_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.db");
+        std::fs::write(&path, vec![1u8; 300_000]).unwrap();
+        let (tx, written) = watch::channel(300_000u64);
+        let mut ranged = HeaderMap::new();
+        ranged.insert(header::RANGE, "bytes=500000-".parse().unwrap());
+        let response = serve_file(
+            &path,
+            "id",
+            &ranged,
+            Some(Growing {
+                size: 1_000_000,
+                written,
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 206);
+        drop(tx);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+        assert!(body.is_err(), "a range never written was served");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod client_access;
 pub mod http;
+pub mod layout;
 pub mod logging;
 pub mod server;
 pub mod tls;
@@ -75,8 +76,15 @@ async fn run_client(
     let c = client::Client::new(&config)?;
     match command {
         C::Endpoints { search } => client::endpoints(&c, &search).await,
-        C::Capture { hosts, yes, wait } => {
-            if client::capture(&c, &hosts, yes, wait).await? {
+        C::EndpointIdentity { host, forget } => client::endpoint_identity(&c, &host, forget).await,
+        C::EnrollTokenRotate => client::enroll_token_rotate(&c).await,
+        C::Capture {
+            hosts,
+            yes,
+            wait,
+            timeout,
+        } => {
+            if client::capture(&c, &hosts, yes, wait, timeout).await? {
                 Ok(())
             } else {
                 anyhow::bail!("not every capture completed")
@@ -91,8 +99,12 @@ async fn run_client(
                 anyhow::bail!("not every snapshot was deleted")
             }
         }
-        C::Upload { files, connect } => {
-            if client::upload(&c, &files, connect).await? {
+        C::Upload {
+            files,
+            connect,
+            timeout,
+        } => {
+            if client::upload(&c, &files, connect, timeout).await? {
                 Ok(())
             } else {
                 anyhow::bail!("not every upload was ingested")
@@ -105,6 +117,12 @@ async fn run_client(
         C::QueueShow { id } => client::queue_show(&c, &id).await,
         C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
         C::QueueCancel { id } => client::queue_action(&c, &id, "cancel").await,
+        C::QuarantineList => client::quarantine_list(&c).await,
+        C::QuarantineShow { id } => client::quarantine_show(&c, &id).await,
+        C::QuarantineRetry { ids, as_name } => {
+            client::quarantine_retry(&c, &ids, as_name.as_deref()).await
+        }
+        C::QuarantineDelete { ids } => client::quarantine_delete(&c, &ids).await,
         C::Access(command) => client_access::run(&c, command).await,
     }
 }

@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
@@ -124,9 +122,7 @@ pub fn cert_pin(path: &Path) -> anyhow::Result<String> {
 }
 
 fn pin_of(cert: &CertificateDer<'_>) -> String {
-    let mut hasher = snapq_core::verify::Hasher::default();
-    hasher.update(cert.as_ref());
-    hasher.finish()
+    snapq_core::pin::pin_of(cert.as_ref())
 }
 
 /// How a client decides to trust the server it calls.
@@ -145,7 +141,8 @@ pub fn client(trust: &Trust) -> anyhow::Result<reqwest::Client> {
     snapq_core::agent_client::install_crypto_provider();
     let builder = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
-        .read_timeout(std::time::Duration::from_secs(120));
+        .read_timeout(std::time::Duration::from_secs(120))
+        .pool_idle_timeout(std::time::Duration::from_secs(20));
     let builder = match trust {
         Trust::System => builder,
         Trust::CaFile(path) => {
@@ -161,77 +158,54 @@ pub fn client(trust: &Trust) -> anyhow::Result<reqwest::Client> {
                     .with_no_client_auth(),
             )
         }
-        Trust::Pin(pin) => builder.tls_backend_preconfigured(
-            rustls::ClientConfig::builder()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedCert::new(pin)))
-                .with_no_client_auth(),
-        ),
+        Trust::Pin(pin) => builder.tls_backend_preconfigured(snapq_core::pin::client_config(
+            pin,
+            "re-read the server's enroll.token or pass --ca-cert",
+        )),
     };
     builder.build().context("building the HTTPS client")
 }
 
-/// Accepts exactly one certificate, by its sha256, and checks the handshake signatures with it.
-#[derive(Debug)]
-struct PinnedCert {
-    pin: String,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
+/// A client has this long to start its TLS handshake and finish it; a silent or slow client loses
+/// its connection, not the server's attention.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// ...and this long to send each request's headers, which also ends an idle keep-alive connection
+/// (hyper starts the timer when it waits for the next request). Clients keep idle connections for
+/// less (20 s), so they never reuse one the server is closing.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The most connections served at once; beyond it new ones wait in the listen backlog. Lowered to
+/// fit the process's open-file limit (raised to its hard limit first).
+pub const MAX_CONNECTIONS: usize = 4096;
 
-impl PinnedCert {
-    fn new(pin: &str) -> PinnedCert {
-        PinnedCert {
-            pin: pin.trim().to_lowercase(),
-            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+/// Raises the soft open-file limit to the hard one and returns how many connections fit in it.
+fn connection_cap() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 256;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
         }
     }
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if pin_of(end_entity) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "the server's certificate (sha256 {}) is not the pinned one ({}); re-read the server's enroll.token or pass --ca-cert",
-                pin_of(end_entity),
-                self.pin
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    // Keep room for databases, snapshot files and outgoing connections.
+    let fit = (limit.rlim_cur as usize).saturating_sub(256) / 2;
+    fit.clamp(64, MAX_CONNECTIONS)
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` resolves. A plain-HTTP request gets a
-/// plain answer saying to use https instead of a dropped connection.
+/// plain answer saying to use https instead of a dropped connection. Connections are capped
+/// ([`MAX_CONNECTIONS`]) and each must handshake and send its headers in time.
 pub async fn serve(
     listener: TcpListener,
     config: rustls::ServerConfig,
@@ -240,14 +214,21 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let service = hyper_util::service::TowerToHyperService::new(router);
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -258,6 +239,7 @@ pub async fn serve(
             if let Err(e) = serve_connection(stream, peer, acceptor, service).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 }
@@ -269,7 +251,7 @@ async fn serve_connection(
     service: hyper_util::service::TowerToHyperService<axum::Router>,
 ) -> anyhow::Result<()> {
     let mut first = [0u8; 1];
-    let peeked = tokio::time::timeout(std::time::Duration::from_secs(30), stream.peek(&mut first))
+    let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first))
         .await
         .context("client sent nothing")??;
     // 0x16 opens a TLS handshake record; anything else is most likely plain HTTP.
@@ -284,8 +266,17 @@ async fn serve_connection(
         tracing::debug!(%peer, "plain HTTP on the TLS port");
         return Ok(());
     }
-    let tls = acceptor.accept(stream).await.context("TLS handshake")?;
-    hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .context("TLS handshake timed out")?
+        .context("TLS handshake")?;
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))

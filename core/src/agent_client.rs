@@ -1,10 +1,23 @@
 //! The server's client of the endpoint API, and what its errors mean for a retry.
+//!
+//! The server calls an agent only over HTTPS, trusting exactly the certificate pinned when the
+//! endpoint enrolled ([`Agents::client`]), with the endpoint's credential as the bearer token
+//! (derived from `agents.key`, see [`crate::identity`]). Bodies read from an agent are bounded.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::StreamExt;
 use reqwest::StatusCode;
 
+use crate::catalog::Endpoint;
+use crate::identity::AgentKey;
 use crate::wire::{DbSize, EndpointInfo, Staged};
+
+/// The largest JSON answer read from an agent (answers are a few KiB; an agent cannot make the
+/// server buffer more).
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// Why a call to an agent failed, sorted by whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +32,9 @@ pub enum AgentError {
         status: u16,
         message: String,
     },
+    /// The agent presented a certificate other than the one pinned at enrollment.
+    #[error("endpoint agent at {url} is not the enrolled agent: {reason}")]
+    CertificateChanged { url: String, reason: String },
 }
 
 impl AgentError {
@@ -26,13 +42,14 @@ impl AgentError {
         match self {
             AgentError::Unreachable { .. } => true,
             AgentError::Refused { status, .. } => *status == 429 || *status == 503,
+            AgentError::CertificateChanged { .. } => false,
         }
     }
 
     pub fn status(&self) -> Option<u16> {
         match self {
             AgentError::Refused { status, .. } => Some(*status),
-            AgentError::Unreachable { .. } => None,
+            AgentError::Unreachable { .. } | AgentError::CertificateChanged { .. } => None,
         }
     }
 }
@@ -45,16 +62,87 @@ pub struct AgentClient {
     token: String,
 }
 
-/// The HTTP client agents are called with: short connect timeout, no overall timeout (downloads
-/// are long), keep-alive.
-pub fn http_client() -> reqwest::Client {
+fn client_builder() -> reqwest::ClientBuilder {
     install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(60))
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Shorter than the agent's keep-alive (30 s), so a pooled connection is never one the
+        // agent is closing.
+        .pool_idle_timeout(Duration::from_secs(20))
+}
+
+/// An HTTPS client that trusts only the agent certificate pinned as `pin`: short connect timeout,
+/// no overall timeout (downloads are long), keep-alive. `hint` says what to do on a mismatch.
+pub fn pinned_client(pin: &str, hint: &str) -> reqwest::Client {
+    client_builder()
+        .tls_backend_preconfigured(crate::pin::client_config(pin, hint))
         .build()
         .expect("building the HTTP client")
+}
+
+/// Why the server cannot call an endpoint's agent.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCallable {
+    #[error(
+        "{0} has no agent enrolled with this server, so it cannot be reached live or captured; upload an export instead"
+    )]
+    NoAgent(String),
+    #[error(
+        "{0} was re-keyed and its agent has not enrolled again yet; start the agent with the server's enroll token"
+    )]
+    AwaitingEnrollment(String),
+}
+
+/// How the server reaches enrolled agents: the key their credentials derive from, and one pinned
+/// HTTPS client (with its connection pool) per endpoint certificate.
+#[derive(Debug)]
+pub struct Agents {
+    key: AgentKey,
+    clients: Mutex<HashMap<(String, String), reqwest::Client>>,
+}
+
+impl Agents {
+    pub fn new(key: AgentKey) -> Agents {
+        Agents {
+            key,
+            clients: Mutex::default(),
+        }
+    }
+
+    pub fn key(&self) -> &AgentKey {
+        &self.key
+    }
+
+    /// A client of `endpoint`'s agent, trusting only the certificate it enrolled with.
+    pub fn client(&self, endpoint: &Endpoint) -> Result<AgentClient, NotCallable> {
+        let host = &endpoint.hostname;
+        let Some(url) = &endpoint.api_url else {
+            return Err(NotCallable::NoAgent(host.clone()));
+        };
+        let (Some(pin), Some(nonce)) = (&endpoint.cert_sha256, &endpoint.identity_nonce) else {
+            return Err(NotCallable::AwaitingEnrollment(host.clone()));
+        };
+        let http = self
+            .clients
+            .lock()
+            .expect("agent clients lock")
+            .entry((host.clone(), pin.clone()))
+            .or_insert_with(|| {
+                pinned_client(
+                    pin,
+                    &format!(
+                        "the agent's certificate changed since {host} enrolled; if the endpoint was reimaged or its certificate replaced, re-key it with `snapq endpoints rekey {host}`"
+                    ),
+                )
+            })
+            .clone();
+        Ok(AgentClient::new(
+            http,
+            url,
+            &self.key.credential(host, nonce),
+        ))
+    }
 }
 
 impl AgentClient {
@@ -79,23 +167,28 @@ impl AgentClient {
         request: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<reqwest::Response, AgentError> {
-        let response =
-            request
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| AgentError::Unreachable {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            let reason = error_chain(&e);
+            if reason.contains(crate::pin::MISMATCH) {
+                AgentError::CertificateChanged {
                     url: url.to_owned(),
-                    reason: error_chain(&e),
-                })?;
+                    reason,
+                }
+            } else {
+                AgentError::Unreachable {
+                    url: url.to_owned(),
+                    reason,
+                }
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
-        let message = response
-            .json::<serde_json::Value>()
+        let message = read_bounded(response, MAX_ANSWER_BYTES)
             .await
             .ok()
+            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
             .and_then(|v| v["error"].as_str().map(str::to_owned))
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_owned());
         if status.is_server_error() && status != StatusCode::INSUFFICIENT_STORAGE {
@@ -116,14 +209,16 @@ impl AgentClient {
         request: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<T, AgentError> {
-        self.send(request, url)
-            .await?
-            .json()
+        let body = read_bounded(self.send(request, url).await?, MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| AgentError::Unreachable {
+            .map_err(|reason| AgentError::Unreachable {
                 url: url.to_owned(),
-                reason: format!("bad answer: {}", error_chain(&e)),
-            })
+                reason: format!("bad answer: {reason}"),
+            })?;
+        serde_json::from_slice(&body).map_err(|e| AgentError::Unreachable {
+            url: url.to_owned(),
+            reason: format!("bad answer: {e}"),
+        })
     }
 
     pub async fn endpoint_info(&self) -> Result<EndpointInfo, AgentError> {
@@ -180,6 +275,24 @@ impl AgentClient {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Reads a response body of at most `limit` bytes; a longer one is an error, not a buffer that
+/// grows as long as the agent keeps sending.
+async fn read_bounded(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(format!("the answer is larger than {limit} bytes"));
+    }
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| error_chain(&e))?;
+        if body.len() + chunk.len() > limit {
+            return Err(format!("the answer is larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Makes ring the process's TLS crypto provider (once; later calls do nothing).

@@ -102,10 +102,21 @@ pub struct Endpoint {
     #[sqlx(json)]
     pub labels: Vec<String>,
     pub api_url: Option<String>,
-    #[serde(skip)]
-    pub api_token: Option<String>,
     pub last_seen_ms: Option<i64>,
     pub created_ms: i64,
+    /// The sha256 of the agent's TLS certificate, pinned at enrollment (`None`: not enrolled).
+    pub cert_sha256: Option<String>,
+    /// What the agent's credential derives from (see `identity`); not a secret by itself.
+    #[serde(skip)]
+    pub identity_nonce: Option<String>,
+    pub enrolled_ms: Option<i64>,
+}
+
+impl Endpoint {
+    /// Whether an agent is bound to this hostname (heartbeats must prove its identity).
+    pub fn is_enrolled(&self) -> bool {
+        self.identity_nonce.is_some()
+    }
 }
 
 /// What an agent reports about itself on each heartbeat.
@@ -119,7 +130,9 @@ pub struct Heartbeat {
     #[serde(default)]
     pub labels: Vec<String>,
     pub api_url: String,
-    pub api_token: String,
+    /// The sha256 of the certificate the agent's API presents (pinned at enrollment).
+    #[serde(default)]
+    pub cert_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]
@@ -178,6 +191,8 @@ pub struct Ingest {
     pub requested_by: String,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
+    /// Where the file lies while the ingest is `quarantined`.
+    pub quarantine_path: Option<String>,
 }
 
 const SNAPSHOT_COLUMNS: &str = "s.id, s.endpoint_id, e.hostname, s.name, s.state, s.origin, s.size, \
@@ -228,16 +243,22 @@ impl Catalog {
 
     // --- endpoints -------------------------------------------------------------------------
 
-    /// Records an agent's heartbeat, creating the endpoint on its first one.
-    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<Endpoint> {
+    /// Enrolls the agent of `hb.hostname`: binds the hostname to its certificate and `nonce` and
+    /// records its facts, creating the endpoint if it is new. `None` when the hostname is already
+    /// bound to an agent (checked and written in one statement, so two enrollments cannot both win).
+    /// The endpoint is not seen (online) until a heartbeat proves the agent kept its credential.
+    pub async fn enroll(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         let now = now_ms();
-        let endpoint = sqlx::query_as::<_, Endpoint>(
-            "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, api_token, last_seen_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, last_seen_ms,
+                created_ms, cert_sha256, identity_nonce, enrolled_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?7)
              ON CONFLICT (hostname) DO UPDATE SET ips = excluded.ips, os = excluded.os,
                 agent_version = excluded.agent_version, labels = excluded.labels,
-                api_url = excluded.api_url, api_token = excluded.api_token,
-                last_seen_ms = excluded.last_seen_ms
+                api_url = excluded.api_url, last_seen_ms = excluded.last_seen_ms,
+                cert_sha256 = excluded.cert_sha256, identity_nonce = excluded.identity_nonce,
+                enrolled_ms = excluded.enrolled_ms
+             WHERE endpoints.identity_nonce IS NULL
              RETURNING *",
         )
         .bind(&hb.hostname)
@@ -246,11 +267,69 @@ impl Catalog {
         .bind(&hb.agent_version)
         .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
         .bind(&hb.api_url)
-        .bind(&hb.api_token)
         .bind(now)
-        .fetch_one(&self.pool)
+        .bind(&hb.cert_sha256)
+        .bind(nonce)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records a heartbeat of an enrolled agent whose credential the caller checked against
+    /// `nonce`: its facts and address, never its pinned certificate. `None` if the endpoint was
+    /// re-keyed or forgotten meanwhile.
+    pub async fn heartbeat(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "UPDATE endpoints SET ips = ?2, os = ?3, agent_version = ?4, labels = ?5, api_url = ?6,
+                last_seen_ms = ?7
+             WHERE hostname = ?1 AND identity_nonce = ?8
+             RETURNING *",
+        )
+        .bind(&hb.hostname)
+        .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
+        .bind(&hb.os)
+        .bind(&hb.agent_version)
+        .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
+        .bind(&hb.api_url)
+        .bind(now_ms())
+        .bind(nonce)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Unbinds `hostname` from its agent so that the next enrollment binds it anew (a reimaged
+    /// machine, a replaced certificate); the old credential stops working. `false` if unknown.
+    pub async fn rekey_endpoint(&self, hostname: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL
+             WHERE hostname = ?1",
+        )
+        .bind(hostname)
+        .execute(&self.pool)
         .await?;
-        Ok(endpoint)
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Forgets `hostname`'s agent: its binding and address; the endpoint row goes too unless
+    /// snapshots still belong to it (they stay, under an offline endpoint). `false` if unknown.
+    pub async fn forget_endpoint(&self, hostname: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL,
+                api_url = NULL, last_seen_ms = NULL
+             WHERE hostname = ?1",
+        )
+        .bind(hostname)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM endpoints WHERE hostname = ?1
+             AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = endpoints.id)",
+        )
+        .bind(hostname)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// The endpoint of `hostname`, creating an offline one (known only from its snapshots) if new.
@@ -489,6 +568,52 @@ impl Catalog {
         Ok(())
     }
 
+    /// Fails a snapshot that is not finished yet (its job ended dead or cancelled); a complete
+    /// or already failed one is left as it is. `true` if this call failed it.
+    pub async fn fail_unfinished_snapshot(&self, id: i64, reason: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3
+             WHERE id = ?1 AND state NOT IN ('complete', 'failed')",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// At start-up: captures whose row was created but whose job never was (the server died in
+    /// between) can never progress; they fail with a reason. Returns how many.
+    pub async fn fail_unqueued_captures(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE snapshots SET state = 'failed', completed_ms = ?1,
+                error = 'the server stopped before the capture was queued; capture again'
+             WHERE state = 'queued' AND job_id IS NULL AND origin = 'capture'",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Ends a still `pending` ingest as `failed` (its job ended dead or cancelled without
+    /// storing, finding a duplicate or quarantining). `true` if this call ended it.
+    pub async fn fail_pending_ingest(&self, job_id: &str, reason: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE ingests SET state = 'failed', reason = ?2, finished_ms = ?3
+             WHERE job_id = ?1 AND state = 'pending'",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
     /// Removes a snapshot's row; `false` if there was none (deleting twice is not an error).
     /// `RETURNING` tells exactly whether this call removed it, also when two race.
     pub async fn delete_snapshot(&self, id: i64) -> Result<bool> {
@@ -556,7 +681,9 @@ impl Catalog {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
-             VALUES (?1, ?2, ?3, 'pending', ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
+             ON CONFLICT (job_id) DO UPDATE SET state = 'pending', reason = NULL, finished_ms = NULL
+             WHERE state = 'failed'",
         )
         .bind(job_id)
         .bind(origin.as_str())
@@ -568,7 +695,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records how an ingest ended: `complete`, `duplicate` (of `snapshot_id`) or `quarantined`.
+    /// Records how an ingest ended: `complete`, `duplicate` (of `snapshot_id`), `superseded` (a newer
+    /// version of the file is another job's) or `settling` (checked again after the settle period).
     pub async fn finish_ingest(
         &self,
         job_id: &str,
@@ -587,6 +715,51 @@ impl Catalog {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records that an ingest ended in quarantine, with the file now at `path` (`None` if it could
+    /// not be moved there).
+    pub async fn quarantine_ingest(
+        &self,
+        job_id: &str,
+        reason: &str,
+        path: Option<&Path>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE ingests SET state = 'quarantined', reason = ?2, quarantine_path = ?3, finished_ms = ?4
+             WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .bind(path.map(|p| p.to_string_lossy().into_owned()))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Closes a quarantine entry whose file left quarantine: `retried`, `deleted` or `expired`.
+    /// Returns whether it was still open.
+    pub async fn close_quarantine(&self, job_id: &str, state: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE ingests SET state = ?2 WHERE job_id = ?1 AND state = 'quarantined'",
+        )
+        .bind(job_id)
+        .bind(state)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Open quarantine entries, newest first; `before_ms` limits them to older ones (retention).
+    pub async fn quarantined(&self, before_ms: Option<i64>) -> Result<Vec<Ingest>> {
+        Ok(sqlx::query_as::<_, Ingest>(
+            "SELECT * FROM ingests WHERE state = 'quarantined' AND (?1 IS NULL OR finished_ms < ?1)
+             ORDER BY finished_ms DESC",
+        )
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn ingest(&self, job_id: &str) -> Result<Option<Ingest>> {

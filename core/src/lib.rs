@@ -10,11 +10,14 @@ pub mod agent_client;
 pub mod catalog;
 pub mod disk;
 pub mod filter;
+pub mod identity;
 pub mod name;
+pub mod pin;
 pub mod query;
 pub mod schema;
 pub mod store;
 pub mod verify;
 pub mod wire;
+pub mod writers;
 
 pub use name::SnapshotName;

@@ -10,6 +10,52 @@ use std::path::{Path, PathBuf};
 
 use crate::SnapshotName;
 
+/// Ends the hidden name of a copy from another file system (see [`Store::commit`]).
+const INCOMING_SUFFIX: &str = ".incoming";
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Renames `from` to `to` unless `to` exists (then [`io::ErrorKind::AlreadyExists`]), atomically:
+/// `renameat2(RENAME_NOREPLACE)` where the kernel and file system have it, else a hard link
+/// (which never replaces either) and an unlink.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+        };
+        let (f, t) = (c(from)?, c(to)?);
+        // SAFETY: two valid NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Not supported here: fall through to link + unlink.
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {}
+            _ => return Err(err),
+        }
+    }
+    fs::hard_link(from, to)?;
+    fs::remove_file(from)
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
@@ -45,26 +91,63 @@ impl Store {
         fs::create_dir_all(self.root.join(name.hostname()))
     }
 
-    /// Moves a finished file into place under `name`: fsync, then rename (atomic within a file
-    /// system). From another file system it is copied to the hidden temporary name first, so the
-    /// final name still only ever shows a whole file.
+    /// Moves a finished file into place under `name`: fsync, then a rename that never replaces
+    /// (atomic within a file system). A file already stored under that name is never
+    /// overwritten: the error is then [`io::ErrorKind::AlreadyExists`] and `from` stays where
+    /// it is, so the caller can compare the two. From another file system the file is copied
+    /// to a hidden temporary name of its own first, so the final name still only ever shows a
+    /// whole file, and two commits of the same name never share a temporary file.
     pub fn commit(&self, from: &Path, name: &SnapshotName) -> io::Result<PathBuf> {
-        self.prepare(name)?;
+        // Not `AlreadyExists`, which means "a file of that name is stored" below.
+        self.prepare(name).map_err(|e| {
+            io::Error::other(format!("cannot create the directory for {name}: {e}"))
+        })?;
         let dest = self.path(name);
         File::open(from)?.sync_all()?;
-        match fs::rename(from, &dest) {
+        match rename_noreplace(from, &dest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                let partial = self.partial_path(name);
-                fs::copy(from, &partial)?;
-                File::open(&partial)?.sync_all()?;
-                fs::rename(&partial, &dest)?;
+                let tmp = self.root.join(name.hostname()).join(format!(
+                    ".{name}.{}-{}{INCOMING_SUFFIX}",
+                    std::process::id(),
+                    unique()
+                ));
+                let copied = fs::copy(from, &tmp)
+                    .and_then(|_| File::open(&tmp)?.sync_all())
+                    .and_then(|()| rename_noreplace(&tmp, &dest));
+                if let Err(e) = copied {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 fs::remove_file(from)?;
             }
             Err(e) => return Err(e),
         }
         File::open(dest.parent().expect("store paths have a parent"))?.sync_all()?;
         Ok(dest)
+    }
+
+    /// Removes the temporary copies of commits from another file system that a crash cut off
+    /// (capture downloads, `.NAME.partial`, are kept: they resume). Returns how many.
+    pub fn remove_abandoned_copies(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for host in fs::read_dir(&self.root)? {
+            let host = host?;
+            if !host.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(host.path())? {
+                let path = entry?.path();
+                let hidden_copy = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.') && n.ends_with(INCOMING_SUFFIX));
+                if hidden_copy && fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Removes a snapshot's file; `false` if it was already gone.
@@ -74,5 +157,26 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_never_replaces_a_stored_file_and_leaves_the_new_one_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("snapshots")).unwrap();
+        let name: SnapshotName = "web-01_2026_11_28T14.03.07.091Z.db".parse().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        fs::write(&first, b"first").unwrap();
+        fs::write(&second, b"second").unwrap();
+        let dest = store.commit(&first, &name).unwrap();
+        let err = store.commit(&second, &name).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&dest).unwrap(), b"first");
+        assert_eq!(fs::read(&second).unwrap(), b"second");
+        assert!(!first.exists());
     }
 }

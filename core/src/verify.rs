@@ -27,6 +27,11 @@ pub enum VerifyError {
     Corrupt(String),
     #[error("not a snapshot of an endpoint recorder: {0}")]
     NoRecorderSchema(#[from] schema::SchemaError),
+    #[error("{0}")]
+    NotRegular(String),
+    /// Schema objects a recorder never makes: a view posing as a recorder table, a trigger.
+    #[error("not a plain recorder database: {0}")]
+    Tampered(String),
 }
 
 /// What verification learned about a good snapshot.
@@ -56,15 +61,70 @@ impl Hasher {
 
 /// The sha256 of a whole file, as lowercase hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    sha256_open_file(&File::open(path)?)
+}
+
+/// The sha256 of the whole file behind an open handle, read from its start.
+pub fn sha256_open_file(file: &File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let mut hasher = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read_at(&mut buf, offset)?;
         if n == 0 {
             return Ok(hasher.finish());
         }
         hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+}
+
+/// Opens `path` for reading only if it is a regular file, without following a symlink in its last
+/// component (`O_NOFOLLOW`): a file someone swapped for a symlink after it was checked is refused,
+/// not read where the link points.
+pub fn open_regular_no_follow(path: &Path) -> Result<File, VerifyError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let not_regular = || {
+        VerifyError::NotRegular(format!(
+            "{} is not a regular file (a symlink or a device)",
+            path.display()
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_regular(),
+            _ => VerifyError::Io(e),
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(file)
+}
+
+/// Verifies the file behind `file` (whatever its path names by now): sha256, then
+/// [`verify_snapshot`] through `/proc/self/fd`, which reopens that same file. Returns the
+/// verification, the sha256 and the size.
+pub fn verify_open_file(file: &File) -> Result<(Verified, String, u64), VerifyError> {
+    use std::os::fd::AsRawFd;
+    // Hash first: one sequential read that also brings the file into the page cache, where
+    // quick_check's scattered reads are several times faster.
+    let sha256 = sha256_open_file(file)?;
+    let verified = verify_snapshot(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    Ok((verified, sha256, file.metadata()?.len()))
+}
+
+/// Whether `path` still names the very file `file` has open (not a symlink put in its place).
+pub fn still_names(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(now), Ok(open)) => {
+            now.file_type().is_file() && now.ino() == open.ino() && now.dev() == open.dev()
+        }
+        _ => false,
     }
 }
 
@@ -87,16 +147,60 @@ pub fn check_header(path: &Path) -> Result<(), VerifyError> {
 }
 
 /// Opens a snapshot file read-only without creating `-wal`/`-shm` files beside it or taking locks:
-/// snapshots are never written once they exist.
+/// snapshots are never written once they exist. A snapshot is attacker-controlled input, so
+/// SQLite's defensive mode is on and its schema is not trusted (no functions with side effects from
+/// views or triggers in it).
 pub fn open_snapshot(path: &Path) -> Result<Connection, VerifyError> {
+    use rusqlite::config::DbConfig;
     let uri = format!("file:{}?immutable=1", uri_escape(&path.to_string_lossy()));
-    Connection::open_with_flags(
+    let corrupt = |e: rusqlite::Error| VerifyError::Corrupt(e.to_string());
+    let conn = Connection::open_with_flags(
         uri,
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| VerifyError::Corrupt(e.to_string()))
+    .map_err(corrupt)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)
+        .map_err(corrupt)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)
+        .map_err(corrupt)?;
+    Ok(conn)
+}
+
+/// Refuses what a recorder never writes: a recorder table that is a view (it would answer queries
+/// with whatever its author chose) and triggers.
+pub fn check_plain_tables(conn: &Connection) -> Result<(), VerifyError> {
+    let corrupt = |e: rusqlite::Error| VerifyError::Corrupt(e.to_string());
+    let mut stmt = conn
+        .prepare("SELECT type FROM sqlite_schema WHERE name = ?1 COLLATE NOCASE")
+        .map_err(corrupt)?;
+    for table in schema::TABLES {
+        let kinds: Vec<String> = stmt
+            .query_map([table.name], |r| r.get(0))
+            .map_err(corrupt)?
+            .collect::<Result<_, _>>()
+            .map_err(corrupt)?;
+        if let Some(kind) = kinds.iter().find(|k| *k != "table" && *k != "index") {
+            return Err(VerifyError::Tampered(format!(
+                "recorder table `{}` is a {kind}, not a table",
+                table.name
+            )));
+        }
+    }
+    let trigger: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_schema WHERE type = 'trigger' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    if let Some(name) = trigger {
+        return Err(VerifyError::Tampered(format!(
+            "it holds a trigger (`{name}`), which a recorder never makes"
+        )));
+    }
+    Ok(())
 }
 
 fn uri_escape(path: &str) -> String {
@@ -127,6 +231,7 @@ fn verify(path: &Path, run_quick_check: bool) -> Result<Verified, VerifyError> {
     if run_quick_check {
         quick_check(&conn)?;
     }
+    check_plain_tables(&conn)?;
     schema::check(&conn)?;
     let summary = crate::query::summary(&conn).map_err(|e| VerifyError::Corrupt(e.to_string()))?;
     let verified = Verified {
@@ -231,6 +336,65 @@ mod tests {
             verify_snapshot(&truncated),
             Err(VerifyError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_recorder_table_that_is_a_view_or_a_trigger_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = dir.path().join("view.db");
+        recorder_db(&view);
+        Connection::open(&view)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE dns;
+                 CREATE TABLE dns_real (id INTEGER PRIMARY KEY, ts INTEGER, process_id INTEGER,
+                    query TEXT, qtype TEXT, answer TEXT);
+                 CREATE VIEW dns AS SELECT id, ts, process_id, query, qtype, answer FROM dns_real;",
+            )
+            .unwrap();
+        let err = verify_snapshot(&view).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Tampered(m) if m.contains("`dns` is a view")),
+            "{err}"
+        );
+
+        let trigger = dir.path().join("trigger.db");
+        recorder_db(&trigger);
+        Connection::open(&trigger)
+            .unwrap()
+            .execute_batch("CREATE TRIGGER t AFTER INSERT ON process BEGIN DELETE FROM dns; END;")
+            .unwrap();
+        let err = verify_checked_copy(&trigger).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::Tampered(m) if m.contains("trigger")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn files_are_opened_without_following_symlinks_and_a_swap_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("web-01_2026_01_01T00.00.00.000Z.db");
+        recorder_db(&real);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(matches!(
+            open_regular_no_follow(&link),
+            Err(VerifyError::NotRegular(_))
+        ));
+
+        let file = open_regular_no_follow(&real).unwrap();
+        let (verified, sha256, size) = verify_open_file(&file).unwrap();
+        assert_eq!(verified.events, 2);
+        assert_eq!(sha256, sha256_file(&real).unwrap());
+        assert_eq!(size, std::fs::metadata(&real).unwrap().len());
+        assert!(still_names(&real, &file));
+        // Swapped for a symlink after it was opened: the path no longer names the checked file.
+        std::fs::remove_file(&real).unwrap();
+        std::os::unix::fs::symlink(&secret, &real).unwrap();
+        assert!(!still_names(&real, &file));
     }
 
     #[test]

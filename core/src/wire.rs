@@ -18,6 +18,10 @@ pub struct EndpointInfo {
     pub oldest_ts: Option<i64>,
     pub newest_ts: Option<i64>,
     pub disk_free_bytes: u64,
+    /// How the recorder records each event type (`process` → `kernel events` or `polling every
+    /// 250 ms`, …); empty for a simulator or an older agent.
+    #[serde(default)]
+    pub recorder_modes: BTreeMap<String, String>,
 }
 
 /// A staged snapshot copy: `POST /v1/snapshots`, `GET /v1/snapshots`, `GET /v1/snapshots/{id}/info`.

@@ -90,6 +90,20 @@ const SCHEMA: &[&str] = &[
         VALUES (NEW.id, NEW.attempts + 1, NEW.lock_by,
             CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER));
     END",
+    // The terminal-outcome outbox: a job that becomes dead or cancelled, by whatever path
+    // (its handler's last attempt, a cancel while it waited, the orphan rescue, a panic),
+    // leaves its id here in the same statement, and `worker::terminal_dispatch` hands it to
+    // the queue's terminal hook until the hook succeeds, also across a crash.
+    "CREATE TABLE IF NOT EXISTS snapq_terminal (
+        id TEXT PRIMARY KEY NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    "CREATE TRIGGER IF NOT EXISTS snapq_terminal_outbox AFTER UPDATE OF status ON Jobs
+    WHEN NEW.status = 'Killed' OR (NEW.status = 'Failed' AND NEW.attempts >= NEW.max_attempts)
+    BEGIN
+        INSERT OR REPLACE INTO snapq_terminal (id, at_ms)
+        VALUES (NEW.id, CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER));
+    END",
     "CREATE TRIGGER IF NOT EXISTS snapq_attempt_done AFTER UPDATE OF status ON Jobs
     WHEN NEW.status = 'Done' AND OLD.status = 'Running' AND OLD.lock_by IS NOT NULL
     BEGIN

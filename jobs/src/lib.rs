@@ -21,8 +21,17 @@ pub use id::JobId;
 pub use kind::{JobArgs, JobKind, NoopArgs, queue_names};
 pub use model::{
     AttemptInfo, AttemptOutcome, EnqueueOptions, Enqueued, JobDetail, JobEvent, JobInfo, JobState,
-    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus,
+    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus, TerminalJob,
 };
-pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport};
+pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport, TerminalHook};
 pub use retry::RetryPolicy;
 pub use worker::JobContext;
+
+/// The queue's own statements whose query plans tests check (not an API: do not call them).
+#[doc(hidden)]
+pub mod statements {
+    /// `sql::FINISH_DONE`: ?1 id, ?2 worker, ?3 attempts, ?4 now (s).
+    pub const FINISH_DONE: &str = crate::sql::FINISH_DONE;
+    /// `sql::FINISH_DONE_MANY`: ?1 JSON array of ids, ?2 worker, ?3 now (s).
+    pub const FINISH_DONE_MANY: &str = crate::sql::FINISH_DONE_MANY;
+}

@@ -234,6 +234,21 @@ pub struct JobEvent {
     pub attempt: u32,
 }
 
+/// A job that reached a terminal state other than done (dead after its last attempt, or
+/// cancelled), handed to the queue's terminal hook (see `Queue::on_terminal`). Success is
+/// recorded by the handler itself before it returns.
+#[derive(Debug, Clone)]
+pub struct TerminalJob {
+    pub id: JobId,
+    pub kind: JobKind,
+    /// `Failed` or `Cancelled`.
+    pub state: JobState,
+    pub args: serde_json::Value,
+    /// The job's last error (why it died, or who cancelled it).
+    pub error: Option<String>,
+    pub requested_by: Option<String>,
+}
+
 /// Options of one enqueue.
 #[derive(Debug, Clone, Default)]
 pub struct EnqueueOptions {

@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     EnqueueOptions, Enqueued, JobArgs, JobDetail, JobEvent, JobId, JobInfo, JobKind, JobState,
-    KindStatus, ListFilter, LocalWorkers, QueueError, QueueStatus, RetryPolicy,
+    KindStatus, ListFilter, LocalWorkers, QueueError, QueueStatus, RetryPolicy, TerminalJob,
     db::{self, now_ms},
     model::{AttemptInfo, AttemptOutcome, Progress},
     sql,
@@ -134,7 +134,16 @@ pub(crate) struct Shared {
     pub(crate) events: broadcast::Sender<JobEvent>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) closed: AtomicBool,
+    /// Wakes the terminal-outcome dispatcher (see `Queue::on_terminal`).
+    pub(crate) terminal_notify: Notify,
+    pub(crate) terminal_hook: Mutex<Option<TerminalHook>>,
 }
+
+/// Called once for every job that ends dead or cancelled, whatever ended it; `Err` means
+/// "not recorded yet": the same job is offered again later (also after a restart).
+pub type TerminalHook = Arc<
+    dyn Fn(TerminalJob) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
 
 impl Shared {
     pub(crate) fn notify_kind(&self, kind: JobKind) {
@@ -201,7 +210,7 @@ pub(crate) fn ms_to_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
-fn last_error(last_result: Option<&str>) -> Option<String> {
+pub(crate) fn last_error(last_result: Option<&str>) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(last_result?).ok()?;
     match v.get("Err")? {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -209,7 +218,7 @@ fn last_error(last_result: Option<&str>) -> Option<String> {
     }
 }
 
-fn requested_by(metadata: Option<&str>) -> Option<String> {
+pub(crate) fn requested_by(metadata: Option<&str>) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(metadata?).ok()?;
     v.get("requested_by")?.as_str().map(str::to_owned)
 }
@@ -284,6 +293,84 @@ fn job_from_row(row: &SqliteRow) -> Result<JobInfo, sqlx::Error> {
     })
 }
 
+/// One plain job to insert (see `enqueue_one`).
+struct OneJob {
+    kind: JobKind,
+    id: JobId,
+    bytes: Vec<u8>,
+    max: i64,
+    run_at: i64,
+    priority: i64,
+    metadata: String,
+    requested_by: String,
+}
+
+/// Inserts one plain job: a single autocommit INSERT (one round trip instead of three), which
+/// also claims it and starts its handler here when a local worker has a free slot and the job
+/// is due (no separate claim, no wake-up of the fetcher). Runs in a task of its own, so the
+/// claim and the start are never separated by a dropped caller.
+async fn enqueue_one(shared: Arc<Shared>, job: OneJob, now_s: i64) -> Result<(), QueueError> {
+    let OneJob {
+        kind,
+        id,
+        bytes,
+        max,
+        run_at,
+        priority,
+        metadata,
+        requested_by,
+    } = job;
+    let mut w = shared.writer.lock().await?;
+    // Taken after the writer so a fetcher that is about to claim keeps its slots.
+    if run_at <= now_s
+        && let Some((kw, permit)) = worker::free_slot(&shared, kind)
+    {
+        let status: String = sqlx::query_scalar(sql::INSERT_JOB_CLAIMED)
+            .bind(&bytes)
+            .bind(id.as_str())
+            .bind(kind.queue_name())
+            .bind(max)
+            .bind(run_at)
+            .bind(priority)
+            .bind(&metadata)
+            .bind(&kw.worker_id)
+            .bind(now_ms())
+            .fetch_one(&mut *w)
+            .await?;
+        if status == "Running" {
+            // Registered as running before the writer is released, so a cancel that
+            // follows finds the handler, and a shutdown that follows waits for it.
+            let job = worker::Claimed {
+                id,
+                args: bytes,
+                attempt: 1,
+                max_attempts: max.max(1) as u32,
+                requested_by,
+            };
+            worker::start_job(&shared, &kw, job, permit);
+            return Ok(());
+        }
+        // Older due work comes first: the job waits as pending for the fetcher.
+        drop((w, permit));
+        shared.notify_kind(kind);
+        return Ok(());
+    }
+    sqlx::query(sql::INSERT_JOB)
+        .bind(&bytes)
+        .bind(id.as_str())
+        .bind(kind.queue_name())
+        .bind(max)
+        .bind(run_at)
+        .bind(priority)
+        .bind(&metadata)
+        .bind(None::<&str>)
+        .execute(&mut *w)
+        .await?;
+    drop(w);
+    shared.notify_kind(kind);
+    Ok(())
+}
+
 impl Queue {
     /// Open (or create) the queue file, run apalis-sqlite's migrations and ours, re-queue jobs
     /// left running by a previous process on this host, and start the queue's background
@@ -311,6 +398,8 @@ impl Queue {
             events: broadcast::channel(4096).0,
             tasks: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            terminal_notify: Notify::new(),
+            terminal_hook: Mutex::new(None),
         });
         worker::mark_dead_local_workers(&shared).await?;
         let rescued = worker::rescue_orphans(&shared).await?;
@@ -338,6 +427,30 @@ impl Queue {
         } else {
             Ok(())
         }
+    }
+
+    /// Makes `hook` the one place where the rest of the system learns that a job ended dead or
+    /// cancelled, by any path: its handler's last attempt, a panic, a cancel while it waited or
+    /// after the handler ignored it, the orphan rescue. The state change and an outbox row are
+    /// written in one statement, and the row is handed to `hook` until it returns `Ok`, so a
+    /// crash in between only delays the call. At most one hook per queue.
+    pub fn on_terminal<F, Fut>(&self, hook: F) -> Result<(), QueueError>
+    where
+        F: Fn(TerminalJob) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        use futures::FutureExt;
+        self.ensure_open()?;
+        let hook: TerminalHook = Arc::new(move |job| hook(job).boxed());
+        {
+            let mut slot = self.shared.terminal_hook.lock().unwrap();
+            if slot.is_some() {
+                return Err(QueueError::Config("a terminal hook is already set".into()));
+            }
+            *slot = Some(hook.clone());
+        }
+        worker::start_terminal_dispatch(&self.shared, hook);
+        Ok(())
     }
 
     /// Committed job outcomes, as they happen (for live views and tests).
@@ -438,57 +551,25 @@ impl Queue {
                 .map(|m| m.max(1) as i64)
                 .unwrap_or(default_max);
             let run_at = opts.run_at.map(|t| t.timestamp()).unwrap_or(now_s);
-            let mut w = self.shared.writer.lock().await?;
-            // A local worker of this kind has a free slot and the job is due: claim it in the
-            // same statement and start it here (no separate claim, no wake-up of the fetcher).
-            // Taken after the writer so a fetcher that is about to claim keeps its slots.
-            if run_at <= now_s
-                && let Some((kw, permit)) = worker::free_slot(&self.shared, kind)
-            {
-                let status: String = sqlx::query_scalar(sql::INSERT_JOB_CLAIMED)
-                    .bind(bytes)
-                    .bind(id.as_str())
-                    .bind(kind.queue_name())
-                    .bind(max)
-                    .bind(run_at)
-                    .bind(opts.priority as i64)
-                    .bind(&metadata)
-                    .bind(&kw.worker_id)
-                    .bind(now_ms())
-                    .fetch_one(&mut *w)
-                    .await?;
-                if status == "Running" {
-                    // Registered as running before the writer is released, so a cancel that
-                    // follows finds the handler.
-                    let job = worker::Claimed {
-                        id: id.clone(),
-                        args: bytes.clone(),
-                        attempt: 1,
-                        max_attempts: max.max(1) as u32,
-                        requested_by: requested_by.to_owned(),
-                    };
-                    worker::start_job(&self.shared, &kw, job, permit);
-                    return Ok(vec![Enqueued { id, created: true }]);
-                }
-                // Older due work comes first: the job waits as pending for the fetcher.
-                drop((w, permit));
-                self.shared.notify_kind(kind);
-                return Ok(vec![Enqueued { id, created: true }]);
-            }
-            sqlx::query(sql::INSERT_JOB)
-                .bind(bytes)
-                .bind(id.as_str())
-                .bind(kind.queue_name())
-                .bind(max)
-                .bind(run_at)
-                .bind(opts.priority as i64)
-                .bind(&metadata)
-                .bind(None::<&str>)
-                .execute(&mut *w)
-                .await?;
-            drop(w);
-            self.shared.notify_kind(kind);
-            return Ok(vec![Enqueued { id, created: true }]);
+            let one = OneJob {
+                kind,
+                id: id.clone(),
+                bytes: bytes.clone(),
+                max,
+                run_at,
+                priority: opts.priority as i64,
+                metadata,
+                requested_by: requested_by.to_owned(),
+            };
+            // In its own task: a claim commits a `Running` row, and the handler must start
+            // whatever happens to the caller (an HTTP client that disconnects drops this
+            // future mid-statement; nothing would then run the job while this process lives).
+            let task = tokio::spawn(enqueue_one(self.shared.clone(), one, now_s));
+            return match task.await {
+                Ok(r) => r.map(|()| vec![Enqueued { id, created: true }]),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(QueueError::ShutDown),
+            };
         }
         let mut w = self.shared.writer.lock().await?;
         let mut tx = w.begin().await?;
@@ -725,6 +806,7 @@ impl Queue {
                 .await?;
             let state = Self::state_of(&mut tx, id).await?;
             tx.commit().await?;
+            self.shared.terminal_notify.notify_one();
             if let Some(kind) = state.and_then(|(_, q)| JobKind::from_queue_name(&q)) {
                 let _ = self.shared.events.send(JobEvent {
                     id: id.clone(),
@@ -806,6 +888,10 @@ impl Queue {
         }
         let shared = &self.shared;
         let _ = shared.shutdown.send(true);
+        // Claims check the flag while holding the writer and start their handlers before
+        // releasing it: once we had the writer, nothing more is claimed and every claimed job
+        // is counted below.
+        drop(shared.writer.lock().await?);
         let at_start = *shared.running_count.borrow();
         let mut count = shared.running_count.subscribe();
         let in_grace = tokio::time::timeout(grace, count.wait_for(|c| *c == 0))

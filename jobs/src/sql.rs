@@ -132,6 +132,11 @@ pub(crate) const FINISH_ATTEMPT: &str = "UPDATE snapq_job_attempts
     SET finished_ms = ?4, outcome = ?5, error = ?6
     WHERE job_id = ?1 AND attempt = ?2 AND worker = ?3";
 
+/// Whether this attempt was already recorded as a success (by an earlier commit of the same
+/// outcome, whose batch failed later and is being written again). ?1 id, ?2 attempt, ?3 worker
+pub(crate) const ATTEMPT_ALREADY_OK: &str = "SELECT EXISTS (SELECT 1 FROM snapq_job_attempts
+    WHERE job_id = ?1 AND attempt = ?2 AND worker = ?3 AND outcome = 'ok')";
+
 pub(crate) const SET_NEXT_RUN: &str = "INSERT INTO snapq_job_state (id, next_run_ms, updated_ms)
     VALUES (?1, ?2, ?3)
     ON CONFLICT(id) DO UPDATE SET next_run_ms = excluded.next_run_ms,
@@ -204,6 +209,20 @@ pub(crate) const LOSE_OPEN_ATTEMPTS: &str = "UPDATE snapq_job_attempts
 
 pub(crate) const CANCEL_REQUESTS: &str =
     "SELECT id FROM snapq_job_state WHERE cancel_requested_ms IS NOT NULL";
+
+// ---- terminal outcomes ----------------------------------------------------------------------
+
+/// Outbox rows with their job as it is now (a job retried meanwhile is no longer terminal;
+/// a pruned one has no row). ?1 limit
+pub(crate) const TERMINAL_PENDING: &str = concat!(
+    "SELECT t.id, j.job_type, j.job, ",
+    state_expr!(),
+    " AS state, j.last_result, j.metadata
+    FROM snapq_terminal t LEFT JOIN Jobs j ON j.id = t.id
+    ORDER BY t.at_ms LIMIT ?1"
+);
+
+pub(crate) const TERMINAL_DONE: &str = "DELETE FROM snapq_terminal WHERE id = ?1";
 
 // ---- user operations -------------------------------------------------------------------------
 
@@ -282,6 +301,8 @@ pub(crate) const PRUNABLE: &str = "SELECT id FROM Jobs
       AND (status != 'Failed' OR attempts >= max_attempts)
     LIMIT ?2";
 
+pub(crate) const PRUNE_TERMINAL: &str =
+    "DELETE FROM snapq_terminal WHERE id IN (SELECT value FROM json_each(?1))";
 pub(crate) const PRUNE_JOBS: &str =
     "DELETE FROM Jobs WHERE id IN (SELECT value FROM json_each(?1))";
 pub(crate) const PRUNE_STATE: &str =

@@ -232,6 +232,84 @@ pub(crate) fn start_background(shared: &Arc<Shared>) {
     }
 }
 
+pub(crate) fn start_terminal_dispatch(shared: &Arc<Shared>, hook: crate::queue::TerminalHook) {
+    let s = shared.clone();
+    spawn_supervised(shared, "queue-terminal-dispatch".into(), move || {
+        terminal_dispatch(s.clone(), hook.clone())
+    });
+}
+
+/// id, queue, args, state, last_result, metadata (all but the id absent for a pruned job)
+type TerminalRow = (
+    String,
+    Option<String>,
+    Option<Vec<u8>>,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// Hands each outbox row (`snapq_terminal`) to the terminal hook and deletes it once the hook
+/// recorded it. A job retried since it ended is no longer terminal: its row is just dropped.
+async fn terminal_dispatch(
+    shared: Arc<Shared>,
+    hook: crate::queue::TerminalHook,
+) -> Result<(), QueueError> {
+    const CHUNK: usize = 100;
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let rows: Vec<TerminalRow> = sqlx::query_as(sql::TERMINAL_PENDING)
+            .bind(CHUNK as i64)
+            .fetch_all(&shared.reader)
+            .await?;
+        let mut refused = false;
+        for (id, queue, args, state, last_result, metadata) in &rows {
+            let state = JobState::parse(state);
+            let kind = queue.as_deref().and_then(JobKind::from_queue_name);
+            if let Some(kind) = kind
+                && matches!(state, JobState::Failed | JobState::Cancelled)
+            {
+                let job = crate::TerminalJob {
+                    id: JobId::from(id.clone()),
+                    kind,
+                    state,
+                    args: args
+                        .as_deref()
+                        .and_then(|a| serde_json::from_slice(a).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                    error: crate::queue::last_error(last_result.as_deref()),
+                    requested_by: crate::queue::requested_by(metadata.as_deref()),
+                };
+                if let Err(e) = hook(job).await {
+                    tracing::warn!(job_id = %id, error = %e, "terminal outcome not recorded yet; will try again");
+                    refused = true;
+                    continue;
+                }
+            }
+            sqlx::query(sql::TERMINAL_DONE)
+                .bind(id)
+                .execute(&mut *shared.writer.lock().await?)
+                .await?;
+        }
+        if rows.len() == CHUNK && !refused {
+            continue;
+        }
+        let wait = if refused {
+            Duration::from_secs(1)
+        } else {
+            shared.config.idle_recheck
+        };
+        tokio::select! {
+            _ = shared.terminal_notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            r = shutdown.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
 async fn until_shutdown(shared: &Shared) {
     let mut rx = shared.shutdown.subscribe();
     let _ = rx.wait_for(|s| *s).await;
@@ -414,23 +492,30 @@ async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), Que
             }
         };
         let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
-        let jobs = {
+        let short = {
             let mut w = shared.writer.lock().await?;
+            // Checked under the writer: `Queue::shutdown` takes the writer once after raising
+            // the flag, so no claim can slip in after its drain started.
+            if *shutdown.borrow() {
+                return Ok(());
+            }
             while permits.len() < shared.config.claim_batch {
                 match kw.sem.clone().try_acquire_owned() {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
             }
-            claim(&mut w, &kw, permits.len()).await?
+            let jobs = claim(&mut w, &kw, permits.len()).await?;
+            let short = jobs.len() < permits.len();
+            // Started (and counted as running) before the writer is released.
+            for job in jobs {
+                let permit = permits
+                    .pop()
+                    .expect("claimed at most as many jobs as permits");
+                start_job(&shared, &kw, job, permit);
+            }
+            short
         };
-        let short = jobs.len() < permits.len();
-        for job in jobs {
-            let permit = permits
-                .pop()
-                .expect("claimed at most as many jobs as permits");
-            start_job(&shared, &kw, job, permit);
-        }
         drop(permits);
         if short {
             // Nothing more is due now: sleep until an enqueue, another process's commit, or
@@ -584,6 +669,9 @@ async fn committer(shared: Arc<Shared>) -> Result<(), QueueError> {
                 shared.notify_kind(kind);
             }
             if let Some(event) = event {
+                if matches!(event.state, JobState::Failed | JobState::Cancelled) {
+                    shared.terminal_notify.notify_one();
+                }
                 let _ = shared.events.send(event);
             }
         }
@@ -813,6 +901,25 @@ async fn finish(
         }
     };
     let lost = res.rows_affected() == 0;
+    if lost && state == JobState::Done {
+        // A bulk success ack commits on its own; if a later outcome of the same batch failed,
+        // the whole batch is written again, and this success must not turn into `lost`.
+        let recorded: bool = sqlx::query_scalar(sql::ATTEMPT_ALREADY_OK)
+            .bind(id)
+            .bind(attempts)
+            .bind(&f.worker_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if recorded {
+            let event = JobEvent {
+                id: f.id.clone(),
+                kind: f.kind,
+                state,
+                attempt: f.attempt,
+            };
+            return Ok((Some(event), None));
+        }
+    }
     let (outcome, error) = if lost {
         tracing::warn!(job_id = %f.id, kind = %f.kind, "job was re-queued by another worker while it ran; outcome discarded");
         (
@@ -910,6 +1017,7 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
         .await?;
     let mut total = 0;
     let mut wake = Vec::new();
+    let mut dead = false;
     for w in workers {
         let msg =
             format!("worker {w} stopped heartbeating (process crashed or hung); job re-queued");
@@ -927,6 +1035,7 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
                 .execute(&mut *tx)
                 .await?;
             tracing::warn!(job_id = %id, worker = %w, %status, attempts, "re-queued orphaned job");
+            dead |= status == "Failed";
             if let Some(k) = JobKind::from_queue_name(queue) {
                 wake.push(k);
             }
@@ -936,6 +1045,9 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
     tx.commit().await?;
     for k in wake {
         shared.notify_kind(k);
+    }
+    if dead {
+        shared.terminal_notify.notify_one();
     }
     Ok(total)
 }
@@ -1040,7 +1152,12 @@ pub(crate) async fn prune(shared: &Shared, cutoff_s: i64) -> Result<u64, QueueEr
             return Ok(total);
         }
         let json = serde_json::to_string(&ids).expect("strings serialize");
-        for q in [sql::PRUNE_ATTEMPTS, sql::PRUNE_STATE, sql::PRUNE_JOBS] {
+        for q in [
+            sql::PRUNE_ATTEMPTS,
+            sql::PRUNE_STATE,
+            sql::PRUNE_TERMINAL,
+            sql::PRUNE_JOBS,
+        ] {
             sqlx::query(q).bind(&json).execute(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -1058,4 +1175,52 @@ pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
         .execute(&mut *shared.writer.lock().await?)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Queue, QueueConfig};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_written_again_after_a_partial_ack_keeps_its_successes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("queue.db"), QueueConfig::default())
+            .await
+            .unwrap();
+        q.spawn_workers(JobKind::Noop, 2, |_: serde_json::Value, _| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let id = q
+            .enqueue(JobKind::Noop, &serde_json::json!({}), "t")
+            .await
+            .unwrap();
+        let worker_id = q.shared.kinds.lock().unwrap()[&JobKind::Noop]
+            .worker_id
+            .clone();
+        let success = || {
+            CommitMsg::Finish(Box::new(Finished {
+                kind: JobKind::Noop,
+                id: id.clone(),
+                worker_id: worker_id.clone(),
+                attempt: 1,
+                max_attempts: 25,
+                outcome: Outcome::Success,
+                cancelled: false,
+                may_have_state: false,
+            }))
+        };
+        // The bulk ack commits; then (say) a later outcome of the batch fails, and the
+        // committer writes the whole batch again.
+        commit_batch(&q.shared, &[success()]).await.unwrap();
+        let events = commit_batch(&q.shared, &[success()]).await.unwrap();
+        assert!(matches!(&events[..], [(Some(e), None)] if e.state == JobState::Done));
+        let d = q.show(&id).await.unwrap();
+        assert_eq!(d.job.state, JobState::Done);
+        let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, vec![Some(AttemptOutcome::Ok)]);
+    }
 }

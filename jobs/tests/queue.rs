@@ -611,17 +611,39 @@ async fn our_ack_is_a_primary_key_seek_not_a_scan_of_the_workers_history() {
     // `lock_by = ?` (now a covering (lock_by, id) index scan). snapq never runs it: its ack
     // is a primary-key update and it clears `lock_by` when a job finishes.
     eprintln!("apalis ack plan: {apalis_ack}");
-    let ours =
-        plan("EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Done' WHERE id = 'x' AND lock_by = 'w'")
-            .await;
+    // The product's own statements, planned with their parameters bound.
+    let explain = |sql: &str, binds: Vec<Value>| {
+        let pool = pool.clone();
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        async move {
+            let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(sql));
+            for b in binds {
+                query = match b {
+                    Value::Number(n) => query.bind(n.as_i64().unwrap()),
+                    other => query.bind(other.as_str().unwrap().to_owned()),
+                };
+            }
+            let rows = query.fetch_all(&pool).await.unwrap();
+            rows.into_iter()
+                .map(|r| r.3)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        }
+    };
+    let ours = explain(
+        snapq_jobs::statements::FINISH_DONE,
+        vec![json!("x"), json!("w"), json!(1), json!(0)],
+    )
+    .await;
     assert!(
         ours.contains("(lock_by=? AND id=?)") || ours.contains("(id=?)"),
         "{ours}"
     );
-    // The bulk ack of successes (sql::FINISH_DONE_MANY) seeks each id too.
-    let bulk = plan(
-        "EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Done', attempts = attempts + 1
-         WHERE id IN (SELECT value FROM json_each('[\"x\"]')) AND lock_by = 'w' RETURNING id",
+    assert!(!ours.contains("SCAN Jobs"), "{ours}");
+    // The bulk ack of successes seeks each id too.
+    let bulk = explain(
+        snapq_jobs::statements::FINISH_DONE_MANY,
+        vec![json!("[\"x\"]"), json!("w"), json!(0)],
     )
     .await;
     assert!(
@@ -760,4 +782,200 @@ async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(
     assert_eq!(*order.lock().unwrap(), vec![1, 2]);
     other.shutdown(Duration::from_secs(1)).await.unwrap();
     q.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Collects what the terminal hook was told: (job, state, error).
+type Told = Arc<std::sync::Mutex<Vec<(JobId, JobState, Option<String>)>>>;
+
+fn record_terminal(q: &Queue) -> Told {
+    let told: Told = Arc::default();
+    let t = told.clone();
+    q.on_terminal(move |job| {
+        let t = t.clone();
+        async move {
+            t.lock().unwrap().push((job.id, job.state, job.error));
+            Ok(())
+        }
+    })
+    .unwrap();
+    told
+}
+
+async fn wait_told(told: &Told, id: &JobId) -> (JobState, Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((_, s, e)) = told.lock().unwrap().iter().find(|(j, _, _)| j == id) {
+            return (*s, e.clone());
+        }
+        assert!(Instant::now() < deadline, "the hook never heard of {id}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let once = EnqueueOptions {
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    // A job that dies with the process on its last attempt: the orphan rescue kills it.
+    let orphan;
+    {
+        let q = Queue::open(&path, fast_config()).await.unwrap();
+        q.spawn_workers(JobKind::Capture, 1, |_: Value, _| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        orphan = q
+            .enqueue_with(JobKind::Capture, &json!({}), "t", &once)
+            .await
+            .unwrap()
+            .id;
+        wait_state(&q, &orphan, JobState::Running).await;
+    }
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let told = record_terminal(&q);
+    q.spawn_workers(JobKind::Noop, 2, |args: Value, _| async move {
+        match args["do"].as_str() {
+            Some("panic") => panic!("boom"),
+            Some("permanent") => Err(JobError::permanent("bad input")),
+            Some("transient") => Err(JobError::transient("agent offline")),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .unwrap();
+    let panics = q
+        .enqueue_with(JobKind::Noop, &json!({"do": "panic"}), "t", &once)
+        .await
+        .unwrap()
+        .id;
+    let permanent = q
+        .enqueue(JobKind::Noop, &json!({"do": "permanent"}), "t")
+        .await
+        .unwrap();
+    let retrying = q
+        .enqueue(JobKind::Noop, &json!({"do": "transient"}), "t")
+        .await
+        .unwrap();
+    let done = q.enqueue(JobKind::Noop, &json!({}), "t").await.unwrap();
+    wait_state(&q, &retrying, JobState::Retrying).await;
+    q.cancel(&retrying, "alice").await.unwrap();
+
+    assert_eq!(wait_told(&told, &orphan).await.0, JobState::Failed);
+    assert_eq!(wait_told(&told, &panics).await.0, JobState::Failed);
+    let (state, error) = wait_told(&told, &permanent).await;
+    assert_eq!(
+        (state, error.as_deref()),
+        (JobState::Failed, Some("bad input"))
+    );
+    let (state, error) = wait_told(&told, &retrying).await;
+    assert_eq!(state, JobState::Cancelled);
+    assert!(error.unwrap().contains("alice"));
+    wait_state(&q, &done, JobState::Done).await;
+    q.shutdown(Duration::from_secs(1)).await.unwrap();
+    let told = told.lock().unwrap();
+    assert!(told.iter().all(|(j, _, _)| *j != done), "{told:?}");
+    assert_eq!(told.len(), 4, "each once: {told:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    let id;
+    {
+        let q = Queue::open(&path, fast_config()).await.unwrap();
+        q.on_terminal(|_| async { Err("catalog unavailable".to_owned()) })
+            .unwrap();
+        q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async {
+            Err(JobError::permanent("bad input"))
+        })
+        .await
+        .unwrap();
+        id = q.enqueue(JobKind::Noop, &json!({}), "t").await.unwrap();
+        wait_state(&q, &id, JobState::Failed).await;
+        // dropped without shutdown: a crash
+    }
+    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let told = record_terminal(&q);
+    assert_eq!(wait_told(&told, &id).await.0, JobState::Failed);
+    q.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(&dir).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    q.spawn_workers(JobKind::Noop, 4, move |_: Value, _| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    // An HTTP client that disconnects drops the handler's future wherever it waits.
+    for _ in 0..40 {
+        let args = json!({});
+        let enqueue = q.enqueue(JobKind::Noop, &args, "t");
+        let _ = tokio::time::timeout(Duration::ZERO, enqueue).await;
+        tokio::task::yield_now().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let jobs = q.list(&ListFilter::default()).await.unwrap();
+        let unfinished: Vec<_> = jobs.iter().filter(|j| j.state != JobState::Done).collect();
+        if !jobs.is_empty() && unfinished.is_empty() {
+            assert_eq!(runs.load(Ordering::SeqCst) as usize, jobs.len());
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs never run: {unfinished:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    q.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("queue.db");
+    for round in 0..5 {
+        let q = Queue::open(&path, fast_config()).await.unwrap();
+        q.spawn_workers(JobKind::Noop, 8, |_: Value, _| async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let producer = {
+            let q = q.clone();
+            tokio::spawn(
+                async move { while q.enqueue(JobKind::Noop, &json!({}), "t").await.is_ok() {} },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        q.shutdown(Duration::from_secs(5)).await.unwrap();
+        producer.await.unwrap();
+        drop(q);
+        // Read the file directly: no job may be left running by a worker that has stopped.
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let running: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE status IN ('Running', 'Queued')")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(running, 0, "round {round}");
+        conn.close().await.unwrap();
+    }
 }

@@ -1,6 +1,7 @@
 //! The endpoint API: what the server (and an analyst's live connection) asks of an agent.
 //!
-//! Every route needs the agent's bearer token. Queries run on their own read-only connection in a
+//! Served over TLS. Every route needs a bearer token: the credential the server enrolled this
+//! agent with, or the agent's local `agent.token`. Queries run on their own read-only connection in a
 //! blocking task, so a slow filter never holds up the recorder or other requests.
 
 use std::collections::HashMap;
@@ -17,13 +18,18 @@ use snapq_core::disk;
 use snapq_core::query::{self, EventQuery};
 use snapq_core::wire::{DbSize, EndpointInfo};
 
+use super::recorder::{self, RecorderDb};
 use super::staging::{StageError, Staged, StagedState, Staging};
-use super::{recorder::RecorderDb, system};
-use crate::http::{ApiError, Growing, bearer_matches, serve_file, unauthorized};
+use super::system;
+use crate::http::{ApiError, Growing, bearer, bearer_matches, serve_file, unauthorized};
+use rusqlite::OptionalExtension;
 
 pub struct AgentState {
     pub hostname: String,
+    /// The local token (`agent.token`), for calling the agent directly.
     pub token: String,
+    /// The credential the server enrolled this agent with; the server calls with it.
+    pub identity: Arc<super::enroll::Identity>,
     pub db: Arc<RecorderDb>,
     pub staging: Staging,
 }
@@ -42,6 +48,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         )
         .route("/v1/snapshots/{id}/info", get(staged_info))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }
 
@@ -50,7 +57,8 @@ async fn require_token(
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if bearer_matches(request.headers(), &state.token) {
+    let server = bearer(request.headers()).is_some_and(|given| state.identity.is_server(given));
+    if server || bearer_matches(request.headers(), &state.token) {
         next.run(request).await
     } else {
         unauthorized().into_response()
@@ -78,6 +86,18 @@ fn query_error(err: query::QueryError) -> ApiError {
 
 async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointInfo>, ApiError> {
     let summary = with_reader(&state, |c| query::summary(c).map_err(query_error)).await?;
+    let recorder_modes = with_reader(&state, |c| {
+        let json: Option<String> = c
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [recorder::MODES_META_KEY],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(ApiError::internal)?;
+        Ok(json.map(|j| recorder::Modes::parse(&j)).unwrap_or_default())
+    })
+    .await?;
     let db_path = state.db.path();
     Ok(Json(EndpointInfo {
         hostname: state.hostname.clone(),
@@ -90,6 +110,7 @@ async fn endpoint(State(state): State<Arc<AgentState>>) -> Result<Json<EndpointI
         newest_ts: summary.newest_ts,
         disk_free_bytes: disk::free_bytes(db_path.parent().unwrap_or(db_path))
             .map_err(ApiError::internal)?,
+        recorder_modes,
     }))
 }
 

@@ -19,7 +19,7 @@ pub struct Exported {
 /// Writes a consistent copy of `data_dir/monitor.db` to `out_dir/<hostname>_<timestamp>.db`.
 /// The hostname is `hostname` if given, else the one the recorder wrote into its `meta` table.
 pub fn export(data_dir: &Path, out_dir: &Path, hostname: Option<&str>) -> anyhow::Result<Exported> {
-    let db_path = data_dir.join("monitor.db");
+    let db_path = crate::layout::AgentDir::new(data_dir).monitor_db();
     if !db_path.is_file() {
         bail!(
             "no recorder database at {}; pass the agent's --data-dir",

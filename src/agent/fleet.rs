@@ -58,7 +58,9 @@ pub async fn spawn(spec: &FleetSpec) -> anyhow::Result<Fleet> {
     for i in 1..=spec.count {
         let hostname = format!("{}-{i:0width$}", spec.prefix);
         let data_dir = spec.base_dir.join(&hostname);
-        let fresh = !data_dir.join("monitor.db").exists();
+        let fresh = !crate::layout::AgentDir::new(&data_dir)
+            .monitor_db()
+            .exists();
         let agent = Agent::build(AgentConfig {
             data_dir,
             listen: SocketAddr::new(address(i - 1, spec.own_addresses), 0),
@@ -73,6 +75,8 @@ pub async fn spawn(spec: &FleetSpec) -> anyhow::Result<Fleet> {
                 max_age: None,
             },
             staging_ttl: Duration::from_secs(3600),
+            staging_reserve_bytes: AgentConfig::DEFAULT_STAGING_RESERVE,
+            tls: None,
             server: Some(spec.server.clone()),
         })
         .await

@@ -33,13 +33,25 @@ pub struct AgentConfig {
     pub prefill_events: u64,
     pub limits: Limits,
     pub staging_ttl: Duration,
+    /// Disk space staging always leaves free on the endpoint.
+    pub staging_reserve_bytes: u64,
+    /// The endpoint API's certificate pair; `None` uses (or generates) the pair in `DATA_DIR/certs`.
+    pub tls: Option<crate::tls::CertPair>,
     /// The server to enroll with and heartbeat to, if any.
     pub server: Option<enroll::ServerLink>,
+}
+
+impl AgentConfig {
+    /// Staging leaves this much free disk on the endpoint unless told otherwise.
+    pub const DEFAULT_STAGING_RESERVE: u64 = 512 << 20;
 }
 
 /// A built agent: database open, recorder running, listener bound. Serve with [`Agent::run`].
 pub struct Agent {
     listener: TcpListener,
+    tls: rustls::ServerConfig,
+    /// The sha256 of the endpoint API's certificate (what the server pins at enrollment).
+    cert_sha256: String,
     server: Option<enroll::ServerLink>,
     state: Arc<api::AgentState>,
     _recorder: recorder::RecorderHandle,
@@ -50,7 +62,8 @@ impl Agent {
         snapq_core::name::validate_hostname(&config.hostname)
             .with_context(|| format!("--hostname {:?} cannot name snapshots", config.hostname))?;
         ensure_writable_dir(&config.data_dir)?;
-        let db_path = config.data_dir.join("monitor.db");
+        let layout = crate::layout::AgentDir::new(&config.data_dir);
+        let db_path = layout.monitor_db();
         let (db, token) = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -68,29 +81,40 @@ impl Agent {
                 }
                 let token = crate::token::load_or_create(
                     config.token.as_deref(),
-                    &config.data_dir.join("agent.token"),
+                    &crate::layout::AgentDir::new(&config.data_dir).agent_token(),
                 )?;
                 Ok((Arc::new(db), token))
             })
             .await??
         };
         let staging = Staging::open(
-            &config.data_dir.join("staged"),
+            &layout.staged(),
             db.clone(),
             config.staging_ttl,
+            config.staging_reserve_bytes,
         )?;
-        let recorder = recorder::spawn(config.recorder, db.clone());
+        let certs = match &config.tls {
+            Some(pair) => pair.clone(),
+            None => crate::tls::CertPair::ensure(&layout.certs(), &certificate_names(&config))?,
+        };
+        let tls = certs.server_config()?;
+        let cert_sha256 = certs.pin()?;
+        let identity = Arc::new(enroll::Identity::load(layout.server_credential())?);
+        let recorder = recorder::spawn(config.recorder.clone(), db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let state = Arc::new(api::AgentState {
             hostname: config.hostname.clone(),
             token,
+            identity,
             db,
             staging,
         });
         Ok(Agent {
             listener,
+            tls,
+            cert_sha256,
             server: config.server.clone(),
             state,
             _recorder: recorder,
@@ -105,6 +129,11 @@ impl Agent {
 
     pub fn token(&self) -> &str {
         &self.state.token
+    }
+
+    /// The sha256 of the endpoint API's certificate.
+    pub fn cert_sha256(&self) -> &str {
+        &self.cert_sha256
     }
 
     /// Serves the endpoint API until `shutdown` resolves; expires old staged copies meanwhile.
@@ -132,16 +161,19 @@ impl Agent {
                     .advertise
                     .clone()
                     .unwrap_or_else(|| advertised_url(self.local_addr())),
-                api_token: self.state.token.clone(),
+                cert_sha256: self.cert_sha256.clone(),
             };
-            tokio::spawn(enroll::heartbeat_loop(link, heartbeat))
+            tokio::spawn(enroll::heartbeat_loop(
+                link,
+                heartbeat,
+                self.state.identity.clone(),
+            ))
         });
         tracing::info!(addr = %self.local_addr(), hostname = %self.state.hostname, "agent listening");
         // Machine-readable: tests and scripts that start the agent on port 0 read this line.
         println!("snapq agent listening on {}", self.local_addr());
-        let result = axum::serve(self.listener, api::router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let result =
+            crate::tls::serve(self.listener, self.tls, api::router(self.state), shutdown).await;
         expiry.abort();
         if let Some(h) = heartbeat {
             h.abort();
@@ -161,7 +193,26 @@ fn advertised_url(addr: SocketAddr) -> String {
     } else {
         addr.ip()
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    format!("https://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Names a generated endpoint certificate is made for. The server trusts it by its pin, not its
+/// names; they are there for people and tools that look.
+fn certificate_names(config: &AgentConfig) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let host = &config.hostname;
+    if host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        names.push(host.clone());
+    }
+    if !config.listen.ip().is_unspecified() {
+        names.push(config.listen.ip().to_string());
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Creates `dir` if needed and proves it writable, so a bad `--data-dir` fails at start with a reason.

@@ -26,10 +26,15 @@ use super::recorder::RecorderDb;
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error(
-        "not enough free disk on the endpoint to stage a snapshot: need {}, {} free in {}; free space or delete old staged copies",
-        disk::human_bytes(*.need), disk::human_bytes(*.free), .dir.display()
+        "not enough free disk on the endpoint to stage a snapshot: need {}, {} free in {} of which {} stay free (the staging reserve); free space, delete old staged copies or lower --staging-reserve-mib",
+        disk::human_bytes(*.need), disk::human_bytes(*.free), .dir.display(), disk::human_bytes(*.reserve)
     )]
-    InsufficientDisk { need: u64, free: u64, dir: PathBuf },
+    InsufficientDisk {
+        need: u64,
+        free: u64,
+        reserve: u64,
+        dir: PathBuf,
+    },
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -48,6 +53,8 @@ pub struct Staging {
     dir: PathBuf,
     db: Arc<RecorderDb>,
     ttl: Duration,
+    /// Disk space staging always leaves free on the endpoint (the recorder and the machine need it).
+    reserve: u64,
     /// One copy at a time: a second request waits until the first copy ends, then gets its own.
     busy: Arc<tokio::sync::Mutex<()>>,
     live: Arc<Mutex<HashMap<String, Live>>>,
@@ -55,7 +62,12 @@ pub struct Staging {
 
 impl Staging {
     /// Opens (creating) the staging directory and removes interrupted stagings.
-    pub fn open(dir: &Path, db: Arc<RecorderDb>, ttl: Duration) -> anyhow::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        db: Arc<RecorderDb>,
+        ttl: Duration,
+        reserve: u64,
+    ) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
@@ -73,6 +85,7 @@ impl Staging {
             dir: dir.to_owned(),
             db,
             ttl,
+            reserve,
             busy: Arc::new(tokio::sync::Mutex::new(())),
             live: Arc::default(),
         })
@@ -85,10 +98,11 @@ impl Staging {
         let one_at_a_time = self.busy.clone().lock_owned().await;
         let need = db_bytes(self.db.path());
         let free = disk::free_bytes(&self.dir).map_err(anyhow::Error::from)?;
-        if need > free {
+        if need.saturating_add(self.reserve) > free {
             return Err(StageError::InsufficientDisk {
                 need,
                 free,
+                reserve: self.reserve,
                 dir: self.dir.clone(),
             });
         }

@@ -700,7 +700,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
 
-        let http = snapq_core::agent_client::http_client();
+        snapq_core::agent_client::install_crypto_provider();
+        let http = reqwest::Client::new();
         let get = |path: &'static str| {
             http.get(format!("http://{addr}{path}"))
                 .bearer_auth(token.trim())

@@ -6,21 +6,21 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::Method;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use snapq_core::access::Role;
-use snapq_core::agent_client::AgentClient;
-use snapq_core::catalog::{Endpoint, Heartbeat, Ingest, Origin, Snapshot, now_ms};
+use snapq_core::agent_client::NotCallable;
+use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
 use snapq_jobs::{JobDetail, JobKind, JobState, KindStatus, ListFilter, QueueError};
 
 use super::ServerState;
-use crate::http::{ApiError, bearer_matches};
+use crate::http::ApiError;
 
 pub use super::access::Caller;
 use super::access::{Access, Operate, Scoped, View};
@@ -59,10 +59,9 @@ where
 /// Every route of the server API: the router is built from this list, and the access-table test
 /// walks it, so a new route without a row in that table fails the test.
 pub fn routes() -> Vec<ApiRoute> {
-    use Auth::{Agent, Public, User};
+    use Auth::{Public, User};
     let mut routes = vec![
         route(Method::GET, "/status", Public, status),
-        route(Method::POST, "/v1/agents/heartbeat", Agent, heartbeat),
         route(Method::GET, "/v1/endpoints", User, list_endpoints),
         route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
         route(Method::POST, "/v1/captures", User, capture),
@@ -88,6 +87,8 @@ pub fn routes() -> Vec<ApiRoute> {
             queue_cancel,
         ),
     ];
+    routes.extend(super::agents::routes());
+    routes.extend(super::quarantine::routes());
     routes.extend(super::admin::routes());
     routes
 }
@@ -115,27 +116,12 @@ pub fn router(state: Arc<ServerState>) -> Router {
         state.clone(),
         super::access::authenticate,
     ));
-    let agent = agent.layer(middleware::from_fn_with_state(
-        state.clone(),
-        require_enroll_token,
-    ));
-    public.merge(user).merge(agent).with_state(state)
-}
-
-async fn require_enroll_token(
-    State(state): State<Arc<ServerState>>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    if bearer_matches(request.headers(), &state.enroll_token.secret) {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "wrong enroll token: start the agent with the content of the server's enroll.token",
-        )
-        .into_response()
-    }
+    // Agents authenticate by their own rules (enroll token or credential): `agents.rs`.
+    public
+        .merge(user)
+        .merge(agent)
+        .layer(middleware::from_fn(crate::http::json_errors))
+        .with_state(state)
 }
 
 async fn status() -> Json<serde_json::Value> {
@@ -144,20 +130,6 @@ async fn status() -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "healthy": true,
     }))
-}
-
-async fn heartbeat(
-    State(state): State<Arc<ServerState>>,
-    Json(hb): Json<Heartbeat>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    snapq_core::name::validate_hostname(&hb.hostname)
-        .map_err(|e| ApiError::bad_request(format!("hostname {:?}: {e}", hb.hostname)))?;
-    let endpoint = state
-        .catalog
-        .heartbeat(&hb)
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({ "endpoint_id": endpoint.id })))
 }
 
 /// An endpoint as listings show it.
@@ -169,6 +141,9 @@ pub struct EndpointView {
     pub labels: Vec<String>,
     pub online: bool,
     pub last_seen_ms: Option<i64>,
+    /// The sha256 of the agent certificate pinned at enrollment (`None`: no agent enrolled).
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
 }
 
 fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
@@ -182,6 +157,7 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
             .last_seen_ms
             .is_some_and(|seen| now_ms() - seen < window && e.api_url.is_some()),
         last_seen_ms: e.last_seen_ms,
+        cert_sha256: e.cert_sha256.clone(),
     }
 }
 
@@ -218,15 +194,13 @@ async fn show_endpoint(
         target: endpoint, ..
     }: Scoped<Endpoint, View>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let live = match (&endpoint.api_url, &endpoint.api_token) {
-        (Some(url), Some(token)) => {
-            let agent = AgentClient::new(state.services.http.clone(), url, token);
-            match agent.endpoint_info().await {
-                Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
-            }
-        }
-        _ => serde_json::Value::Null,
+    let live = match state.services.agents.client(&endpoint) {
+        Ok(agent) => match agent.endpoint_info().await {
+            Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
+        Err(NotCallable::NoAgent(_)) => serde_json::Value::Null,
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
     let free =
         snapq_core::disk::free_bytes(state.services.store.root()).map_err(ApiError::internal)?;
@@ -430,6 +404,13 @@ async fn queue_status(
 ) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
     let mut status = state.queue.status().await.map_err(queue_error)?;
+    // Only the kinds this server runs (and any that somehow hold jobs): no `noop`, no kinds
+    // without workers yet.
+    let workers = status.local_workers.clone();
+    status.kinds.retain(|k| {
+        workers.iter().any(|w| w.kind.as_str() == k.kind)
+            || k.pending + k.running + k.retrying + k.done + k.failed + k.cancelled > 0
+    });
     if !visible.everything() {
         // Counts of the jobs this caller may see, from the newest jobs of the queue.
         let jobs = state
@@ -489,7 +470,16 @@ async fn queue_status(
         .map_err(queue_error)?;
     let mut running = access.visible_jobs(running).await?;
     running.truncate(100);
-    Ok(Json(serde_json::json!({ "status": status, "running": running })).into_response())
+    // The drop folder's waiting files name endpoints: admins only.
+    let watch = if visible.everything() {
+        super::quarantine::watch_status(&state).await
+    } else {
+        serde_json::Value::Null
+    };
+    Ok(
+        Json(serde_json::json!({ "status": status, "running": running, "watch": watch }))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -677,6 +667,7 @@ async fn upload(
     access: Access,
     State(state): State<Arc<ServerState>>,
     Query(params): Query<UploadParams>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     use futures::StreamExt;
@@ -695,55 +686,106 @@ async fn upload(
     };
     access.host(name.hostname(), Role::Operator).await?;
     let caller = access.name();
-    let incoming = state.config.data_dir.join("incoming");
+    let incoming = state.layout().incoming();
     let spool_id = hex::encode(rand::random::<[u8; 16]>());
     let partial = incoming.join(format!("{spool_id}.partial"));
-    let spooled = incoming.join(format!("{spool_id}.db"));
+    // The spool name keeps the upload's name, so a file spooled just before a crash can still
+    // be ingested at the next start (see `server::recover_spool`).
+    let spooled = incoming.join(super::spool_name(&spool_id, &name));
     let limit = state.config.upload_max_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{name} is larger than the upload limit of {}; raise --upload-max-mib on the server",
+                snapq_core::disk::human_bytes(limit)
+            ),
+        )
+    };
+    // A declared length over the limit is refused before a byte is read.
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
+    if declared.is_some_and(|n| n > limit) {
+        drain_briefly(stream);
+        return Err(too_large());
+    }
+    // The spool counts against the same disk reservations as captures: the declared length up
+    // front, or step by step as an undeclared body grows.
+    let reserve = |need: u64| -> Result<snapq_jobs::handlers::Reservation, ApiError> {
+        let free = snapq_core::disk::free_bytes(&incoming).map_err(ApiError::internal)?;
+        state
+            .services
+            .reservations
+            .reserve(
+                name.hostname(),
+                need,
+                free,
+                state.config.capture_reserve_bytes,
+            )
+            .map_err(|e| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))
+    };
+    const STEP: u64 = 64 << 20;
+    let mut held = match reserve(declared.unwrap_or(STEP.min(limit))) {
+        Ok(first) => vec![first],
+        Err(e) => {
+            drain_briefly(stream);
+            return Err(e);
+        }
+    };
+    let mut covered = declared.unwrap_or(STEP.min(limit));
     let result: Result<u64, ApiError> = async {
-        let file = tokio::fs::File::create(&partial).await.map_err(ApiError::internal)?;
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(ApiError::internal)?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut received = 0u64;
-        let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
             received += chunk.len() as u64;
-            if received > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "{name} is larger than the upload limit of {}; raise --upload-max-mib on the server",
-                        snapq_core::disk::human_bytes(limit)
-                    ),
-                ));
+            if received > limit || declared.is_some_and(|n| received > n) {
+                return Err(too_large());
+            }
+            if received > covered {
+                let step = STEP.max(received - covered);
+                held.push(reserve(step)?);
+                covered += step;
             }
             out.write_all(&chunk).await.map_err(ApiError::internal)?;
         }
         out.flush().await.map_err(ApiError::internal)?;
-        out.into_inner().sync_all().await.map_err(ApiError::internal)?;
+        out.into_inner()
+            .sync_all()
+            .await
+            .map_err(ApiError::internal)?;
         Ok(received)
     }
     .await;
+    drop(held);
     let received = match result {
         Ok(n) => n,
         Err(e) => {
+            drain_briefly(stream);
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
     };
-    tokio::fs::rename(&partial, &spooled)
-        .await
-        .map_err(ApiError::internal)?;
-    let args = IngestArgs {
-        path: spooled,
-        original_name: name.to_string(),
-        origin: Origin::Upload,
+    if let Err(e) = tokio::fs::rename(&partial, &spooled).await {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(ApiError::internal(e));
+    }
+    let args = IngestArgs::new(spooled, name.to_string(), Origin::Upload);
+    let job = match super::enqueue_spooled(&state.queue, &args, &spool_id, caller).await {
+        Ok(job) => job,
+        Err(e) => {
+            // Nothing will ever ingest it: do not leave it in the spool.
+            let _ = tokio::fs::remove_file(&args.path).await;
+            return Err(ApiError::internal(e));
+        }
     };
-    let job = state
-        .queue
-        .push(&args, caller)
-        .await
-        .map_err(ApiError::internal)?;
     state
         .catalog
         .set_job_target(job.as_str(), name.hostname())
@@ -768,6 +810,16 @@ async fn upload(
         Json(serde_json::json!({ "job_id": job.as_str(), "name": args.original_name, "bytes": received })),
     )
         .into_response())
+}
+
+/// Reads and discards what is left of a refused upload for a moment, so that a client still
+/// sending reads the answer (413, 507) instead of a broken pipe; then the connection closes.
+fn drain_briefly(mut stream: axum::body::BodyDataStream) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    });
 }
 
 async fn show_ingest(Scoped { target: ingest, .. }: Scoped<Ingest, View>) -> Json<Ingest> {

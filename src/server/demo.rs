@@ -25,11 +25,11 @@ pub async fn start(
     };
     let fleet = fleet::spawn(&FleetSpec {
         count,
-        base_dir: state.config.data_dir.join("demo"),
+        base_dir: state.layout().demo(),
         prefix: "demo".into(),
         server: ServerLink {
             url: format!("https://{host}"),
-            enroll_token: state.enroll_token.clone(),
+            enroll_token: state.enroll_token(),
             server_ca: None,
             labels: vec!["demo".into()],
             advertise: None,

@@ -7,8 +7,10 @@
 
 pub mod access;
 pub mod admin;
+pub mod agents;
 pub mod api;
 pub mod demo;
+pub mod quarantine;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,12 +21,13 @@ use anyhow::Context;
 use snapq_core::catalog::Catalog;
 use snapq_core::catalog::Origin;
 use snapq_core::store::Store;
-use snapq_jobs::handlers::ingest::IngestArgs;
+use snapq_jobs::handlers::ingest::{FileVersion, IngestArgs};
 use snapq_jobs::handlers::{self, CaptureSettings, Reservations, Services};
 use snapq_jobs::{EnqueueOptions, JobKind, Queue, QueueConfig, RetryPolicy};
 use tokio::net::TcpListener;
 
 use crate::agent::enroll::EnrollToken;
+use crate::layout::ServerDir;
 use crate::tls::CertPair;
 
 /// A validated server configuration.
@@ -53,6 +56,10 @@ pub struct ServeConfig {
     pub watch_quiet: Duration,
     /// How often the drop folder is rescanned for events that were missed.
     pub watch_rescan: Duration,
+    /// A dropped file that failed validation is quarantined only after it stayed unchanged this long.
+    pub watch_settle: Duration,
+    /// Quarantined files older than this are deleted.
+    pub quarantine_retention: Duration,
 }
 
 impl ServeConfig {
@@ -69,9 +76,11 @@ impl ServeConfig {
             demo_endpoints: 0,
             ingest_concurrency: 2,
             upload_max_bytes: 16 << 30,
-            watch_dir: data_dir.join("watch"),
+            watch_dir: ServerDir::new(&data_dir).watch(),
             watch_quiet: Duration::from_secs(2),
             watch_rescan: Duration::from_secs(30),
+            watch_settle: Duration::from_secs(60),
+            quarantine_retention: Duration::from_secs(30 * 24 * 3600),
             data_dir,
         }
     }
@@ -83,10 +92,25 @@ pub struct ServerState {
     pub catalog: Catalog,
     pub queue: Queue,
     pub services: Arc<Services>,
-    pub enroll_token: EnrollToken,
+    /// What new agents enroll with; an admin can rotate it (`snapq enroll-token rotate`).
+    pub enroll_token: std::sync::RwLock<EnrollToken>,
+    /// What the drop-folder watcher is waiting for (set once it runs).
+    pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
+}
+
+impl ServerState {
+    pub fn layout(&self) -> ServerDir {
+        ServerDir::new(&self.config.data_dir)
+    }
+
+    /// The current enroll token.
+    pub fn enroll_token(&self) -> EnrollToken {
+        self.enroll_token.read().expect("enroll token lock").clone()
+    }
 }
 
 pub struct Server {
+    _lock: DataDirLock,
     listener: TcpListener,
     tls: rustls::ServerConfig,
     state: Arc<ServerState>,
@@ -96,16 +120,28 @@ impl Server {
     #[tracing::instrument(skip_all, fields(data_dir = %config.data_dir.display()))]
     pub async fn build(config: ServeConfig) -> anyhow::Result<Server> {
         let dir = &config.data_dir;
+        let layout = ServerDir::new(dir);
         crate::agent::ensure_writable_dir(dir)?;
-        let catalog = Catalog::open(&dir.join("catalog.db")).await?;
-        let store = Store::open(&dir.join("snapshots"))
+        // Before anything else: a second server on the same directory must not touch it.
+        let lock = DataDirLock::acquire(dir)?;
+        // Then the port: a server that cannot listen must not have claimed any job.
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let catalog = Catalog::open(&layout.catalog()).await?;
+        let store = Store::open(&layout.snapshots())
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
-        for sub in ["incoming", "quarantine", "exports"] {
-            std::fs::create_dir_all(dir.join(sub))?;
+        match store.remove_abandoned_copies() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
+            Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
         }
-        clean_spool(&dir.join("incoming"));
+        for sub in [layout.incoming(), layout.quarantine(), layout.exports()] {
+            std::fs::create_dir_all(sub)?;
+        }
+        clean_spool(&layout.incoming());
         let admin_token = crate::token::load_or_create_with(
-            &dir.join("admin.token"),
+            &layout.admin_token(),
             crate::token::generate_api_token,
         )?;
         let replaced = catalog
@@ -126,12 +162,13 @@ impl Server {
                 )
                 .await?;
         }
-        let certs = CertPair::ensure(&dir.join("certs"), &certificate_names())?;
+        let certs = CertPair::ensure(&layout.certs(), &certificate_names())?;
         let tls = certs.server_config()?;
-        let enroll_token = enroll_token(dir, &certs)?;
+        let enroll_token = enroll_token(&layout, &certs)?;
+        let agents_key = snapq_core::identity::AgentKey::load_or_create(&layout.agents_key())?;
 
         let queue = Queue::open(
-            &dir.join("queue.db"),
+            &layout.queue(),
             QueueConfig {
                 retry: config.retry,
                 retention: Some(config.job_retention),
@@ -143,19 +180,26 @@ impl Server {
             catalog: catalog.clone(),
             queue: queue.clone(),
             store,
-            quarantine: dir.join("quarantine"),
-            http: snapq_core::agent_client::http_client(),
+            quarantine: layout.quarantine(),
+            agents: snapq_core::agent_client::Agents::new(agents_key),
             reservations: Reservations::default(),
             capture: CaptureSettings {
                 reserve_bytes: config.capture_reserve_bytes,
                 max_bytes_per_sec: config.capture_max_bytes_per_sec,
             },
+            ingest: handlers::ingest::IngestSettings {
+                settle: config.watch_settle,
+            },
         });
+        let terminal_catalog = catalog.clone();
+        queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
+        catalog.fail_unqueued_captures().await?;
         spawn_workers(&queue, &services, &config).await?;
-        let listener = TcpListener::bind(config.listen)
+        recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+            .context("recovering spooled uploads")?;
         Ok(Server {
+            _lock: lock,
             listener,
             tls,
             state: Arc::new(ServerState {
@@ -163,7 +207,8 @@ impl Server {
                 catalog,
                 queue,
                 services,
-                enroll_token,
+                enroll_token: std::sync::RwLock::new(enroll_token),
+                watcher: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -185,9 +230,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
+        let _lock = self._lock;
         let state = self.state.clone();
         let demo = demo::start(&state, addr, state.config.demo_endpoints).await?;
         let watcher = start_watcher(&state).await?;
+        let _ = state.watcher.set(watcher.status_handle());
+        let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -198,12 +246,94 @@ impl Server {
         )
         .await;
         drop(demo);
+        quarantine_pruner.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
         let report = state.queue.shutdown(Duration::from_secs(10)).await;
         tracing::info!(?report, "workers stopped");
         served.context("serving the API")
+    }
+}
+
+/// The catalog follows the queue's terminal outcome: whatever ended a job dead or cancelled
+/// (its last attempt, a cancel while it waited, a handler that ignored its cancel, the orphan
+/// rescue, a panic), its snapshot or ingest row ends `failed` with the job's reason here, not
+/// in each handler. A row that already finished (complete, quarantined, ...) is left alone.
+async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Result<(), String> {
+    let reason = job.error.clone().unwrap_or_else(|| job.state.to_string());
+    match job.kind {
+        JobKind::Capture => {
+            let Some(id) = job.args["snapshot_id"].as_i64() else {
+                return Ok(());
+            };
+            catalog
+                .fail_unfinished_snapshot(id, &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        JobKind::Ingest => {
+            let Ok(args) = serde_json::from_value::<IngestArgs>(job.args.clone()) else {
+                return Ok(());
+            };
+            // The job may have died before its handler first ran.
+            catalog
+                .create_ingest(
+                    job.id.as_str(),
+                    args.origin,
+                    &args.original_name,
+                    job.requested_by.as_deref().unwrap_or(""),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog
+                .fail_pending_ingest(job.id.as_str(), &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An exclusive lock on the data directory (`DIR/serve.lock`, holding the owner's pid), held
+/// for the server's life: two servers on one directory would run the same jobs twice.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn acquire(dir: &Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = dir.join("serve.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                let pid = if pid.is_empty() { "unknown" } else { pid };
+                anyhow::bail!(
+                    "another snapq serve (pid {pid}) is using {}; stop it first or choose another --data-dir",
+                    dir.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", path.display()));
+        }
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        Ok(DataDirLock { _file: file })
     }
 }
 
@@ -225,9 +355,12 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let args = IngestArgs {
-                path: candidate.path.clone(),
-                original_name: original_name.clone(),
-                origin: Origin::Watch,
+                version: Some(FileVersion {
+                    len: candidate.len,
+                    mtime_ms: candidate.mtime_ms,
+                    inode: candidate.inode,
+                }),
+                ..IngestArgs::new(candidate.path.clone(), original_name.clone(), Origin::Watch)
             };
             let options = EnqueueOptions {
                 idempotency_key: Some(format!("watch:{}", candidate.identity_key())),
@@ -237,6 +370,16 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
                 .enqueue_with(JobKind::Ingest, &args, "watch", &options)
                 .await
                 .map_err(|e| e.to_string())?;
+            // This version of the file was submitted before. If that job died (say the disk
+            // was full for every attempt), the file is still here and deserves another try.
+            if !enqueued.created {
+                let job = queue.show(&enqueued.id).await.map_err(|e| e.to_string())?;
+                if job.job.state == snapq_jobs::JobState::Failed {
+                    tracing::info!(job_id = %enqueued.id, path = %candidate.path.display(),
+                        "a watched file's ingest had died; trying it again");
+                    queue.retry(&enqueued.id).await.map_err(|e| e.to_string())?;
+                }
+            }
             catalog
                 .create_ingest(enqueued.id.as_str(), Origin::Watch, &original_name, "watch")
                 .await
@@ -245,6 +388,59 @@ async fn start_watcher(state: &Arc<ServerState>) -> anyhow::Result<snapq_watch::
     })
     .await
     .with_context(|| format!("watching {}", state.config.watch_dir.display()))
+}
+
+/// `incoming/<spool id>_<snapshot name>`: a spooled upload.
+pub(crate) fn spool_name(spool_id: &str, name: &snapq_core::SnapshotName) -> String {
+    format!("{spool_id}_{name}")
+}
+
+/// Enqueues the ingest of a spooled upload, keyed by its spool id, so the start-up sweep of
+/// `incoming/` and the upload route can never make two jobs of one file.
+pub(crate) async fn enqueue_spooled(
+    queue: &Queue,
+    args: &IngestArgs,
+    spool_id: &str,
+    requested_by: &str,
+) -> Result<snapq_jobs::JobId, snapq_jobs::QueueError> {
+    let options = EnqueueOptions {
+        idempotency_key: Some(format!("upload:{spool_id}")),
+        ..EnqueueOptions::default()
+    };
+    let enqueued = queue
+        .enqueue_with(JobKind::Ingest, args, requested_by, &options)
+        .await?;
+    if !enqueued.created
+        && queue.show(&enqueued.id).await?.job.state == snapq_jobs::JobState::Failed
+    {
+        // Its job died and left the file: try again.
+        queue.retry(&enqueued.id).await?;
+    }
+    Ok(enqueued.id)
+}
+
+/// Files spooled completely by an earlier run whose ingest may never have been queued (the
+/// server died between the spool and the enqueue): each gets its ingest job (the same one if
+/// it was queued, by its key), so nothing that arrived whole is forgotten in `incoming/`.
+async fn recover_spool(queue: &Queue, catalog: &Catalog, incoming: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(incoming)?.flatten() {
+        let path = entry.path();
+        let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some((spool_id, name)) = file.split_once('_') else {
+            continue;
+        };
+        let Ok(name) = name.parse::<snapq_core::SnapshotName>() else {
+            continue;
+        };
+        let args = IngestArgs::new(path.clone(), name.to_string(), Origin::Upload);
+        let job = enqueue_spooled(queue, &args, spool_id, "upload").await?;
+        catalog
+            .create_ingest(job.as_str(), Origin::Upload, &args.original_name, "upload")
+            .await?;
+    }
+    Ok(())
 }
 
 /// Removes uploads that were cut off mid-stream (`*.partial`) by an earlier run.
@@ -304,8 +500,8 @@ fn certificate_names() -> Vec<String> {
 
 /// `enroll.token`: a secret made on first start, with the pin of the current certificate, so a
 /// replaced certificate gets a new pin and the same secret.
-fn enroll_token(dir: &Path, certs: &CertPair) -> anyhow::Result<EnrollToken> {
-    let path = dir.join("enroll.token");
+fn enroll_token(layout: &ServerDir, certs: &CertPair) -> anyhow::Result<EnrollToken> {
+    let path = layout.enroll_token();
     let secret = match std::fs::read_to_string(&path) {
         Ok(text) => EnrollToken::parse(&text).secret,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::token::generate(),
@@ -323,14 +519,4 @@ pub fn sha256_hex(text: &str) -> String {
     let mut hasher = snapq_core::verify::Hasher::default();
     hasher.update(text.as_bytes());
     hasher.finish()
-}
-
-/// The default server data directory: `$XDG_DATA_HOME/snapq`.
-pub fn default_data_dir() -> PathBuf {
-    crate::cli::default_data_dir("snapq")
-}
-
-/// The admin token file of a data directory, which the local CLI reads when given no token.
-pub fn admin_token_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("admin.token")
 }

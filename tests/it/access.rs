@@ -51,8 +51,8 @@ async fn register(server: &TestServer, hostname: &str, ip: &str) {
         .post(format!("{}/v1/agents/heartbeat", server.url()))
         .bearer_auth(server.enroll_secret())
         .json(
-            &json!({ "hostname": hostname, "ips": [ip], "api_url": "http://127.0.0.1:1",
-                       "api_token": "unused", "labels": [] }),
+            &json!({ "hostname": hostname, "ips": [ip], "api_url": "https://127.0.0.1:1",
+                       "cert_sha256": "ab".repeat(32), "labels": [] }),
         )
         .send()
         .await
@@ -91,7 +91,7 @@ async fn fresh_capture(server: &TestServer, host: &str) -> (i64, String) {
 
 /// Uploads a real snapshot of `host` as admin and waits for it: (snapshot id, ingest job id).
 async fn ingested(server: &TestServer, dir: &std::path::Path, host: &str) -> (i64, String) {
-    let file = crate::ingest::snapshot_file(dir, host, 200);
+    let file = crate::support::snapshot_file(dir, host, 200);
     let name = file.file_name().unwrap().to_str().unwrap().to_owned();
     let response = server
         .client()
@@ -115,6 +115,35 @@ async fn ingested(server: &TestServer, dir: &std::path::Path, host: &str) -> (i6
     (ingest["snapshot_id"].as_i64().unwrap(), job)
 }
 
+/// Uploads a file that is not a database, named for `host`, as admin, and waits until it is
+/// quarantined: its ingest (and quarantine entry) id.
+async fn quarantined(server: &TestServer, host: &str, n: usize) -> String {
+    let name = format!(
+        "{host}_2026_10_01T10.{:02}.{:02}.000Z.db",
+        n / 60 % 60,
+        n % 60
+    );
+    let response = server
+        .client()
+        .post(format!("{}/v1/uploads?name={name}", server.url()))
+        .bearer_auth(&server.token)
+        .body(b"not a database".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let job = response.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(Duration::from_secs(30), "the quarantine", || async {
+        let (_, i) = server.get(&format!("/v1/ingests/{job}")).await;
+        (i["state"] == "quarantined").then_some(())
+    })
+    .await;
+    job
+}
+
 /// A server with an inside and an outside endpoint, group `team` holding the inside one, an
 /// operator and a viewer granted `team`, and the operator's revoked and expired tokens.
 struct World {
@@ -126,6 +155,7 @@ struct World {
     snap: [i64; 2],
     ingest: [String; 2],
     job: [String; 2],
+    quarantine: [String; 2],
     _tmp: tempfile::TempDir,
 }
 
@@ -159,6 +189,10 @@ async fn world() -> World {
     let (snap_out, ingest_out) = ingested(&server, tmp.path(), OUTSIDE).await;
     let (_, job_in) = fresh_capture(&server, INSIDE).await;
     let (_, job_out) = fresh_capture(&server, OUTSIDE).await;
+    let quarantine = [
+        quarantined(&server, INSIDE, 0).await,
+        quarantined(&server, OUTSIDE, 1).await,
+    ];
     // The expiring token has lived its second by now, or soon.
     eventually(Duration::from_secs(10), "the token to expire", || async {
         let (status, _) = call(&server, Some(&expired), "GET", "/v1/endpoints", None).await;
@@ -174,6 +208,7 @@ async fn world() -> World {
         snap: [snap_in, snap_out],
         ingest: [ingest_in, ingest_out],
         job: [job_in, job_out],
+        quarantine,
         _tmp: tmp,
     }
 }
@@ -246,6 +281,14 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/groups/{name}", ADMIN),
         ("DELETE", "/v1/groups/{name}", ADMIN),
         ("GET", "/v1/audit", ADMIN),
+        ("GET", "/v1/quarantine", EVERYONE),
+        ("GET", "/v1/quarantine/{id}", VIEW),
+        ("POST", "/v1/quarantine/{id}/retry", OPERATE),
+        ("POST", "/v1/quarantine/delete", OPERATE),
+        ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
+        ("POST", "/v1/endpoints/{host}/forget", ADMIN),
+        // Last: it changes the enroll secret the fixtures register endpoints with.
+        ("POST", "/v1/enroll-token/rotate", ADMIN),
     ]
 }
 
@@ -280,9 +323,16 @@ async fn request_for(
     match (method, template) {
         ("POST", "/v1/agents/heartbeat") => (
             template.into(),
-            Some(json!({ "hostname": host, "api_url": "http://127.0.0.1:1", "api_token": "x" })),
+            Some(
+                json!({ "hostname": host, "api_url": "https://127.0.0.1:1", "cert_sha256": "ab".repeat(32) }),
+            ),
         ),
         (_, "/v1/endpoints/{host}") => (format!("/v1/endpoints/{host}"), None),
+        (_, "/v1/endpoints/{host}/rekey" | "/v1/endpoints/{host}/forget") => {
+            let fresh = format!("{host}-cell-{n}");
+            register(s, &fresh, "10.9.9.9").await;
+            (template.replace("{host}", &fresh), None)
+        }
         ("POST", "/v1/captures") => (template.into(), Some(json!({ "hosts": [host] }))),
         (_, "/v1/snapshots/{id}") => (format!("/v1/snapshots/{}", w.snap[side]), None),
         (_, "/v1/snapshots/{id}/file") => (format!("/v1/snapshots/{}/file", w.snap[side]), None),
@@ -338,6 +388,18 @@ async fn request_for(
             Some(json!({ "name": format!("new-group-{n}"), "cidrs": ["10.9.0.0/16"] })),
         ),
         (_, "/v1/groups/{name}") => (format!("/v1/groups/{}", fresh_group().await), None),
+        (_, "/v1/quarantine/{id}") => (format!("/v1/quarantine/{}", w.quarantine[side]), None),
+        (_, "/v1/quarantine/{id}/retry") => (
+            format!(
+                "/v1/quarantine/{}/retry",
+                quarantined(s, host, 100 + n).await
+            ),
+            Some(json!({})),
+        ),
+        ("POST", "/v1/quarantine/delete") => (
+            template.into(),
+            Some(json!({ "ids": [quarantined(s, host, 100 + n).await] })),
+        ),
         (_, path) => {
             assert!(!path.contains('{'), "no fixture for {method} {path}");
             (path.into(), None)
@@ -483,8 +545,11 @@ async fn an_operator_sees_nothing_outside_their_groups_and_gets_the_404_of_a_mis
             })
             .sum()
     };
-    assert_eq!(total(&admin_status), 4, "{admin_status}");
-    assert_eq!(total(&op_status), 2, "{op_status}");
+    assert_eq!(total(&admin_status), 6, "{admin_status}");
+    assert_eq!(total(&op_status), 3, "{op_status}");
+    let (_, entries) = call(s, op, "GET", "/v1/quarantine", None).await;
+    assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
+    assert_eq!(entries[0]["id"], w.quarantine[0].as_str());
 
     // Outside ids answer exactly what a missing id answers.
     let (snap_out, job_out, ingest_out) = (w.snap[1].to_string(), &w.job[1], &w.ingest[1]);

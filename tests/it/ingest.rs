@@ -1,31 +1,11 @@
 //! Snapshots that arrive whole: uploads over HTTPS, rejected files, deletion, and TLS itself.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{TestServer, eventually, files_under, run_snapq};
-
-/// A real exported snapshot of a recorder database with `events` events.
-pub(crate) fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
-    let data = dir.join(format!("agent-{hostname}"));
-    std::fs::create_dir_all(&data).unwrap();
-    {
-        let db = snapq::agent::recorder::RecorderDb::open(
-            &data.join("monitor.db"),
-            hostname,
-            Default::default(),
-        )
-        .unwrap();
-        snapq::agent::recorder::prefill(&db, events).unwrap();
-    }
-    let out = dir.join(format!("out-{hostname}-{events}"));
-    std::fs::create_dir_all(&out).unwrap();
-    snapq::agent::export::export(&data, &out, None)
-        .unwrap()
-        .path
-}
+use crate::support::{TestServer, eventually, files_under, run_snapq, snapshot_file};
 
 fn quarantined(server: &TestServer) -> Vec<PathBuf> {
     files_under(&server.data_dir.join("quarantine"))
@@ -176,16 +156,28 @@ async fn oversized_and_interrupted_uploads_leave_nothing_behind() {
         "{}/v1/uploads?name=big_2026_01_01T00.00.00.000Z.db",
         server.url()
     );
+    // What a user sees: `snapq upload` of a file over the limit fails with the reason.
+    let tmp = tempfile::tempdir().unwrap();
+    let big = tmp.path().join("big_2026_01_01T00.00.00.000Z.db");
+    std::fs::write(&big, vec![1u8; 3 << 20]).unwrap();
+    let (code, stdout, stderr) = server.cli(&["upload", big.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("larger than the upload limit of 1.0 MiB") && stderr.contains("HTTP 413"),
+        "{stderr}"
+    );
+    // A body without a declared length is cut off at the limit with the same answer.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..12).map(|_| Ok(vec![1u8; 256 * 1024])).collect();
     let response = server
         .client()
         .post(&url)
         .bearer_auth(&server.token)
-        .body(vec![1u8; 3 << 20])
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
-        .await;
-    if let Ok(r) = response {
-        assert_eq!(r.status(), 413);
-    }
+        .await
+        .expect("the server answers an oversized upload");
+    assert_eq!(response.status(), 413);
     // A body that breaks off mid-stream.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
         Ok(vec![2u8; 256 * 1024]),
@@ -198,7 +190,12 @@ async fn oversized_and_interrupted_uploads_leave_nothing_behind() {
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
         .await;
-    assert!(broken.is_err() || broken.unwrap().status() != 202);
+    // The client's own body failed: the user sees their upload error out, and nothing is kept.
+    let error = broken.expect_err("a body that breaks off cannot be accepted");
+    assert!(
+        snapq_core::agent_client::error_chain(&error).contains("cable pulled"),
+        "{error:?}"
+    );
     eventually(
         Duration::from_secs(10),
         "the spool to be cleaned",
@@ -384,7 +381,7 @@ async fn a_user_supplied_certificate_pair_is_served_after_a_restart() {
 }
 
 /// Waits until the catalog lists `n` snapshots, returning the flat list.
-async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
+pub(crate) async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
     eventually(
         Duration::from_secs(30),
         "the drop folder to be ingested",
@@ -403,7 +400,7 @@ async fn wait_snapshots(server: &TestServer, n: usize) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_drop_folder_ingests_renamed_and_slowly_copied_files_once_each() {
-    let server = TestServer::spawn_with(&["--watch-quiet-ms", "400"]);
+    let server = TestServer::spawn_with(&["--watch-quiet-ms", "400", "--watch-settle-secs", "1"]);
     let watch = server.data_dir.join("watch");
     let tmp = tempfile::tempdir().unwrap();
     let first = snapshot_file(tmp.path(), "drop-01", 2_000);

@@ -2,6 +2,12 @@
 
 mod access;
 mod agent;
+mod chaos;
+mod crash;
+mod dropfolder;
+mod hardening;
+mod identity;
 mod ingest;
+mod recorder;
 mod server;
 mod support;

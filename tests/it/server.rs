@@ -17,7 +17,7 @@ fn agent_for(server: &TestServer, hostname: &str, prefill: u64) -> TestAgent {
 }
 
 /// Queues captures of `hosts` through the API, returning the snapshot ids.
-async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
+pub async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
     let response = server
         .client()
         .post(format!("{}/v1/captures", server.url()))
@@ -38,7 +38,7 @@ async fn queue_captures(server: &TestServer, hosts: &[&str]) -> Vec<i64> {
 
 /// Captures `host`, waits for the capture to fail with a reason containing `reason`, and returns
 /// the snapshot and its job's detail (with every attempt).
-async fn capture_fails(server: &TestServer, host: &str, reason: &str) -> (Value, Value) {
+pub async fn capture_fails(server: &TestServer, host: &str, reason: &str) -> (Value, Value) {
     let ids = queue_captures(server, &[host]).await;
     let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
     assert_eq!(snap["state"], "failed", "{snap}");
@@ -52,24 +52,39 @@ async fn capture_fails(server: &TestServer, host: &str, reason: &str) -> (Value,
     (snap, job)
 }
 
-/// Registers an endpoint the way an agent's heartbeat does, returning the HTTP status.
+/// Sends a heartbeat as an agent does (enrolling a new hostname), returning status and body.
+pub async fn heartbeat(
+    server: &TestServer,
+    bearer: &str,
+    hostname: &str,
+    api_url: &str,
+    cert_sha256: &str,
+) -> (u16, Value) {
+    let response = server
+        .client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(bearer)
+        .json(&serde_json::json!({
+            "hostname": hostname, "api_url": api_url, "cert_sha256": cert_sha256
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Enrolls an endpoint the way an agent's first heartbeat does, returning the HTTP status.
 async fn register(
     server: &TestServer,
     bearer: &str,
     hostname: &str,
     api_url: &str,
-    api_token: &str,
+    cert_sha256: &str,
 ) -> u16 {
-    server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(bearer)
-        .json(&serde_json::json!({ "hostname": hostname, "api_url": api_url, "api_token": api_token }))
-        .send()
+    heartbeat(server, bearer, hostname, api_url, cert_sha256)
         .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,6 +139,15 @@ async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
         .unwrap()
         .clone();
     assert_eq!(capture["done"], 1);
+    // Only the kinds this server runs.
+    let mut kinds: Vec<&str> = status["status"]["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(kinds, ["capture", "delete", "ingest"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -185,17 +209,31 @@ async fn an_offline_endpoint_is_retried_with_backoff_then_failed_with_the_reason
 async fn a_wrong_agent_token_fails_at_once_without_retrying() {
     let server = TestServer::spawn();
     let agent = TestAgent::spawn();
-    // Register the agent's address with a token it will refuse.
+    // Enroll the agent's address by hand: the agent never got the credential, so it refuses it.
     let secret = server.enroll_secret();
     assert_eq!(
-        register(&server, &secret, "web-01", &agent.url(""), "not-the-token").await,
+        register(
+            &server,
+            &secret,
+            "web-01",
+            &agent.url(""),
+            &agent.cert_sha256()
+        )
+        .await,
         200
     );
     let (_, job) = capture_fails(&server, "web-01", "rejected the server's token").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
     // A wrong enroll token cannot register anything.
     assert_eq!(
-        register(&server, "guess", "evil", "http://127.0.0.1:1", "x").await,
+        register(
+            &server,
+            "guess",
+            "evil",
+            "https://127.0.0.1:1",
+            &"0".repeat(64)
+        )
+        .await,
         401
     );
 }
@@ -265,8 +303,12 @@ async fn a_capture_resumes_after_the_agent_is_killed_mid_transfer() {
     assert_eq!(files_under(&server.data_dir.join("snapshots")).len(), 1);
 }
 
-/// An agent that stages fine but serves bytes other than the ones it promised.
-async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// An agent that stages fine but serves bytes other than the ones it promised (`serve_len` of
+/// them, where it staged 4096), over TLS with a pair in `certs`; returns its address and pin.
+pub async fn lying_agent(
+    certs: &std::path::Path,
+    serve_len: usize,
+) -> (std::net::SocketAddr, String, tokio::task::JoinHandle<()>) {
     use axum::routing::{get, post};
     const ID: &str = "0123456789abcdef0123456789abcdef";
     fn staged(state: &str) -> serde_json::Value {
@@ -305,32 +347,52 @@ async fn lying_agent() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
         )
         .route(
             "/v1/snapshots/{id}",
-            get(|| async { ([("etag", format!("\"{ID}\""))], vec![7u8; 4096]) })
+            get(move || async move { ([("etag", format!("\"{ID}\""))], vec![7u8; serve_len]) })
                 .delete(|| async { axum::http::StatusCode::NO_CONTENT }),
         )
         .route(
             "/v1/snapshots/{id}/info",
             get(|| async { axum::Json(staged("ready")) }),
         );
+    let pair = snapq::tls::CertPair::ensure(certs, &["localhost".into()]).unwrap();
+    let (config, pin) = (pair.server_config().unwrap(), pair.pin().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        snapq::tls::serve(listener, config, app, std::future::pending())
+            .await
+            .unwrap();
     });
-    (addr, task)
+    (addr, pin, task)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bytes_that_do_not_match_the_staged_sha256_are_retried_then_failed_and_never_stored() {
     let server = TestServer::spawn_with(&["--job-max-attempts", "2", "--job-retry-base-ms", "50"]);
-    let (addr, _liar) = lying_agent().await;
+    let certs = tempfile::tempdir().unwrap();
+    let (addr, pin, _liar) = lying_agent(certs.path(), 4096).await;
     let secret = server.enroll_secret();
     assert_eq!(
-        register(&server, &secret, "liar", &format!("http://{addr}"), "t").await,
+        register(&server, &secret, "liar", &format!("https://{addr}"), &pin).await,
         200
     );
     let (_, job) = capture_fails(&server, "liar", "do not match").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 2, "{job}");
+    assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_sending_more_than_it_staged_is_cut_off_at_the_staged_size() {
+    let server = TestServer::spawn_with(&["--job-max-attempts", "3", "--job-retry-base-ms", "50"]);
+    let certs = tempfile::tempdir().unwrap();
+    let (addr, pin, _liar) = lying_agent(certs.path(), 64 << 20).await;
+    let secret = server.enroll_secret();
+    assert_eq!(
+        register(&server, &secret, "liar", &format!("https://{addr}"), &pin).await,
+        200
+    );
+    let (_, job) = capture_fails(&server, "liar", "more than the 4096 bytes it staged").await;
+    assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
     assert!(files_under(&server.data_dir.join("snapshots")).is_empty());
 }
 
@@ -400,7 +462,7 @@ async fn queue_retry_and_cancel_refuse_unknown_and_finished_jobs() {
     server.wait_online("web-01").await;
     let ids = queue_captures(&server, &["web-01"]).await;
     let snap = server.wait_snapshot(ids[0], Duration::from_secs(30)).await;
-    assert_eq!(snap["state"], "complete");
+    assert_eq!(snap["state"], "complete", "{snap}");
     let job = snap["job_id"].as_str().unwrap();
     let (code, _, stderr) = server.cli(&["queue", "cancel", job]);
     assert_eq!(code, 1);

@@ -124,11 +124,17 @@ impl TestAgent {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("https://{}{}", self.addr, path)
     }
 
+    /// The sha256 of the certificate the agent's API presents.
+    pub fn cert_sha256(&self) -> String {
+        snapq::tls::cert_pin(&self.data_dir.join("certs/httpPublicCert.pem")).unwrap()
+    }
+
+    /// An HTTPS client that trusts exactly this agent's certificate.
     pub fn client(&self) -> reqwest::Client {
-        snapq_core::agent_client::http_client()
+        snapq::tls::client(&snapq::tls::Trust::Pin(self.cert_sha256())).unwrap()
     }
 
     /// GET with the agent's token, returning status and JSON body.
@@ -220,11 +226,13 @@ impl TestServer {
             "serve".into(),
             "--data-dir".into(),
             data_dir.to_str().unwrap().into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
             "--online-window-secs".into(),
             "5".into(),
         ];
+        // Port 0 unless the caller needs the same address across restarts.
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let (child, addr) = spawn_listening("snapq server", &refs, &[]);
@@ -255,9 +263,11 @@ impl TestServer {
         format!("https://{}", self.addr)
     }
 
-    /// The secret part of the enroll token, which agents send as their bearer token.
+    /// The secret part of the current enroll token (re-read: an admin may have rotated it), which
+    /// agents enroll with.
     pub fn enroll_secret(&self) -> String {
-        self.enroll_token.split('.').next().unwrap().to_owned()
+        let token = std::fs::read_to_string(self.data_dir.join("enroll.token")).unwrap();
+        token.trim().split('.').next().unwrap().to_owned()
     }
 
     /// An HTTPS client that trusts exactly this server's certificate.
@@ -361,4 +371,24 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A real exported snapshot of a recorder database with `events` events.
+pub fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
+    let data = dir.join(format!("agent-{hostname}"));
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let db = snapq::agent::recorder::RecorderDb::open(
+            &data.join("monitor.db"),
+            hostname,
+            Default::default(),
+        )
+        .unwrap();
+        snapq::agent::recorder::prefill(&db, events).unwrap();
+    }
+    let out = dir.join(format!("out-{hostname}-{events}"));
+    std::fs::create_dir_all(&out).unwrap();
+    snapq::agent::export::export(&data, &out, None)
+        .unwrap()
+        .path
 }

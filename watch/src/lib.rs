@@ -10,8 +10,13 @@
 //! When a file counts as complete:
 //! - **renamed or moved into the folder** (`mv`, or a tool that writes `x.db.partial` and renames it):
 //!   at once;
+//! - **closed after writing** (`cp`, `scp`, Explorer over SMB on the server's side): at once when
+//!   the kernel confirms that no process still has it open for writing (a read lease, see
+//!   `snapq_core::writers`);
 //! - **written in place**: once its size, mtime and inode stayed the same for
-//!   [`WatchConfig::quiet_period`];
+//!   [`WatchConfig::quiet_period`] *and* no process has it open for writing. A writer that stalls
+//!   with the file open (a network hiccup) keeps it waiting however long the stall; where the kernel
+//!   cannot tell (network filesystems, files the server may not lease) the quiet period alone decides.
 //! - **already there at start-up, or found by the periodic rescan** (missed events, network filesystems,
 //!   notification queue overflow): after one quiet period of not changing.
 //!
@@ -71,6 +76,51 @@ impl WatchConfig {
     }
 }
 
+/// A file in the drop folder that has not been handed over yet, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingFile {
+    pub path: PathBuf,
+    /// Its length at the last look (`None` before the first look after an event).
+    pub len: Option<u64>,
+    /// How long it has not changed.
+    pub unchanged_for: Duration,
+    /// It stopped changing, but a process still has it open for writing: it is taken once that
+    /// writer closes it.
+    pub writer_open: bool,
+}
+
+/// Asks a running watcher what it is waiting for (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct StatusHandle {
+    dir: PathBuf,
+    uses_notify: bool,
+    commands: mpsc::Sender<Command>,
+}
+
+impl StatusHandle {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn uses_notify(&self) -> bool {
+        self.uses_notify
+    }
+
+    /// The files not handed over yet (still changing, within the quiet period, or held open by a
+    /// writer), longest-unchanged first.
+    pub async fn waiting(&self) -> Result<Vec<WaitingFile>, WatchError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || WatchError::Stopped {
+            path: self.dir.clone(),
+        };
+        self.commands
+            .send(Command::Status(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+}
+
 /// A complete file, handed to the submit callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -81,6 +131,8 @@ pub struct Candidate {
     pub mtime_ms: i64,
     /// Inode number (0 where the platform has none, i.e. Windows).
     pub inode: u64,
+    /// Inode change time, ns since the Unix epoch (0 where the platform has none).
+    pub ctime_ns: i64,
 }
 
 impl Candidate {
@@ -90,18 +142,24 @@ impl Candidate {
             len: id.len,
             mtime_ms: epoch_ms(id.mtime),
             inode: id.inode,
+            ctime_ns: id.ctime_ns,
         }
     }
 
-    /// `"<file name>:<len>:<mtime_ms>:<inode>"`: the same for the same version of the same dropped file,
-    /// across watcher restarts. Meant as the idempotency key of the ingest job the server enqueues.
+    /// `"<file name>:<len>:<mtime_ms>:<inode>:<ctime_ns>"`: the same for the same version of the
+    /// same dropped file, across watcher restarts. Meant as the idempotency key of the ingest job
+    /// the server enqueues. The change time tells a new file on a reused inode from the old one
+    /// even when a copy preserved name, length and mtime.
     pub fn identity_key(&self) -> String {
         let name = self
             .path
             .file_name()
             .map(|name| name.to_string_lossy())
             .unwrap_or_default();
-        format!("{name}:{}:{}:{}", self.len, self.mtime_ms, self.inode)
+        format!(
+            "{name}:{}:{}:{}:{}",
+            self.len, self.mtime_ms, self.inode, self.ctime_ns
+        )
     }
 }
 
@@ -172,6 +230,15 @@ impl Watcher {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())
+    }
+
+    /// A handle that asks this watcher what it is waiting for, for status pages.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle {
+            dir: self.dir.clone(),
+            uses_notify: self.uses_notify,
+            commands: self.commands.clone(),
+        }
     }
 
     /// Stops watching and waits for the watcher task to end; reports a crash of that task.
@@ -318,11 +385,38 @@ mod tests {
             len: 4096,
             mtime_ms: 1_795_000_000_123,
             inode: 42,
+            ctime_ns: 1_795_000_000_123_456_789,
         };
         assert_eq!(
             candidate.identity_key(),
-            "web-01_2026_11_28T14.03.07.091Z.db:4096:1795000000123:42"
+            "web-01_2026_11_28T14.03.07.091Z.db:4096:1795000000123:42:1795000000123456789"
         );
+    }
+
+    #[test]
+    fn a_new_file_on_a_reused_inode_with_a_preserved_mtime_gets_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web-01_2026_11_28T14.03.07.091Z.db");
+        std::fs::write(&path, b"first").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let first = Candidate::new(path.clone(), crate::probe::probe(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        // File times tick with the kernel's clock (a few ms): let it move on.
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(&path, b"other").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let second = Candidate::new(path.clone(), crate::probe::probe(&path).unwrap());
+        assert_eq!(
+            (first.len, first.mtime_ms),
+            (second.len, second.mtime_ms),
+            "same name, length and mtime"
+        );
+        assert_ne!(first.identity_key(), second.identity_key());
     }
 
     #[test]

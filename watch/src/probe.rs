@@ -32,6 +32,9 @@ pub(crate) struct FileId {
     pub(crate) len: u64,
     pub(crate) mtime: SystemTime,
     pub(crate) inode: u64,
+    /// Inode change time (ns): set by the kernel when the file is created or renamed and not
+    /// settable by a copy that preserves mtime, so a new file on a reused inode differs.
+    pub(crate) ctime_ns: i64,
 }
 
 /// The identity of `path` if it is a regular file now; `None` if it is gone, a directory, a symlink or
@@ -86,7 +89,21 @@ fn file_id(meta: &std::fs::Metadata) -> FileId {
         len: meta.len(),
         mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         inode: inode(meta),
+        ctime_ns: ctime_ns(meta),
     }
+}
+
+#[cfg(unix)]
+fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.ctime_nsec())
+}
+
+#[cfg(not(unix))]
+fn ctime_ns(_meta: &std::fs::Metadata) -> i64 {
+    0
 }
 
 #[cfg(unix)]

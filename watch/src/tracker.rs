@@ -18,8 +18,10 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::Candidate;
+use snapq_core::writers::Writers;
+
 use crate::probe::{self, FileId};
+use crate::{Candidate, WaitingFile};
 
 pub(crate) type SubmitFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 pub(crate) type SubmitFn = Arc<dyn Fn(Candidate) -> SubmitFuture + Send + Sync>;
@@ -28,6 +30,8 @@ pub(crate) type SubmitFn = Arc<dyn Fn(Candidate) -> SubmitFuture + Send + Sync>;
 pub(crate) enum Command {
     /// Rescan now and answer once nothing is pending any more.
     Idle(oneshot::Sender<()>),
+    /// Answer with the files that are waiting and why.
+    Status(oneshot::Sender<Vec<WaitingFile>>),
 }
 
 /// Events come from notify's own thread through this; the flag records that the channel was full and
@@ -56,6 +60,18 @@ pub(crate) struct Pending {
     id: Option<FileId>,
     /// When the path was last seen changing (event or different identity).
     last_change: Instant,
+    /// The file stopped changing, but the kernel says a process still has it open for writing.
+    writer_open: bool,
+}
+
+impl Pending {
+    fn new(id: Option<FileId>, now: Instant) -> Self {
+        Self {
+            id,
+            last_change: now,
+            writer_open: false,
+        }
+    }
 }
 
 impl Tracker {
@@ -92,6 +108,9 @@ impl Tracker {
                         self.idle_waiters.push(reply);
                         self.rescan(&mut source.watcher).await;
                     }
+                    Command::Status(reply) => {
+                        let _ = reply.send(self.waiting());
+                    }
                 },
                 _ = rescan.tick() => self.rescan(&mut source.watcher).await,
                 _ = tick.tick(), if !self.pending.is_empty() => self.check_pending().await,
@@ -118,6 +137,23 @@ impl Tracker {
             && path.file_name().is_some_and(probe::is_candidate_name)
     }
 
+    /// The files not handed over yet, oldest change first.
+    fn waiting(&self) -> Vec<WaitingFile> {
+        let now = Instant::now();
+        let mut files: Vec<WaitingFile> = self
+            .pending
+            .iter()
+            .map(|(path, pending)| WaitingFile {
+                path: path.clone(),
+                len: pending.id.map(|id| id.len),
+                unchanged_for: now.duration_since(pending.last_change),
+                writer_open: pending.writer_open,
+            })
+            .collect();
+        files.sort_by_key(|f| std::cmp::Reverse(f.unchanged_for));
+        files
+    }
+
     fn forget(&mut self, path: &Path) {
         self.pending.remove(path);
         self.submitted.remove(path);
@@ -128,16 +164,14 @@ impl Tracker {
         self.pending
             .entry(path)
             .and_modify(|pending| pending.last_change = now)
-            .or_insert(Pending {
-                id: None,
-                last_change: now,
-            });
+            .or_insert(Pending::new(None, now));
     }
 
     /// Applies a batch of notify events; returns whether a rescan is needed (overflow, backend error).
     async fn handle_events(&mut self, batch: Vec<notify::Result<notify::Event>>) -> bool {
         let mut need_rescan = false;
         let mut renamed_in = Vec::new();
+        let mut closed = Vec::new();
         for event in batch {
             let event = match event {
                 Ok(event) => event,
@@ -168,10 +202,16 @@ impl Tracker {
                 // Backends that cannot tell the two halves of a rename apart (FSEvents): the probe
                 // decides; a path that is no longer there was the source.
                 EventKind::Modify(ModifyKind::Name(_)) => renamed_in.extend(event.paths),
-                EventKind::Create(_)
-                | EventKind::Modify(_)
-                | EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Any => {
+                // The writer closed the file: if no other writer has it open, it is complete.
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    for path in event.paths {
+                        if self.is_ours(&path) {
+                            self.touch(path.clone());
+                            closed.push(path);
+                        }
+                    }
+                }
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any => {
                     for path in event.paths {
                         if self.is_ours(&path) {
                             self.touch(path);
@@ -192,14 +232,29 @@ impl Tracker {
                 }
             }
         }
+        closed.retain(|path| self.pending.contains_key(path));
+        if !closed.is_empty() {
+            for (path, id, writers) in probe_writers_batch(closed).await {
+                match (id, writers) {
+                    (None, _) => self.forget(&path),
+                    (Some(id), Writers::None) => {
+                        self.pending.remove(&path);
+                        self.submit_if_new(path, id).await;
+                    }
+                    // Still open elsewhere, or the kernel cannot tell: the quiet period decides.
+                    (Some(_), _) => {}
+                }
+            }
+        }
         need_rescan
     }
 
-    /// Probes every pending path; submits those unchanged for the quiet period.
+    /// Probes every pending path; submits those unchanged for the quiet period that no process
+    /// has open for writing (as far as the kernel can tell).
     async fn check_pending(&mut self) {
         let now = Instant::now();
         let paths: Vec<PathBuf> = self.pending.keys().cloned().collect();
-        let mut ready = Vec::new();
+        let mut quiet = Vec::new();
         for (path, probed) in probe_batch(paths).await {
             let Some(pending) = self.pending.get_mut(&path) else {
                 continue;
@@ -210,8 +265,32 @@ impl Tracker {
                     pending.id = Some(id);
                     pending.last_change = now;
                 }
-                Some(id) => {
+                Some(_) => {
                     if now.duration_since(pending.last_change) >= self.quiet_period {
+                        quiet.push(path);
+                    }
+                }
+            }
+        }
+        let mut ready = Vec::new();
+        if !quiet.is_empty() {
+            for (path, id, writers) in probe_writers_batch(quiet).await {
+                let Some(pending) = self.pending.get_mut(&path) else {
+                    continue;
+                };
+                match id {
+                    None => self.forget(&path),
+                    Some(id) if pending.id != Some(id) => {
+                        pending.id = Some(id);
+                        pending.last_change = now;
+                    }
+                    Some(_) if writers == Writers::Open => {
+                        if !pending.writer_open {
+                            tracing::info!(path = %path.display(), "unchanged but still open for writing; waiting for the writer to close it");
+                        }
+                        pending.writer_open = true;
+                    }
+                    Some(id) => {
                         self.pending.remove(&path);
                         ready.push((path, id));
                     }
@@ -256,10 +335,9 @@ impl Tracker {
                 continue;
             }
             // A first sighting waits a whole quiet period: the file may still be growing.
-            self.pending.entry(path).or_insert(Pending {
-                id: Some(id),
-                last_change: now,
-            });
+            self.pending
+                .entry(path)
+                .or_insert(Pending::new(Some(id), now));
         }
         tracing::debug!(
             pending = self.pending.len(),
@@ -305,6 +383,25 @@ impl Tracker {
             }
         }
     }
+}
+
+/// Probes paths and asks the kernel whether each still has a writer, on the blocking pool.
+async fn probe_writers_batch(paths: Vec<PathBuf>) -> Vec<(PathBuf, Option<FileId>, Writers)> {
+    let probed = tokio::task::spawn_blocking(move || {
+        paths
+            .into_iter()
+            .map(|path| {
+                let writers = snapq_core::writers::writers(&path);
+                let id = probe::probe(&path);
+                (path, id, writers)
+            })
+            .collect()
+    })
+    .await;
+    probed.unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "file probe panicked; the next rescan will catch up");
+        Vec::new()
+    })
 }
 
 async fn probe_batch(paths: Vec<PathBuf>) -> Vec<(PathBuf, Option<FileId>)> {

@@ -148,7 +148,7 @@ async fn partial_file_renamed_to_its_final_name_is_submitted_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_copied_slowly_in_place_is_submitted_once_after_its_last_write() {
+async fn file_copied_slowly_in_place_is_submitted_once_when_its_writer_closes_it() {
     let (_root, folder, _staging) = folders();
     let quiet = Duration::from_millis(500);
     let (watcher, submissions) = start(config(&folder, quiet, LONG)).await;
@@ -169,7 +169,7 @@ async fn file_copied_slowly_in_place_is_submitted_once_after_its_last_write() {
     }
     file.write_all(b"end").unwrap();
     expected.extend_from_slice(b"end");
-    let last_write = Instant::now();
+    let closed = Instant::now();
     drop(file);
 
     eventually("the copied file", || !submissions.of(NAME).is_empty()).await;
@@ -177,14 +177,72 @@ async fn file_copied_slowly_in_place_is_submitted_once_after_its_last_write() {
     let seen = submissions.of(NAME);
     assert_eq!(seen.len(), 1, "submitted exactly once");
     assert!(
-        seen[0].at >= last_write + quiet / 2,
-        "submitted before the file went quiet"
+        seen[0].at >= closed,
+        "submitted before the writer closed it"
     );
     assert_eq!(seen[0].candidate.len, expected.len() as u64);
     assert!(
         seen[0].content == expected,
         "submitted with its full content"
     );
+    watcher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_closed_by_its_writer_is_taken_without_waiting_for_the_quiet_period() {
+    let (_root, folder, _staging) = folders();
+    // A quiet period far longer than the test: only the close can have triggered the submission.
+    let (watcher, submissions) = start(config(&folder, LONG, LONG)).await;
+    std::fs::write(folder.join(NAME), b"copied in one go").unwrap();
+    eventually("the closed file", || submissions.of(NAME).len() == 1).await;
+    assert_eq!(submissions.of(NAME)[0].content, b"copied in one go");
+    watcher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_writer_that_keeps_the_file_open_holds_it_back_and_says_so() {
+    let (_root, folder, _staging) = folders();
+    let quiet = Duration::from_millis(200);
+    let (watcher, submissions) = start(config(&folder, quiet, LONG)).await;
+    let status = watcher.status_handle();
+
+    let path = folder.join(NAME);
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(b"first half, then the network stalls")
+        .unwrap();
+    file.flush().unwrap();
+    // The status reports the file as held by its writer once it went quiet ...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting = status.waiting().await.unwrap();
+        if waiting
+            .iter()
+            .any(|w| w.path.ends_with(NAME) && w.writer_open)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never said a writer holds {NAME}: {waiting:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and it stays unsubmitted however long the stall: ten quiet periods here.
+    tokio::time::sleep(quiet * 10).await;
+    assert!(
+        submissions.of(NAME).is_empty(),
+        "taken while its writer still had it open"
+    );
+
+    file.write_all(b"; second half").unwrap();
+    drop(file);
+    eventually("the finished file", || submissions.of(NAME).len() == 1).await;
+    idle(&watcher).await;
+    assert_eq!(
+        submissions.of(NAME)[0].content,
+        b"first half, then the network stalls; second half"
+    );
+    assert!(status.waiting().await.unwrap().is_empty());
     watcher.stop().await.unwrap();
 }
 

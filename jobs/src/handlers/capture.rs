@@ -39,29 +39,34 @@ impl JobArgs for CaptureArgs {
 /// How often progress is written to the catalog and the job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
-/// The worker entry point: runs the capture and records a failure on the snapshot row when the
-/// job will not be tried again.
+/// The worker entry point. A capture that will not be tried again is failed on its catalog row
+/// by the queue's terminal hook (the server wires it), whatever ended it: the queue alone knows
+/// whether an error was the last attempt, and a cancel or a crash never reaches this code.
 #[tracing::instrument(skip(svc, ctx), fields(job_id = %ctx.id()))]
 pub async fn run(svc: Arc<Services>, args: CaptureArgs, ctx: JobContext) -> Result<(), JobError> {
     let result = capture(&svc, args.snapshot_id, &ctx).await;
     if let Err(err) = &result {
-        let final_attempt = !err.is_transient() || ctx.is_last_attempt() || ctx.is_cancelled();
-        let reason = if ctx.is_cancelled() {
-            "cancelled".to_owned()
-        } else {
-            err.message().to_owned()
-        };
-        if final_attempt {
-            tracing::warn!(snapshot = args.snapshot_id, %reason, "capture failed");
-            let _ = svc.catalog.fail_snapshot(args.snapshot_id, &reason).await;
-        } else {
-            tracing::info!(snapshot = args.snapshot_id, %reason, "capture will retry");
-        }
+        tracing::info!(snapshot = args.snapshot_id, reason = %err.message(), "capture attempt failed");
     }
     result
 }
 
+/// Short of disk only because captures in flight hold space: wait for them (transient). Short
+/// even if they all finished: fail now, with the numbers.
+fn disk_error(err: super::InsufficientDisk) -> JobError {
+    if err.need <= err.available.saturating_add(err.in_flight) {
+        JobError::transient(format!(
+            "{err}; waiting for the captures in flight to finish"
+        ))
+    } else {
+        JobError::permanent(err.to_string())
+    }
+}
+
 fn agent_error(err: AgentError, hostname: &str) -> JobError {
+    if let AgentError::CertificateChanged { .. } = err {
+        return JobError::permanent(err.to_string());
+    }
     match err.status() {
         Some(401 | 403) => JobError::permanent(format!(
             "the agent on {hostname} rejected the server's token: {err}; re-enroll the agent"
@@ -92,12 +97,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
             JobError::permanent(format!("endpoint of snapshot {snapshot_id} is unknown"))
         })?;
     let hostname = endpoint.hostname.clone();
-    let (Some(url), Some(token)) = (&endpoint.api_url, &endpoint.api_token) else {
-        return Err(JobError::permanent(format!(
-            "{hostname} has no agent registered with this server, so it cannot be captured; upload an export instead"
-        )));
-    };
-    let agent = AgentClient::new(svc.http.clone(), url, token);
+    let agent = svc.agents.client(&endpoint).permanent()?;
     let fail = |e: AgentError| agent_error(e, &hostname);
 
     if let Some((name, sha256, verified)) = stored_before_a_crash(svc, &snap).await? {
@@ -124,7 +124,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let _held = svc
         .reservations
         .reserve(&hostname, need, free, svc.capture.reserve_bytes)
-        .permanent()?;
+        .map_err(disk_error)?;
     let staged = match reused {
         Some(staged) => staged,
         None => {
@@ -214,11 +214,27 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .await
         .transient()?;
     // fsync of a large file can take seconds: keep it off the async workers.
-    let (store, to) = (svc.store.clone(), name.clone());
-    tokio::task::spawn_blocking(move || store.commit(&partial, &to))
+    let (store, from, to) = (svc.store.clone(), partial.clone(), name.clone());
+    match tokio::task::spawn_blocking(move || store.commit(&from, &to))
         .await
         .transient()?
-        .transient()?;
+    {
+        Ok(_) => {}
+        // The commit never replaces: a file under this name is ours only with our sha256.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let stored = svc.store.path(&name);
+            let stored_sha = blocking(&stored, verify::sha256_file)
+                .await
+                .map_err(JobError::transient)?;
+            if stored_sha != sha256 {
+                return Err(JobError::permanent(format!(
+                    "a different file named {name} is already in the store; move it away and retry the capture"
+                )));
+            }
+            let _ = std::fs::remove_file(&partial);
+        }
+        Err(e) => return Err(JobError::transient(e.to_string())),
+    }
     let snap = Snapshot {
         staged_id: Some(staged.id),
         ..snap
@@ -364,10 +380,31 @@ async fn download(
     if have > 0 {
         have = hash_prefix(partial, have, &mut hasher).await.transient()?;
     }
-    let response = agent
-        .download(&staged.id, have)
-        .await
-        .map_err(Download::Agent)?;
+    if have > 0 && have == staged.size {
+        // Every byte arrived before the server stopped (it died waiting for the agent's verdict
+        // or while verifying): there is nothing to ask for; the agent's sha256 decides.
+        tracing::info!(
+            bytes = have,
+            "the partial download is complete; verifying it"
+        );
+        ctx.progress(have, staged.size, Some("verifying"));
+        return Ok(hasher.finish());
+    }
+    let response = match agent.download(&staged.id, have).await {
+        // Our bytes do not fit the copy the agent serves under this id (a 416 is never final
+        // for the same copy): fetch it whole; the ETag check below still guards the bytes.
+        Err(e) if have > 0 && e.status() == Some(416) => {
+            tracing::info!(
+                from = have,
+                "the agent refused the resume range; downloading again"
+            );
+            have = 0;
+            hasher = Hasher::default();
+            agent.download(&staged.id, 0).await
+        }
+        other => other,
+    }
+    .map_err(Download::Agent)?;
     let same_copy = response
         .headers()
         .get(reqwest::header::ETAG)
@@ -407,6 +444,15 @@ async fn download(
         let chunk = chunk.map_err(|e| {
             JobError::transient(format!("download interrupted: {}", error_chain(&e)))
         })?;
+        if have + chunk.len() as u64 > staged.size {
+            // An agent cannot make the server store more than the size it staged (and reserved).
+            let _ = tokio::fs::remove_file(partial).await;
+            return Err(JobError::permanent(format!(
+                "the agent sent more than the {} bytes it staged; the download was stopped",
+                staged.size
+            ))
+            .into());
+        }
         hasher.update(&chunk);
         out.write_all(&chunk).await.transient()?;
         have += chunk.len() as u64;
@@ -449,4 +495,31 @@ async fn hash_prefix(path: &Path, len: u64, hasher: &mut Hasher) -> std::io::Res
         done += n as u64;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handlers::Reservations;
+
+    #[test]
+    fn disk_held_by_captures_in_flight_is_waited_for_and_only_a_real_shortage_fails() {
+        let r = Reservations::default();
+        // 1000 free, 100 reserve: 900 usable; another capture holds 600.
+        let _other = r.reserve("a", 600, 1000, 100).unwrap();
+        let contended = disk_error(r.reserve("b", 500, 1000, 100).unwrap_err());
+        assert!(contended.is_transient(), "{contended:?}");
+        assert!(
+            contended
+                .message()
+                .contains("waiting for the captures in flight")
+        );
+        let short = disk_error(r.reserve("c", 950, 1000, 100).unwrap_err());
+        assert!(!short.is_transient(), "{short:?}");
+        assert!(
+            short
+                .message()
+                .contains("insufficient disk space for the c snapshot")
+        );
+    }
 }

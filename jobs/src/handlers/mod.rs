@@ -19,9 +19,11 @@ pub struct Services {
     pub store: Store,
     /// Where rejected files go, each with a `.reason.json` beside it.
     pub quarantine: PathBuf,
-    pub http: reqwest::Client,
+    /// How to reach enrolled agents (pinned certificates, derived credentials).
+    pub agents: snapq_core::agent_client::Agents,
     pub reservations: Reservations,
     pub capture: CaptureSettings,
+    pub ingest: ingest::IngestSettings,
 }
 
 #[derive(Debug, Clone)]

@@ -4,8 +4,9 @@
 //! - [`RecorderDb`] owns the database file: it refuses files that are not its own, writes batches
 //!   of events through one writer connection, hands out read-only connections, and applies
 //!   retention (oldest events first) by size and age.
-//! - [`linux`] records the real machine by polling `/proc` (processes, TCP/UDP sockets) and the
-//!   login records in `wtmp`/`btmp`.
+//! - [`linux`] records the real machine: processes from the kernel's process-events connector and
+//!   file changes from fanotify when privileged (else processes by polling `/proc`), TCP/UDP
+//!   sockets by polling `/proc/net`, and the login records in `wtmp`/`btmp`.
 //! - [`simulator`] writes realistic events of every type at a chosen rate, or prefills history,
 //!   for demos, tests, benchmarks and `fleet-sim`.
 //!
@@ -17,13 +18,14 @@ pub mod linux;
 pub mod simulator;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use db::{
     Event, IntoValue, Limits, ProcessEnd, RecorderDb, RecorderError, RetentionReport, meta_keys,
 };
 pub use handle::RecorderHandle;
-pub use linux::{LinuxConfig, spawn_linux_recorder, spawn_linux_recorder_with};
+pub use linux::{
+    LinuxConfig, MODES_META_KEY, Modes, spawn_linux_recorder, spawn_linux_recorder_with,
+};
 pub use simulator::{
     SimConfig, SimOs, prefill, prefill_with, spawn_simulator, spawn_simulator_with,
 };
@@ -32,20 +34,18 @@ pub use simulator::{
 pub type SimulatorHandle = RecorderHandle;
 
 /// Which recorder the agent runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecorderKind {
     /// Simulated events at a fixed rate.
     Simulate { events_per_sec: u32 },
-    /// The real machine, polled every `interval`.
-    Linux { interval: Duration },
+    /// The real machine: kernel events when privileged, else polled every `interval`.
+    Linux(Box<LinuxConfig>),
 }
 
 impl RecorderKind {
-    /// The real Linux recorder with its default poll interval.
+    /// The real Linux recorder with its defaults.
     pub fn linux() -> RecorderKind {
-        RecorderKind::Linux {
-            interval: linux::DEFAULT_INTERVAL,
-        }
+        RecorderKind::Linux(Box::new(LinuxConfig::new(linux::DEFAULT_INTERVAL)))
     }
 }
 
@@ -53,6 +53,6 @@ impl RecorderKind {
 pub fn spawn(kind: RecorderKind, db: Arc<RecorderDb>) -> RecorderHandle {
     match kind {
         RecorderKind::Simulate { events_per_sec } => spawn_simulator(db, events_per_sec),
-        RecorderKind::Linux { interval } => spawn_linux_recorder(db, interval),
+        RecorderKind::Linux(config) => spawn_linux_recorder_with(db, *config),
     }
 }

@@ -676,15 +676,21 @@ pub fn spawn_simulator_with(db: Arc<RecorderDb>, config: SimConfig) -> RecorderH
         let mut emitted: u64 = 0;
         let mut last_retention = Instant::now();
         let mut tick = Instant::now();
+        let mut last_ts = i64::MIN;
         loop {
             let now = now_ms();
             let due = (started.elapsed().as_secs_f64() * rate) as u64;
             let n = due.saturating_sub(emitted);
-            // Spread the batch's timestamps over the interval it stands for.
-            let span = BATCH_INTERVAL.as_millis() as i64;
+            // Spread the batch's timestamps over the interval it stands for, never before the
+            // previous batch's last event (a late tick followed by a quick one would otherwise
+            // date a child before the parent it names).
+            let from = (now - BATCH_INTERVAL.as_millis() as i64)
+                .max(last_ts)
+                .min(now);
             for i in 0..n {
-                let ts = now - span + (span * (i as i64 + 1)) / n as i64;
+                let ts = from + ((now - from) * (i as i64 + 1)) / n as i64;
                 sim.step(ts);
+                last_ts = ts;
             }
             emitted += n;
             match sim.flush(&db) {
@@ -904,6 +910,7 @@ mod tests {
         let db =
             RecorderDb::open(&dir.path().join("monitor.db"), "sim-01", Limits::default()).unwrap();
         let n = 50_000;
+        let before = now_ms();
         assert_eq!(prefill_with(&db, n, SimOs::Linux, 11).unwrap(), n);
         let c = counts(&db);
         assert_eq!(c.iter().map(|(_, n)| *n as u64).sum::<u64>(), n);
@@ -926,8 +933,8 @@ mod tests {
                 .unwrap();
             if let (Some(min), Some(max)) = (min, max) {
                 assert!(
-                    min >= now - PREFILL_SPAN_MS - 1_000 && max <= now,
-                    "{}",
+                    min >= before - PREFILL_SPAN_MS && max <= now,
+                    "{}: min {min} max {max}, prefill between {before} and {now}",
                     t.name
                 );
                 assert!(
