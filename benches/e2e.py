@@ -271,7 +271,12 @@ class Server:
 
     def snapshots(self, endpoint: str | None = None) -> list[dict]:
         path = "/v1/snapshots" + (f"?endpoint={endpoint}" if endpoint else "")
-        return [s for g in self.api("GET", path) for s in g["snapshots"]]
+        try:
+            return [s for g in self.api("GET", path) for s in g["snapshots"]]
+        except urllib.error.HTTPError as e:
+            if e.code == 404:  # the endpoint is not known yet (nothing of it stored)
+                return []
+            raise
 
     def wait_online(self, hosts: list[str], timeout: float = 300) -> None:
         want = set(hosts)

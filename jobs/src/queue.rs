@@ -161,9 +161,7 @@ impl Drop for DropGuard {
             t.abort();
         }
         for (_, entry) in self.0.running.lock().unwrap().drain() {
-            if let Some(a) = entry.abort {
-                a.abort();
-            }
+            entry.abort();
         }
     }
 }
@@ -906,6 +904,12 @@ impl Queue {
             );
             let _ = shared.hard_stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), count.wait_for(|c| *c == 0)).await;
+            // A runner that did not get to record its job (a blocked thread): stop it and its
+            // handler now, so nothing runs on once the committer is gone; its job stays
+            // running in the file and is rescued like a crashed one.
+            for (_, entry) in shared.running.lock().unwrap().drain() {
+                entry.abort();
+            }
         }
         let (tx, rx) = oneshot::channel();
         if shared.commit_tx.send(CommitMsg::Flush(tx)).is_ok() {

@@ -42,6 +42,17 @@ pub(crate) struct KindWorkers {
 pub(crate) struct RunningEntry {
     cancel: watch::Sender<bool>,
     pub(crate) abort: Option<AbortHandle>,
+    /// The handler's own task: aborting only the runner would leave it running detached.
+    pub(crate) handler_abort: Option<AbortHandle>,
+}
+
+impl RunningEntry {
+    /// Stops the runner and the handler (a crash, to the database).
+    pub(crate) fn abort(&self) {
+        for a in [&self.abort, &self.handler_abort].into_iter().flatten() {
+            a.abort();
+        }
+    }
 }
 
 /// What a job's handler sees besides its arguments.
@@ -544,6 +555,7 @@ pub(crate) fn start_job(
             RunningEntry {
                 cancel: cancel_tx,
                 abort: None,
+                handler_abort: None,
             },
         );
         shared.running_count.send_replace(running.len());
@@ -583,6 +595,9 @@ async fn run_job(
     // take the fetch loop, heartbeats or committer with it.
     let mut handler_task =
         tokio::spawn(AssertUnwindSafe(async move { handler(args, ctx).await }).catch_unwind());
+    if let Some(entry) = shared.running.lock().unwrap().get_mut(&job.id) {
+        entry.handler_abort = Some(handler_task.abort_handle());
+    }
     let mut cancel = cancel_rx.clone();
     let cancel_grace = shared.config.cancel_grace;
     let cancelled_then_grace = async move {

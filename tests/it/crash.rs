@@ -9,13 +9,14 @@ use serde_json::Value;
 
 use crate::support::{TestServer, eventually, files_under, snapshot_file};
 
-/// Registers an endpoint the way an agent's heartbeat does.
-async fn register(server: &TestServer, hostname: &str, api_url: &str) {
+/// Enrolls an endpoint the way an agent's first heartbeat does: its API at `api_url`, presenting
+/// the certificate whose sha256 is `pin`.
+async fn register(server: &TestServer, hostname: &str, api_url: &str, pin: &str) {
     let status = server
         .client()
         .post(format!("{}/v1/agents/heartbeat", server.url()))
         .bearer_auth(server.enroll_secret())
-        .json(&serde_json::json!({ "hostname": hostname, "api_url": api_url, "api_token": "t" }))
+        .json(&serde_json::json!({ "hostname": hostname, "api_url": api_url, "cert_sha256": pin }))
         .send()
         .await
         .unwrap()
@@ -54,8 +55,13 @@ const STAGED_ID: &str = "00112233445566778899aabbccddeeff";
 
 /// An agent that stages `bytes` (a real recorder export) and serves them with `Range` and an
 /// ETag like the real one (416 for a range past the end), but answers its verdict only after
-/// `info_unavailable` refusals.
-async fn scripted_agent(bytes: Vec<u8>, script: Arc<Script>) -> std::net::SocketAddr {
+/// `info_unavailable` refusals. Served over TLS with a pair in `certs`; returns its address and
+/// the certificate's pin.
+async fn scripted_agent(
+    bytes: Vec<u8>,
+    script: Arc<Script>,
+    certs: &std::path::Path,
+) -> (std::net::SocketAddr, String) {
     use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse;
     use axum::routing::{get, post};
@@ -131,10 +137,16 @@ async fn scripted_agent(bytes: Vec<u8>, script: Arc<Script>) -> std::net::Socket
                 }
             }),
         );
+    let pair = snapq::tls::CertPair::ensure(certs, &["localhost".into()]).unwrap();
+    let (config, pin) = (pair.server_config().unwrap(), pair.pin().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    tokio::spawn(async move {
+        snapq::tls::serve(listener, config, app, std::future::pending())
+            .await
+            .unwrap()
+    });
+    (addr, pin)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,9 +158,10 @@ async fn a_capture_whose_download_finished_before_the_verdict_resumes_to_complet
         info_unavailable: 1,
         ..Script::default()
     });
-    let addr = scripted_agent(bytes.clone(), script.clone()).await;
+    let (addr, pin) =
+        scripted_agent(bytes.clone(), script.clone(), &tmp.path().join("certs")).await;
     let server = TestServer::spawn_with(&["--job-retry-base-ms", "50", "--job-max-attempts", "3"]);
-    register(&server, "web-09", &format!("http://{addr}")).await;
+    register(&server, "web-09", &format!("https://{addr}"), &pin).await;
     let (id, _) = queue_capture(&server, "web-09").await;
     let snap = server.wait_snapshot(id, Duration::from_secs(30)).await;
     assert_eq!(snap["state"], "complete", "{snap}");
@@ -164,19 +177,25 @@ async fn a_capture_whose_download_finished_before_the_verdict_resumes_to_complet
     );
 }
 
-/// A loopback address where nothing listens: connections are refused (a transient error).
-fn closed_port() -> String {
+/// Enrolls `hostname` with its API at a loopback address where nothing listens: connections are
+/// refused (a transient error), so its captures retry.
+async fn register_unreachable(server: &TestServer, hostname: &str) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    format!("http://{addr}")
+    let certs = tempfile::tempdir().unwrap();
+    let pin = snapq::tls::CertPair::ensure(certs.path(), &["localhost".into()])
+        .unwrap()
+        .pin()
+        .unwrap();
+    register(server, hostname, &format!("https://{addr}"), &pin).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_a_retrying_capture_fails_its_snapshot_and_ends_the_cli_wait() {
     let server =
         TestServer::spawn_with(&["--job-retry-base-ms", "300", "--job-max-attempts", "50"]);
-    register(&server, "web-09", &closed_port()).await;
+    register_unreachable(&server, "web-09").await;
     let url = server.url();
     let data_dir = server.data_dir.to_str().unwrap().to_owned();
     let mut waiting = std::process::Command::new(crate::support::BIN)
@@ -229,7 +248,7 @@ async fn cancelling_a_retrying_capture_fails_its_snapshot_and_ends_the_cli_wait(
 async fn capture_wait_gives_up_at_its_timeout_and_says_the_capture_goes_on() {
     let server =
         TestServer::spawn_with(&["--job-retry-base-ms", "300", "--job-max-attempts", "50"]);
-    register(&server, "web-09", &closed_port()).await;
+    register_unreachable(&server, "web-09").await;
     let started = std::time::Instant::now();
     let (code, out, err) = server.cli(&["capture", "web-09", "--yes", "--wait", "--timeout", "2"]);
     assert_eq!(code, 1, "{out}{err}");
@@ -368,11 +387,26 @@ async fn a_watched_file_whose_ingest_died_is_tried_again_after_a_restart() {
     let file = snapshot_file(tmp.path(), "web-05", 300);
     let name = file.file_name().unwrap().to_owned();
     std::fs::rename(&file, watch.join(&name)).unwrap();
-    eventually(Duration::from_secs(20), "the ingest to die", || async {
+    let job = eventually(Duration::from_secs(20), "the ingest to die", || async {
         let (_, jobs) = server.get("/v1/queue/jobs?kind=ingest&state=failed").await;
-        (!jobs.as_array()?.is_empty()).then_some(())
+        Some(jobs.as_array()?.first()?["id"].as_str()?.to_owned())
     })
     .await;
+    // Its ingest row follows the job: failed with the job's reason, not pending forever.
+    let ingest = eventually(
+        Duration::from_secs(10),
+        "the ingest row to fail",
+        || async {
+            let (_, ingest) = server.get(&format!("/v1/ingests/{job}")).await;
+            (ingest["state"] != "pending").then_some(ingest)
+        },
+    )
+    .await;
+    assert_eq!(ingest["state"], "failed", "{ingest}");
+    assert!(
+        ingest["reason"].as_str().unwrap().contains("web-05"),
+        "{ingest}"
+    );
     assert!(watch.join(&name).exists());
     std::fs::remove_file(&blocker).unwrap();
     server.crash_and_restart();

@@ -14,8 +14,8 @@ use crate::support::{AgentOptions, BIN, TestAgent};
 /// `nobody`: an unprivileged user every Linux has.
 const NOBODY: u32 = 65534;
 
-/// The agent's `recorder_modes`, over its TLS API (pinning the certificate in `data_dir`).
-async fn recorder_modes(addr: SocketAddr, data_dir: &Path, token: &str) -> serde_json::Value {
+/// The agent's `recorder_modes`, over its TLS API pinned to the certificate in `data_dir`.
+async fn recorder_modes(addr: SocketAddr, token: &str, data_dir: &Path) -> serde_json::Value {
     let pin = snapq::tls::cert_pin(&data_dir.join("certs/httpPublicCert.pem")).unwrap();
     let body: serde_json::Value = snapq::tls::client(&snapq::tls::Trust::Pin(pin))
         .unwrap()
@@ -39,7 +39,7 @@ async fn the_agent_reports_kernel_events_when_root_and_polling_when_run_as_an_un
             simulate: None,
             ..AgentOptions::default()
         });
-        let modes = recorder_modes(agent.addr, &agent.data_dir, &agent.token).await;
+        let modes = recorder_modes(agent.addr, &agent.token, &agent.data_dir).await;
         if modes["process"] == "kernel events" {
             assert_eq!(modes["file"], "kernel events", "{modes}");
             assert_eq!(modes["network"], "polling every 50 ms", "{modes}");
@@ -91,7 +91,7 @@ async fn the_agent_reports_kernel_events_when_root_and_polling_when_run_as_an_un
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let modes = recorder_modes(addr, dir.path(), "test-agent-token").await;
+    let modes = recorder_modes(addr, "test-agent-token", dir.path()).await;
     assert_eq!(modes["process"], "polling every 50 ms", "{modes}");
     assert_eq!(modes["file"], "not recorded", "{modes}");
     let said = loop {

@@ -41,11 +41,15 @@ const FILE_MASK: u64 =
 /// Directory handles resolved to paths are cached for one batch (a directory renamed within one
 /// batch interval may be reported under its old path).
 const DIR_CACHE_MAX: usize = 4096;
-/// Process events read before their execs are prefetched and all are handled.
+/// The most process events the reader hands over at once.
 const PREFETCH_BATCH: usize = 4096;
+/// Stands for the directory of a file event whose directory was gone before it could be resolved.
+const UNPLACED: &str = "...";
 /// A fork that has not run `exec` for this long gets a row with its parent's image (a loaded
 /// machine can take well over one batch interval between a fork and its exec).
 const FORK_GRACE: Duration = Duration::from_secs(1);
+/// Above this share of one core, the reader leaves real-time priority.
+const REALTIME_MAX_SHARE: f64 = 0.5;
 /// The process-event reader thread's nice value.
 const READER_NICE: i32 = -10;
 /// What a process row's cmdline says when the process was gone before it could be read.
@@ -261,7 +265,7 @@ impl FileFilter {
         match dir {
             Some(d) => d.join(&e.name),
             // The directory is gone already: at least the name.
-            None => Path::new("...").join(&e.name),
+            None => Path::new(UNPLACED).join(&e.name),
         }
     }
 }
@@ -508,8 +512,14 @@ impl State {
         };
         let path = self.files.resolve(fan, entry);
         let new_path = ev.new_entry.as_ref().map(|e| self.files.resolve(fan, e));
-        let kept =
-            self.files.keeps(&path) || new_path.as_ref().is_some_and(|p| self.files.keeps(p));
+        // A path whose directory was already gone (`rm -rf`) cannot be placed: kept when the
+        // whole tree is watched.
+        let unplaced = |p: &Path| {
+            p.starts_with(UNPLACED) && self.files.watch.iter().any(|w| w == Path::new("/"))
+        };
+        let kept = self.files.keeps(&path)
+            || unplaced(&path)
+            || new_path.as_ref().is_some_and(|p| self.files.keeps(p));
         let excluded = |p: &Path| self.files.exclude.iter().any(|x| p.starts_with(x));
         if !kept || excluded(&path) || new_path.as_deref().is_some_and(excluded) {
             return;
@@ -643,13 +653,28 @@ fn spawn_proc_reader(
             // not wait past the life of a short process. This thread does little per event (a few
             // /proc reads), so the lowest real-time priority costs others little; without the
             // privilege, a nice value.
-            if let Err(e) = sys::set_thread_realtime(1)
-                && let Err(e2) = sys::set_thread_nice(READER_NICE)
-            {
-                tracing::info!(error = %e, nice_error = %e2, "cannot raise the process-event reader's priority");
-            }
+            let _ = sys::set_thread_nice(READER_NICE);
+            let rt_allowed = sys::set_thread_realtime(1).is_ok();
+            let mut realtime = rt_allowed;
+            let mut window = (Instant::now(), sys::thread_cpu_ns());
             let mut buf = vec![0u8; 64 << 10];
             while !stop.load(Ordering::Relaxed) {
+                // A fork bomb must not make a real-time thread take the machine: above half a
+                // core over a second, back to the normal class until it calms down.
+                if rt_allowed && window.0.elapsed() >= Duration::from_secs(1) {
+                    let cpu = sys::thread_cpu_ns().saturating_sub(window.1);
+                    let share = cpu as f64 / window.0.elapsed().as_nanos() as f64;
+                    if realtime && share > REALTIME_MAX_SHARE {
+                        realtime = sys::set_thread_normal().is_err();
+                        tracing::warn!(
+                            share,
+                            "process events flood in: the reader leaves real-time priority"
+                        );
+                    } else if !realtime && share < REALTIME_MAX_SHARE / 2.0 {
+                        realtime = sys::set_thread_realtime(1).is_ok();
+                    }
+                    window = (Instant::now(), sys::thread_cpu_ns());
+                }
                 let _ = sys::poll_readable(&[conn.as_fd()], Duration::from_millis(100));
                 let mut evs = Vec::new();
                 let mut details = HashMap::new();

@@ -426,3 +426,19 @@ pub(super) fn set_thread_realtime(priority: i32) -> io::Result<()> {
     // SAFETY: `param` is valid for reads; pid 0 is the calling thread.
     cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &raw const param) }).map(drop)
 }
+
+/// Back to the normal scheduling class (`SCHED_OTHER`) for the calling thread.
+pub(super) fn set_thread_normal() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is valid for reads; pid 0 is the calling thread.
+    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &raw const param) }).map(drop)
+}
+
+/// CPU time the calling thread has used, in ns.
+pub(super) fn thread_cpu_ns() -> u64 {
+    // SAFETY: timespec is plain data; all-zero is valid.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
