@@ -13,6 +13,7 @@ use crate::agent::enroll::{EnrollToken, ServerLink};
 use crate::agent::fleet::FleetSpec;
 use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
+use crate::client_access::AccessCommand;
 use crate::server::ServeConfig;
 
 /// snapq: endpoint-forensics snapshots. Query endpoints live, capture consistent snapshots of their
@@ -99,7 +100,155 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Users, their roles and granted computer groups (admin).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// API tokens: your own, or (admin) anyone's.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Computer groups: which endpoints a user may reach (admin).
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The audit log of every state change (admin).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
+
+const ROLES: [&str; 3] = ["admin", "operator", "viewer"];
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Add a user with a role and the computer groups they may reach.
+    Add {
+        name: String,
+        /// admin (everything, every endpoint), operator (capture, upload, delete, retry, cancel
+        /// in their groups) or viewer (find and look, in their groups).
+        #[arg(long, value_parser = ROLES)]
+        role: String,
+        /// A computer group the user may reach (repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// Every user with role, groups and number of usable tokens.
+    List,
+    /// One user with their tokens.
+    Show { name: String },
+    /// Remove a user; their tokens stop working at once.
+    Remove {
+        name: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Change a user's role.
+    SetRole {
+        name: String,
+        #[arg(value_parser = ROLES)]
+        role: String,
+    },
+    /// Let a user reach a computer group.
+    Grant { name: String, group: String },
+    /// Take a computer group away from a user.
+    Revoke { name: String, group: String },
+    /// Set a user's web-console password (asked twice on a terminal, else one line of stdin).
+    Passwd { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Make an API token and print it (shown only this once).
+    Create {
+        /// Whose token [default: yours]; another user's needs admin.
+        #[arg(long)]
+        user: Option<String>,
+        /// A label to recognise it by in `tokens list`.
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, like 90m, 12h, 30d or 8w [default: never expires]
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// Tokens with user, label, prefix, created, last used and expiry: yours, or (admin) all.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a token by id: its next use gets 401.
+    Revoke {
+        id: i64,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupsCommand {
+    /// Define a group; an endpoint is a member when any rule matches its current facts.
+    Add {
+        name: String,
+        /// Hostname glob (`web-*`, `db-0?`), case-insensitive (repeatable).
+        #[arg(long, value_name = "GLOB")]
+        hostname: Vec<String>,
+        /// Network any of the endpoint's addresses is in (`10.1.0.0/16`; repeatable).
+        #[arg(long)]
+        cidr: Vec<String>,
+        /// Label the endpoint's agent reports (`snapq agent --label`; repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Hostname that is a member whatever its facts (repeatable).
+        #[arg(long, value_name = "HOST")]
+        member: Vec<String>,
+    },
+    /// Every group with its rules, member count now and users.
+    List,
+    /// One group and its members now.
+    Show { name: String },
+    /// Remove a group; users granted it no longer reach its endpoints.
+    Remove {
+        name: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Audit entries, newest first.
+    List {
+        /// Since a time: RFC 3339, epoch ms, or a duration ago (30m, 24h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only what this user did.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this action (`user.add`), or a family of them (`user`).
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// How a client subcommand reaches the server.
 
 #[derive(Debug, Subcommand)]
 enum QuarantineCommand {
@@ -521,6 +670,7 @@ pub enum ClientCommand {
     QuarantineDelete {
         ids: Vec<String>,
     },
+    Access(AccessCommand),
 }
 
 impl ClientArgs {
@@ -670,6 +820,92 @@ impl Cli {
                         ClientCommand::QuarantineDelete { ids }
                     }
                 },
+            )),
+            CommandArgs::Users { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Access(match command {
+                    UsersCommand::Add { name, role, groups } => {
+                        AccessCommand::UsersAdd { name, role, groups }
+                    }
+                    UsersCommand::List => AccessCommand::UsersList,
+                    UsersCommand::Show { name } => AccessCommand::UsersShow { name },
+                    UsersCommand::Remove { name, yes } => {
+                        confirm(yes, &format!("Remove user {name}?"), "remove the user")?;
+                        AccessCommand::UsersRemove { name }
+                    }
+                    UsersCommand::SetRole { name, role } => {
+                        AccessCommand::UsersSetRole { name, role }
+                    }
+                    UsersCommand::Grant { name, group } => {
+                        AccessCommand::UsersGrant { name, group }
+                    }
+                    UsersCommand::Revoke { name, group } => {
+                        AccessCommand::UsersRevoke { name, group }
+                    }
+                    UsersCommand::Passwd { name } => AccessCommand::UsersPasswd { name },
+                }),
+            )),
+            CommandArgs::Tokens { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Access(match command {
+                    TokensCommand::Create {
+                        user,
+                        name,
+                        expires,
+                    } => AccessCommand::TokensCreate {
+                        user,
+                        label: name,
+                        expires_in_secs: expires.as_deref().map(parse_duration).transpose()?,
+                    },
+                    TokensCommand::List { user } => AccessCommand::TokensList { user },
+                    TokensCommand::Revoke { id, yes } => {
+                        confirm(yes, &format!("Revoke token {id}?"), "revoke the token")?;
+                        AccessCommand::TokensRevoke { id }
+                    }
+                }),
+            )),
+            CommandArgs::Groups { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Access(match command {
+                    GroupsCommand::Add {
+                        name,
+                        hostname,
+                        cidr,
+                        label,
+                        member,
+                    } => {
+                        let rules = snapq_core::access::GroupRules {
+                            hostnames: hostname,
+                            cidrs: cidr,
+                            labels: label,
+                            members: member,
+                        };
+                        rules.validate().map_err(|e| UsageError(e.to_string()))?;
+                        AccessCommand::GroupsAdd { name, rules }
+                    }
+                    GroupsCommand::List => AccessCommand::GroupsList,
+                    GroupsCommand::Show { name } => AccessCommand::GroupsShow { name },
+                    GroupsCommand::Remove { name, yes } => {
+                        confirm(yes, &format!("Remove group {name}?"), "remove the group")?;
+                        AccessCommand::GroupsRemove { name }
+                    }
+                }),
+            )),
+            CommandArgs::Audit { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Access(match command {
+                    AuditCommand::List {
+                        since,
+                        user,
+                        action,
+                        limit,
+                    } => AccessCommand::AuditList {
+                        since_ms: since.as_deref().map(parse_since).transpose()?,
+                        user,
+                        action,
+                        limit,
+                    },
+                }),
             )),
             CommandArgs::Agent(args) => match args.command {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
@@ -839,5 +1075,47 @@ fn confirm(yes: bool, question: &str, verb: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(UsageError(format!("did not {verb}")).into())
+    }
+}
+
+/// `90s`, `30m`, `12h`, `30d`, `8w` as seconds.
+fn parse_duration(text: &str) -> anyhow::Result<u64> {
+    let usage = || {
+        UsageError(format!(
+            "{text:?} is not a duration; write a number and a unit: 90s, 30m, 12h, 30d or 8w"
+        ))
+    };
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(usage)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| usage())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(usage().into()),
+    };
+    match n.checked_mul(unit_secs) {
+        Some(secs) if secs > 0 => Ok(secs),
+        _ => Err(usage().into()),
+    }
+}
+
+/// `--since`: RFC 3339, epoch milliseconds, or a duration ago, as epoch milliseconds.
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    match parse_duration(text) {
+        Ok(secs) => Ok(chrono::Utc::now().timestamp_millis() - (secs as i64) * 1000),
+        Err(_) => Err(UsageError(format!(
+            "--since {text:?}: use RFC 3339 (2026-12-01T10:00:00Z), epoch ms, or a duration ago (24h)"
+        ))
+        .into()),
     }
 }

@@ -91,6 +91,11 @@ impl Client {
             .await?)
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        Ok(self.send(self.http.delete(&url)).await?.json().await?)
+    }
+
     /// Prints `value` as JSON when `--json` was given, else runs `human`.
     pub fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
         if self.json {
@@ -104,11 +109,11 @@ impl Client {
     }
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn time_of(ms: &Value) -> String {
+pub(crate) fn time_of(ms: &Value) -> String {
     ms.as_i64()
         .and_then(chrono::DateTime::from_timestamp_millis)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

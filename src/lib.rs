@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cli;
 pub mod client;
+pub mod client_access;
 pub mod http;
 pub mod layout;
 pub mod logging;
@@ -122,5 +123,6 @@ async fn run_client(
             client::quarantine_retry(&c, &ids, as_name.as_deref()).await
         }
         C::QuarantineDelete { ids } => client::quarantine_delete(&c, &ids).await,
+        C::Access(command) => client_access::run(&c, command).await,
     }
 }

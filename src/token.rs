@@ -12,6 +12,24 @@ pub fn generate() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+/// The visible start of every API token, so a leaked one is recognisable (secret scanners, logs).
+pub const API_TOKEN_PREFIX: &str = "snapq_";
+
+/// A new API token: `snapq_` and 32 random bytes as hex.
+pub fn generate_api_token() -> String {
+    format!("{API_TOKEN_PREFIX}{}", generate())
+}
+
+/// What listings show of a token: its first 12 characters (`snapq_1a2b3c`).
+pub fn api_token_prefix(token: &str) -> String {
+    token.chars().take(12).collect()
+}
+
+/// The token in `path`, else a new one from `make` written there with mode 0600.
+pub fn load_or_create_with(path: &Path, make: fn() -> String) -> anyhow::Result<String> {
+    create_or_read(path, make)
+}
+
 /// The token to use: `explicit` if given, else the one in `path`, else a new one written to `path`
 /// with mode 0600 so only its owner can read it.
 pub fn load_or_create(explicit: Option<&str>, path: &Path) -> anyhow::Result<String> {
@@ -21,6 +39,10 @@ pub fn load_or_create(explicit: Option<&str>, path: &Path) -> anyhow::Result<Str
         }
         return Ok(token.trim().to_owned());
     }
+    create_or_read(path, generate)
+}
+
+fn create_or_read(path: &Path, make: fn() -> String) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
         Ok(_) => bail!(
@@ -30,7 +52,7 @@ pub fn load_or_create(explicit: Option<&str>, path: &Path) -> anyhow::Result<Str
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let token = generate();
+    let token = make();
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -12,6 +12,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 
+use crate::access::{self, Facts, GroupRules, Role};
 use crate::verify::{self, Verified};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,18 @@ pub enum CatalogError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{0}")]
     NotFound(String),
+    /// The name is taken, or the change contradicts the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A name or rule that cannot be stored.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<crate::access::AccessError> for CatalogError {
+    fn from(e: crate::access::AccessError) -> Self {
+        CatalogError::Invalid(e.0)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
@@ -143,6 +156,27 @@ pub struct Snapshot {
     pub requested_by: String,
     pub created_ms: i64,
     pub completed_ms: Option<i64>,
+}
+
+/// A snapshot and the current facts of its endpoint.
+#[derive(Debug, Clone, FromRow)]
+pub struct SnapshotWithFacts {
+    #[sqlx(flatten)]
+    pub snapshot: Snapshot,
+    #[sqlx(json)]
+    pub endpoint_ips: Vec<String>,
+    #[sqlx(json)]
+    pub endpoint_labels: Vec<String>,
+}
+
+impl SnapshotWithFacts {
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            hostname: &self.snapshot.hostname,
+            ips: &self.endpoint_ips,
+            labels: &self.endpoint_labels,
+        }
+    }
 }
 
 /// What an ingest job came to.
@@ -342,6 +376,19 @@ impl Catalog {
         .await?)
     }
 
+    /// Every endpoint's hostname, addresses and labels: what computer groups match against.
+    pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
+        type Json = sqlx::types::Json<Vec<String>>;
+        let rows: Vec<(String, Json, Json)> =
+            sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, ips, labels)| (h, ips.0, labels.0))
+            .collect())
+    }
+
     // --- snapshots -------------------------------------------------------------------------
 
     /// A new snapshot row in state `queued`, before its job is enqueued.
@@ -390,6 +437,24 @@ impl Catalog {
         .bind(hostname)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Like [`Catalog::snapshots`], each with its endpoint's facts, for listings filtered by
+    /// computer groups in the same query.
+    pub async fn snapshots_with_facts(
+        &self,
+        hostname: Option<&str>,
+    ) -> Result<Vec<SnapshotWithFacts>> {
+        Ok(
+            sqlx::query_as::<_, SnapshotWithFacts>(sqlx::AssertSqlSafe(format!(
+                "SELECT {SNAPSHOT_COLUMNS}, e.ips AS endpoint_ips, e.labels AS endpoint_labels
+             FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE ?1 IS NULL OR e.hostname = ?1 ORDER BY e.hostname, s.created_ms DESC, s.id DESC"
+            )))
+            .bind(hostname)
+            .fetch_all(&self.pool)
+            .await?,
+        )
     }
 
     /// A complete snapshot with this content, if the store already holds one.
@@ -706,42 +771,447 @@ impl Catalog {
         )
     }
 
-    // --- tokens and audit ------------------------------------------------------------------
+    // --- users ---------------------------------------------------------------------------------
 
-    /// Makes sure a user named `name` with `role` exists and holds the token with this sha256.
-    pub async fn ensure_token(&self, name: &str, role: &str, token_sha256: &str) -> Result<()> {
+    /// Adds a user with `role` and the groups `groups` (which must exist).
+    pub async fn add_user(&self, name: &str, role: Role, groups: &[String]) -> Result<UserInfo> {
+        access::validate_name("user", name)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(role)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO tokens (user_id, token_sha256, created_ms)
-             SELECT id, ?2, ?3 FROM users WHERE name = ?1
-             ON CONFLICT (token_sha256) DO NOTHING",
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO NOTHING RETURNING id",
         )
         .bind(name)
-        .bind(token_sha256)
+        .bind(role.as_str())
+        .bind(now_ms())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(user_id) = inserted else {
+            return Err(CatalogError::Conflict(format!(
+                "user {name} exists; `snapq users set-role` or `users grant` change it"
+            )));
+        };
+        for group in groups {
+            grant_in(&mut tx, user_id, group).await?;
+        }
+        tx.commit().await?;
+        self.user(name)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("user {name}")))
+    }
+
+    /// Every user with their groups and number of usable tokens, by name.
+    pub async fn users(&self) -> Result<Vec<UserInfo>> {
+        let rows: Vec<UserRow> = sqlx::query_as(USER_SELECT)
+            .bind(Option::<&str>::None)
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(UserRow::into_info).collect()
+    }
+
+    pub async fn user(&self, name: &str) -> Result<Option<UserInfo>> {
+        let row: Option<UserRow> = sqlx::query_as(USER_SELECT)
+            .bind(Some(name))
+            .bind(now_ms())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(UserRow::into_info).transpose()
+    }
+
+    fn unknown_user(name: &str) -> CatalogError {
+        CatalogError::NotFound(format!(
+            "no user named {:?}; `snapq users list` shows them",
+            name.chars().take(64).collect::<String>()
+        ))
+    }
+
+    /// Removes a user; their tokens stay as revoked rows so a later use is told why it fails.
+    pub async fn remove_user(&self, name: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let bootstrap: Option<i64> = sqlx::query_scalar(
+            "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
+             WHERE u.name = ?1 AND t.bootstrap = 1 AND t.revoked_ms IS NULL",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if bootstrap.unwrap_or(0) > 0 {
+            return Err(CatalogError::Conflict(format!(
+                "{name} holds the data directory's admin.token and cannot be removed"
+            )));
+        }
+        sqlx::query(
+            "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'its user ' || ?1 || ' was removed'
+             WHERE user_id = (SELECT id FROM users WHERE name = ?1) AND revoked_ms IS NULL",
+        )
+        .bind(name)
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
+        let removed = sqlx::query("DELETE FROM users WHERE name = ?1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if removed.rows_affected() == 0 {
+            return Err(Self::unknown_user(name));
+        }
         tx.commit().await?;
         Ok(())
     }
 
-    /// The user name and role that hold the token with this sha256.
-    pub async fn user_for_token(&self, token_sha256: &str) -> Result<Option<(String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT u.name, u.role FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.token_sha256 = ?1",
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<()> {
+        if role != Role::Admin && self.holds_bootstrap(name).await? {
+            return Err(CatalogError::Conflict(format!(
+                "{name} holds the data directory's admin.token and stays an admin"
+            )));
+        }
+        let done = sqlx::query("UPDATE users SET role = ?2 WHERE name = ?1")
+            .bind(name)
+            .bind(role.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Self::unknown_user(name));
+        }
+        Ok(())
+    }
+
+    async fn holds_bootstrap(&self, name: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
+             WHERE u.name = ?1 AND t.bootstrap = 1 AND t.revoked_ms IS NULL",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// Grants `group` to user `name`; granting twice is not an error.
+    pub async fn grant(&self, name: &str, group: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let user_id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Self::unknown_user(name))?;
+        grant_in(&mut tx, user_id, group).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes `group` away from user `name`; `false` if they did not have it.
+    pub async fn revoke_group(&self, name: &str, group: &str) -> Result<bool> {
+        if self.user(name).await?.is_none() {
+            return Err(Self::unknown_user(name));
+        }
+        let done = sqlx::query(
+            "DELETE FROM user_groups
+             WHERE user_id = (SELECT id FROM users WHERE name = ?1)
+               AND group_id = (SELECT id FROM computer_groups WHERE name = ?2)",
+        )
+        .bind(name)
+        .bind(group)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Stores the argon2id PHC string of user `name`'s console password.
+    pub async fn set_password_hash(&self, name: &str, phc: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE users SET password_hash = ?2 WHERE name = ?1")
+            .bind(name)
+            .bind(phc)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Self::unknown_user(name));
+        }
+        Ok(())
+    }
+
+    /// The argon2id PHC string of user `name`'s password, if one is set.
+    pub async fn password_hash(&self, name: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT password_hash FROM users WHERE name = ?1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
+    }
+
+    // --- tokens --------------------------------------------------------------------------------
+
+    /// Makes `admin.token` (its sha256 here) the bootstrap admin's token: creates the user `admin`
+    /// if needed, and revokes a bootstrap token of an earlier file. Returns how many it revoked.
+    pub async fn ensure_bootstrap_token(&self, token_sha256: &str, prefix: &str) -> Result<u64> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (name, role, created_ms) VALUES ('admin', 'admin', ?1)
+             ON CONFLICT (name) DO UPDATE SET role = 'admin'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let revoked = sqlx::query(
+            "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'admin.token was replaced'
+             WHERE bootstrap = 1 AND revoked_ms IS NULL AND token_sha256 <> ?1",
         )
         .bind(token_sha256)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, bootstrap, created_ms)
+             SELECT id, name, 'admin.token', ?2, ?1, 1, ?3 FROM users WHERE name = 'admin'
+             ON CONFLICT (token_sha256) DO UPDATE SET revoked_ms = NULL, revoked_reason = NULL,
+                bootstrap = 1, user_id = excluded.user_id, user_name = excluded.user_name",
+        )
+        .bind(token_sha256)
+        .bind(prefix)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(revoked)
+    }
+
+    /// Stores a new token of user `user` (its sha256 and visible prefix; never the token).
+    pub async fn create_token(
+        &self,
+        user: &str,
+        label: Option<&str>,
+        prefix: &str,
+        token_sha256: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<TokenInfo> {
+        if let Some(label) = label
+            && (label.chars().count() > 200 || label.chars().any(char::is_control))
+        {
+            return Err(CatalogError::Invalid(
+                "a token label is at most 200 characters without control characters".into(),
+            ));
+        }
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, created_ms, expires_ms)
+             SELECT id, name, ?2, ?3, ?4, ?5, ?6 FROM users WHERE name = ?1 RETURNING id",
+        )
+        .bind(user)
+        .bind(label)
+        .bind(prefix)
+        .bind(token_sha256)
+        .bind(now_ms())
+        .bind(expires_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        let id = id.ok_or_else(|| Self::unknown_user(user))?;
+        self.token(id)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("token {id}")))
+    }
+
+    /// Tokens, newest first: all, or one user's.
+    pub async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenInfo>> {
+        Ok(sqlx::query_as::<_, TokenInfo>(
+            "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
+                    expires_ms, revoked_ms, revoked_reason
+             FROM tokens WHERE ?1 IS NULL OR user_name = ?1 ORDER BY id DESC",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn token(&self, id: i64) -> Result<Option<TokenInfo>> {
+        Ok(sqlx::query_as::<_, TokenInfo>(
+            "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
+                    expires_ms, revoked_ms, revoked_reason
+             FROM tokens WHERE id = ?1",
+        )
+        .bind(id)
         .fetch_optional(&self.pool)
         .await?)
     }
 
-    /// Appends to the audit log: who did what to which target, and how it ended.
+    /// Revokes token `id`; `false` if it was already revoked.
+    pub async fn revoke_token(&self, id: i64, reason: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tokens SET revoked_ms = ?2, revoked_reason = ?3 WHERE id = ?1 AND revoked_ms IS NULL",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Who holds the token with this sha256, with their role and granted groups' rules, or why
+    /// the token is refused. One read; `last_used_ms` is written at most once a minute per token.
+    pub async fn authenticate(
+        &self,
+        token_sha256: &str,
+    ) -> Result<std::result::Result<Principal, TokenRefusal>> {
+        let row: Option<AuthRow> = sqlx::query_as(
+            "SELECT t.id, t.user_name, t.expires_ms, t.revoked_ms, t.revoked_reason, t.last_used_ms,
+                    u.role,
+                    (SELECT json_group_array(json_object('hostnames', json(g.hostnames),
+                            'cidrs', json(g.cidrs), 'labels', json(g.labels), 'members', json(g.members)))
+                     FROM user_groups ug JOIN computer_groups g ON g.id = ug.group_id
+                     WHERE ug.user_id = u.id) AS groups
+             FROM tokens t LEFT JOIN users u ON u.id = t.user_id
+             WHERE t.token_sha256 = ?1",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        let now = now_ms();
+        if let Some(when) = row.revoked_ms {
+            return Ok(Err(TokenRefusal::Revoked {
+                when,
+                reason: row.revoked_reason,
+            }));
+        }
+        let (Some(role), Some(groups)) = (row.role, row.groups) else {
+            return Ok(Err(TokenRefusal::UserRemoved {
+                user: row.user_name,
+            }));
+        };
+        if let Some(when) = row.expires_ms
+            && when <= now
+        {
+            return Ok(Err(TokenRefusal::Expired { when }));
+        }
+        if row.last_used_ms.is_none_or(|t| now - t > 60_000) {
+            sqlx::query("UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1")
+                .bind(row.id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(Ok(Principal {
+            token_id: row.id,
+            name: row.user_name,
+            role: role.parse()?,
+            groups: serde_json::from_str(&groups)
+                .map_err(|e| CatalogError::Invalid(format!("stored group rules: {e}")))?,
+        }))
+    }
+
+    // --- computer groups -----------------------------------------------------------------------
+
+    pub async fn add_group(&self, name: &str, rules: &GroupRules) -> Result<Group> {
+        access::validate_name("group", name)?;
+        rules.validate()?;
+        let json = |v: &Vec<String>| serde_json::to_string(v).expect("strings serialize");
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO computer_groups (name, hostnames, cidrs, labels, members, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING RETURNING id",
+        )
+        .bind(name)
+        .bind(json(&rules.hostnames))
+        .bind(json(&rules.cidrs))
+        .bind(json(&rules.labels))
+        .bind(json(&rules.members))
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        if inserted.is_none() {
+            return Err(CatalogError::Conflict(format!(
+                "group {name} exists; remove it first to redefine it"
+            )));
+        }
+        self.group(name)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("group {name}")))
+    }
+
+    /// Every group by name, with the users granted it.
+    pub async fn groups(&self) -> Result<Vec<Group>> {
+        let rows: Vec<GroupRow> = sqlx::query_as(GROUP_SELECT)
+            .bind(Option::<&str>::None)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(GroupRow::into_group).collect()
+    }
+
+    pub async fn group(&self, name: &str) -> Result<Option<Group>> {
+        let row: Option<GroupRow> = sqlx::query_as(GROUP_SELECT)
+            .bind(Some(name))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(GroupRow::into_group).transpose()
+    }
+
+    /// Removes a group and every grant of it.
+    pub async fn remove_group(&self, name: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM computer_groups WHERE name = ?1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(CatalogError::NotFound(format!(
+                "no group named {:?}; `snapq groups list` shows them",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The endpoints that are members of a group now, evaluated against their current facts.
+    pub async fn members(&self, rules: &GroupRules) -> Result<Vec<Endpoint>> {
+        let compiled = rules.compile();
+        Ok(self
+            .search_endpoints("")
+            .await?
+            .into_iter()
+            .filter(|e| compiled.matches(&e.facts()))
+            .collect())
+    }
+
+    // --- job targets ---------------------------------------------------------------------------
+
+    /// Remembers which endpoint a job belongs to, for scoping.
+    pub async fn set_job_target(&self, job_id: &str, hostname: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO job_targets (job_id, hostname) VALUES (?1, ?2)
+             ON CONFLICT (job_id) DO UPDATE SET hostname = excluded.hostname",
+        )
+        .bind(job_id)
+        .bind(hostname)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The endpoints of these jobs, where recorded.
+    pub async fn job_targets(
+        &self,
+        job_ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let ids = serde_json::to_string(job_ids).expect("strings serialize");
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT job_id, hostname FROM job_targets WHERE job_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    // --- audit ---------------------------------------------------------------------------------
+
+    /// Appends to the audit log: who (`actor`, a user name, `agent:HOST` or `system`) did what
+    /// (`action`, dotted like `user.add`, `capture`, `endpoint.rekey`) to which `target`, how it
+    /// ended (`result`: `ok`, `queued`, `refused`, `failed`, ...) and any `detail`. The time is
+    /// now. This signature is stable: every part of the server writes through it.
     pub async fn audit(
         &self,
         actor: &str,
@@ -762,5 +1232,218 @@ impl Catalog {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Audit entries, newest first. `action` matches exactly or as a prefix before a dot
+    /// (`user` finds `user.add` and `user.remove`).
+    pub async fn audit_list(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        Ok(sqlx::query_as::<_, AuditEntry>(
+            "SELECT id, ts_ms, actor, action, target, result, detail FROM audit
+             WHERE (?1 IS NULL OR ts_ms >= ?1) AND (?2 IS NULL OR actor = ?2)
+               AND (?3 IS NULL OR action = ?3 OR substr(action, 1, length(?3) + 1) = ?3 || '.')
+             ORDER BY ts_ms DESC, id DESC LIMIT ?4",
+        )
+        .bind(filter.since_ms)
+        .bind(&filter.actor)
+        .bind(&filter.action)
+        .bind(i64::from(filter.limit.clamp(1, 10_000)))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+/// Grants a group inside a transaction.
+async fn grant_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    user_id: i64,
+    group: &str,
+) -> Result<()> {
+    let group_id: i64 = sqlx::query_scalar("SELECT id FROM computer_groups WHERE name = ?1")
+        .bind(group)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| {
+            CatalogError::NotFound(format!(
+                "no group named {:?}; `snapq groups add` makes one",
+                group.chars().take(64).collect::<String>()
+            ))
+        })?;
+    sqlx::query(
+        "INSERT INTO user_groups (user_id, group_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(group_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const USER_SELECT: &str = "SELECT u.name, u.role, u.created_ms, u.password_hash IS NOT NULL AS has_password,
+        (SELECT json_group_array(g.name) FROM user_groups ug JOIN computer_groups g ON g.id = ug.group_id
+         WHERE ug.user_id = u.id) AS groups,
+        (SELECT count(*) FROM tokens t WHERE t.user_id = u.id AND t.revoked_ms IS NULL
+         AND (t.expires_ms IS NULL OR t.expires_ms > ?2)) AS tokens
+    FROM users u WHERE ?1 IS NULL OR u.name = ?1 ORDER BY u.name";
+
+#[derive(FromRow)]
+struct UserRow {
+    name: String,
+    role: String,
+    created_ms: i64,
+    has_password: bool,
+    groups: String,
+    tokens: i64,
+}
+
+impl UserRow {
+    fn into_info(self) -> Result<UserInfo> {
+        let mut groups: Vec<String> = serde_json::from_str(&self.groups)
+            .map_err(|e| CatalogError::Invalid(format!("stored groups: {e}")))?;
+        groups.sort();
+        Ok(UserInfo {
+            name: self.name,
+            role: self.role.parse()?,
+            groups,
+            tokens: self.tokens,
+            has_password: self.has_password,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+/// A user as listings show it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    /// Usable (not revoked, not expired) tokens.
+    pub tokens: i64,
+    pub has_password: bool,
+    pub created_ms: i64,
+}
+
+/// A token as listings show it; the token itself is never stored.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub user: String,
+    pub label: Option<String>,
+    pub prefix: String,
+    pub bootstrap: bool,
+    pub created_ms: i64,
+    pub last_used_ms: Option<i64>,
+    pub expires_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+    pub revoked_reason: Option<String>,
+}
+
+#[derive(FromRow)]
+struct AuthRow {
+    id: i64,
+    user_name: String,
+    expires_ms: Option<i64>,
+    revoked_ms: Option<i64>,
+    revoked_reason: Option<String>,
+    last_used_ms: Option<i64>,
+    role: Option<String>,
+    groups: Option<String>,
+}
+
+/// The holder of a valid token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub token_id: i64,
+    pub name: String,
+    pub role: Role,
+    /// The rules of every group granted to the user.
+    pub groups: Vec<GroupRules>,
+}
+
+/// Why a token is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRefusal {
+    Unknown,
+    Revoked { when: i64, reason: Option<String> },
+    Expired { when: i64 },
+    UserRemoved { user: String },
+}
+
+const GROUP_SELECT: &str = "SELECT g.name, g.hostnames, g.cidrs, g.labels, g.members, g.created_ms,
+        (SELECT json_group_array(u.name) FROM user_groups ug JOIN users u ON u.id = ug.user_id
+         WHERE ug.group_id = g.id) AS users
+    FROM computer_groups g WHERE ?1 IS NULL OR g.name = ?1 ORDER BY g.name";
+
+#[derive(FromRow)]
+struct GroupRow {
+    name: String,
+    hostnames: String,
+    cidrs: String,
+    labels: String,
+    members: String,
+    created_ms: i64,
+    users: String,
+}
+
+impl GroupRow {
+    fn into_group(self) -> Result<Group> {
+        let list = |s: &str| -> Result<Vec<String>> {
+            serde_json::from_str(s).map_err(|e| CatalogError::Invalid(format!("stored group: {e}")))
+        };
+        let mut users = list(&self.users)?;
+        users.sort();
+        Ok(Group {
+            name: self.name,
+            rules: GroupRules {
+                hostnames: list(&self.hostnames)?,
+                cidrs: list(&self.cidrs)?,
+                labels: list(&self.labels)?,
+                members: list(&self.members)?,
+            },
+            users,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+/// A computer group: its rules and the users granted it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Group {
+    pub name: String,
+    #[serde(flatten)]
+    pub rules: GroupRules,
+    pub users: Vec<String>,
+    pub created_ms: i64,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+    pub detail: Option<String>,
+}
+
+/// Which audit entries to list.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub since_ms: Option<i64>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub limit: u32,
+}
+
+impl Endpoint {
+    /// What computer groups are matched against.
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            hostname: &self.hostname,
+            ips: &self.ips,
+            labels: &self.labels,
+        }
     }
 }

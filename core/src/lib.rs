@@ -5,6 +5,7 @@
 //! checks, the endpoint API's wire types and the server's client of it, the server's catalog and its
 //! snapshot store. It knows nothing of the queue, the HTTP server or the CLI.
 
+pub mod access;
 pub mod agent_client;
 pub mod catalog;
 pub mod disk;

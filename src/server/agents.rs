@@ -10,32 +10,48 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Extension, Json, Router};
+use snapq_core::access::Role;
 use snapq_core::catalog::Heartbeat;
 
 use super::ServerState;
-use super::api::Caller;
+use super::access::Access;
+use super::api::{ApiRoute, Auth};
 use crate::agent::enroll::EnrollToken;
 use crate::http::{ApiError, bearer, same_secret};
 
 /// Who the audit log names for requests an agent (not a user) makes.
 const AGENT_ACTOR: &str = "agent";
 
-/// `POST /v1/agents/heartbeat`: authenticated by its own rules (enroll token or credential).
-pub fn heartbeat_routes() -> Router<Arc<ServerState>> {
-    Router::new().route("/v1/agents/heartbeat", post(heartbeat))
-}
-
-/// Admin routes; they sit behind the user check like every other user route.
-pub fn admin_routes() -> Router<Arc<ServerState>> {
-    Router::new()
-        .route("/v1/endpoints/{host}/rekey", post(rekey))
-        .route("/v1/endpoints/{host}/forget", post(forget))
-        .route("/v1/enroll-token/rotate", post(rotate_enroll_token))
+/// `POST /v1/agents/heartbeat`, authenticated by its own rules (enroll token or credential), and
+/// the admin routes, which sit behind the user check like every other user route.
+pub(super) fn routes() -> Vec<ApiRoute> {
+    use super::api::route as r;
+    vec![
+        r(Method::POST, "/v1/agents/heartbeat", Auth::Agent, heartbeat),
+        r(
+            Method::POST,
+            "/v1/endpoints/{host}/rekey",
+            Auth::User,
+            rekey,
+        ),
+        r(
+            Method::POST,
+            "/v1/endpoints/{host}/forget",
+            Auth::User,
+            forget,
+        ),
+        r(
+            Method::POST,
+            "/v1/enroll-token/rotate",
+            Auth::User,
+            rotate_enroll_token,
+        ),
+    ]
 }
 
 async fn audit(
@@ -199,27 +215,13 @@ fn stale_credential(host: &str) -> ApiError {
     )
 }
 
-fn require_admin(caller: &Caller) -> Result<(), ApiError> {
-    if caller.role == "admin" {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "this needs the admin role; {} is {}",
-                caller.name, caller.role
-            ),
-        ))
-    }
-}
-
 /// `POST /v1/endpoints/{host}/rekey`: the next enrollment of `host` binds a new agent.
 async fn rekey(
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
+    access: Access,
     Path(host): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&caller)?;
+    access.require(Role::Admin)?;
     let found = state
         .catalog
         .rekey_endpoint(&host)
@@ -227,7 +229,7 @@ async fn rekey(
         .map_err(ApiError::internal)?;
     audit(
         &state,
-        &caller.name,
+        access.name(),
         "endpoint.rekey",
         &host,
         if found { "ok" } else { "not found" },
@@ -244,10 +246,10 @@ async fn rekey(
 /// unless snapshots belong to it).
 async fn forget(
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
+    access: Access,
     Path(host): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&caller)?;
+    access.require(Role::Admin)?;
     let found = state
         .catalog
         .forget_endpoint(&host)
@@ -255,7 +257,7 @@ async fn forget(
         .map_err(ApiError::internal)?;
     audit(
         &state,
-        &caller.name,
+        access.name(),
         "endpoint.forget",
         &host,
         if found { "ok" } else { "not found" },
@@ -278,9 +280,9 @@ fn unknown_endpoint(host: &str) -> ApiError {
 /// enrolled agents keep working with their credentials.
 async fn rotate_enroll_token(
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
+    access: Access,
 ) -> Result<Response, ApiError> {
-    require_admin(&caller)?;
+    access.require(Role::Admin)?;
     let token = {
         let mut current = state.enroll_token.write().expect("enroll token lock");
         let token = EnrollToken {
@@ -293,7 +295,7 @@ async fn rotate_enroll_token(
     };
     audit(
         &state,
-        &caller.name,
+        access.name(),
         "enroll_token.rotate",
         "enroll.token",
         "ok",

@@ -3,81 +3,125 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
+use axum::http::Method;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use snapq_core::access::Role;
 use snapq_core::agent_client::NotCallable;
-use snapq_core::catalog::{Endpoint, Origin, Snapshot, now_ms};
+use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
-use snapq_jobs::{JobId, JobKind, JobState, ListFilter, QueueError};
+use snapq_jobs::{JobDetail, JobKind, JobState, KindStatus, ListFilter, QueueError};
 
-use super::{ServerState, sha256_hex};
-use crate::http::{ApiError, unauthorized};
+use super::ServerState;
+use crate::http::ApiError;
 
-/// Who is asking: the user a bearer token belongs to.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-    pub role: String,
+pub use super::access::Caller;
+use super::access::{Access, Operate, Scoped, View};
+
+/// Who may call a route: anyone, an agent with the enroll token, or a user with a token (checked
+/// by [`super::access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Public,
+    Agent,
+    User,
+}
+
+/// One route of the server API.
+pub struct ApiRoute {
+    pub method: Method,
+    pub path: &'static str,
+    pub auth: Auth,
+    handler: MethodRouter<Arc<ServerState>>,
+}
+
+pub(super) fn route<H, T>(method: Method, path: &'static str, auth: Auth, handler: H) -> ApiRoute
+where
+    H: axum::handler::Handler<T, Arc<ServerState>>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+    ApiRoute {
+        method,
+        path,
+        auth,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route of the server API: the router is built from this list, and the access-table test
+/// walks it, so a new route without a row in that table fails the test.
+pub fn routes() -> Vec<ApiRoute> {
+    use Auth::{Public, User};
+    let mut routes = vec![
+        route(Method::GET, "/status", Public, status),
+        route(Method::GET, "/v1/endpoints", User, list_endpoints),
+        route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
+        route(Method::POST, "/v1/captures", User, capture),
+        route(Method::GET, "/v1/snapshots", User, list_snapshots),
+        route(Method::GET, "/v1/snapshots/{id}", User, show_snapshot),
+        route(
+            Method::GET,
+            "/v1/snapshots/{id}/file",
+            User,
+            download_snapshot,
+        ),
+        route(Method::POST, "/v1/snapshots/delete", User, delete_snapshots),
+        route(Method::POST, "/v1/uploads", User, upload),
+        route(Method::GET, "/v1/ingests/{job_id}", User, show_ingest),
+        route(Method::GET, "/v1/queue/status", User, queue_status),
+        route(Method::GET, "/v1/queue/jobs", User, queue_list),
+        route(Method::GET, "/v1/queue/jobs/{id}", User, queue_show),
+        route(Method::POST, "/v1/queue/jobs/{id}/retry", User, queue_retry),
+        route(
+            Method::POST,
+            "/v1/queue/jobs/{id}/cancel",
+            User,
+            queue_cancel,
+        ),
+    ];
+    routes.extend(super::agents::routes());
+    routes.extend(super::quarantine::routes());
+    routes.extend(super::admin::routes());
+    routes
+}
+
+/// The method and path template of every route, as the router serves them.
+pub fn route_list() -> Vec<(Method, &'static str)> {
+    routes().into_iter().map(|r| (r.method, r.path)).collect()
 }
 
 pub fn router(state: Arc<ServerState>) -> Router {
-    let user_routes = Router::new()
-        .route("/v1/endpoints", get(list_endpoints))
-        .route("/v1/endpoints/{host}", get(show_endpoint))
-        .route("/v1/captures", post(capture))
-        .route("/v1/snapshots", get(list_snapshots))
-        .route("/v1/snapshots/{id}", get(show_snapshot))
-        .route("/v1/snapshots/delete", post(delete_snapshots))
-        .route(
-            "/v1/uploads",
-            post(upload).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/v1/ingests/{job_id}", get(show_ingest))
-        .route("/v1/queue/status", get(queue_status))
-        .route("/v1/queue/jobs", get(queue_list))
-        .route("/v1/queue/jobs/{id}", get(queue_show))
-        .route("/v1/queue/jobs/{id}/retry", post(queue_retry))
-        .route("/v1/queue/jobs/{id}/cancel", post(queue_cancel))
-        .merge(super::quarantine::routes())
-        .merge(super::agents::admin_routes())
-        .layer(middleware::from_fn_with_state(state.clone(), require_user));
-    Router::new()
-        .route("/status", get(status))
-        .merge(user_routes)
-        .merge(super::agents::heartbeat_routes())
+    let (mut public, mut agent, mut user) = (Router::new(), Router::new(), Router::new());
+    for r in routes() {
+        let handler = if r.path == "/v1/uploads" {
+            r.handler.layer(axum::extract::DefaultBodyLimit::disable())
+        } else {
+            r.handler
+        };
+        match r.auth {
+            Auth::Public => public = public.route(r.path, handler),
+            Auth::Agent => agent = agent.route(r.path, handler),
+            Auth::User => user = user.route(r.path, handler),
+        }
+    }
+    let user = user.layer(middleware::from_fn_with_state(
+        state.clone(),
+        super::access::authenticate,
+    ));
+    // Agents authenticate by their own rules (enroll token or credential): `agents.rs`.
+    public
+        .merge(user)
+        .merge(agent)
         .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
-}
-
-async fn require_user(
-    State(state): State<Arc<ServerState>>,
-    mut request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let token = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let Some(token) = token else {
-        return unauthorized().into_response();
-    };
-    match state.catalog.user_for_token(&sha256_hex(&token)).await {
-        Ok(Some((name, role))) => {
-            request.extensions_mut().insert(Caller { name, role });
-            next.run(request).await
-        }
-        Ok(None) => unauthorized().into_response(),
-        Err(e) => ApiError::internal(e).into_response(),
-    }
 }
 
 async fn status() -> Json<serde_json::Value> {
@@ -124,37 +168,32 @@ struct SearchParams {
 }
 
 async fn list_endpoints(
+    access: Access,
     State(state): State<Arc<ServerState>>,
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Vec<EndpointView>>, ApiError> {
+    let sees = access.endpoint_filter()?;
     let all = state
         .catalog
         .search_endpoints(params.search.trim())
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(all.iter().map(|e| view(&state, e)).collect()))
-}
-
-async fn endpoint_or_404(state: &ServerState, host: &str) -> Result<Endpoint, ApiError> {
-    state
-        .catalog
-        .endpoint(host)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "unknown endpoint {host:?}; `snapq endpoints search TEXT` lists the ones you can reach"
-            ))
-        })
+    Ok(Json(
+        all.iter()
+            .filter(|e| sees(&e.facts()))
+            .map(|e| view(&state, e))
+            .collect(),
+    ))
 }
 
 /// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk
 /// numbers a capture confirmation shows.
 async fn show_endpoint(
     State(state): State<Arc<ServerState>>,
-    Path(host): Path<String>,
+    Scoped {
+        target: endpoint, ..
+    }: Scoped<Endpoint, View>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let endpoint = endpoint_or_404(&state, &host).await?;
     let live = match state.services.agents.client(&endpoint) {
         Ok(agent) => match agent.endpoint_info().await {
             Ok(info) => serde_json::to_value(info).map_err(ApiError::internal)?,
@@ -187,46 +226,35 @@ pub struct CaptureQueued {
 }
 
 /// `POST /v1/captures {"hosts": [...]}`: one snapshot row and one capture job per host. Unknown
-/// hosts fail the whole request before anything is queued.
+/// hosts (and hosts outside the caller's groups) fail the whole request before anything is queued.
 async fn capture(
+    access: Access,
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
     Json(request): Json<CaptureRequest>,
 ) -> Result<Response, ApiError> {
     if request.hosts.is_empty() {
+        access.require(Role::Operator)?;
         return Err(ApiError::bad_request(
             "name at least one endpoint to capture",
         ));
     }
-    let mut endpoints = Vec::new();
-    let mut unknown = Vec::new();
-    for host in &request.hosts {
-        match state
-            .catalog
-            .endpoint(host)
-            .await
-            .map_err(ApiError::internal)?
-        {
-            Some(e) => endpoints.push(e),
-            None => unknown.push(host.as_str()),
-        }
-    }
-    if !unknown.is_empty() {
-        return Err(ApiError::not_found(format!(
-            "unknown endpoint(s): {}; `snapq endpoints search TEXT` lists the ones you can reach",
-            unknown.join(", ")
-        )));
-    }
+    let endpoints = access.endpoints(&request.hosts, Role::Operator).await?;
+    let caller = access.name();
     let mut queued = Vec::new();
     for endpoint in endpoints {
         let snapshot_id = state
             .catalog
-            .create_snapshot(endpoint.id, Origin::Capture, &caller.name)
+            .create_snapshot(endpoint.id, Origin::Capture, caller)
             .await
             .map_err(ApiError::internal)?;
         let job_id = state
             .queue
-            .push(&CaptureArgs { snapshot_id }, &caller.name)
+            .push(&CaptureArgs { snapshot_id }, caller)
+            .await
+            .map_err(ApiError::internal)?;
+        state
+            .catalog
+            .set_job_target(job_id.as_str(), &endpoint.hostname)
             .await
             .map_err(ApiError::internal)?;
         state
@@ -236,7 +264,7 @@ async fn capture(
             .map_err(ApiError::internal)?;
         state
             .audit(
-                &caller.name,
+                caller,
                 "capture",
                 &endpoint.hostname,
                 "queued",
@@ -266,19 +294,26 @@ pub struct SnapshotGroup {
 }
 
 async fn list_snapshots(
+    access: Access,
     State(state): State<Arc<ServerState>>,
     Query(params): Query<SnapshotParams>,
 ) -> Result<Json<Vec<SnapshotGroup>>, ApiError> {
     if let Some(host) = &params.endpoint {
-        endpoint_or_404(&state, host).await?;
+        // One endpoint's: outside the caller's groups it does not exist.
+        access.endpoint(host, Role::Viewer).await?;
     }
+    let sees = access.endpoint_filter()?;
     let all = state
         .catalog
-        .snapshots(params.endpoint.as_deref())
+        .snapshots_with_facts(params.endpoint.as_deref())
         .await
         .map_err(ApiError::internal)?;
     let mut groups: Vec<SnapshotGroup> = Vec::new();
-    for snap in all {
+    for row in all {
+        if !sees(&row.facts()) {
+            continue;
+        }
+        let snap = row.snapshot;
         let value = serde_json::to_value(&snap).map_err(ApiError::internal)?;
         match groups.last_mut() {
             Some(g) if g.hostname == snap.hostname => g.snapshots.push(value),
@@ -299,28 +334,40 @@ async fn list_snapshots(
     Ok(Json(groups))
 }
 
-async fn show_snapshot(
+async fn show_snapshot(Scoped { target: snap, .. }: Scoped<Snapshot, View>) -> Json<Snapshot> {
+    Json(snap)
+}
+
+/// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
+async fn download_snapshot(
     State(state): State<Arc<ServerState>>,
-    Path(id): Path<String>,
-) -> Result<Json<Snapshot>, ApiError> {
-    let not_found = || {
-        ApiError::not_found(format!(
-            "no snapshot with id {id:?}; `snapq snapshots list` shows them"
-        ))
+    Scoped { target: snap, .. }: Scoped<Snapshot, View>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let (Some(name), Some(sha256), "complete") = (&snap.name, &snap.sha256, snap.state.as_str())
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "snapshot {} is {}, not complete; only complete snapshots can be downloaded",
+                snap.id, snap.state
+            ),
+        ));
     };
-    let id: i64 = id.parse().map_err(|_| not_found())?;
-    let snap = state
-        .catalog
-        .snapshot(id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(not_found)?;
-    Ok(Json(snap))
+    let name: snapq_core::SnapshotName = name.parse().map_err(ApiError::internal)?;
+    let path = state.services.store.path(&name);
+    let mut response = crate::http::serve_file(&path, sha256, &headers, None).await?;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
 }
 
 impl ServerState {
     /// Appends to the audit log; a failure to do so is logged, never hidden.
-    pub(super) async fn audit(
+    pub(crate) async fn audit(
         &self,
         actor: &str,
         action: &str,
@@ -348,7 +395,14 @@ fn queue_error(err: QueueError) -> ApiError {
     }
 }
 
-async fn queue_status(State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
+/// Most jobs a caller who sees only some endpoints has counted or listed (the newest).
+const SCOPED_JOB_WINDOW: u32 = 10_000;
+
+async fn queue_status(
+    access: Access,
+    State(state): State<Arc<ServerState>>,
+) -> Result<Response, ApiError> {
+    let visible = access.visible().await?;
     let mut status = state.queue.status().await.map_err(queue_error)?;
     // Only the kinds this server runs (and any that somehow hold jobs): no `noop`, no kinds
     // without workers yet.
@@ -357,16 +411,71 @@ async fn queue_status(State(state): State<Arc<ServerState>>) -> Result<Response,
         workers.iter().any(|w| w.kind.as_str() == k.kind)
             || k.pending + k.running + k.retrying + k.done + k.failed + k.cancelled > 0
     });
+    if !visible.everything() {
+        // Counts of the jobs this caller may see, from the newest jobs of the queue.
+        let jobs = state
+            .queue
+            .list(&ListFilter {
+                state: None,
+                kind: None,
+                limit: Some(SCOPED_JOB_WINDOW),
+            })
+            .await
+            .map_err(queue_error)?;
+        let jobs = access.visible_jobs(jobs).await?;
+        let now = chrono::Utc::now();
+        for kind in &mut status.kinds {
+            let mut counts = KindStatus {
+                kind: kind.kind.clone(),
+                ..KindStatus::default()
+            };
+            for job in jobs.iter().filter(|j| j.kind == kind.kind) {
+                match job.state {
+                    JobState::Pending => counts.pending += 1,
+                    JobState::Running => counts.running += 1,
+                    JobState::Retrying => counts.retrying += 1,
+                    JobState::Done => counts.done += 1,
+                    JobState::Failed => counts.failed += 1,
+                    JobState::Cancelled => counts.cancelled += 1,
+                }
+                if job.state == JobState::Pending
+                    && let Some(created) = job.created_at
+                {
+                    let age = (now - created).num_milliseconds().max(0) as u64;
+                    counts.oldest_pending_age_ms = counts.oldest_pending_age_ms.max(Some(age));
+                }
+                if job.state == JobState::Done
+                    && job
+                        .finished_at
+                        .is_some_and(|t| (now - t).num_seconds() < 60)
+                {
+                    counts.done_last_60s += 1;
+                }
+            }
+            *kind = counts;
+        }
+    }
     let running = state
         .queue
         .list(&ListFilter {
             state: Some(JobState::Running),
             kind: None,
-            limit: Some(100),
+            limit: Some(if visible.everything() {
+                100
+            } else {
+                SCOPED_JOB_WINDOW
+            }),
         })
         .await
         .map_err(queue_error)?;
-    let watch = super::quarantine::watch_status(&state).await;
+    let mut running = access.visible_jobs(running).await?;
+    running.truncate(100);
+    // The drop folder's waiting files name endpoints: admins only.
+    let watch = if visible.everything() {
+        super::quarantine::watch_status(&state).await
+    } else {
+        serde_json::Value::Null
+    };
     Ok(
         Json(serde_json::json!({ "status": status, "running": running, "watch": watch }))
             .into_response(),
@@ -381,9 +490,11 @@ struct ListParams {
 }
 
 async fn queue_list(
+    access: Access,
     State(state): State<Arc<ServerState>>,
     Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
+    let visible = access.visible().await?;
     let job_state = match params.state.as_deref() {
         None => None,
         Some(s) => Some(
@@ -402,39 +513,38 @@ async fn queue_list(
         None => None,
         Some(k) => Some(k.parse::<JobKind>().map_err(ApiError::bad_request)?),
     };
+    let limit = params.limit.unwrap_or(100).clamp(1, SCOPED_JOB_WINDOW);
     let jobs = state
         .queue
         .list(&ListFilter {
             state: job_state,
             kind,
-            limit: params.limit,
+            limit: Some(if visible.everything() {
+                limit
+            } else {
+                SCOPED_JOB_WINDOW
+            }),
         })
         .await
         .map_err(queue_error)?;
+    let mut jobs = access.visible_jobs(jobs).await?;
+    jobs.truncate(limit as usize);
     Ok(Json(jobs).into_response())
 }
 
-fn job_id(id: &str) -> Result<JobId, ApiError> {
-    Ok(JobId::from(id))
-}
-
-async fn queue_show(
-    State(state): State<Arc<ServerState>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let detail = state.queue.show(&job_id(&id)?).await.map_err(queue_error)?;
-    Ok(Json(detail).into_response())
+async fn queue_show(Scoped { target: detail, .. }: Scoped<JobDetail, View>) -> Json<JobDetail> {
+    Json(detail)
 }
 
 async fn queue_retry(
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
 ) -> Result<Response, ApiError> {
-    let result = state.queue.retry(&job_id(&id)?).await;
+    let id = target.job.id.as_str().to_owned();
+    let result = state.queue.retry(&target.job.id).await;
     state
         .audit(
-            &caller.name,
+            access.name(),
             "queue.retry",
             &id,
             if result.is_ok() { "ok" } else { "refused" },
@@ -447,13 +557,13 @@ async fn queue_retry(
 
 async fn queue_cancel(
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
 ) -> Result<Response, ApiError> {
-    let result = state.queue.cancel(&job_id(&id)?, &caller.name).await;
+    let id = target.job.id.as_str().to_owned();
+    let result = state.queue.cancel(&target.job.id, access.name()).await;
     state
         .audit(
-            &caller.name,
+            access.name(),
             "queue.cancel",
             &id,
             if result.is_ok() { "ok" } else { "refused" },
@@ -475,67 +585,62 @@ struct DeleteRequest {
 }
 
 /// `POST /v1/snapshots/delete {"ids": [...]}` or `{"endpoint": "HOST"}`: one delete job per
-/// snapshot. Unknown ids fail the whole request before anything is queued.
+/// snapshot. Unknown ids (and ids outside the caller's groups) fail the whole request before
+/// anything is queued.
 async fn delete_snapshots(
+    access: Access,
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
     Json(request): Json<DeleteRequest>,
 ) -> Result<Response, ApiError> {
-    let ids: Vec<i64> = match (&request.endpoint, request.ids.is_empty()) {
+    let targets: Vec<(i64, String)> = match (&request.endpoint, request.ids.is_empty()) {
         (Some(host), true) => {
-            endpoint_or_404(&state, host).await?;
+            let endpoint = access.endpoint(host, Role::Operator).await?;
             state
                 .catalog
-                .snapshots(Some(host))
+                .snapshots(Some(&endpoint.hostname))
                 .await
                 .map_err(ApiError::internal)?
                 .into_iter()
-                .map(|s| s.id)
+                .map(|s| (s.id, s.hostname))
                 .collect()
         }
-        (None, false) => {
-            let mut unknown = Vec::new();
-            for id in &request.ids {
-                if state
-                    .catalog
-                    .snapshot(*id)
-                    .await
-                    .map_err(ApiError::internal)?
-                    .is_none()
-                {
-                    unknown.push(id.to_string());
-                }
-            }
-            if !unknown.is_empty() {
-                return Err(ApiError::not_found(format!(
-                    "no snapshot with id {}; `snapq snapshots list` shows them",
-                    unknown.join(", ")
-                )));
-            }
-            request.ids.clone()
-        }
+        (None, false) => access
+            .snapshots(&request.ids, Role::Operator)
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s.hostname))
+            .collect(),
         _ => {
+            access.require(Role::Operator)?;
             return Err(ApiError::bad_request(
                 "name snapshot ids, or an endpoint to delete all of its snapshots (not both)",
             ));
         }
     };
-    let args: Vec<DeleteArgs> = ids
+    let args: Vec<DeleteArgs> = targets
         .iter()
-        .map(|&snapshot_id| DeleteArgs { snapshot_id })
+        .map(|&(snapshot_id, _)| DeleteArgs { snapshot_id })
         .collect();
     let jobs = state
         .queue
-        .enqueue_many(JobKind::Delete, &args, &caller.name)
+        .enqueue_many(JobKind::Delete, &args, access.name())
         .await
         .map_err(ApiError::internal)?;
+    for ((_, host), job) in targets.iter().zip(&jobs) {
+        state
+            .catalog
+            .set_job_target(job.as_str(), host)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let ids: Vec<i64> = targets.iter().map(|(id, _)| *id).collect();
     let target = request
         .endpoint
         .clone()
         .unwrap_or_else(|| format!("snapshots {ids:?}"));
     state
         .audit(
-            &caller.name,
+            access.name(),
             "snapshot.delete.request",
             &target,
             "queued",
@@ -556,10 +661,11 @@ struct UploadParams {
 }
 
 /// `POST /v1/uploads?name=FILE` with the file as the body: spooled to `incoming/` under a temporary
-/// name while the size limit is enforced, then handed to an ingest job.
+/// name while the size limit is enforced, then handed to an ingest job. The endpoint the name
+/// carries must be in the caller's groups (it need not exist yet).
 async fn upload(
+    access: Access,
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
     Query(params): Query<UploadParams>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -568,9 +674,18 @@ async fn upload(
     use tokio::io::AsyncWriteExt;
 
     // Hostile or malformed names are refused before a byte is written.
-    let name: snapq_core::SnapshotName = params.name.parse().map_err(|e| {
-        ApiError::bad_request(format!("{:?} is not a snapshot name: {e}", params.name))
-    })?;
+    let name: snapq_core::SnapshotName = match params.name.parse() {
+        Ok(name) => name,
+        Err(e) => {
+            access.require(Role::Operator)?;
+            return Err(ApiError::bad_request(format!(
+                "{:?} is not a snapshot name: {e}",
+                params.name
+            )));
+        }
+    };
+    access.host(name.hostname(), Role::Operator).await?;
+    let caller = access.name();
     let incoming = state.layout().incoming();
     let spool_id = hex::encode(rand::random::<[u8; 16]>());
     let partial = incoming.join(format!("{spool_id}.partial"));
@@ -663,7 +778,7 @@ async fn upload(
         return Err(ApiError::internal(e));
     }
     let args = IngestArgs::new(spooled, name.to_string(), Origin::Upload);
-    let job = match super::enqueue_spooled(&state.queue, &args, &spool_id, &caller.name).await {
+    let job = match super::enqueue_spooled(&state.queue, &args, &spool_id, caller).await {
         Ok(job) => job,
         Err(e) => {
             // Nothing will ever ingest it: do not leave it in the spool.
@@ -673,17 +788,17 @@ async fn upload(
     };
     state
         .catalog
-        .create_ingest(
-            job.as_str(),
-            Origin::Upload,
-            &args.original_name,
-            &caller.name,
-        )
+        .set_job_target(job.as_str(), name.hostname())
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .catalog
+        .create_ingest(job.as_str(), Origin::Upload, &args.original_name, caller)
         .await
         .map_err(ApiError::internal)?;
     state
         .audit(
-            &caller.name,
+            caller,
             "upload",
             &args.original_name,
             "queued",
@@ -707,15 +822,6 @@ fn drain_briefly(mut stream: axum::body::BodyDataStream) {
     });
 }
 
-async fn show_ingest(
-    State(state): State<Arc<ServerState>>,
-    Path(job_id): Path<String>,
-) -> Result<Response, ApiError> {
-    let ingest = state
-        .catalog
-        .ingest(&job_id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(format!("no ingest job {job_id:?}")))?;
-    Ok(Json(ingest).into_response())
+async fn show_ingest(Scoped { target: ingest, .. }: Scoped<Ingest, View>) -> Json<Ingest> {
+    Json(ingest)
 }

@@ -5,6 +5,8 @@
 //! listener and starts the workers; [`Server::run`] serves until the shutdown signal, then lets
 //! running jobs finish or leaves them to resume at the next start.
 
+pub mod access;
+pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod demo;
@@ -138,10 +140,28 @@ impl Server {
             std::fs::create_dir_all(sub)?;
         }
         clean_spool(&layout.incoming());
-        let admin_token = crate::token::load_or_create(None, &layout.admin_token())?;
-        catalog
-            .ensure_token("admin", "admin", &sha256_hex(&admin_token))
+        let admin_token = crate::token::load_or_create_with(
+            &layout.admin_token(),
+            crate::token::generate_api_token,
+        )?;
+        let replaced = catalog
+            .ensure_bootstrap_token(
+                &sha256_hex(&admin_token),
+                &crate::token::api_token_prefix(&admin_token),
+            )
             .await?;
+        if replaced > 0 {
+            tracing::warn!("admin.token was replaced: the previous admin token is revoked");
+            catalog
+                .audit(
+                    "system",
+                    "token.revoke",
+                    "admin.token",
+                    "ok",
+                    Some("admin.token was replaced"),
+                )
+                .await?;
+        }
         let certs = CertPair::ensure(&layout.certs(), &certificate_names())?;
         let tls = certs.server_config()?;
         let enroll_token = enroll_token(&layout, &certs)?;

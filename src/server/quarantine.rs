@@ -13,26 +13,34 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use snapq_core::SnapshotName;
 use snapq_core::catalog::{Ingest, Origin, now_ms};
 use snapq_jobs::handlers::ingest::{IngestArgs, reason_path};
 
+use snapq_core::access::Role;
+
 use super::ServerState;
-use super::api::Caller;
+use super::access::{Access, Scoped, View};
+use super::api::{ApiRoute, Auth};
 use crate::http::ApiError;
 
-pub fn routes() -> Router<Arc<ServerState>> {
-    Router::new()
-        .route("/v1/quarantine", get(list))
-        .route("/v1/quarantine/{id}", get(show))
-        .route("/v1/quarantine/{id}/retry", post(retry))
-        .route("/v1/quarantine/delete", post(delete))
+/// The quarantine's routes, scoped like every user route: an entry belongs to the endpoint its
+/// file name names (one whose name names none is an admin's only).
+pub(super) fn routes() -> Vec<ApiRoute> {
+    use super::api::route as r;
+    use Auth::User;
+    vec![
+        r(Method::GET, "/v1/quarantine", User, list),
+        r(Method::GET, "/v1/quarantine/{id}", User, show),
+        r(Method::POST, "/v1/quarantine/{id}/retry", User, retry),
+        r(Method::POST, "/v1/quarantine/delete", User, delete),
+    ]
 }
 
 /// One quarantined file, as `snapq quarantine list|show` print it.
@@ -54,30 +62,49 @@ fn entry_json(ingest: &Ingest) -> serde_json::Value {
     })
 }
 
-async fn list(State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
+async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
+    let visible = access.visible().await?;
     let entries = state
         .catalog
         .quarantined(None)
         .await
         .map_err(ApiError::internal)?;
-    let entries: Vec<_> = entries.iter().map(entry_json).collect();
+    let entries: Vec<_> = entries
+        .iter()
+        .filter(|e| match e.original_name.parse::<SnapshotName>() {
+            Ok(name) => visible.host(name.hostname()),
+            Err(_) => visible.everything(),
+        })
+        .map(entry_json)
+        .collect();
     Ok(Json(entries).into_response())
 }
 
-async fn entry_or_404(state: &ServerState, id: &str) -> Result<Ingest, ApiError> {
-    match state.catalog.ingest(id).await.map_err(ApiError::internal)? {
-        Some(ingest) if ingest.state == "quarantined" => Ok(ingest),
-        _ => Err(ApiError::not_found(format!(
+/// The quarantine entry `id` if the caller may reach it with `need`; anything else (no such
+/// ingest, outside the caller's groups, not quarantined) answers the same 404.
+async fn entry_or_404(access: &Access, id: &str, need: Role) -> Result<Ingest, ApiError> {
+    let missing = || {
+        ApiError::not_found(format!(
             "no quarantined file {id:?}; `snapq quarantine list` shows them"
-        ))),
+        ))
+    };
+    match access.ingest(id, need).await {
+        Ok(ingest) if ingest.state == "quarantined" => Ok(ingest),
+        Ok(_) => Err(missing()),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Err(missing()),
+        Err(e) => Err(e),
     }
 }
 
 async fn show(
-    State(state): State<Arc<ServerState>>,
+    Scoped { target: entry, .. }: Scoped<Ingest, View>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let entry = entry_or_404(&state, &id).await?;
+    if entry.state != "quarantined" {
+        return Err(ApiError::not_found(format!(
+            "no quarantined file {id:?}; `snapq quarantine list` shows them"
+        )));
+    }
     let mut json = entry_json(&entry);
     // The full rejection as written beside the file (size, sha256 at the time, ...).
     if let Some(path) = &entry.quarantine_path
@@ -89,16 +116,6 @@ async fn show(
     Ok(Json(json).into_response())
 }
 
-fn may_change(caller: &Caller) -> Result<(), ApiError> {
-    if caller.role == "viewer" {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "retrying or deleting quarantined files needs the operator or admin role",
-        ));
-    }
-    Ok(())
-}
-
 #[derive(Deserialize, Default)]
 struct RetryRequest {
     /// Ingest it under this snapshot name instead (a fixed name).
@@ -107,13 +124,13 @@ struct RetryRequest {
 }
 
 async fn retry(
+    access: Access,
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Json(request): Json<RetryRequest>,
 ) -> Result<Response, ApiError> {
-    may_change(&caller)?;
-    let entry = entry_or_404(&state, &id).await?;
+    let entry = entry_or_404(&access, &id, Role::Operator).await?;
+    let caller = access.caller.clone();
     let name = match &request.as_name {
         Some(name) => name
             .parse::<SnapshotName>()
@@ -172,14 +189,17 @@ struct DeleteRequest {
 }
 
 async fn delete(
+    access: Access,
     State(state): State<Arc<ServerState>>,
-    Extension(caller): Extension<Caller>,
     Json(request): Json<DeleteRequest>,
 ) -> Result<Response, ApiError> {
-    may_change(&caller)?;
+    if request.ids.is_empty() {
+        access.require(Role::Operator)?;
+    }
+    let caller = access.caller.clone();
     let mut entries = Vec::new();
     for id in &request.ids {
-        entries.push(entry_or_404(&state, id).await?);
+        entries.push(entry_or_404(&access, id, Role::Operator).await?);
     }
     for entry in &entries {
         remove_entry(&state, entry, "deleted").await?;

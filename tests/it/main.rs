@@ -1,5 +1,6 @@
 //! End-to-end tests: real `snapq` processes on loopback with temp data directories.
 
+mod access;
 mod agent;
 mod chaos;
 mod crash;
