@@ -222,7 +222,7 @@ async fn a_wrong_agent_token_fails_at_once_without_retrying() {
         .await,
         200
     );
-    let (_, job) = capture_fails(&server, "web-01", "rejected the server's token").await;
+    let (_, job) = capture_fails(&server, "web-01", "snapq endpoints rekey web-01").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
     // A wrong enroll token cannot register anything.
     assert_eq!(

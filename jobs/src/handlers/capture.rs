@@ -69,7 +69,7 @@ fn agent_error(err: AgentError, hostname: &str) -> JobError {
     }
     match err.status() {
         Some(401 | 403) => JobError::permanent(format!(
-            "the agent on {hostname} rejected the server's token: {err}; re-enroll the agent"
+            "the agent on {hostname} rejected the server's credential: {err}; if its data directory was replaced, let it enroll again with `snapq endpoints rekey {hostname}`"
         )),
         Some(507) => JobError::permanent(format!(
             "the agent on {hostname} cannot stage the snapshot: {err}"
