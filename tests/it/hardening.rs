@@ -123,7 +123,10 @@ async fn the_agent_keeps_its_staging_reserve_free() {
         prefill: 1_000,
         // 1 GiB above what is free now: other processes on the machine free and fill the disk
         // by more than the database's size between this reading and the agent's.
-        extra: vec!["--staging-reserve-mib".into(), (free_mib + 1024).to_string()],
+        extra: vec![
+            "--staging-reserve-mib".into(),
+            (free_mib + 1024).to_string(),
+        ],
         ..AgentOptions::default()
     });
     let (status, body) = agent.post("/v1/snapshots").await;
