@@ -586,16 +586,7 @@ def bench_upload_and_drop(scratch: Path, do_upload: bool, do_drop: bool) -> None
         name = path.name
         t0 = time.monotonic()
         os.rename(path, watch / name)
-        deadline = t0 + 1800
-        while True:
-            hit = [s for s in server.snapshots(host) if s["name"] == name]
-            if hit and hit[0]["state"] in ("complete", "failed"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not listed complete after 1800s")
-            time.sleep(0.05)
-        took = time.monotonic() - t0
-        assert hit[0]["state"] == "complete" and hit[0]["sha256"] == info["sha256"], hit
+        took = wait_listed_complete(server, host, name, info["sha256"]) - t0
         note(f"drop {human(size)}: listed complete {took:.2f}s after the rename; baseline sha256sum "
              f"{t_sha:.2f}s + quick_check {t_base - t_sha:.2f}s")
         row(f"drop folder {human(size)} renamed in ({cache_state()})", f"{took:.2f} s",
@@ -609,16 +600,7 @@ def bench_upload_and_drop(scratch: Path, do_upload: bool, do_drop: bool) -> None
         t0 = time.monotonic()
         subprocess.run(["cp", str(path), str(watch / name)], check=True)
         copied = time.monotonic()
-        deadline = copied + 1800
-        while True:
-            hit = [s for s in server.snapshots(host) if s["name"] == name]
-            if hit and hit[0]["state"] in ("complete", "failed"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not listed complete after 1800s")
-            time.sleep(0.05)
-        took = time.monotonic() - copied
-        assert hit[0]["state"] == "complete" and hit[0]["sha256"] == info["sha256"], hit
+        took = wait_listed_complete(server, host, name, info["sha256"]) - copied
         note(f"drop by cp {human(path.stat().st_size)}: cp took {copied - t0:.2f}s, listed complete "
              f"{took:.2f}s after cp ended")
         row(f"drop folder {human(size)} by cp, from the copy's end ({cache_state()})", f"{took:.2f} s",
@@ -629,6 +611,21 @@ def bench_upload_and_drop(scratch: Path, do_upload: bool, do_drop: bool) -> None
     if do_drop:
         bench_drop_many(scratch, server)
     server.stop()
+
+
+def wait_listed_complete(server: Server, host: str, name: str, sha256: str) -> float:
+    """Polls until snapshot `name` of `host` is listed complete with `sha256`; returns when it was."""
+    deadline = time.monotonic() + 1800
+    while True:
+        hit = [s for s in server.snapshots(host) if s["name"] == name]
+        if hit and hit[0]["state"] in ("complete", "failed"):
+            at = time.monotonic()
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} not listed complete after 1800s")
+        time.sleep(0.05)
+    assert hit[0]["state"] == "complete" and hit[0]["sha256"] == sha256, hit
+    return at
 
 
 def bench_drop_many(scratch: Path, server: Server) -> None:
