@@ -91,14 +91,6 @@ pub struct IngestSettings {
     pub settle: std::time::Duration,
 }
 
-impl Default for IngestSettings {
-    fn default() -> Self {
-        Self {
-            settle: std::time::Duration::from_secs(60),
-        }
-    }
-}
-
 impl JobArgs for IngestArgs {
     const KIND: JobKind = JobKind::Ingest;
 }
