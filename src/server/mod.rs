@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod demo;
+pub mod events;
 pub mod quarantine;
 
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct ServeConfig {
     pub watch_settle: Duration,
     /// Quarantined files older than this are deleted.
     pub quarantine_retention: Duration,
+    /// The time budget of one query on a stored snapshot.
+    pub query_budget: Duration,
 }
 
 impl ServeConfig {
@@ -81,6 +84,7 @@ impl ServeConfig {
             watch_rescan: Duration::from_secs(30),
             watch_settle: Duration::from_secs(60),
             quarantine_retention: Duration::from_secs(30 * 24 * 3600),
+            query_budget: events::DEFAULT_QUERY_BUDGET,
             data_dir,
         }
     }
@@ -96,6 +100,8 @@ pub struct ServerState {
     pub enroll_token: std::sync::RwLock<EnrollToken>,
     /// What the drop-folder watcher is waiting for (set once it runs).
     pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
+    /// Open stored snapshots, reused across pages (`events.rs`).
+    pub snapshot_handles: events::SnapshotHandles,
 }
 
 impl ServerState {
@@ -203,12 +209,13 @@ impl Server {
             listener,
             tls,
             state: Arc::new(ServerState {
-                config,
                 catalog,
                 queue,
                 services,
                 enroll_token: std::sync::RwLock::new(enroll_token),
                 watcher: std::sync::OnceLock::new(),
+                snapshot_handles: events::SnapshotHandles::new(config.query_budget),
+                config,
             }),
         })
     }
