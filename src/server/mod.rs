@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod connections;
 pub mod demo;
 pub mod events;
 pub mod quarantine;
@@ -63,6 +64,8 @@ pub struct ServeConfig {
     pub quarantine_retention: Duration,
     /// The time budget of one query on a stored snapshot.
     pub query_budget: Duration,
+    /// An active connection unused this long times out.
+    pub connection_idle: Duration,
 }
 
 impl ServeConfig {
@@ -85,6 +88,7 @@ impl ServeConfig {
             watch_settle: Duration::from_secs(60),
             quarantine_retention: Duration::from_secs(30 * 24 * 3600),
             query_budget: events::DEFAULT_QUERY_BUDGET,
+            connection_idle: Duration::from_secs(10 * 60),
             data_dir,
         }
     }
@@ -243,6 +247,7 @@ impl Server {
         let watcher = start_watcher(&state).await?;
         let _ = state.watcher.set(watcher.status_handle());
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
+        let connections = tokio::spawn(connections::maintain(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -254,6 +259,7 @@ impl Server {
         .await;
         drop(demo);
         quarantine_pruner.abort();
+        connections.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
