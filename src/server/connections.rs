@@ -197,6 +197,9 @@ async fn attempt(state: &ServerState, source: &Source, endpoint: &Endpoint) -> C
     }
 }
 
+/// Activity is recorded at most this often per connection.
+const ACTIVITY_RESOLUTION_MS: i64 = 1_000;
+
 /// How long connecting waits for an agent's facts.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -456,13 +459,17 @@ async fn usable(
         access.require(Role::Operator)?;
     }
     let row = expire_if_idle(state, row).await?;
-    if row.status != Status::Active.as_str()
-        || !state
-            .catalog
-            .touch_connection(row.id)
-            .await
-            .map_err(ApiError::internal)?
-    {
+    // Activity is kept to the second: a page every few milliseconds need not write the catalog
+    // each time.
+    let fresh = now_ms() - row.last_activity_ms < ACTIVITY_RESOLUTION_MS;
+    let active = row.status == Status::Active.as_str()
+        && (fresh
+            || state
+                .catalog
+                .touch_connection(row.id)
+                .await
+                .map_err(ApiError::internal)?);
+    if !active {
         let current = state
             .catalog
             .connection(row.id)
