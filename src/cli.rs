@@ -313,6 +313,9 @@ enum EndpointsCommand {
     List,
     /// Endpoints whose hostname or IP contains TEXT (prefix matches first).
     Search { text: String },
+    /// One endpoint: its facts, and what its agent reports now (database, event counts and time
+    /// range, free disk, the recorder's mode per event type).
+    Show { host: String },
     /// Let HOST enroll again with a new agent identity (a reimaged machine, a replaced
     /// certificate); its current agent's credential stops working (admin).
     Rekey {
@@ -613,6 +616,9 @@ pub enum ClientCommand {
     Endpoints {
         search: String,
     },
+    EndpointShow {
+        host: String,
+    },
     /// `endpoints rekey` (`forget: false`) or `endpoints forget`.
     EndpointIdentity {
         host: String,
@@ -713,6 +719,7 @@ impl Cli {
                         search: String::new(),
                     },
                     EndpointsCommand::Search { text } => ClientCommand::Endpoints { search: text },
+                    EndpointsCommand::Show { host } => ClientCommand::EndpointShow { host },
                     EndpointsCommand::Rekey { host, yes } => {
                         confirm(
                             yes,

@@ -189,6 +189,75 @@ pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `snapq endpoints show HOST`: the server's facts and what the agent reports now.
+pub async fn endpoint_show(client: &Client, host: &str) -> anyhow::Result<()> {
+    let info: Value = client.get(&format!("/v1/endpoints/{}", enc(host))).await?;
+    client.print(&info, |info| {
+        let e = &info["endpoint"];
+        let list = |v: &Value| {
+            let items: Vec<&str> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            if items.is_empty() {
+                "-".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        let online = if e["online"].as_bool() == Some(true) {
+            "online"
+        } else {
+            "offline"
+        };
+        println!("endpoint     {}", e["hostname"].as_str().unwrap_or(host));
+        println!(
+            "status       {online}, last seen {}",
+            time_of(&e["last_seen_ms"])
+        );
+        println!("addresses    {}", list(&e["ips"]));
+        println!("os           {}", e["os"].as_str().unwrap_or("-"));
+        println!("labels       {}", list(&e["labels"]));
+        println!(
+            "agent cert   {}",
+            e["cert_sha256"].as_str().unwrap_or("- (no agent enrolled)")
+        );
+        let live = &info["live"];
+        if live.is_null() {
+            println!("agent        none (known from uploads or the drop folder only)");
+            return;
+        }
+        if let Some(err) = live["error"].as_str() {
+            println!("agent        not answering: {err}");
+            return;
+        }
+        println!(
+            "agent        version {}",
+            live["agent_version"].as_str().unwrap_or("-")
+        );
+        println!("database     {}", bytes_of(&live["db_bytes"]));
+        println!(
+            "events       {} to {}",
+            time_of(&live["oldest_ts"]),
+            time_of(&live["newest_ts"])
+        );
+        if let Some(counts) = live["events"].as_object() {
+            let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            println!("counts       {}", counts.join(", "));
+        }
+        println!("free disk    {}", bytes_of(&live["disk_free_bytes"]));
+        if let Some(modes) = live["recorder_modes"].as_object().filter(|m| !m.is_empty()) {
+            println!("recorder");
+            for (kind, mode) in modes {
+                println!("  {kind:<10} {}", mode.as_str().unwrap_or("-"));
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Transfer rate from successive progress readings, smoothed so the ETA does not jump about.
 #[derive(Debug, Clone, Default)]
 struct Rate {

@@ -76,6 +76,7 @@ async fn run_client(
     let c = client::Client::new(&config)?;
     match command {
         C::Endpoints { search } => client::endpoints(&c, &search).await,
+        C::EndpointShow { host } => client::endpoint_show(&c, &host).await,
         C::EndpointIdentity { host, forget } => client::endpoint_identity(&c, &host, forget).await,
         C::EnrollTokenRotate => client::enroll_token_rotate(&c).await,
         C::Capture {
