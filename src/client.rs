@@ -21,6 +21,23 @@ pub struct ClientConfig {
     pub json: bool,
 }
 
+impl ClientConfig {
+    /// How the server's certificate is trusted: the CA file given, else the local server's
+    /// certificate pinned from the data directory, else the system's roots.
+    pub fn trust(&self) -> anyhow::Result<crate::tls::Trust> {
+        let local_cert =
+            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&self.data_dir).certs())
+                .cert;
+        Ok(match &self.ca_cert {
+            Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
+            None if local_cert.exists() => {
+                crate::tls::Trust::Pin(crate::tls::cert_pin(&local_cert)?)
+            }
+            None => crate::tls::Trust::System,
+        })
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -42,18 +59,8 @@ impl Client {
                 })?
             }
         };
-        let local_cert =
-            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&config.data_dir).certs())
-                .cert;
-        let trust = match &config.ca_cert {
-            Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
-            None if local_cert.exists() => {
-                crate::tls::Trust::Pin(crate::tls::cert_pin(&local_cert)?)
-            }
-            None => crate::tls::Trust::System,
-        };
         Ok(Client {
-            http: crate::tls::client(&trust)?,
+            http: crate::tls::client(&config.trust()?)?,
             base: config.server.trim_end_matches('/').to_owned(),
             token,
             json: config.json,

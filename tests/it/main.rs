@@ -8,6 +8,7 @@ mod dropfolder;
 mod hardening;
 mod identity;
 mod ingest;
+mod operability;
 mod recorder;
 mod server;
 mod support;

@@ -699,6 +699,28 @@ async fn settings_come_from_the_file_flags_win_and_sigterm_stops_cleanly() {
         "--listen",
         "127.0.0.1:0",
     ]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("capture_reserve_mb"), "{stderr}");
+    assert_eq!(code, 2, "a bad settings file is a usage error: {stderr}");
+    assert!(
+        stderr.contains("capture_reserve_mb") && stderr.contains("line 1"),
+        "{stderr}"
+    );
+
+    // So is a wrong type, named with its key and line.
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nupload_max_mib = \"lots\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = crate::support::run_snapq(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("upload_max_mib") && stderr.contains("line 2"),
+        "{stderr}"
+    );
 }

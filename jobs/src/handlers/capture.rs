@@ -186,7 +186,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .await
         .transient()?;
     // The fsync (seconds for a large file) runs while the agent finishes its check.
-    let synced = tokio::task::spawn_blocking({
+    let synced = super::blocking({
         let partial = partial.clone();
         move || std::fs::File::open(partial)?.sync_all()
     });
@@ -229,7 +229,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .transient()?;
     // fsync of a large file can take seconds: keep it off the async workers.
     let (store, from, to) = (svc.store.clone(), partial.clone(), name.clone());
-    match tokio::task::spawn_blocking(move || store.commit(&from, &to))
+    match super::blocking(move || store.commit(&from, &to))
         .await
         .transient()?
     {
@@ -383,7 +383,7 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     check: fn(&Path) -> Result<T, E>,
 ) -> Result<T, String> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || check(&path))
+    super::blocking(move || check(&path))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
