@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::agent::AgentConfig;
 use crate::agent::enroll::{EnrollToken, ServerLink};
@@ -24,6 +24,24 @@ use crate::server::ServeConfig;
 pub struct Cli {
     #[command(subcommand)]
     command: CommandArgs,
+    /// How log lines on stderr are written: `text` for people, `json` (one object per line) for
+    /// log shippers.
+    #[arg(long, global = true, env = "SNAPQ_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+/// The shells `snapq completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +159,20 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check what first-time users get wrong: the server reachable, its certificate trusted, the
+    /// token valid (and its role), clock skew, the server's free disk, agent versions; prints what
+    /// to do for each problem. Exit 1 if anything needs fixing.
+    Doctor {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a shell completion script: `snapq completions bash > /etc/bash_completion.d/snapq`.
+    Completions {
+        #[arg(value_enum)]
+        shell: ShellArg,
+    },
+    /// Print the man page (roff): `snapq manpage > snapq.1`.
+    Manpage,
 }
 
 const ROLES: [&str; 3] = ["admin", "operator", "viewer"];
@@ -421,6 +453,9 @@ enum EndpointsCommand {
     List,
     /// Endpoints whose hostname or IP contains TEXT (prefix matches first).
     Search { text: String },
+    /// One endpoint: its facts, and what its agent reports now (database, event counts and time
+    /// range, free disk, the recorder's mode per event type).
+    Show { host: String },
     /// Let HOST enroll again with a new agent identity (a reimaged machine, a replaced
     /// certificate); its current agent's credential stops working (admin).
     Rekey {
@@ -510,7 +545,7 @@ struct ServeArgs {
     /// Captures running at once [default: 8]
     #[arg(long, value_name = "N", env = "SNAPQ_CAPTURE_CONCURRENCY")]
     capture_concurrency: Option<usize>,
-    /// Limit each capture's download to this many KiB/s.
+    /// Limit each capture's download to this many KiB/s [default: 0, no limit]
     #[arg(long, value_name = "KIB_PER_SEC", env = "SNAPQ_CAPTURE_RATE_KIB")]
     capture_rate_kib: Option<u64>,
     /// Attempts a job gets before it fails [default: 6]
@@ -553,7 +588,7 @@ struct ServeArgs {
 }
 
 /// The settings file: every key optional, same names as the flags with `_`.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct ServeFile {
     data_dir: Option<PathBuf>,
@@ -711,6 +746,8 @@ struct ExportArgs {
 /// What to run, validated.
 #[derive(Debug)]
 pub enum Command {
+    /// Text the command line itself produces (completions, the man page): print it.
+    Print(Vec<u8>),
     Serve(ServeConfig),
     Agent(AgentConfig),
     FleetSim(FleetSpec),
@@ -726,8 +763,12 @@ pub enum Command {
 /// A request to the server's API.
 #[derive(Debug)]
 pub enum ClientCommand {
+    Doctor,
     Endpoints {
         search: String,
+    },
+    EndpointShow {
+        host: String,
     },
     /// `endpoints rekey` (`forget: false`) or `endpoints forget`.
     EndpointIdentity {
@@ -805,6 +846,14 @@ impl ClientArgs {
 }
 
 impl Cli {
+    /// How logs are written, for `logging::init` (before the command runs).
+    pub fn log_format(&self) -> crate::logging::LogFormat {
+        match self.log_format {
+            LogFormatArg::Text => crate::logging::LogFormat::Text,
+            LogFormatArg::Json => crate::logging::LogFormat::Json,
+        }
+    }
+
     pub fn into_command(self) -> anyhow::Result<Command> {
         match self.command {
             CommandArgs::Serve(args) => Ok(Command::Serve(args.into_config()?)),
@@ -830,6 +879,7 @@ impl Cli {
                         search: String::new(),
                     },
                     EndpointsCommand::Search { text } => ClientCommand::Endpoints { search: text },
+                    EndpointsCommand::Show { host } => ClientCommand::EndpointShow { host },
                     EndpointsCommand::Rekey { host, yes } => {
                         confirm(
                             yes,
@@ -1080,6 +1130,26 @@ impl Cli {
                     },
                 }),
             )),
+            CommandArgs::Doctor { client } => {
+                Ok(Command::Client(client.into_config(), ClientCommand::Doctor))
+            }
+            CommandArgs::Completions { shell } => {
+                let shell = match shell {
+                    ShellArg::Bash => clap_complete::Shell::Bash,
+                    ShellArg::Zsh => clap_complete::Shell::Zsh,
+                    ShellArg::Fish => clap_complete::Shell::Fish,
+                };
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "snapq", &mut out);
+                Ok(Command::Print(out))
+            }
+            CommandArgs::Manpage => {
+                let mut out = Vec::new();
+                clap_mangen::Man::new(Cli::command())
+                    .render(&mut out)
+                    .context("rendering the man page")?;
+                Ok(Command::Print(out))
+            }
             CommandArgs::Agent(args) => match args.command {
                 Some(AgentCommandArgs::Export(e)) => Ok(Command::AgentExport {
                     data_dir: e
@@ -1103,8 +1173,10 @@ impl ServeArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading settings file {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("settings file {} is invalid", path.display()))?
+                // A usage error (exit 2); toml's message names the key, the line and the column.
+                toml::from_str(&text).map_err(|e| {
+                    UsageError(format!("settings file {} is invalid: {e}", path.display()))
+                })?
             }
             None => ServeFile::default(),
         };
@@ -1126,10 +1198,12 @@ impl ServeArgs {
             }
             config.capture_concurrency = n;
         }
+        // 0: no limit (the example settings file spells the default out).
         config.capture_max_bytes_per_sec = self
             .capture_rate_kib
             .or(file.capture_rate_kib)
-            .map(|k| k.max(1) * 1024);
+            .filter(|&k| k > 0)
+            .map(|k| k * 1024);
         if let Some(n) = self.job_max_attempts.or(file.job_max_attempts) {
             config.retry.max_attempts = n;
         }
@@ -1305,5 +1379,55 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
             "--since {text:?}: use RFC 3339 (2026-12-01T10:00:00Z), epoch ms, or a duration ago (24h)"
         ))
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `packaging/snapq.toml` is what the package installs: it must parse, and it must spell out
+    /// every setting the server reads, so it stays the complete reference.
+    #[test]
+    fn the_example_settings_file_parses_and_names_every_setting() {
+        let text = include_str!("../packaging/snapq.toml");
+        let file: ServeFile = toml::from_str(text).expect("packaging/snapq.toml parses");
+        let keys = serde_json::to_value(&file).unwrap();
+        let missing: Vec<&String> = keys
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_null())
+            .map(|(k, _)| k)
+            .collect();
+        assert!(missing.is_empty(), "packaging/snapq.toml lacks {missing:?}");
+    }
+
+    #[test]
+    fn completions_and_the_man_page_cover_the_commands() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["snapq", "completions", shell]).unwrap();
+            let Ok(Command::Print(text)) = cli.into_command() else {
+                panic!("completions {shell} prints");
+            };
+            let text = String::from_utf8(text).unwrap();
+            for word in ["capture", "snapshots", "quarantine", "doctor"] {
+                assert!(text.contains(word), "{shell} completions lack {word}");
+            }
+        }
+        let cli = Cli::try_parse_from(["snapq", "manpage"]).unwrap();
+        let Ok(Command::Print(man)) = cli.into_command() else {
+            panic!("manpage prints");
+        };
+        let man = String::from_utf8(man).unwrap();
+        assert!(
+            man.starts_with(".ie") || man.contains(".TH snapq"),
+            "{}",
+            &man[..200]
+        );
+        assert!(
+            man.contains("capture"),
+            "the man page lists the subcommands"
+        );
     }
 }

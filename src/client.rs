@@ -21,6 +21,23 @@ pub struct ClientConfig {
     pub json: bool,
 }
 
+impl ClientConfig {
+    /// How the server's certificate is trusted: the CA file given, else the local server's
+    /// certificate pinned from the data directory, else the system's roots.
+    pub fn trust(&self) -> anyhow::Result<crate::tls::Trust> {
+        let local_cert =
+            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&self.data_dir).certs())
+                .cert;
+        Ok(match &self.ca_cert {
+            Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
+            None if local_cert.exists() => {
+                crate::tls::Trust::Pin(crate::tls::cert_pin(&local_cert)?)
+            }
+            None => crate::tls::Trust::System,
+        })
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -42,18 +59,8 @@ impl Client {
                 })?
             }
         };
-        let local_cert =
-            crate::tls::CertPair::in_dir(&crate::layout::ServerDir::new(&config.data_dir).certs())
-                .cert;
-        let trust = match &config.ca_cert {
-            Some(ca) => crate::tls::Trust::CaFile(ca.clone()),
-            None if local_cert.exists() => {
-                crate::tls::Trust::Pin(crate::tls::cert_pin(&local_cert)?)
-            }
-            None => crate::tls::Trust::System,
-        };
         Ok(Client {
-            http: crate::tls::client(&trust)?,
+            http: crate::tls::client(&config.trust()?)?,
             base: config.server.trim_end_matches('/').to_owned(),
             token,
             json: config.json,
@@ -184,6 +191,75 @@ pub async fn endpoints(client: &Client, search: &str) -> anyhow::Result<()> {
         }
         if list.as_array().is_none_or(|l| l.is_empty()) {
             eprintln!("no endpoints match");
+        }
+    });
+    Ok(())
+}
+
+/// `snapq endpoints show HOST`: the server's facts and what the agent reports now.
+pub async fn endpoint_show(client: &Client, host: &str) -> anyhow::Result<()> {
+    let info: Value = client.get(&format!("/v1/endpoints/{}", enc(host))).await?;
+    client.print(&info, |info| {
+        let e = &info["endpoint"];
+        let list = |v: &Value| {
+            let items: Vec<&str> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            if items.is_empty() {
+                "-".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        let online = if e["online"].as_bool() == Some(true) {
+            "online"
+        } else {
+            "offline"
+        };
+        println!("endpoint     {}", e["hostname"].as_str().unwrap_or(host));
+        println!(
+            "status       {online}, last seen {}",
+            time_of(&e["last_seen_ms"])
+        );
+        println!("addresses    {}", list(&e["ips"]));
+        println!("os           {}", e["os"].as_str().unwrap_or("-"));
+        println!("labels       {}", list(&e["labels"]));
+        println!(
+            "agent cert   {}",
+            e["cert_sha256"].as_str().unwrap_or("- (no agent enrolled)")
+        );
+        let live = &info["live"];
+        if live.is_null() {
+            println!("agent        none (known from uploads or the drop folder only)");
+            return;
+        }
+        if let Some(err) = live["error"].as_str() {
+            println!("agent        not answering: {err}");
+            return;
+        }
+        println!(
+            "agent        version {}",
+            live["agent_version"].as_str().unwrap_or("-")
+        );
+        println!("database     {}", bytes_of(&live["db_bytes"]));
+        println!(
+            "events       {} to {}",
+            time_of(&live["oldest_ts"]),
+            time_of(&live["newest_ts"])
+        );
+        if let Some(counts) = live["events"].as_object() {
+            let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            println!("counts       {}", counts.join(", "));
+        }
+        println!("free disk    {}", bytes_of(&live["disk_free_bytes"]));
+        if let Some(modes) = live["recorder_modes"].as_object().filter(|m| !m.is_empty()) {
+            println!("recorder");
+            for (kind, mode) in modes {
+                println!("  {kind:<10} {}", mode.as_str().unwrap_or("-"));
+            }
         }
     });
     Ok(())

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod client_access;
 pub mod client_live;
+pub mod doctor;
 pub mod http;
 pub mod layout;
 pub mod logging;
@@ -18,6 +19,11 @@ use cli::Command;
 /// Runs a validated command to completion.
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Print(text) => {
+            use std::io::Write;
+            std::io::stdout().write_all(&text)?;
+            Ok(())
+        }
         Command::Agent(config) => runtime()?.block_on(async {
             let agent = agent::Agent::build(config).await?;
             agent.run(shutdown_signal()).await
@@ -74,9 +80,15 @@ async fn run_client(
     command: cli::ClientCommand,
 ) -> anyhow::Result<()> {
     use cli::ClientCommand as C;
+    if let C::Doctor = command {
+        // The doctor diagnoses a client that cannot be built, too (no token, a bad CA file).
+        return doctor::run(&config).await;
+    }
     let c = client::Client::new(&config)?;
     match command {
+        C::Doctor => unreachable!("handled above"),
         C::Endpoints { search } => client::endpoints(&c, &search).await,
+        C::EndpointShow { host } => client::endpoint_show(&c, &host).await,
         C::EndpointIdentity { host, forget } => client::endpoint_identity(&c, &host, forget).await,
         C::EnrollTokenRotate => client::enroll_token_rotate(&c).await,
         C::Capture {

@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = snapq::cli::Cli::parse();
-    snapq::logging::init();
+    snapq::logging::init(cli.log_format());
     match cli.into_command().and_then(snapq::run) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -19,6 +19,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
     task::AbortHandle,
 };
+use tracing::Instrument;
 
 use crate::{
     JobError, JobEvent, JobId, JobKind, JobState, QueueError,
@@ -593,8 +594,12 @@ async fn run_job(
     let ctx_inner = ctx.inner.clone();
     // The handler runs in its own task so a panic, or a handler that blocks its thread, cannot
     // take the fetch loop, heartbeats or committer with it.
-    let mut handler_task =
-        tokio::spawn(AssertUnwindSafe(async move { handler(args, ctx).await }).catch_unwind());
+    // In the job's span, so every log line of the handler carries the job id and kind.
+    let mut handler_task = tokio::spawn(
+        AssertUnwindSafe(async move { handler(args, ctx).await })
+            .catch_unwind()
+            .instrument(tracing::Span::current()),
+    );
     if let Some(entry) = shared.running.lock().unwrap().get_mut(&job.id) {
         entry.handler_abort = Some(handler_task.abort_handle());
     }

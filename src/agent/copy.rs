@@ -61,6 +61,16 @@ pub fn open_for_pin(db_path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Copies what the WAL holds into the main file without waiting for anyone (`PASSIVE`).
+///
+/// Staging runs it before it takes the recorder's writer lock, so the complete checkpoint of [`pin`]
+/// under that lock copies only what was committed since: the recorder's inserts wait for that
+/// short remainder, not for a whole WAL and its fsync.
+pub fn checkpoint_passive(conn: &Connection) -> anyhow::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .context("checkpointing the recorder database")
+}
+
 /// Checkpoints the WAL completely and begins a read transaction that sees only the main file.
 ///
 /// Returns `Ok(None)` when a writer committed between the checkpoint and the start of the read (the

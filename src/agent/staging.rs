@@ -112,6 +112,7 @@ impl Staging {
         let pin_dest = dest.clone();
         let (pinned, output, size) = tokio::task::spawn_blocking(move || {
             let conn = copy::open_for_pin(db.path())?;
+            copy::checkpoint_passive(&conn)?;
             // Holding the writer's lock keeps the WAL empty between checkpoint and pin.
             let pinned = db
                 .with_writer(|_| copy::pin(conn, db.path()))?

@@ -48,6 +48,7 @@ pub(super) fn routes() -> Vec<ApiRoute> {
         r(Method::GET, "/v1/groups/{name}", User, show_group),
         r(Method::DELETE, "/v1/groups/{name}", User, remove_group),
         r(Method::GET, "/v1/audit", User, audit_list),
+        r(Method::GET, "/v1/whoami", User, whoami),
     ]
 }
 
@@ -569,6 +570,38 @@ async fn audit_list(
         .await
         .map_err(catalog_error)?;
     Ok(Json(entries).into_response())
+}
+
+/// Who the caller is and what the server is like, for `snapq doctor` and scripts: name, role,
+/// groups, the token's expiry, the server's version and clock, and its free disk.
+async fn whoami(
+    access: Access,
+    State(state): State<Arc<ServerState>>,
+) -> Result<Response, ApiError> {
+    access.require(Role::Viewer)?;
+    let name = access.name().to_owned();
+    let user = state.catalog.user(&name).await.map_err(catalog_error)?;
+    let token = state
+        .catalog
+        .tokens(Some(&name))
+        .await
+        .map_err(catalog_error)?
+        .into_iter()
+        .find(|t| t.id == access.caller.token_id);
+    let free = snapq_core::disk::free_bytes(state.services.store.root()).ok();
+    Ok(Json(serde_json::json!({
+        "user": name,
+        "role": access.caller.role,
+        "groups": user.map(|u| u.groups).unwrap_or_default(),
+        "token": token,
+        "server": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "time_ms": snapq_core::catalog::now_ms(),
+            "free_bytes": free,
+            "capture_reserve_bytes": state.config.capture_reserve_bytes,
+        },
+    }))
+    .into_response())
 }
 
 #[cfg(test)]

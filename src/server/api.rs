@@ -145,6 +145,9 @@ pub struct EndpointView {
     /// The sha256 of the agent certificate pinned at enrollment (`None`: no agent enrolled).
     #[serde(default)]
     pub cert_sha256: Option<String>,
+    /// The version its agent reported in its last heartbeat.
+    #[serde(default)]
+    pub agent_version: Option<String>,
 }
 
 fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
@@ -159,6 +162,7 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
             .is_some_and(|seen| now_ms() - seen < window && e.api_url.is_some()),
         last_seen_ms: e.last_seen_ms,
         cert_sha256: e.cert_sha256.clone(),
+        agent_version: e.agent_version.clone(),
     }
 }
 

@@ -280,10 +280,26 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
             let Some(id) = job.args["snapshot_id"].as_i64() else {
                 return Ok(());
             };
-            catalog
+            let failed = catalog
                 .fail_unfinished_snapshot(id, &reason)
                 .await
                 .map_err(|e| e.to_string())?;
+            if failed {
+                let target = match catalog.snapshot(id).await {
+                    Ok(Some(snap)) => snap.hostname,
+                    _ => format!("snapshot {id}"),
+                };
+                catalog
+                    .audit(
+                        job.requested_by.as_deref().unwrap_or(""),
+                        "capture",
+                        &target,
+                        outcome(&job),
+                        Some(&format!("snapshot {id} (job {}): {reason}", job.id)),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         JobKind::Ingest => {
             let Ok(args) = serde_json::from_value::<IngestArgs>(job.args.clone()) else {
@@ -299,14 +315,35 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            catalog
+            if catalog
                 .fail_pending_ingest(job.id.as_str(), &reason)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+            {
+                catalog
+                    .audit(
+                        job.requested_by.as_deref().unwrap_or(""),
+                        "ingest",
+                        &args.original_name,
+                        outcome(&job),
+                        Some(&format!("job {}: {reason}", job.id)),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// How a job that did not succeed ended, as the audit log says it.
+fn outcome(job: &snapq_jobs::TerminalJob) -> &'static str {
+    if job.state == snapq_jobs::JobState::Cancelled {
+        "cancelled"
+    } else {
+        "failed"
+    }
 }
 
 /// An exclusive lock on the data directory (`DIR/serve.lock`, holding the owner's pid), held

@@ -9,6 +9,7 @@ mod hardening;
 mod identity;
 mod ingest;
 mod live;
+mod operability;
 mod recorder;
 mod server;
 mod support;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::support::{AgentOptions, BIN, TestAgent};
+use crate::support::{AgentOptions, BIN, TestAgent, TestServer};
 
 /// `nobody`: an unprivileged user every Linux has.
 const NOBODY: u32 = 65534;
@@ -108,4 +108,37 @@ async fn the_agent_reports_kernel_events_when_root_and_polling_when_run_as_an_un
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_show_reports_the_recorders_mode_per_event_type() {
+    let server = TestServer::spawn();
+    let _agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "linux-01".into(),
+        simulate: None,
+        extra: server.enroll_args(),
+        ..AgentOptions::default()
+    });
+    server.wait_online("linux-01").await;
+    let (code, stdout, stderr) = server.cli(&["endpoints", "show", "linux-01"]);
+    assert_eq!(code, 0, "{stderr}");
+    let process = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("process ") && !l.starts_with("counts"))
+        .unwrap_or_else(|| panic!("no recorder mode for process: {stdout}"));
+    assert!(
+        process.contains("kernel events") || process.contains("polling every 50 ms"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("recorder"), "{stdout}");
+    let (code, stdout, _) = server.cli(&["endpoints", "show", "linux-01", "--json"]);
+    assert_eq!(code, 0);
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        shown["live"]["recorder_modes"]["network"]
+            .as_str()
+            .unwrap()
+            .starts_with("polling"),
+        "{shown}"
+    );
 }

@@ -148,6 +148,37 @@ async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
         .collect();
     kinds.sort();
     assert_eq!(kinds, ["capture", "delete", "ingest"]);
+
+    // The request and the outcome are in the audit log, with who asked.
+    let (code, stdout, _) = server.cli(&["audit", "list", "--action", "capture", "--json"]);
+    assert_eq!(code, 0);
+    let audit: Value = serde_json::from_str(&stdout).unwrap();
+    let results: Vec<(&str, &str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["actor"].as_str().unwrap(),
+                a["target"].as_str().unwrap(),
+                a["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(results.contains(&("admin", "web-01", "queued")), "{audit}");
+    assert!(results.contains(&("admin", name, "complete")), "{audit}");
+
+    // `endpoints show` reports what the agent says now.
+    let (code, stdout, stderr) = server.cli(&["endpoints", "show", "web-01"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("endpoint     web-01") && stdout.contains("status       online"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("database") && stdout.contains("process "),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -224,6 +255,25 @@ async fn a_wrong_agent_token_fails_at_once_without_retrying() {
     );
     let (_, job) = capture_fails(&server, "web-01", "snapq endpoints rekey web-01").await;
     assert_eq!(job["attempt_log"].as_array().unwrap().len(), 1, "{job}");
+    // The failure is audited with its reason.
+    let failed = eventually(
+        Duration::from_secs(10),
+        "the failed capture audited",
+        || async {
+            let (_, audit) = server.get("/v1/audit?action=capture").await;
+            audit
+                .as_array()?
+                .iter()
+                .find(|a| a["result"] == "failed")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(failed["target"], "web-01");
+    assert!(
+        failed["detail"].as_str().unwrap().contains("rekey"),
+        "{failed}"
+    );
     // A wrong enroll token cannot register anything.
     assert_eq!(
         register(
@@ -649,6 +699,28 @@ async fn settings_come_from_the_file_flags_win_and_sigterm_stops_cleanly() {
         "--listen",
         "127.0.0.1:0",
     ]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("capture_reserve_mb"), "{stderr}");
+    assert_eq!(code, 2, "a bad settings file is a usage error: {stderr}");
+    assert!(
+        stderr.contains("capture_reserve_mb") && stderr.contains("line 1"),
+        "{stderr}"
+    );
+
+    // So is a wrong type, named with its key and line.
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nupload_max_mib = \"lots\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = crate::support::run_snapq(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("upload_max_mib") && stderr.contains("line 2"),
+        "{stderr}"
+    );
 }

@@ -36,6 +36,11 @@ impl JobArgs for CaptureArgs {
     const KIND: JobKind = JobKind::Capture;
 }
 
+/// How many downloaded bytes are handed to the kernel's writeback at a time, so the fsync before
+/// the store's rename does not write the whole snapshot at the end (on a link-bound capture it
+/// overlaps with the transfer instead).
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
 /// How often progress is written to the catalog and the job.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -101,7 +106,16 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
     let fail = |e: AgentError| agent_error(e, &hostname);
 
     if let Some((name, sha256, verified)) = stored_before_a_crash(svc, &snap).await? {
-        return register(svc, &agent, &snap, &name, &sha256, &verified).await;
+        return register(
+            svc,
+            &agent,
+            &snap,
+            &name,
+            &sha256,
+            &verified,
+            ctx.requested_by(),
+        )
+        .await;
     }
 
     catalog
@@ -172,7 +186,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .await
         .transient()?;
     // The fsync (seconds for a large file) runs while the agent finishes its check.
-    let synced = tokio::task::spawn_blocking({
+    let synced = super::blocking({
         let partial = partial.clone();
         move || std::fs::File::open(partial)?.sync_all()
     });
@@ -215,7 +229,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .transient()?;
     // fsync of a large file can take seconds: keep it off the async workers.
     let (store, from, to) = (svc.store.clone(), partial.clone(), name.clone());
-    match tokio::task::spawn_blocking(move || store.commit(&from, &to))
+    match super::blocking(move || store.commit(&from, &to))
         .await
         .transient()?
     {
@@ -239,7 +253,16 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         staged_id: Some(staged.id),
         ..snap
     };
-    register(svc, &agent, &snap, &name, &sha256, &verified).await
+    register(
+        svc,
+        &agent,
+        &snap,
+        &name,
+        &sha256,
+        &verified,
+        ctx.requested_by(),
+    )
+    .await
 }
 
 /// Why a capture failed when the agent's staging did (e.g. the image failed `quick_check`).
@@ -300,12 +323,27 @@ async fn register(
     name: &SnapshotName,
     sha256: &str,
     verified: &verify::Verified,
+    requested_by: &str,
 ) -> Result<(), JobError> {
     let size = std::fs::metadata(svc.store.path(name)).transient()?.len();
     svc.catalog
         .complete_snapshot(snap.id, &name.to_string(), size as i64, sha256, verified)
         .await
         .transient()?;
+    let detail = format!("{} ({size} bytes, sha256 {sha256})", snap.hostname);
+    if let Err(e) = svc
+        .catalog
+        .audit(
+            requested_by,
+            "capture",
+            &name.to_string(),
+            "complete",
+            Some(&detail),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
     if let Some(id) = &snap.staged_id
         && let Err(e) = agent.delete_staged(id).await
     {
@@ -345,7 +383,7 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     check: fn(&Path) -> Result<T, E>,
 ) -> Result<T, String> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || check(&path))
+    super::blocking(move || check(&path))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
@@ -437,6 +475,8 @@ async fn download(
     let started = Instant::now();
     let start_bytes = have;
     let mut last_report = Instant::now();
+    // Bytes handed to the kernel for writeback so far (see `start_writeback`).
+    let mut written_back = have;
     while let Some(chunk) = stream.next().await {
         if ctx.is_cancelled() {
             return Err(JobError::permanent("cancelled").into());
@@ -456,6 +496,11 @@ async fn download(
         hasher.update(&chunk);
         out.write_all(&chunk).await.transient()?;
         have += chunk.len() as u64;
+        if have - written_back >= WRITEBACK_EVERY {
+            out.flush().await.transient()?;
+            snapq_core::store::start_writeback(out.get_ref(), written_back, have - written_back);
+            written_back = have;
+        }
         if let Some(rate) = svc.capture.max_bytes_per_sec {
             let due = Duration::from_secs_f64((have - start_bytes) as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {

@@ -325,7 +325,7 @@ async fn ingest(
     };
     let checked = {
         let source = source.clone();
-        tokio::task::spawn_blocking(
+        super::blocking(
             move || -> Result<(Verified, String, u64), verify::VerifyError> {
                 // Opened without following symlinks and checked through the open handle, so a
                 // dropped file swapped for a symlink after the watcher saw it is never read.
@@ -374,7 +374,7 @@ async fn ingest(
         // The commit never replaces: a file already stored under the name (an earlier run cut
         // off before it registered, or another ingest of the same name right now) is compared.
         let (store, from, to) = (svc.store.clone(), source.clone(), name.clone());
-        let committed = tokio::task::spawn_blocking(move || store.commit(&from, &to))
+        let committed = super::blocking(move || store.commit(&from, &to))
             .await
             .transient()?;
         match committed {
@@ -427,7 +427,7 @@ async fn already_stored(
 ) -> Result<Option<Outcome>, JobError> {
     let stored_sha = {
         let stored = stored.to_owned();
-        tokio::task::spawn_blocking(move || verify::sha256_file(&stored))
+        super::blocking(move || verify::sha256_file(&stored))
             .await
             .transient()?
             .transient()?
@@ -469,7 +469,7 @@ async fn quarantine(
         job_id.to_owned(),
         reason.to_owned(),
     );
-    tokio::task::spawn_blocking(move || quarantine_blocking(&dir, &args, &job_id, &reason))
+    super::blocking(move || quarantine_blocking(&dir, &args, &job_id, &reason))
         .await
         .map_err(std::io::Error::other)?
 }

@@ -100,6 +100,16 @@ impl Reservations {
     }
 }
 
+/// Runs blocking work (SQLite, hashing, file copies) on the blocking pool inside the current
+/// tracing span, so what it logs carries the job's id and kind like the rest of the job.
+/// Starts at once, like `spawn_blocking`.
+pub(crate) fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
