@@ -576,7 +576,8 @@ struct ServeArgs {
     /// Quarantined files are deleted after this many days [default: 30]
     #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
     quarantine_retention_days: Option<u64>,
-    /// Ingests running at once [default: 2]
+    /// Ingests running at once; an ingest mostly waits on fsync, so more than the cores pay
+    /// [default: 8]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
     /// A live connection unused this many minutes times out (fractions allowed) [default: 10]

@@ -356,6 +356,8 @@ pub async fn report_captures(
     let mut rates: Vec<Rate> = vec![Rate::default(); items.len()];
     while finished.iter().any(Option::is_none) {
         let timed_out = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        // A capture in its last step (verifying): look again soon.
+        let mut ending = false;
         for (i, item) in items.iter().enumerate() {
             if finished[i].is_some() {
                 continue;
@@ -406,6 +408,7 @@ pub async fn report_captures(
                     eta
                 );
             }
+            ending |= snap["state"] == "verifying";
             if matches!(
                 snap["state"].as_str(),
                 Some("complete" | "failed" | "waiting")
@@ -417,7 +420,10 @@ pub async fn report_captures(
             }
         }
         if finished.iter().any(Option::is_none) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Look often while a capture is about to end (its last step is seconds at most),
+            // rarely while bytes are still streaming.
+            let pause = if ending { 50 } else { 200 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
     let results: Vec<Value> = finished.into_iter().flatten().collect();
