@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod demo;
+pub mod export;
 pub mod quarantine;
 
 use std::net::SocketAddr;
@@ -60,6 +61,12 @@ pub struct ServeConfig {
     pub watch_settle: Duration,
     /// Quarantined files older than this are deleted.
     pub quarantine_retention: Duration,
+    /// Exports (file and row) are deleted this long after they finished.
+    pub export_retention: Duration,
+    /// Exports running at once.
+    pub export_concurrency: usize,
+    /// Most rows per second one export writes (`None`: as fast as the disk goes).
+    pub export_max_rows_per_sec: Option<u64>,
 }
 
 impl ServeConfig {
@@ -81,6 +88,9 @@ impl ServeConfig {
             watch_rescan: Duration::from_secs(30),
             watch_settle: Duration::from_secs(60),
             quarantine_retention: Duration::from_secs(30 * 24 * 3600),
+            export_retention: Duration::from_secs(7 * 24 * 3600),
+            export_concurrency: 2,
+            export_max_rows_per_sec: None,
             data_dir,
         }
     }
@@ -194,6 +204,7 @@ impl Server {
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
         catalog.fail_unqueued_captures().await?;
+        export::remove_abandoned_partials(&layout);
         spawn_workers(&queue, &services, &config).await?;
         recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
@@ -236,6 +247,7 @@ impl Server {
         let watcher = start_watcher(&state).await?;
         let _ = state.watcher.set(watcher.status_handle());
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
+        let export_pruner = tokio::spawn(export::prune_periodically(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -247,6 +259,7 @@ impl Server {
         .await;
         drop(demo);
         quarantine_pruner.abort();
+        export_pruner.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
@@ -291,6 +304,7 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        JobKind::Export => export::record_terminal(&catalog, &job).await?,
         _ => {}
     }
     Ok(())
@@ -481,6 +495,18 @@ async fn spawn_workers(
         .spawn_workers(JobKind::Delete, 4, move |args, ctx| {
             handlers::delete::run(svc.clone(), args, ctx)
         })
+        .await?;
+    let svc = services.clone();
+    let settings = export::job::ExportSettings {
+        layout: ServerDir::new(&config.data_dir),
+        max_rows_per_sec: config.export_max_rows_per_sec,
+    };
+    queue
+        .spawn_workers(
+            JobKind::Export,
+            config.export_concurrency,
+            move |args, ctx| export::job::run(svc.clone(), settings.clone(), args, ctx),
+        )
         .await?;
     Ok(())
 }
