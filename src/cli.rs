@@ -15,6 +15,7 @@ use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
 use crate::client_access::AccessCommand;
 use crate::client_export::{ExportCommand, FilterArgs, SourceArg};
+use crate::client_live::{EventsQuery, LiveCommand};
 use crate::server::ServeConfig;
 
 /// snapq: endpoint-forensics snapshots. Query endpoints live, capture consistent snapshots of their
@@ -70,7 +71,8 @@ enum CommandArgs {
         /// Files named `<hostname>_YYYY_MM_DDTHH.MM.SS.mmmZ.db`.
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Wait for each ingest and show the snapshot it became (Upload & Connect).
+        /// Wait for each ingest, then open the snapshot it became for analysis (Upload & Connect:
+        /// prints the connection to query with `snapq events --connection ID`).
         #[arg(long)]
         connect: bool,
         /// Stop waiting for an ingest after this many seconds (exit 1; the ingest goes on)
@@ -80,6 +82,17 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Live connections to endpoints and to stored snapshots: connect, list, reconnect, close,
+    /// capture.
+    Live {
+        #[command(subcommand)]
+        command: LiveCommandArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Query events through a connection: a page of a type with filters, a summary, a process
+    /// tree.
+    Events(EventsArgs),
     /// Show and steer the job queue.
     Queue {
         #[command(subcommand)]
@@ -405,6 +418,101 @@ enum QuarantineCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum LiveCommandArgs {
+    /// Connect to endpoints by hostname or IP address.
+    Connect {
+        #[arg(required = true, value_name = "HOST|IP")]
+        targets: Vec<String>,
+    },
+    /// Connections not closed: endpoint, target, status, since, last activity, database size,
+    /// events and their time range.
+    List,
+    /// One connection in full.
+    Show { id: i64 },
+    /// Connect again to the stored targets of connections.
+    Reconnect {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+    /// Close connections (they leave the list).
+    Close {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+    /// Open a stored snapshot for analysis: a connection whose target is the snapshot.
+    Open { snapshot_id: i64 },
+    /// Capture a snapshot of a live connection's endpoint (the capture job).
+    Capture {
+        id: i64,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Wait for the capture, showing progress; exit 0 only if it completes.
+        #[arg(long)]
+        wait: bool,
+        /// Stop waiting after this many seconds (exit 1; the capture goes on) [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct EventsArgs {
+    #[command(subcommand)]
+    command: Option<EventsCommandArgs>,
+    /// The connection to query (`snapq live list`).
+    #[arg(long, value_name = "ID", required = true)]
+    connection: Option<i64>,
+    /// Event type: process, file, network, dns, image, auth or registry [default: process]
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: Option<String>,
+    /// A condition `FIELD OP VALUE` (repeatable; all must hold unless --any). OP: eq ne gt gte
+    /// lt lte co nc sw ew isempty range (`range A..B`).
+    #[arg(long = "where", value_name = "CONDITION")]
+    wheres: Vec<String>,
+    /// Any condition may hold (OR) instead of all.
+    #[arg(long)]
+    any: bool,
+    /// From this time (inclusive): RFC 3339 or epoch ms.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Until this time (exclusive): RFC 3339 or epoch ms.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Sort by FIELD, `-FIELD` for descending [default: -ts, newest first]
+    #[arg(long, value_name = "[-]FIELD", allow_hyphen_values = true)]
+    sort: Option<String>,
+    /// Events per page [default: 100]
+    #[arg(long, value_name = "N")]
+    limit: Option<u32>,
+    /// Continue after a page: the cursor the previous page printed.
+    #[arg(long, value_name = "CURSOR", conflicts_with = "all")]
+    cursor: Option<String>,
+    /// Follow every page to the end (with --json: one event per line).
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommandArgs {
+    /// Events per type and their time range.
+    Summary {
+        #[arg(long, value_name = "ID")]
+        connection: i64,
+    },
+    /// A process's parent chain and children, drawn as a tree.
+    Tree {
+        #[arg(long, value_name = "ID")]
+        connection: i64,
+        /// The process event's `id` (not its pid).
+        process_id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum EnrollTokenCommand {
     /// Issue a new enroll token (printed, and written to the server's enroll.token); the old one
     /// stops admitting agents, enrolled agents keep working.
@@ -572,6 +680,12 @@ struct ServeArgs {
     /// Ingests running at once [default: 2]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
+    /// A live connection unused this many minutes times out (fractions allowed) [default: 10]
+    #[arg(long, value_name = "MINUTES", env = "SNAPQ_CONNECTION_IDLE_MINUTES")]
+    connection_idle_minutes: Option<f64>,
+    /// The time budget of one query on a stored snapshot, in milliseconds [default: 10000]
+    #[arg(long, value_name = "MS", env = "SNAPQ_QUERY_BUDGET_MS")]
+    query_budget_ms: Option<u64>,
 }
 
 /// The settings file: every key optional, same names as the flags with `_`.
@@ -596,6 +710,8 @@ struct ServeFile {
     export_retention_days: Option<u64>,
     export_max_rows_per_sec: Option<u64>,
     ingest_concurrency: Option<usize>,
+    connection_idle_minutes: Option<f64>,
+    query_budget_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -810,6 +926,7 @@ pub enum ClientCommand {
     },
     Access(AccessCommand),
     Export(ExportCommand),
+    Live(LiveCommand),
 }
 
 impl ClientArgs {
@@ -925,6 +1042,62 @@ impl Cli {
                     timeout: timeout.map(Duration::from_secs),
                 },
             )),
+            CommandArgs::Live { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Live(match command {
+                    LiveCommandArgs::Connect { targets } => LiveCommand::Connect { targets },
+                    LiveCommandArgs::List => LiveCommand::List,
+                    LiveCommandArgs::Show { id } => LiveCommand::Show { id },
+                    LiveCommandArgs::Reconnect { ids } => LiveCommand::Reconnect { ids },
+                    LiveCommandArgs::Close { ids } => LiveCommand::Close { ids },
+                    LiveCommandArgs::Open { snapshot_id } => LiveCommand::Open { snapshot_id },
+                    LiveCommandArgs::Capture {
+                        id,
+                        yes,
+                        wait,
+                        timeout,
+                    } => LiveCommand::Capture {
+                        id,
+                        yes,
+                        wait,
+                        timeout: timeout.map(Duration::from_secs),
+                    },
+                }),
+            )),
+            CommandArgs::Events(args) => {
+                let command = match args.command {
+                    Some(EventsCommandArgs::Summary { connection }) => {
+                        LiveCommand::Summary { connection }
+                    }
+                    Some(EventsCommandArgs::Tree {
+                        connection,
+                        process_id,
+                    }) => LiveCommand::Tree {
+                        connection,
+                        process: process_id,
+                    },
+                    None => LiveCommand::Events {
+                        connection: args.connection.ok_or_else(|| {
+                            UsageError("--connection ID is required (`snapq live list`)".into())
+                        })?,
+                        query: EventsQuery {
+                            event_type: args.event_type,
+                            wheres: args.wheres,
+                            any: args.any,
+                            since: args.since,
+                            until: args.until,
+                            sort: args.sort,
+                            limit: args.limit,
+                            cursor: args.cursor,
+                        },
+                        all: args.all,
+                    },
+                };
+                Ok(Command::Client(
+                    args.client.into_config(),
+                    ClientCommand::Live(command),
+                ))
+            }
             CommandArgs::Queue { command, client } => Ok(Command::Client(
                 client.into_config(),
                 match command {
@@ -1209,6 +1382,21 @@ impl ServeArgs {
         }
         if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
             config.ingest_concurrency = n.max(1);
+        }
+        if let Some(minutes) = self
+            .connection_idle_minutes
+            .or(file.connection_idle_minutes)
+        {
+            if !(minutes.is_finite() && minutes > 0.0) {
+                bail!("--connection-idle-minutes must be above 0");
+            }
+            config.connection_idle = Duration::from_secs_f64(minutes * 60.0);
+        }
+        if let Some(ms) = self.query_budget_ms.or(file.query_budget_ms) {
+            if ms == 0 {
+                bail!("--query-budget-ms must be at least 1");
+            }
+            config.query_budget = Duration::from_millis(ms);
         }
         Ok(config)
     }

@@ -255,6 +255,17 @@ pub async fn capture(
     let queued: Value = client
         .post("/v1/captures", &serde_json::json!({ "hosts": hosts }))
         .await?;
+    report_captures(client, queued, wait, timeout).await
+}
+
+/// Prints queued captures, or with `wait` follows them to their end with progress; true when
+/// all completed (or, without `wait`, were queued).
+pub async fn report_captures(
+    client: &Client,
+    queued: Value,
+    wait: bool,
+    timeout: Option<Duration>,
+) -> anyhow::Result<bool> {
     let items = queued.as_array().cloned().unwrap_or_default();
     if !wait {
         client.print(&queued, |q| {
@@ -644,11 +655,20 @@ pub async fn upload(
         let ingest = wait_ingest(client, &job, timeout).await?;
         let ok = matches!(ingest["state"].as_str(), Some("complete" | "duplicate"));
         all_ok &= ok;
-        let snapshot = match ingest["snapshot_id"].as_i64() {
-            Some(id) if ok => client.get::<Value>(&format!("/v1/snapshots/{id}")).await?,
-            _ => Value::Null,
+        let (snapshot, connection) = match ingest["snapshot_id"].as_i64() {
+            Some(id) if ok => (
+                client.get::<Value>(&format!("/v1/snapshots/{id}")).await?,
+                // Upload & Connect: open the snapshot for analysis.
+                client
+                    .post::<Value>(&format!("/v1/snapshots/{id}/connect"), &Value::Null)
+                    .await?,
+            ),
+            _ => (Value::Null, Value::Null),
         };
-        results.push(serde_json::json!({ "ingest": ingest, "snapshot": snapshot }));
+        all_ok &= connection.is_null() || connection["status"] == "active";
+        results.push(
+            serde_json::json!({ "ingest": ingest, "snapshot": snapshot, "connection": connection }),
+        );
     }
     let results = Value::Array(results);
     client.print(&results, |results| {
@@ -662,22 +682,34 @@ pub async fn upload(
                 );
                 continue;
             }
-            let (ingest, snap) = (&r["ingest"], &r["snapshot"]);
+            let (ingest, snap, conn) = (&r["ingest"], &r["snapshot"], &r["connection"]);
             match ingest["state"].as_str() {
-                Some(state @ ("complete" | "duplicate")) => println!(
-                    "{} {}: snapshot {} of {}, {} events from {} to {}",
-                    ingest["original_name"].as_str().unwrap_or(""),
-                    if state == "duplicate" {
-                        "is a duplicate"
-                    } else {
-                        "ingested"
-                    },
-                    snap["id"],
-                    snap["hostname"].as_str().unwrap_or(""),
-                    snap["events"],
-                    time_of(&snap["oldest_ts"]),
-                    time_of(&snap["newest_ts"])
-                ),
+                Some(state @ ("complete" | "duplicate")) => {
+                    println!(
+                        "{} {}: snapshot {} of {}, {} events from {} to {}",
+                        ingest["original_name"].as_str().unwrap_or(""),
+                        if state == "duplicate" {
+                            "is a duplicate"
+                        } else {
+                            "ingested"
+                        },
+                        snap["id"],
+                        snap["hostname"].as_str().unwrap_or(""),
+                        snap["events"],
+                        time_of(&snap["oldest_ts"]),
+                        time_of(&snap["newest_ts"])
+                    );
+                    match conn["status"].as_str() {
+                        Some("active") => println!(
+                            "connection {} open: `snapq events --connection {}` queries it",
+                            conn["id"], conn["id"]
+                        ),
+                        _ => println!(
+                            "could not open it: {}",
+                            conn["reason"].as_str().unwrap_or("unknown reason")
+                        ),
+                    }
+                }
                 Some(state) => println!(
                     "{} {}: {}",
                     ingest["original_name"].as_str().unwrap_or(""),

@@ -19,6 +19,14 @@ use crate::wire::{DbSize, EndpointInfo, Staged};
 /// server buffer more).
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
+/// The largest page of events read from an agent (a page holds at most
+/// [`crate::query::MAX_LIMIT`] events).
+pub const MAX_PAGE_BYTES: usize = 64 << 20;
+
+/// How long a live query (a page, a summary, a tree) may wait for the agent: an analyst is
+/// waiting, and an agent that stopped answering must be noticed within seconds.
+pub const LIVE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a call to an agent failed, sorted by whether trying again can help.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -209,7 +217,16 @@ impl AgentClient {
         request: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<T, AgentError> {
-        let body = read_bounded(self.send(request, url).await?, MAX_ANSWER_BYTES)
+        self.json_bounded(request, url, MAX_ANSWER_BYTES).await
+    }
+
+    async fn json_bounded<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+        limit: usize,
+    ) -> Result<T, AgentError> {
+        let body = read_bounded(self.send(request, url).await?, limit)
             .await
             .map_err(|reason| AgentError::Unreachable {
                 url: url.to_owned(),
@@ -231,6 +248,38 @@ impl AgentClient {
         let url = self.url("/v1/endpoint/size");
         let size: DbSize = self.json(self.http.get(&url), &url).await?;
         Ok(size.db_bytes)
+    }
+
+    /// One page of events: `query` is the query string of `GET /v1/events` (already validated by
+    /// the caller with the same engine, so the agent's answer is the same page it would give
+    /// directly). Bounded by [`LIVE_QUERY_TIMEOUT`].
+    pub async fn events(&self, query: &str) -> Result<crate::query::EventPage, AgentError> {
+        let url = self.url(&format!("/v1/events?{query}"));
+        let request = self.http.get(&url).timeout(LIVE_QUERY_TIMEOUT);
+        self.json_bounded(request, &url, MAX_PAGE_BYTES).await
+    }
+
+    /// Event counts per type and the time range (`GET /v1/events/summary`).
+    pub async fn summary(&self) -> Result<crate::query::Summary, AgentError> {
+        let url = self.url("/v1/events/summary");
+        self.json(self.http.get(&url).timeout(LIVE_QUERY_TIMEOUT), &url)
+            .await
+    }
+
+    /// A process with its parent chain and children (`GET /v1/processes/{id}/tree`).
+    pub async fn process_tree(&self, id: i64) -> Result<crate::query::ProcessTree, AgentError> {
+        let url = self.url(&format!("/v1/processes/{id}/tree"));
+        self.json(self.http.get(&url).timeout(LIVE_QUERY_TIMEOUT), &url)
+            .await
+    }
+
+    /// Whether the agent answers a cheap request within `within` (tells a slow query from a
+    /// dead agent).
+    pub async fn answers(&self, within: Duration) -> bool {
+        let url = self.url("/v1/endpoint/size");
+        self.json::<DbSize>(self.http.get(&url).timeout(within), &url)
+            .await
+            .is_ok()
     }
 
     /// Asks the agent to stage a consistent copy.

@@ -205,6 +205,57 @@ const SNAPSHOT_COLUMNS: &str = "s.id, s.endpoint_id, e.hostname, s.name, s.state
     s.sha256, s.events, s.oldest_ts, s.newest_ts, s.bytes_done, s.bytes_total, s.staged_id, s.error, \
     s.job_id, s.requested_by, s.created_ms, s.completed_ms";
 
+const CONNECTION_COLUMNS: &str = "c.id, c.endpoint_id, e.hostname, e.ips AS endpoint_ips, \
+    e.labels AS endpoint_labels, c.target, c.address, c.status, c.reason, c.since_ms, \
+    c.last_activity_ms, c.created_ms, c.created_by, c.db_bytes, c.events, c.oldest_ts, c.newest_ts";
+
+/// A live connection's row, with its endpoint's facts (for scoping).
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct ConnectionRow {
+    pub id: i64,
+    pub endpoint_id: i64,
+    pub hostname: String,
+    #[sqlx(json)]
+    pub endpoint_ips: Vec<String>,
+    #[sqlx(json)]
+    pub endpoint_labels: Vec<String>,
+    /// JSON of the server's `events::Source`.
+    pub target: String,
+    pub address: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub since_ms: i64,
+    pub last_activity_ms: i64,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub db_bytes: Option<i64>,
+    pub events: Option<i64>,
+    pub oldest_ts: Option<i64>,
+    pub newest_ts: Option<i64>,
+}
+
+impl ConnectionRow {
+    pub fn facts(&self) -> Facts<'_> {
+        Facts {
+            hostname: &self.hostname,
+            ips: &self.endpoint_ips,
+            labels: &self.endpoint_labels,
+        }
+    }
+}
+
+/// The outcome of a connection attempt, as stored.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionAttempt {
+    pub address: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub db_bytes: Option<i64>,
+    pub events: Option<i64>,
+    pub oldest_ts: Option<i64>,
+    pub newest_ts: Option<i64>,
+}
+
 #[derive(Clone)]
 pub struct Catalog {
     pool: SqlitePool,
@@ -1210,6 +1261,123 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().collect())
+    }
+
+    // --- connections ---------------------------------------------------------------------------
+
+    /// Creates the connection to `target` (a JSON source) of endpoint `endpoint_id`, or, when one
+    /// exists for that target, takes that row again (a connection is reused by its target), with
+    /// the outcome of the attempt. Returns its id.
+    pub async fn upsert_connection(
+        &self,
+        endpoint_id: i64,
+        target: &str,
+        created_by: &str,
+        attempt: &ConnectionAttempt,
+    ) -> Result<i64> {
+        let now = now_ms();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO connections (endpoint_id, target, address, status, reason, since_ms,
+                last_activity_ms, created_ms, created_by, db_bytes, events, oldest_ts, newest_ts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (target) DO UPDATE SET endpoint_id = excluded.endpoint_id,
+                address = coalesce(excluded.address, address), status = excluded.status,
+                reason = excluded.reason, since_ms = excluded.since_ms,
+                last_activity_ms = excluded.last_activity_ms,
+                db_bytes = coalesce(excluded.db_bytes, db_bytes),
+                events = coalesce(excluded.events, events),
+                oldest_ts = coalesce(excluded.oldest_ts, oldest_ts),
+                newest_ts = coalesce(excluded.newest_ts, newest_ts)
+             RETURNING id",
+        )
+        .bind(endpoint_id)
+        .bind(target)
+        .bind(&attempt.address)
+        .bind(&attempt.status)
+        .bind(&attempt.reason)
+        .bind(now)
+        .bind(created_by)
+        .bind(attempt.db_bytes)
+        .bind(attempt.events)
+        .bind(attempt.oldest_ts)
+        .bind(attempt.newest_ts)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Connection `id` with its endpoint's facts (closed ones too).
+    pub async fn connection(&self, id: i64) -> Result<Option<ConnectionRow>> {
+        Ok(
+            sqlx::query_as::<_, ConnectionRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections c JOIN endpoints e ON e.id = c.endpoint_id
+             WHERE c.id = ?1"
+        )))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    /// Connections not closed, or only those with `status`, oldest first.
+    pub async fn connections(&self, status: Option<&str>) -> Result<Vec<ConnectionRow>> {
+        Ok(
+            sqlx::query_as::<_, ConnectionRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONNECTION_COLUMNS} FROM connections c JOIN endpoints e ON e.id = c.endpoint_id
+             WHERE (?1 IS NULL AND c.status <> 'closed') OR c.status = ?1 ORDER BY c.id"
+        )))
+            .bind(status)
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+
+    /// Sets a connection's status (and since when, if it changed) and reason.
+    pub async fn set_connection_status(
+        &self,
+        id: i64,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE connections SET since_ms = CASE WHEN status = ?2 THEN since_ms ELSE ?4 END,
+                status = ?2, reason = ?3 WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records use of an active connection now. False when it is no longer active (a query that
+    /// raced a time-out or a close).
+    pub async fn touch_connection(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE connections SET last_activity_ms = ?2 WHERE id = ?1 AND status = 'active'",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Times out the active connections unused for `idle_ms`; returns how many.
+    pub async fn time_out_connections(&self, idle_ms: i64, reason: &str) -> Result<u64> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE connections SET status = 'timed_out', reason = ?3, since_ms = ?1
+             WHERE status = 'active' AND last_activity_ms < ?1 - ?2",
+        )
+        .bind(now)
+        .bind(idle_ms)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     // --- audit ---------------------------------------------------------------------------------

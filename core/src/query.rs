@@ -431,7 +431,7 @@ impl EventQuery {
 }
 
 /// One page of events and the cursor of the next, if there is more.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventPage {
     pub events: Vec<Event>,
     pub next_cursor: Option<String>,
@@ -496,7 +496,7 @@ pub fn query_events(conn: &Connection, q: &EventQuery) -> Result<EventPage, Quer
 }
 
 /// Event counts and the time span of a recorder database.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     /// Events per type, every event type present (0 when empty).
     pub counts: BTreeMap<String, u64>,
@@ -547,7 +547,7 @@ pub fn summary(conn: &Connection) -> Result<Summary, QueryError> {
 }
 
 /// A process with its ancestry and its direct children.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessTree {
     /// Parent chain, root first, ending with the process's parent.
     pub ancestors: Vec<Event>,

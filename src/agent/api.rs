@@ -174,7 +174,33 @@ impl EventParams {
         Ok(p)
     }
 
-    fn to_query(&self) -> Result<EventQuery, ApiError> {
+    /// The same request as a query string, for forwarding it to an agent.
+    pub fn to_query_string(&self) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        let pairs = [
+            ("type", &self.event_type),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("sort", &self.sort),
+            ("limit", &self.limit),
+            ("cursor", &self.cursor),
+        ];
+        for (key, value) in pairs {
+            if let Some(v) = value {
+                q.append_pair(key, v);
+            }
+        }
+        for w in &self.wheres {
+            q.append_pair("where", w);
+        }
+        if self.any {
+            q.append_pair("any", "true");
+        }
+        q.finish()
+    }
+
+    /// Validates the request with the one query engine (the same errors everywhere).
+    pub fn to_query(&self) -> Result<EventQuery, ApiError> {
         let limit = match &self.limit {
             None => None,
             Some(l) => Some(l.parse::<u32>().map_err(|_| {

@@ -4,7 +4,7 @@
 //! The story of a request: [`authenticate`] (a layer on every user route) turns the bearer token
 //! into a [`Caller`] (user, role, granted groups) or answers 401 saying why (unknown, revoked,
 //! expired, user removed). The handler then takes an [`Access`] or a [`Scoped`] extractor, which
-//! resolves the target (endpoint, snapshot, job, ingest) to its endpoint and checks it: outside the
+//! resolves the target (endpoint, snapshot, job, ingest, connection) to its endpoint and checks it: outside the
 //! caller's groups answers 404 with exactly the body of an id that does not exist; inside, but
 //! above the caller's role, answers 403 naming the role needed. Listings ask [`Access::visible`]
 //! and show only what the caller may see.
@@ -26,7 +26,9 @@ use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use snapq_core::access::{Facts, Role, Scope};
-use snapq_core::catalog::{Endpoint, Evidence, Export, Ingest, Snapshot, TokenRefusal};
+use snapq_core::catalog::{
+    ConnectionRow, Endpoint, Evidence, Export, Ingest, Snapshot, TokenRefusal,
+};
 use snapq_jobs::{JobDetail, JobId, JobInfo};
 
 use super::{ServerState, sha256_hex};
@@ -348,6 +350,29 @@ impl Access {
             return Err(forbidden(&self.caller, need));
         }
         Ok(found)
+    }
+
+    /// A live connection by id: it belongs to its endpoint (a snapshot connection to the
+    /// snapshot's). Closed connections resolve too (a query on one answers 409, not 404).
+    pub async fn connection(&self, id: &str, need: Role) -> Result<ConnectionRow, ApiError> {
+        let row = match id.parse::<i64>() {
+            Ok(n) => self
+                .state
+                .catalog
+                .connection(n)
+                .await
+                .map_err(ApiError::internal)?,
+            Err(_) => None,
+        };
+        self.decide(
+            row.as_ref().map(ConnectionRow::facts),
+            need,
+            ApiError::not_found(format!(
+                "no connection {}; `snapq live list` shows them",
+                short(id)
+            )),
+        )?;
+        Ok(row.expect("decide refuses a missing connection"))
     }
 
     /// A job by id; a job whose endpoint is unknown is visible to admins only.
@@ -682,6 +707,12 @@ impl Target for Endpoint {
 impl Target for Snapshot {
     async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
         access.snapshot(raw, need).await
+    }
+}
+
+impl Target for ConnectionRow {
+    async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
+        access.connection(raw, need).await
     }
 }
 

@@ -87,6 +87,7 @@ pub fn routes() -> Vec<ApiRoute> {
             queue_cancel,
         ),
     ];
+    routes.extend(super::connections::routes());
     routes.extend(super::agents::routes());
     routes.extend(super::quarantine::routes());
     routes.extend(super::admin::routes());
@@ -240,45 +241,54 @@ async fn capture(
         ));
     }
     let endpoints = access.endpoints(&request.hosts, Role::Operator).await?;
-    let caller = access.name();
     let mut queued = Vec::new();
     for endpoint in endpoints {
-        let snapshot_id = state
-            .catalog
-            .create_snapshot(endpoint.id, Origin::Capture, caller)
-            .await
-            .map_err(ApiError::internal)?;
-        let job_id = state
-            .queue
-            .push(&CaptureArgs { snapshot_id }, caller)
-            .await
-            .map_err(ApiError::internal)?;
-        state
-            .catalog
-            .set_job_target(job_id.as_str(), &endpoint.hostname)
-            .await
-            .map_err(ApiError::internal)?;
-        state
-            .catalog
-            .set_snapshot_job(snapshot_id, job_id.as_str())
-            .await
-            .map_err(ApiError::internal)?;
-        state
-            .audit(
-                caller,
-                "capture",
-                &endpoint.hostname,
-                "queued",
-                Some(job_id.as_str()),
-            )
-            .await;
-        queued.push(CaptureQueued {
-            hostname: endpoint.hostname,
-            snapshot_id,
-            job_id: job_id.as_str().to_owned(),
-        });
+        queued.push(enqueue_capture(&state, &endpoint, access.name()).await?);
     }
     Ok((StatusCode::ACCEPTED, Json(queued)).into_response())
+}
+
+/// Queues a capture of `endpoint` for `caller` (an authorized request): its snapshot row, its
+/// job, the job's endpoint (for scoping) and the audit entry.
+pub(super) async fn enqueue_capture(
+    state: &ServerState,
+    endpoint: &Endpoint,
+    caller: &str,
+) -> Result<CaptureQueued, ApiError> {
+    let snapshot_id = state
+        .catalog
+        .create_snapshot(endpoint.id, Origin::Capture, caller)
+        .await
+        .map_err(ApiError::internal)?;
+    let job_id = state
+        .queue
+        .push(&CaptureArgs { snapshot_id }, caller)
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .catalog
+        .set_job_target(job_id.as_str(), &endpoint.hostname)
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .catalog
+        .set_snapshot_job(snapshot_id, job_id.as_str())
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .audit(
+            caller,
+            "capture",
+            &endpoint.hostname,
+            "queued",
+            Some(job_id.as_str()),
+        )
+        .await;
+    Ok(CaptureQueued {
+        hostname: endpoint.hostname.clone(),
+        snapshot_id,
+        job_id: job_id.as_str().to_owned(),
+    })
 }
 
 #[derive(Deserialize)]

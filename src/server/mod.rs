@@ -9,7 +9,9 @@ pub mod access;
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod connections;
 pub mod demo;
+pub mod events;
 pub mod export;
 pub mod quarantine;
 
@@ -67,6 +69,10 @@ pub struct ServeConfig {
     pub export_concurrency: usize,
     /// Most rows per second one export writes (`None`: as fast as the disk goes).
     pub export_max_rows_per_sec: Option<u64>,
+    /// The time budget of one query on a stored snapshot.
+    pub query_budget: Duration,
+    /// An active connection unused this long times out.
+    pub connection_idle: Duration,
 }
 
 impl ServeConfig {
@@ -91,6 +97,8 @@ impl ServeConfig {
             export_retention: Duration::from_secs(7 * 24 * 3600),
             export_concurrency: 2,
             export_max_rows_per_sec: None,
+            query_budget: events::DEFAULT_QUERY_BUDGET,
+            connection_idle: Duration::from_secs(10 * 60),
             data_dir,
         }
     }
@@ -106,6 +114,8 @@ pub struct ServerState {
     pub enroll_token: std::sync::RwLock<EnrollToken>,
     /// What the drop-folder watcher is waiting for (set once it runs).
     pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
+    /// Open stored snapshots, reused across pages (`events.rs`).
+    pub snapshot_handles: events::SnapshotHandles,
 }
 
 impl ServerState {
@@ -214,12 +224,13 @@ impl Server {
             listener,
             tls,
             state: Arc::new(ServerState {
-                config,
                 catalog,
                 queue,
                 services,
                 enroll_token: std::sync::RwLock::new(enroll_token),
                 watcher: std::sync::OnceLock::new(),
+                snapshot_handles: events::SnapshotHandles::new(config.query_budget),
+                config,
             }),
         })
     }
@@ -248,6 +259,7 @@ impl Server {
         let _ = state.watcher.set(watcher.status_handle());
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
         let export_pruner = tokio::spawn(export::prune_periodically(state.clone()));
+        let connections = tokio::spawn(connections::maintain(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -260,6 +272,7 @@ impl Server {
         drop(demo);
         quarantine_pruner.abort();
         export_pruner.abort();
+        connections.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }

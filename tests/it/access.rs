@@ -330,6 +330,17 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/evidence", EVERYONE),
         ("GET", "/v1/evidence/{id}", VIEW),
         ("DELETE", "/v1/evidence/{id}", OPERATE),
+        ("GET", "/v1/connections", EVERYONE),
+        ("POST", "/v1/connections", OPERATE),
+        ("GET", "/v1/connections/{id}", VIEW),
+        // A snapshot connection: reading snapshots is a viewer's right.
+        ("DELETE", "/v1/connections/{id}", VIEW),
+        ("POST", "/v1/connections/{id}/reconnect", VIEW),
+        ("GET", "/v1/connections/{id}/events", VIEW),
+        ("GET", "/v1/connections/{id}/summary", VIEW),
+        ("GET", "/v1/connections/{id}/tree", VIEW),
+        ("POST", "/v1/connections/{id}/capture", OPERATE),
+        ("POST", "/v1/snapshots/{id}/connect", VIEW),
         ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
         ("POST", "/v1/endpoints/{host}/forget", ADMIN),
         // Last: it changes the enroll secret the fixtures register endpoints with.
@@ -380,6 +391,33 @@ async fn request_for(
         }
         ("POST", "/v1/captures") => (template.into(), Some(json!({ "hosts": [host] }))),
         (_, "/v1/snapshots/{id}") => (format!("/v1/snapshots/{}", w.snap[side]), None),
+        ("POST", "/v1/connections") => (template.into(), Some(json!({ "targets": [host] }))),
+        (_, "/v1/snapshots/{id}/connect") => {
+            (format!("/v1/snapshots/{}/connect", w.snap[side]), None)
+        }
+        (_, path) if path.starts_with("/v1/connections/{id}") => {
+            // The side's snapshot connection, opened (again) as admin: a closed one reopens.
+            let opened = admin(
+                s,
+                "POST",
+                &format!("/v1/snapshots/{}/connect", w.snap[side]),
+                None,
+            )
+            .await;
+            let id = opened["id"].as_i64().unwrap();
+            let mut path = path.replace("{id}", &id.to_string());
+            if path.ends_with("/tree") {
+                let page = admin(
+                    s,
+                    "GET",
+                    &format!("/v1/connections/{id}/events?type=process&limit=1"),
+                    None,
+                )
+                .await;
+                path.push_str(&format!("?process={}", page["events"][0]["id"]));
+            }
+            (path, None)
+        }
         (_, "/v1/snapshots/{id}/file") => (format!("/v1/snapshots/{}/file", w.snap[side]), None),
         ("POST", "/v1/snapshots/delete") => {
             let (snap, _) = fresh_capture(s, host).await;

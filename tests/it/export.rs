@@ -606,3 +606,107 @@ async fn evidence_outlives_its_snapshot_and_is_invisible_outside_its_groups() {
     let (status, _) = server.get(&format!("/v1/evidence/{evidence_id}")).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_connection_saves_evidence_and_exports_every_matching_event_of_the_agent() {
+    let server = TestServer::spawn();
+    let _agent = crate::support::TestAgent::spawn_with(crate::support::AgentOptions {
+        hostname: "exp-live-01".into(),
+        simulate: Some(50),
+        prefill: 5_000,
+        extra: server.enroll_args(),
+    });
+    server.wait_online("exp-live-01").await;
+    let admin = server.token.clone();
+    let (status, made) = call(
+        &server,
+        &admin,
+        "POST",
+        "/v1/connections",
+        Some(json!({ "targets": ["exp-live-01"] })),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    let conn = made[0]["id"].as_i64().unwrap().to_string();
+
+    // Evidence through the connection: the agent's event, every column.
+    let (status, page) = call(
+        &server,
+        &admin,
+        "GET",
+        &format!("/v1/connections/{conn}/events?type=process&limit=1&sort=id"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let first = page["events"][0].clone();
+    let reference = format!("process:{}", first["id"]);
+    let (code, out, err) = server.cli(&[
+        "evidence",
+        "save",
+        "--connection",
+        &conn,
+        &reference,
+        "--note",
+        "first process",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let saved: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(saved[0]["event"], first);
+    assert_eq!(saved[0]["source_kind"], "endpoint");
+    assert_eq!(saved[0]["connection_id"], conn.as_str());
+
+    // A live export pages through the agent: every process event recorded before it started,
+    // once, in ts order.
+    let out_path = tmp_file("live.csv");
+    let (code, out, err) = server.cli(&[
+        "export",
+        "--connection",
+        &conn,
+        "--type",
+        "process",
+        "--where",
+        "pid gte 0",
+        "--format",
+        "csv",
+        "-o",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut reader = csv::Reader::from_path(&out_path).unwrap();
+    let id_col = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "id")
+        .unwrap();
+    let ids: Vec<i64> = reader
+        .records()
+        .map(|r| r.unwrap()[id_col].parse().unwrap())
+        .collect();
+    let unique: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "no event twice");
+    assert!(ids.len() > 2_000 / 10, "{} rows", ids.len());
+    assert!(ids.contains(&first["id"].as_i64().unwrap()));
+    let _ = std::fs::remove_file(&out_path);
+
+    // A connection that is closed is refused, saying how to reconnect.
+    let (code, _, err) = server.cli(&["live", "close", &conn]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = server.cli(&[
+        "export",
+        "--connection",
+        &conn,
+        "--type",
+        "process",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("snapq live reconnect"), "{err}");
+}
+
+fn tmp_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("snapq-export-test-{}-{name}", std::process::id()))
+}

@@ -9,6 +9,7 @@ mod export;
 mod hardening;
 mod identity;
 mod ingest;
+mod live;
 mod recorder;
 mod server;
 mod support;

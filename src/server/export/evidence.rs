@@ -12,11 +12,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use snapq_core::access::Role;
 use snapq_core::catalog::{Evidence, NewEvidence};
-use snapq_core::query::{Event, EventQuery};
 
 use super::super::ServerState;
 use super::super::access::{Access, Operate, Scoped, View};
 use super::super::api::{ApiRoute, Auth};
+use super::super::events::Source;
 use crate::http::ApiError;
 
 pub(super) fn routes() -> Vec<ApiRoute> {
@@ -77,12 +77,6 @@ struct SaveRequest {
     note: Option<String>,
 }
 
-/// Where saved events are read from.
-pub(crate) enum EventSource {
-    Snapshot { id: i64, path: std::path::PathBuf },
-    Endpoint { hostname: String },
-}
-
 async fn save(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -104,22 +98,21 @@ async fn save(
     }
     let (hostname, source, connection_id) = if let Some(id) = request.snapshot {
         let snap = access.snapshot(&id.to_string(), Role::Operator).await?;
-        let path = snapshot_path(&state, &snap)?;
-        (snap.hostname, EventSource::Snapshot { id, path }, None)
+        (snap.hostname, Source::Snapshot { id }, None)
     } else if let Some(host) = &request.endpoint {
         let endpoint = access.endpoint(host, Role::Operator).await?;
         (
             endpoint.hostname.clone(),
-            EventSource::Endpoint {
+            Source::Endpoint {
                 hostname: endpoint.hostname,
             },
             None,
         )
     } else {
         let connection = request.connection.as_deref().expect("counted above");
-        let (hostname, source) =
+        let (hostname, source, id) =
             super::live::connection_event_source(&access, &state, connection).await?;
-        (hostname, source, Some(connection.to_owned()))
+        (hostname, source, Some(id))
     };
     if request.events.is_empty() || request.events.len() > MAX_REFS {
         return Err(ApiError::bad_request(format!(
@@ -132,10 +125,11 @@ async fn save(
         .map(|r| r.parse())
         .collect::<Result<_, _>>()
         .map_err(ApiError::bad_request)?;
-    let events = look_up(&state, &source, &refs).await?;
+    let events = super::live::events_by_id(&state, &source, &refs, connection_id).await?;
+    let connection_id = connection_id.map(|id| id.to_string());
     let (source_kind, source_id) = match &source {
-        EventSource::Snapshot { id, .. } => ("snapshot", id.to_string()),
-        EventSource::Endpoint { hostname } => ("endpoint", hostname.clone()),
+        Source::Snapshot { id } => ("snapshot", id.to_string()),
+        Source::Endpoint { hostname } => ("endpoint", hostname.clone()),
     };
     let note = request.note.filter(|n| !n.trim().is_empty());
     let items: Vec<NewEvidence> = refs
@@ -182,80 +176,6 @@ async fn save(
         }
     }
     Ok((StatusCode::CREATED, Json(saved)).into_response())
-}
-
-/// The file of a complete snapshot, or 409.
-pub(crate) fn snapshot_path(
-    state: &ServerState,
-    snap: &snapq_core::catalog::Snapshot,
-) -> Result<std::path::PathBuf, ApiError> {
-    let name = match (&snap.name, snap.state.as_str()) {
-        (Some(name), "complete") => name,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("snapshot {} is {}, not complete", snap.id, snap.state),
-            ));
-        }
-    };
-    let name: snapq_core::SnapshotName = name.parse().map_err(ApiError::internal)?;
-    Ok(state.services.store.path(&name))
-}
-
-/// Each referenced event, every column, in the order asked; an event that is not there is 404.
-async fn look_up(
-    state: &ServerState,
-    source: &EventSource,
-    refs: &[EventRef],
-) -> Result<Vec<Event>, ApiError> {
-    match source {
-        EventSource::Snapshot { id, path } => {
-            let (path, refs, id) = (path.clone(), refs.to_vec(), *id);
-            tokio::task::spawn_blocking(move || {
-                let conn = snapq_core::verify::open_snapshot(&path)
-                    .map_err(|e| ApiError::internal(format!("opening snapshot {id}: {e}")))?;
-                snapq_core::verify::check_plain_tables(&conn).map_err(|e| {
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("snapshot {id}: {e}"),
-                    )
-                })?;
-                refs.iter()
-                    .map(|r| {
-                        let q = by_id(r)?;
-                        let mut page = snapq_core::query::query_events(&conn, &q)
-                            .map_err(ApiError::internal)?;
-                        page.events.pop().ok_or_else(|| {
-                            ApiError::not_found(format!(
-                                "no {} event {} in snapshot {id}; `snapq events` lists them",
-                                r.event_type, r.id
-                            ))
-                        })
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(ApiError::internal)?
-        }
-        EventSource::Endpoint { hostname } => {
-            super::live::live_events_by_id(state, hostname, refs).await
-        }
-    }
-}
-
-/// The query of one event by its id.
-pub(crate) fn by_id(r: &EventRef) -> Result<EventQuery, ApiError> {
-    EventQuery::parse(
-        r.event_type,
-        &[format!("id eq {}", r.id)],
-        false,
-        None,
-        None,
-        None,
-        Some(1),
-        None,
-    )
-    .map_err(ApiError::internal)
 }
 
 #[derive(Deserialize)]

@@ -231,9 +231,9 @@ async fn write_rows(
         ExportSource::Evidence { hostnames, .. } => {
             export_evidence(&svc.catalog, hostnames, filters, format, partial, shared).await
         }
-        ExportSource::Endpoint { hostname, .. } => Err(JobError::permanent(format!(
-            "exporting live from {hostname} needs the events engine of this server version"
-        ))),
+        ExportSource::Endpoint { hostname, .. } => {
+            export_endpoint(svc, hostname, filters, format, partial, shared).await
+        }
     }
 }
 
@@ -271,8 +271,7 @@ fn export_snapshot(
     partial: &Path,
     shared: &Shared,
 ) -> Result<(u64, u64), JobError> {
-    let conn = snapq_core::verify::open_snapshot(db).permanent()?;
-    snapq_core::verify::check_plain_tables(&conn).permanent()?;
+    let conn = crate::server::events::open_snapshot_readonly(db).permanent()?;
     // A cancel interrupts a statement, also one still looking for its first row.
     *shared.interrupt.lock().expect("interrupt lock") = Some(conn.get_interrupt_handle());
     let tables: Vec<&Table> = queries.iter().map(|q| q.table()).collect();
@@ -324,6 +323,107 @@ fn stopped_or(shared: &Shared, e: rusqlite::Error) -> JobError {
     } else {
         JobError::permanent(format!("reading the snapshot: {e}"))
     }
+}
+
+/// Events per page asked of a live agent (a page is held in memory while it is written).
+const LIVE_PAGE: u32 = 2_000;
+
+/// Pages through the agent's `/v1/events` with its cursor, one event type after another. Rows
+/// recorded after the export started are left out (an `until` of the start time unless the
+/// filter has one), so a busy endpoint cannot keep the export chasing its newest events.
+async fn export_endpoint(
+    svc: &Services,
+    hostname: &str,
+    filters: &ExportFilters,
+    format: Format,
+    partial: &Path,
+    shared: &Arc<Shared>,
+) -> Result<(u64, u64), JobError> {
+    let queries = filters.queries().map_err(JobError::permanent)?;
+    let endpoint = svc
+        .catalog
+        .endpoint(hostname)
+        .await
+        .transient()?
+        .ok_or_else(|| JobError::permanent(format!("endpoint {hostname} is no longer known")))?;
+    let agent = svc.agents.client(&endpoint).permanent()?;
+    let until = filters
+        .until
+        .clone()
+        .unwrap_or_else(|| (snapq_core::catalog::now_ms() + 1).to_string());
+    let tables: Vec<&Table> = queries.iter().map(|q| q.table()).collect();
+    let columns = event_columns(&tables);
+    let header: Vec<&'static str> = columns.clone();
+    let partial = partial.to_owned();
+    let mut sink = Some(
+        tokio::task::spawn_blocking(move || Sink::create(format, &partial, &header))
+            .await
+            .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
+            .transient()?,
+    );
+    let mut rows = 0u64;
+    for table in tables {
+        let mut cursor: Option<String> = None;
+        loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                return Err(JobError::permanent("cancelled"));
+            }
+            let params = crate::agent::api::EventParams {
+                event_type: Some(table.name.to_owned()),
+                wheres: filters.wheres.clone(),
+                any: filters.any,
+                since: filters.since.clone(),
+                until: Some(until.clone()),
+                sort: Some(filters.sort().to_owned()),
+                limit: Some(LIVE_PAGE.to_string()),
+                cursor: cursor.take(),
+            };
+            let page = agent.events(&params.to_query_string()).await.map_err(|e| {
+                let message = format!("reading events of {hostname}: {e}");
+                if e.is_transient() {
+                    JobError::transient(message)
+                } else {
+                    JobError::permanent(message)
+                }
+            })?;
+            let at = positions(table, &columns);
+            let n = columns.len();
+            let mut s = sink.take().expect("the sink is back after each page");
+            let (shared2, before) = (shared.clone(), rows);
+            let events = page.events;
+            let (s, written) = tokio::task::spawn_blocking(move || {
+                let mut written = 0u64;
+                let mut cells = Vec::with_capacity(n);
+                for event in &events {
+                    cells.clear();
+                    cells.resize(n, Cell::Null);
+                    cells[0] = Cell::Text(table.name);
+                    for ((name, _), pos) in table.all_columns().zip(&at) {
+                        cells[*pos] = event.get(name).map(Cell::from).unwrap_or(Cell::Null);
+                    }
+                    s.row(&cells)?;
+                    written += 1;
+                    shared2.written(before + written);
+                }
+                Ok::<_, std::io::Error>((s, written))
+            })
+            .await
+            .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
+            .transient()?;
+            sink = Some(s);
+            rows += written;
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+    }
+    let sink = sink.expect("the sink is back after each page");
+    let bytes = tokio::task::spawn_blocking(move || sink.finish())
+        .await
+        .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
+        .transient()?;
+    Ok((rows, bytes))
 }
 
 /// The leading columns of an evidence export, before the event's own.

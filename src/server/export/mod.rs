@@ -76,7 +76,7 @@ pub struct ExportFilters {
 }
 
 impl ExportFilters {
-    fn sort(&self) -> &str {
+    pub(super) fn sort(&self) -> &str {
         self.sort
             .as_deref()
             .filter(|s| !s.trim().is_empty())
