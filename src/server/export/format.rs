@@ -126,6 +126,8 @@ pub struct XlsxSink {
     sheets: u32,
     /// The next row of the current sheet.
     row: u32,
+    /// Rows per sheet, the header included ([`XLSX_MAX_ROWS`]).
+    sheet_rows: u32,
     path: PathBuf,
 }
 
@@ -136,6 +138,16 @@ fn xlsx_err(e: rust_xlsxwriter::XlsxError) -> io::Error {
 impl Sink {
     /// Creates (truncating) `path` and writes the header.
     pub fn create(format: Format, path: &Path, header: &[&str]) -> io::Result<Sink> {
+        Sink::create_with_sheet_rows(format, path, header, XLSX_MAX_ROWS)
+    }
+
+    /// [`Sink::create`] with XLSX sheets of `sheet_rows` rows (tests use a small number).
+    fn create_with_sheet_rows(
+        format: Format,
+        path: &Path,
+        header: &[&str],
+        sheet_rows: u32,
+    ) -> io::Result<Sink> {
         match format {
             Format::Csv => {
                 let file = File::create(path)?;
@@ -168,6 +180,7 @@ impl Sink {
                     header: header.iter().map(|h| h.to_string()).collect(),
                     sheets: 0,
                     row: 0,
+                    sheet_rows: sheet_rows.max(2),
                     path: path.to_owned(),
                 };
                 sink.new_sheet()?;
@@ -265,7 +278,7 @@ impl XlsxSink {
     }
 
     fn row(&mut self, cells: &[Cell<'_>]) -> io::Result<()> {
-        if self.row >= XLSX_MAX_ROWS {
+        if self.row >= self.sheet_rows {
             self.new_sheet()?;
         }
         let row = self.row;
@@ -369,6 +382,56 @@ mod tests {
         assert_eq!(&rows[0][1], "'=HYPERLINK(\"http://x\")");
         assert_eq!(&rows[1][1], hostile);
         assert_eq!((&rows[2][0], &rows[2][1]), ("", "'@x"));
+    }
+
+    /// The sheets of an XLSX file, each as its XML, read with Python's zipfile.
+    fn sheets(path: &Path) -> Vec<String> {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import json, sys, zipfile\n\
+                 z = zipfile.ZipFile(sys.argv[1])\n\
+                 names = sorted(n for n in z.namelist() if n.startswith('xl/worksheets/sheet'))\n\
+                 print(json.dumps([z.read(n).decode() for n in names]))",
+            )
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    #[test]
+    fn xlsx_starts_a_new_sheet_with_its_header_when_one_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.xlsx");
+        let mut sink =
+            Sink::create_with_sheet_rows(Format::Xlsx, &path, &["id", "cmd"], 3).unwrap();
+        for i in 1..=5 {
+            sink.row(&[Cell::Int(i), Cell::Text("=1+1")]).unwrap();
+        }
+        sink.finish().unwrap();
+        let sheets = sheets(&path);
+        assert_eq!(
+            sheets.len(),
+            3,
+            "3 rows per sheet, header included: 2 + 2 + 1"
+        );
+        for (sheet, ids) in sheets.iter().zip([[1, 2].as_slice(), &[3, 4], &[5]]) {
+            assert!(sheet.contains(">id<") && sheet.contains(">cmd<"), "{sheet}");
+            for id in ids {
+                assert!(sheet.contains(&format!("<v>{id}</v>")), "{id} in {sheet}");
+            }
+            assert!(!sheet.contains("<f>"), "text, never a formula: {sheet}");
+        }
+        assert!(!sheets[0].contains("<v>3</v>"));
+        // The worksheets' temporary files are gone.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 
     #[test]
