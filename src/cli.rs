@@ -671,9 +671,9 @@ struct ServeArgs {
     /// Quarantined files are deleted after this many days [default: 30]
     #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
     quarantine_retention_days: Option<u64>,
-    /// Exports are deleted this many days after they finished [default: 7]
+    /// Exports are deleted this many days after they finished (fractions allowed) [default: 7]
     #[arg(long, value_name = "DAYS", env = "SNAPQ_EXPORT_RETENTION_DAYS")]
-    export_retention_days: Option<u64>,
+    export_retention_days: Option<f64>,
     /// Most rows per second one export writes, to spare the disk [default: no limit]
     #[arg(long, value_name = "ROWS", env = "SNAPQ_EXPORT_MAX_ROWS_PER_SEC")]
     export_max_rows_per_sec: Option<u64>,
@@ -707,7 +707,7 @@ struct ServeFile {
     watch_quiet_ms: Option<u64>,
     watch_settle_secs: Option<u64>,
     quarantine_retention_days: Option<u64>,
-    export_retention_days: Option<u64>,
+    export_retention_days: Option<f64>,
     export_max_rows_per_sec: Option<u64>,
     ingest_concurrency: Option<usize>,
     connection_idle_minutes: Option<f64>,
@@ -1369,10 +1369,10 @@ impl ServeArgs {
             config.quarantine_retention = Duration::from_secs(days * 24 * 3600);
         }
         if let Some(days) = self.export_retention_days.or(file.export_retention_days) {
-            if days == 0 {
-                bail!("export retention must be at least 1 day");
+            if !(days.is_finite() && days > 0.0) {
+                bail!("--export-retention-days must be above 0");
             }
-            config.export_retention = Duration::from_secs(days * 24 * 3600);
+            config.export_retention = Duration::from_secs_f64(days * 24.0 * 3600.0);
         }
         if let Some(n) = self
             .export_max_rows_per_sec

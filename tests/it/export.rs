@@ -710,3 +710,36 @@ async fn a_live_connection_saves_evidence_and_exports_every_matching_event_of_th
 fn tmp_file(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("snapq-export-test-{}-{name}", std::process::id()))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_exports_are_pruned_after_the_retention_period() {
+    // 0.00003 days is about 2.6 s.
+    let server = TestServer::spawn_with(&["--export-retention-days", "0.00003"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = upload(&server, &hostile_snapshot(tmp.path(), "exp-web-06", 50)).await;
+    let (status, export) = call(
+        &server,
+        &server.token.clone(),
+        "POST",
+        "/v1/exports",
+        Some(json!({ "snapshot": snap, "format": "jsonl" })),
+    )
+    .await;
+    assert_eq!(status, 202, "{export}");
+    let id = export["id"].as_i64().unwrap();
+    assert_eq!(finished(&server, id).await["state"], "complete");
+    eventually(
+        Duration::from_secs(30),
+        "the export to be pruned",
+        || async {
+            let (status, _) = server.get(&format!("/v1/exports/{id}")).await;
+            (status == 404 && export_files(&server).is_empty()).then_some(())
+        },
+    )
+    .await;
+    let (_, audit) = server.get("/v1/audit?action=export").await;
+    assert!(
+        audit.to_string().contains("export.expire"),
+        "the pruning is audited: {audit}"
+    );
+}
