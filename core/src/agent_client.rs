@@ -259,6 +259,18 @@ impl AgentClient {
         self.json_bounded(request, &url, MAX_PAGE_BYTES).await
     }
 
+    /// [`AgentClient::events`] as the agent's JSON bytes, for passing a page on unchanged.
+    pub async fn events_raw(&self, query: &str) -> Result<Vec<u8>, AgentError> {
+        let url = self.url(&format!("/v1/events?{query}"));
+        let request = self.http.get(&url).timeout(LIVE_QUERY_TIMEOUT);
+        read_bounded(self.send(request, &url).await?, MAX_PAGE_BYTES)
+            .await
+            .map_err(|reason| AgentError::Unreachable {
+                url: url.clone(),
+                reason: format!("bad answer: {reason}"),
+            })
+    }
+
     /// Event counts per type and the time range (`GET /v1/events/summary`).
     pub async fn summary(&self) -> Result<crate::query::Summary, AgentError> {
         let url = self.url("/v1/events/summary");

@@ -533,8 +533,15 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let params = EventParams::parse(raw.as_deref().unwrap_or(""))?;
     let (row, source) = usable(&state, &access, row).await?;
-    match events::events(&state, &source, &params).await {
-        Ok(page) => Ok(Json(page).into_response()),
+    match events::events_json(&state, &source, &params).await {
+        Ok(body) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()),
         Err(e) => Err(engine_error(&state, &row, e).await),
     }
 }

@@ -159,6 +159,102 @@ pub async fn events(
     source: &Source,
     params: &EventParams,
 ) -> Result<EventPage, EventsError> {
+    let (tag, inner, q) = prepare(source, params)?;
+    let mut page = match source {
+        Source::Endpoint { hostname } => {
+            let agent = agent(state, hostname).await?;
+            let result = agent.events(&inner.to_query_string()).await;
+            agent_answer(&agent, hostname, result).await?
+        }
+        Source::Snapshot { id } => {
+            let source = source.clone();
+            with_snapshot(state, *id, move |conn| {
+                query::query_events(conn, &q).map_err(|e| query_error(&source, e))
+            })
+            .await?
+        }
+    };
+    page.next_cursor = page.next_cursor.map(|c| format!("{tag}.{c}"));
+    Ok(page)
+}
+
+/// [`events`] as the JSON body of the API's answer. A live endpoint's page is passed on as the
+/// agent wrote it, with only its cursor tagged (no second parse and encode of every event).
+#[tracing::instrument(skip_all, fields(source = %source.describe()))]
+pub async fn events_json(
+    state: &ServerState,
+    source: &Source,
+    params: &EventParams,
+) -> Result<Vec<u8>, EventsError> {
+    let Source::Endpoint { hostname } = source else {
+        let page = events(state, source, params).await?;
+        return serde_json::to_vec(&page).map_err(|e| {
+            EventsError::new(
+                Failure::Internal,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            )
+        });
+    };
+    let (tag, inner, _) = prepare(source, params)?;
+    let agent = agent(state, hostname).await?;
+    let result = agent.events_raw(&inner.to_query_string()).await;
+    let body = agent_answer(&agent, hostname, result).await?;
+    match tag_cursor(&body, &tag) {
+        Some(tagged) => Ok(tagged),
+        None => {
+            // Not the shape the agent writes: read it properly.
+            let mut page: EventPage = serde_json::from_slice(&body).map_err(|e| {
+                EventsError::new(
+                    Failure::Unusable,
+                    StatusCode::BAD_GATEWAY,
+                    format!("endpoint {hostname} sent a page that is not one: {e}"),
+                )
+            })?;
+            page.next_cursor = page.next_cursor.map(|c| format!("{tag}.{c}"));
+            serde_json::to_vec(&page).map_err(|e| {
+                EventsError::new(
+                    Failure::Internal,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                )
+            })
+        }
+    }
+}
+
+/// The agent writes a page as `{"events":[...],"next_cursor":"HEX"}` (or `null`): the cursor is
+/// the last member, and its key cannot occur inside a string (quotes there are escaped). Returns
+/// the body with the cursor tagged, or `None` for any other shape.
+fn tag_cursor(body: &[u8], tag: &str) -> Option<Vec<u8>> {
+    const NULL_END: &[u8] = b",\"next_cursor\":null}";
+    const KEY: &[u8] = b",\"next_cursor\":\"";
+    if !body.starts_with(b"{\"events\":[") {
+        return None;
+    }
+    if body.ends_with(NULL_END) {
+        return Some(body.to_vec());
+    }
+    let at = body.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let value = &body[at + KEY.len()..];
+    let cursor = value.strip_suffix(b"\"}")?;
+    if !cursor.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + tag.len() + 1);
+    out.extend_from_slice(&body[..at + KEY.len()]);
+    out.extend_from_slice(tag.as_bytes());
+    out.push(b'.');
+    out.extend_from_slice(value);
+    Some(out)
+}
+
+/// Checks the cursor's source tag and validates the request with the query engine: the tag, the
+/// request as the agent gets it (its own cursor), and the parsed query.
+fn prepare(
+    source: &Source,
+    params: &EventParams,
+) -> Result<(String, EventParams, snapq_core::query::EventQuery), EventsError> {
     let tag = source.cursor_tag();
     let mut inner = EventParams {
         event_type: params.event_type.clone(),
@@ -186,22 +282,7 @@ pub async fn events(
     }
     // Validate here, with the same engine, before anything is sent or opened.
     let q = inner.to_query()?;
-    let mut page = match source {
-        Source::Endpoint { hostname } => {
-            let agent = agent(state, hostname).await?;
-            let result = agent.events(&inner.to_query_string()).await;
-            agent_answer(&agent, hostname, result).await?
-        }
-        Source::Snapshot { id } => {
-            let source = source.clone();
-            with_snapshot(state, *id, move |conn| {
-                query::query_events(conn, &q).map_err(|e| query_error(&source, e))
-            })
-            .await?
-        }
-    };
-    page.next_cursor = page.next_cursor.map(|c| format!("{tag}.{c}"));
-    Ok(page)
+    Ok((tag, inner, q))
 }
 
 /// Event counts per type and the time range of `source`.
@@ -626,6 +707,19 @@ mod tests {
             cache.get(id, "x", &path).unwrap();
         }
         assert_eq!(cache.open_count(), MAX_OPEN_SNAPSHOTS);
+    }
+
+    #[test]
+    fn an_agents_page_gets_its_cursor_tagged_without_being_reencoded() {
+        let page = br#"{"events":[{"id":1,"cmdline":"x\",\"next_cursor\":\"ff\"}"}],"next_cursor":"0a1b"}"#;
+        let tagged = tag_cursor(page, "tag").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&tagged).unwrap();
+        assert_eq!(v["next_cursor"], "tag.0a1b");
+        assert_eq!(v["events"][0]["cmdline"], "x\",\"next_cursor\":\"ff\"}");
+        let last = br#"{"events":[],"next_cursor":null}"#;
+        assert_eq!(tag_cursor(last, "tag").unwrap(), last.to_vec());
+        assert!(tag_cursor(br#"{"next_cursor":"00","events":[]}"#, "t").is_none());
+        assert!(tag_cursor(br#"{"events":[],"next_cursor":"zz"}"#, "t").is_none());
     }
 
     #[test]
