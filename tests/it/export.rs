@@ -508,6 +508,32 @@ async fn evidence_outlives_its_snapshot_and_is_invisible_outside_its_groups() {
     assert_eq!(code, 1);
     assert!(err.contains("TYPE:ID"), "{err}");
 
+    // Through the snapshot opened as a connection: the same rows as the snapshot itself.
+    let (code, out, err) = server.cli(&["live", "open", &snap_s, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let opened: Value = serde_json::from_str(&out).unwrap();
+    let conn = opened["id"]
+        .as_i64()
+        .or(opened[0]["id"].as_i64())
+        .unwrap()
+        .to_string();
+    let via_conn = tmp.path().join("via-connection.csv");
+    let (code, out, err) = server.cli(&[
+        "export",
+        "--connection",
+        &conn,
+        "--type",
+        "process",
+        "--where",
+        "user eq mallory",
+        "--format",
+        "csv",
+        "-o",
+        via_conn.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(python_csv_rows(&via_conn).len(), 1 + HOSTILE.len());
+
     // An export of the evidence, and someone else's view of both.
     let (status, export) = call(
         &server,

@@ -179,6 +179,11 @@ pub async fn run(
         .complete_export(export.id, rows, bytes, &file_name)
         .await
         .transient()?;
+    // Deleted while it ran (the delete cancels, but the rename may have won): no orphan file.
+    if catalog.export(export.id).await.transient()?.is_none() {
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    }
     tracing::debug!(rows, bytes, file = %file_name, "export written");
     Ok(())
 }
