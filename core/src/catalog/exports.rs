@@ -151,31 +151,11 @@ impl Catalog {
         Ok(done.rows_affected() > 0)
     }
 
-    /// A retried export is queued again.
-    pub async fn requeue_export(&self, id: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE exports SET state = 'queued', error = NULL, finished_ms = NULL WHERE id = ?1",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     pub async fn export(&self, id: i64) -> Result<Option<Export>> {
         Ok(sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM exports WHERE id = ?1"
         )))
         .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    pub async fn export_by_job(&self, job_id: &str) -> Result<Option<Export>> {
-        Ok(sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM exports WHERE job_id = ?1"
-        )))
-        .bind(job_id)
         .fetch_optional(&self.pool)
         .await?)
     }
