@@ -14,6 +14,7 @@ use crate::agent::fleet::FleetSpec;
 use crate::agent::recorder::{Limits, LinuxConfig, RecorderKind};
 use crate::client::ClientConfig;
 use crate::client_access::AccessCommand;
+use crate::client_export::{ExportCommand, FilterArgs, SourceArg};
 use crate::client_live::{EventsQuery, LiveCommand};
 use crate::server::ServeConfig;
 
@@ -173,6 +174,135 @@ enum CommandArgs {
     },
     /// Print the man page (roff): `snapq manpage > snapq.1`.
     Manpage,
+    /// Export events of a connection, a snapshot or the evidence store to CSV, JSON Lines or
+    /// XLSX (a job; the file lands under the server's exports/).
+    Export(EventsExportArgs),
+    /// Exports: list them, download one, delete them.
+    Exports {
+        #[command(subcommand)]
+        command: ExportsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Saved evidence: events copied out of a connection or snapshot, kept on the server.
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Which rows: the filters of `snapq events`.
+#[derive(Debug, Args)]
+struct EventFilterArgs {
+    /// Event type (repeat for several; default: every type that has the fields filtered on).
+    #[arg(long = "type", value_name = "TYPE")]
+    types: Vec<String>,
+    /// A condition `FIELD OP VALUE`, e.g. 'path co bash' (repeatable; all must hold).
+    #[arg(long = "where", value_name = "COND")]
+    wheres: Vec<String>,
+    /// Any condition may hold, instead of all.
+    #[arg(long)]
+    any: bool,
+    /// Events at or after this time (RFC 3339 or epoch ms).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Events before this time (RFC 3339 or epoch ms).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Order by FIELD, or -FIELD for newest/largest first [default: ts]
+    #[arg(long, value_name = "FIELD", allow_hyphen_values = true)]
+    sort: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["connection", "snapshot", "evidence"]))]
+struct EventsExportArgs {
+    /// A live connection or an opened snapshot (`snapq live list`).
+    #[arg(long, value_name = "ID")]
+    connection: Option<String>,
+    /// A stored snapshot by id (`snapq snapshots list`).
+    #[arg(long, value_name = "ID")]
+    snapshot: Option<i64>,
+    /// The evidence store (with --endpoint: of that endpoint only).
+    #[arg(long)]
+    evidence: bool,
+    /// With --evidence: only this endpoint's evidence.
+    #[arg(long, value_name = "HOST", requires = "evidence")]
+    endpoint: Option<String>,
+    #[command(flatten)]
+    filters: EventFilterArgs,
+    /// csv, jsonl or xlsx.
+    #[arg(long, value_parser = ["csv", "jsonl", "xlsx"])]
+    format: String,
+    /// Wait until the export ends; exit 1 if it failed or was cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// Stop waiting after this many seconds (exit 1; the export goes on) [default: no limit]
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Wait, then download the file here.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportsCommand {
+    /// Exports you may see, newest first: id, state, format, rows, bytes, endpoint.
+    List,
+    /// One export.
+    Show { id: i64 },
+    /// Download a complete export (default: under its own name, here).
+    Download {
+        id: i64,
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Delete exports (the file and the entry; a running one is cancelled).
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EvidenceCommand {
+    /// Copy events (TYPE:ID, e.g. process:42) into the evidence store.
+    #[command(group = clap::ArgGroup::new("from").required(true).args(["connection", "snapshot"]))]
+    Save {
+        /// The connection the events are in.
+        #[arg(long, value_name = "ID")]
+        connection: Option<String>,
+        /// A stored snapshot the events are in.
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<i64>,
+        /// Why they matter.
+        #[arg(long)]
+        note: Option<String>,
+        #[arg(required = true, value_name = "EVENT_REF")]
+        events: Vec<String>,
+    },
+    /// Saved evidence, newest first.
+    List {
+        #[arg(long, value_name = "HOST")]
+        endpoint: Option<String>,
+    },
+    /// One evidence item with every column of its event.
+    Show { id: i64 },
+    /// Delete evidence items.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 const ROLES: [&str; 3] = ["admin", "operator", "viewer"];
@@ -576,6 +706,12 @@ struct ServeArgs {
     /// Quarantined files are deleted after this many days [default: 30]
     #[arg(long, value_name = "DAYS", env = "SNAPQ_QUARANTINE_RETENTION_DAYS")]
     quarantine_retention_days: Option<u64>,
+    /// Exports are deleted this many days after they finished (fractions allowed) [default: 7]
+    #[arg(long, value_name = "DAYS", env = "SNAPQ_EXPORT_RETENTION_DAYS")]
+    export_retention_days: Option<f64>,
+    /// Most rows per second one export writes, to spare the disk [default: 0, no limit]
+    #[arg(long, value_name = "ROWS", env = "SNAPQ_EXPORT_MAX_ROWS_PER_SEC")]
+    export_max_rows_per_sec: Option<u64>,
     /// Ingests running at once; an ingest mostly waits on fsync, so more than the cores pay
     /// [default: 8]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
@@ -607,6 +743,8 @@ struct ServeFile {
     watch_quiet_ms: Option<u64>,
     watch_settle_secs: Option<u64>,
     quarantine_retention_days: Option<u64>,
+    export_retention_days: Option<f64>,
+    export_max_rows_per_sec: Option<u64>,
     ingest_concurrency: Option<usize>,
     connection_idle_minutes: Option<f64>,
     query_budget_ms: Option<u64>,
@@ -829,6 +967,7 @@ pub enum ClientCommand {
         ids: Vec<String>,
     },
     Access(AccessCommand),
+    Export(ExportCommand),
     Live(LiveCommand),
 }
 
@@ -1045,6 +1184,72 @@ impl Cli {
                     }
                 },
             )),
+            CommandArgs::Export(args) => {
+                let source = match (args.connection, args.snapshot, args.evidence) {
+                    (Some(c), _, _) => SourceArg::Connection(c),
+                    (_, Some(s), _) => SourceArg::Snapshot(s),
+                    _ => SourceArg::Evidence(args.endpoint),
+                };
+                let f = args.filters;
+                Ok(Command::Client(
+                    args.client.into_config(),
+                    ClientCommand::Export(ExportCommand::Create {
+                        source,
+                        filters: FilterArgs {
+                            types: f.types,
+                            wheres: f.wheres,
+                            any: f.any,
+                            since: f.since,
+                            until: f.until,
+                            sort: f.sort,
+                        },
+                        format: args.format,
+                        wait: args.wait,
+                        timeout: args.timeout.map(Duration::from_secs),
+                        out: args.out,
+                    }),
+                ))
+            }
+            CommandArgs::Exports { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Export(match command {
+                    ExportsCommand::List => ExportCommand::List,
+                    ExportsCommand::Show { id } => ExportCommand::Show { id },
+                    ExportsCommand::Download { id, out } => ExportCommand::Download { id, out },
+                    ExportsCommand::Delete { ids, yes } => {
+                        confirm_destructive(yes, &format!("Delete {} export(s)?", ids.len()))?;
+                        ExportCommand::Delete { ids }
+                    }
+                }),
+            )),
+            CommandArgs::Evidence { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Export(match command {
+                    EvidenceCommand::Save {
+                        connection,
+                        snapshot,
+                        note,
+                        events,
+                    } => ExportCommand::EvidenceSave {
+                        source: match (connection, snapshot) {
+                            (Some(c), _) => SourceArg::Connection(c),
+                            (_, Some(s)) => SourceArg::Snapshot(s),
+                            _ => unreachable!("clap requires one source"),
+                        },
+                        events,
+                        note,
+                    },
+                    EvidenceCommand::List { endpoint } => ExportCommand::EvidenceList { endpoint },
+                    EvidenceCommand::Show { id } => ExportCommand::EvidenceShow { id },
+                    EvidenceCommand::Delete { ids, yes } => {
+                        confirm_destructive(
+                            yes,
+                            &format!("Delete {} evidence item(s)?", ids.len()),
+                        )?;
+                        ExportCommand::EvidenceDelete { ids }
+                    }
+                }),
+            )),
             CommandArgs::Users { command, client } => Ok(Command::Client(
                 client.into_config(),
                 ClientCommand::Access(match command {
@@ -1238,6 +1443,17 @@ impl ServeArgs {
             }
             config.quarantine_retention = Duration::from_secs(days * 24 * 3600);
         }
+        if let Some(days) = self.export_retention_days.or(file.export_retention_days) {
+            if !(days.is_finite() && days > 0.0) {
+                bail!("--export-retention-days must be above 0");
+            }
+            config.export_retention = Duration::from_secs_f64(days * 24.0 * 3600.0);
+        }
+        // 0: no limit (the example settings file spells the default out).
+        config.export_max_rows_per_sec = self
+            .export_max_rows_per_sec
+            .or(file.export_max_rows_per_sec)
+            .filter(|&n| n > 0);
         if let Some(n) = self.ingest_concurrency.or(file.ingest_concurrency) {
             config.ingest_concurrency = n.max(1);
         }

@@ -103,6 +103,12 @@ impl Client {
         Ok(self.send(self.http.delete(&url)).await?.json().await?)
     }
 
+    /// A GET whose body the caller streams (downloads).
+    pub async fn get_response(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.get(&url)).await
+    }
+
     /// Prints `value` as JSON when `--json` was given, else runs `human`.
     pub fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
         if self.json {

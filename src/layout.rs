@@ -49,6 +49,22 @@ impl ServerDir {
     pub fn exports(&self) -> PathBuf {
         self.0.join("exports")
     }
+    /// An export's file name under `exports/`: `export-ID.EXT`.
+    pub fn export_name(&self, id: i64, extension: &str) -> String {
+        format!("export-{id}.{extension}")
+    }
+    /// Where an export is written before it is complete: `exports/.NAME.partial`.
+    pub fn export_partial(&self, name: &str) -> PathBuf {
+        self.exports().join(format!(".{name}.partial"))
+    }
+    /// Whether `path` is an export's partial file (one a crash may have left).
+    pub fn is_export_partial(&self, path: &Path) -> bool {
+        path.parent() == Some(self.exports().as_path())
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".export-") && n.ends_with(".partial"))
+    }
     /// The default drop folder.
     pub fn watch(&self) -> PathBuf {
         self.0.join("watch")

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod client_access;
+pub mod client_export;
 pub mod client_live;
 pub mod doctor;
 pub mod http;
@@ -137,6 +138,7 @@ async fn run_client(
         }
         C::QuarantineDelete { ids } => client::quarantine_delete(&c, &ids).await,
         C::Access(command) => client_access::run(&c, command).await,
+        C::Export(command) => client_export::run(&c, command).await,
         C::Live(command) => client_live::run(&c, command).await,
     }
 }

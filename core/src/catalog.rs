@@ -15,6 +15,12 @@ use sqlx::{FromRow, SqlitePool};
 use crate::access::{self, Facts, GroupRules, Role};
 use crate::verify::{self, Verified};
 
+mod evidence;
+mod exports;
+
+pub use evidence::{Evidence, NewEvidence};
+pub use exports::{Export, ExportState, NewExport};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error(

@@ -341,6 +341,17 @@ impl EventQuery {
         Ok(Position { value, id: data.id })
     }
 
+    /// The SQL of every row this query selects, in its order, without the page limit or cursor:
+    /// what an export streams. Its columns are `table().all_columns()`, in order.
+    pub fn stream_sql(&self) -> Result<(String, Vec<Value>), QueryError> {
+        let mut all = self.clone();
+        all.after = None;
+        let (sql, mut params) = all.to_sql()?;
+        // A negative LIMIT is no limit in SQLite.
+        *params.last_mut().expect("the limit is the last parameter") = Value::Integer(-1);
+        Ok((sql, params))
+    }
+
     /// The page's SQL and its parameters.
     fn to_sql(&self) -> Result<(String, Vec<Value>), QueryError> {
         let (filter_sql, mut params) = self.filter.to_sql(self.table)?;

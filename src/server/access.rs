@@ -26,7 +26,9 @@ use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use snapq_core::access::{Facts, Role, Scope};
-use snapq_core::catalog::{ConnectionRow, Endpoint, Ingest, Snapshot, TokenRefusal};
+use snapq_core::catalog::{
+    ConnectionRow, Endpoint, Evidence, Export, Ingest, Snapshot, TokenRefusal,
+};
 use snapq_jobs::{JobDetail, JobId, JobInfo};
 
 use super::{ServerState, sha256_hex};
@@ -419,6 +421,67 @@ impl Access {
         Ok(ingest.expect("decide refuses a missing ingest"))
     }
 
+    /// Saved evidence by id: it belongs to its endpoint (known or not any more).
+    pub async fn evidence(&self, id: &str, need: Role) -> Result<Evidence, ApiError> {
+        let evidence = match id.parse::<i64>() {
+            Ok(n) => self
+                .state
+                .catalog
+                .evidence(n)
+                .await
+                .map_err(ApiError::internal)?,
+            Err(_) => None,
+        };
+        let facts = match &evidence {
+            Some(e) => self.facts_of(&e.hostname).await?,
+            None => None,
+        };
+        let not_found = ApiError::not_found(format!(
+            "no evidence {:?}; `snapq evidence list` shows it",
+            short(id)
+        ));
+        self.decide(facts.as_ref().map(|f| f.as_facts()), need, not_found)?;
+        Ok(evidence.expect("decide refuses missing evidence"))
+    }
+
+    /// An export by id: it belongs to its endpoint, or (an evidence export over several
+    /// endpoints) to its requester and admins.
+    pub async fn export(&self, id: &str, need: Role) -> Result<Export, ApiError> {
+        let export = match id.parse::<i64>() {
+            Ok(n) => self
+                .state
+                .catalog
+                .export(n)
+                .await
+                .map_err(ApiError::internal)?,
+            Err(_) => None,
+        };
+        let facts = match &export {
+            Some(Export {
+                hostname: Some(host),
+                ..
+            }) => self.facts_of(host).await?,
+            Some(e) if self.caller.role == Role::Admin || e.requested_by == self.caller.name => {
+                Some(OwnedFacts::hostname_only(""))
+            }
+            _ => None,
+        };
+        let not_found = ApiError::not_found(format!(
+            "no export {:?}; `snapq exports list` shows them",
+            short(id)
+        ));
+        // The requester's own multi-endpoint export is theirs whatever their groups.
+        let own = export
+            .as_ref()
+            .is_some_and(|e| e.hostname.is_none() && facts.is_some());
+        if own {
+            self.require(need)?;
+        } else {
+            self.decide(facts.as_ref().map(|f| f.as_facts()), need, not_found)?;
+        }
+        Ok(export.expect("decide refuses a missing export"))
+    }
+
     /// For a listing whose rows carry their endpoint's facts: checks the viewer role (every user
     /// has it) and answers whether the caller may see each row.
     pub fn endpoint_filter(&self) -> Result<impl Fn(&Facts<'_>) -> bool + '_, ApiError> {
@@ -662,6 +725,18 @@ impl Target for JobDetail {
 impl Target for Ingest {
     async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
         access.ingest(raw, need).await
+    }
+}
+
+impl Target for Evidence {
+    async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
+        access.evidence(raw, need).await
+    }
+}
+
+impl Target for Export {
+    async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
+        access.export(raw, need).await
     }
 }
 

@@ -91,6 +91,7 @@ pub fn routes() -> Vec<ApiRoute> {
     routes.extend(super::agents::routes());
     routes.extend(super::quarantine::routes());
     routes.extend(super::admin::routes());
+    routes.extend(super::export::routes());
     routes
 }
 

@@ -449,7 +449,7 @@ async fn reconnect(
 
 /// The connection's target if it may be queried now: the role for a live endpoint, then an
 /// active status (409 saying how to reconnect otherwise). Counts as activity.
-async fn usable(
+pub(super) async fn usable(
     state: &ServerState,
     access: &Access,
     row: ConnectionRow,
@@ -499,7 +499,11 @@ fn not_active(row: &ConnectionRow) -> ApiError {
 }
 
 /// An engine error as the answer; an agent that stopped answering interrupts the connection.
-async fn engine_error(state: &ServerState, row: &ConnectionRow, e: EventsError) -> ApiError {
+pub(super) async fn engine_error(
+    state: &ServerState,
+    row: &ConnectionRow,
+    e: EventsError,
+) -> ApiError {
     if e.is_interruption() {
         let reason = e.message.clone();
         if let Err(err) = state

@@ -12,6 +12,7 @@ pub mod api;
 pub mod connections;
 pub mod demo;
 pub mod events;
+pub mod export;
 pub mod quarantine;
 
 use std::net::SocketAddr;
@@ -65,6 +66,12 @@ pub struct ServeConfig {
     pub watch_settle: Duration,
     /// Quarantined files older than this are deleted.
     pub quarantine_retention: Duration,
+    /// Exports (file and row) are deleted this long after they finished.
+    pub export_retention: Duration,
+    /// Exports running at once.
+    pub export_concurrency: usize,
+    /// Most rows per second one export writes (`None`: as fast as the disk goes).
+    pub export_max_rows_per_sec: Option<u64>,
     /// The time budget of one query on a stored snapshot.
     pub query_budget: Duration,
     /// An active connection unused this long times out.
@@ -90,6 +97,9 @@ impl ServeConfig {
             watch_rescan: Duration::from_secs(30),
             watch_settle: Duration::from_secs(60),
             quarantine_retention: Duration::from_secs(30 * 24 * 3600),
+            export_retention: Duration::from_secs(7 * 24 * 3600),
+            export_concurrency: 2,
+            export_max_rows_per_sec: None,
             query_budget: events::DEFAULT_QUERY_BUDGET,
             connection_idle: Duration::from_secs(10 * 60),
             data_dir,
@@ -207,6 +217,7 @@ impl Server {
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
         catalog.fail_unqueued_captures().await?;
+        export::remove_abandoned_partials(&layout);
         spawn_workers(&queue, &services, &config).await?;
         recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
@@ -250,6 +261,7 @@ impl Server {
         let watcher = start_watcher(&state).await?;
         let _ = state.watcher.set(watcher.status_handle());
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
+        let export_pruner = tokio::spawn(export::prune_periodically(state.clone()));
         let connections = tokio::spawn(connections::maintain(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
@@ -262,6 +274,7 @@ impl Server {
         .await;
         drop(demo);
         quarantine_pruner.abort();
+        export_pruner.abort();
         connections.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
@@ -335,6 +348,7 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
                     .map_err(|e| e.to_string())?;
             }
         }
+        JobKind::Export => export::record_terminal(&catalog, &job).await?,
         _ => {}
     }
     Ok(())
@@ -534,6 +548,18 @@ async fn spawn_workers(
         .spawn_workers(JobKind::Delete, 4, move |args, ctx| {
             handlers::delete::run(svc.clone(), args, ctx)
         })
+        .await?;
+    let svc = services.clone();
+    let settings = export::job::ExportSettings {
+        layout: ServerDir::new(&config.data_dir),
+        max_rows_per_sec: config.export_max_rows_per_sec,
+    };
+    queue
+        .spawn_workers(
+            JobKind::Export,
+            config.export_concurrency,
+            move |args, ctx| export::job::run(svc.clone(), settings.clone(), args, ctx),
+        )
         .await?;
     Ok(())
 }

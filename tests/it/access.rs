@@ -156,7 +156,33 @@ struct World {
     ingest: [String; 2],
     job: [String; 2],
     quarantine: [String; 2],
+    export: [i64; 2],
+    evidence: [i64; 2],
     _tmp: tempfile::TempDir,
+}
+
+/// Queues an export of a snapshot as admin: its id.
+async fn fresh_export(server: &TestServer, snap: i64) -> i64 {
+    let made = admin(
+        server,
+        "POST",
+        "/v1/exports",
+        Some(json!({ "snapshot": snap, "format": "csv" })),
+    )
+    .await;
+    made["id"].as_i64().unwrap()
+}
+
+/// Saves the first process of a snapshot as evidence, as admin: its id.
+async fn fresh_evidence(server: &TestServer, snap: i64) -> i64 {
+    let saved = admin(
+        server,
+        "POST",
+        "/v1/evidence",
+        Some(json!({ "snapshot": snap, "events": ["process:1"] })),
+    )
+    .await;
+    saved[0]["id"].as_i64().unwrap()
 }
 
 async fn world() -> World {
@@ -193,6 +219,14 @@ async fn world() -> World {
         quarantined(&server, INSIDE, 0).await,
         quarantined(&server, OUTSIDE, 1).await,
     ];
+    let export = [
+        fresh_export(&server, snap_in).await,
+        fresh_export(&server, snap_out).await,
+    ];
+    let evidence = [
+        fresh_evidence(&server, snap_in).await,
+        fresh_evidence(&server, snap_out).await,
+    ];
     // The expiring token has lived its second by now, or soon.
     eventually(Duration::from_secs(10), "the token to expire", || async {
         let (status, _) = call(&server, Some(&expired), "GET", "/v1/endpoints", None).await;
@@ -209,6 +243,8 @@ async fn world() -> World {
         ingest: [ingest_in, ingest_out],
         job: [job_in, job_out],
         quarantine,
+        export,
+        evidence,
         _tmp: tmp,
     }
 }
@@ -286,6 +322,15 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/quarantine/{id}", VIEW),
         ("POST", "/v1/quarantine/{id}/retry", OPERATE),
         ("POST", "/v1/quarantine/delete", OPERATE),
+        ("POST", "/v1/exports", OPERATE),
+        ("GET", "/v1/exports", EVERYONE),
+        ("GET", "/v1/exports/{id}", VIEW),
+        ("GET", "/v1/exports/{id}/file", VIEW),
+        ("DELETE", "/v1/exports/{id}", OPERATE),
+        ("POST", "/v1/evidence", OPERATE),
+        ("GET", "/v1/evidence", EVERYONE),
+        ("GET", "/v1/evidence/{id}", VIEW),
+        ("DELETE", "/v1/evidence/{id}", OPERATE),
         ("GET", "/v1/connections", EVERYONE),
         ("POST", "/v1/connections", OPERATE),
         ("GET", "/v1/connections/{id}", VIEW),
@@ -439,6 +484,25 @@ async fn request_for(
             template.into(),
             Some(json!({ "ids": [quarantined(s, host, 100 + n).await] })),
         ),
+        ("POST", "/v1/exports") => (
+            template.into(),
+            Some(json!({ "snapshot": w.snap[side], "format": "csv" })),
+        ),
+        ("GET", "/v1/exports/{id}") => (format!("/v1/exports/{}", w.export[side]), None),
+        ("DELETE", "/v1/exports/{id}") => (
+            format!("/v1/exports/{}", fresh_export(s, w.snap[side]).await),
+            None,
+        ),
+        (_, "/v1/exports/{id}/file") => (format!("/v1/exports/{}/file", w.export[side]), None),
+        ("POST", "/v1/evidence") => (
+            template.into(),
+            Some(json!({ "snapshot": w.snap[side], "events": ["process:1"] })),
+        ),
+        ("GET", "/v1/evidence/{id}") => (format!("/v1/evidence/{}", w.evidence[side]), None),
+        ("DELETE", "/v1/evidence/{id}") => (
+            format!("/v1/evidence/{}", fresh_evidence(s, w.snap[side]).await),
+            None,
+        ),
         (_, path) => {
             assert!(!path.contains('{'), "no fixture for {method} {path}");
             (path.into(), None)
@@ -584,20 +648,25 @@ async fn an_operator_sees_nothing_outside_their_groups_and_gets_the_404_of_a_mis
             })
             .sum()
     };
-    assert_eq!(total(&admin_status), 6, "{admin_status}");
-    assert_eq!(total(&op_status), 3, "{op_status}");
+    // Per endpoint: an ingest, a capture, a quarantined upload and an export.
+    assert_eq!(total(&admin_status), 8, "{admin_status}");
+    assert_eq!(total(&op_status), 4, "{op_status}");
     let (_, entries) = call(s, op, "GET", "/v1/quarantine", None).await;
     assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");
     assert_eq!(entries[0]["id"], w.quarantine[0].as_str());
 
     // Outside ids answer exactly what a missing id answers.
     let (snap_out, job_out, ingest_out) = (w.snap[1].to_string(), &w.job[1], &w.ingest[1]);
+    let (export_out, evidence_out) = (w.export[1].to_string(), w.evidence[1].to_string());
     for (template, outside, missing) in [
         ("/v1/endpoints/ID", OUTSIDE, "no-such-host"),
         ("/v1/snapshots/ID", snap_out.as_str(), "999999"),
         ("/v1/snapshots/ID/file", snap_out.as_str(), "999999"),
         ("/v1/queue/jobs/ID", job_out.as_str(), "no-such-job"),
         ("/v1/ingests/ID", ingest_out.as_str(), "no-such-job"),
+        ("/v1/exports/ID", export_out.as_str(), "999999"),
+        ("/v1/exports/ID/file", export_out.as_str(), "999999"),
+        ("/v1/evidence/ID", evidence_out.as_str(), "999999"),
     ] {
         let (s1, b1) = call(s, op, "GET", &template.replace("ID", outside), None).await;
         let (s2, b2) = call(s, op, "GET", &template.replace("ID", missing), None).await;

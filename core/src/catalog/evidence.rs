@@ -1,0 +1,128 @@
+//! Saved evidence: events copied into the catalog with their endpoint, their source and who saved
+//! them and why. Rows are keyed by hostname, not by a foreign key, so evidence outlives the
+//! connection, the snapshot and the endpoint's enrollment.
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use super::{Catalog, Result, now_ms};
+
+/// One saved event.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Evidence {
+    pub id: i64,
+    pub hostname: String,
+    pub event_type: String,
+    pub event_id: i64,
+    pub event_ts: Option<i64>,
+    /// Every column of the event, keyed by column name.
+    #[sqlx(json)]
+    pub event: serde_json::Value,
+    /// `snapshot` or `endpoint`.
+    pub source_kind: String,
+    /// The snapshot id or the endpoint's hostname.
+    pub source_id: String,
+    pub connection_id: Option<String>,
+    pub saved_by: String,
+    pub saved_ms: i64,
+    pub note: Option<String>,
+}
+
+/// An event about to be saved.
+#[derive(Debug, Clone)]
+pub struct NewEvidence {
+    pub hostname: String,
+    pub event_type: String,
+    pub event_id: i64,
+    pub event_ts: Option<i64>,
+    pub event: serde_json::Value,
+    pub source_kind: String,
+    pub source_id: String,
+    pub connection_id: Option<String>,
+    pub note: Option<String>,
+}
+
+const COLUMNS: &str = "id, hostname, event_type, event_id, event_ts, event, source_kind, source_id, \
+    connection_id, saved_by, saved_ms, note";
+
+impl Catalog {
+    /// Saves events as evidence, all or none; their ids in order.
+    pub async fn save_evidence(&self, items: &[NewEvidence], saved_by: &str) -> Result<Vec<i64>> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let mut ids = Vec::with_capacity(items.len());
+        for item in items {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO evidence (hostname, event_type, event_id, event_ts, event, source_kind,
+                     source_id, connection_id, saved_by, saved_ms, note)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
+            )
+            .bind(&item.hostname)
+            .bind(&item.event_type)
+            .bind(item.event_id)
+            .bind(item.event_ts)
+            .bind(item.event.to_string())
+            .bind(&item.source_kind)
+            .bind(&item.source_id)
+            .bind(&item.connection_id)
+            .bind(saved_by)
+            .bind(now)
+            .bind(&item.note)
+            .fetch_one(&mut *tx)
+            .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// Evidence, newest first, optionally of one endpoint.
+    pub async fn evidence_list(&self, hostname: Option<&str>) -> Result<Vec<Evidence>> {
+        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM evidence WHERE ?1 IS NULL OR hostname = ?1
+             ORDER BY saved_ms DESC, id DESC"
+        )))
+        .bind(hostname)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Up to `limit` evidence rows of these endpoints with ids above `after`, by id: how an
+    /// export walks the store without holding it in memory.
+    pub async fn evidence_page(
+        &self,
+        hostnames: &[String],
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Evidence>> {
+        let hosts = serde_json::to_string(hostnames).expect("strings serialize");
+        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM evidence
+             WHERE id > ?1 AND hostname IN (SELECT value FROM json_each(?2))
+             ORDER BY id LIMIT ?3"
+        )))
+        .bind(after)
+        .bind(hosts)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn evidence(&self, id: i64) -> Result<Option<Evidence>> {
+        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM evidence WHERE id = ?1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Deletes one evidence item; false if it was already gone.
+    pub async fn delete_evidence(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM evidence WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
