@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod client_access;
+pub mod client_fleet;
 pub mod http;
 pub mod layout;
 pub mod logging;
@@ -111,8 +112,20 @@ async fn run_client(
             }
         }
         C::QueueStatus { watch } => client::queue_status(&c, watch).await,
-        C::QueueList { state, kind, limit } => {
-            client::queue_list(&c, state.as_deref(), kind.as_deref(), limit).await
+        C::QueueList {
+            state,
+            kind,
+            batch,
+            limit,
+        } => {
+            client::queue_list(
+                &c,
+                state.as_deref(),
+                kind.as_deref(),
+                batch.as_deref(),
+                limit,
+            )
+            .await
         }
         C::QueueShow { id } => client::queue_show(&c, &id).await,
         C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
@@ -124,5 +137,6 @@ async fn run_client(
         }
         C::QuarantineDelete { ids } => client::quarantine_delete(&c, &ids).await,
         C::Access(command) => client_access::run(&c, command).await,
+        C::Fleet(command) => client_fleet::run(&c, command).await,
     }
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod demo;
+pub mod fleet;
 pub mod quarantine;
 
 use std::net::SocketAddr;
@@ -190,6 +191,10 @@ impl Server {
             ingest: handlers::ingest::IngestSettings {
                 settle: config.watch_settle,
             },
+            fleet: handlers::fleet::FleetSettings {
+                online_window: config.online_window,
+                ..handlers::fleet::FleetSettings::default()
+            },
         });
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
@@ -198,18 +203,22 @@ impl Server {
         recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
             .context("recovering spooled uploads")?;
+        let state = Arc::new(ServerState {
+            config,
+            catalog,
+            queue,
+            services,
+            enroll_token: std::sync::RwLock::new(enroll_token),
+            watcher: std::sync::OnceLock::new(),
+        });
+        fleet::recover_batches(&state)
+            .await
+            .context("giving unfinished fleet batches their jobs")?;
         Ok(Server {
             _lock: lock,
             listener,
             tls,
-            state: Arc::new(ServerState {
-                config,
-                catalog,
-                queue,
-                services,
-                enroll_token: std::sync::RwLock::new(enroll_token),
-                watcher: std::sync::OnceLock::new(),
-            }),
+            state,
         })
     }
 
@@ -236,6 +245,7 @@ impl Server {
         let watcher = start_watcher(&state).await?;
         let _ = state.watcher.set(watcher.status_handle());
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
+        let scheduler = tokio::spawn(fleet::run_scheduler(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -247,6 +257,7 @@ impl Server {
         .await;
         drop(demo);
         quarantine_pruner.abort();
+        scheduler.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
@@ -288,6 +299,29 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
                 .map_err(|e| e.to_string())?;
             catalog
                 .fail_pending_ingest(job.id.as_str(), &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        JobKind::Fleet => {
+            // The fleet job died or was cancelled: its batch ends with that reason.
+            let Some(id) = job.args["batch_id"].as_i64() else {
+                return Ok(());
+            };
+            let reason = format!("the batch's fleet job ended {}: {reason}", job.state);
+            catalog
+                .skip_queued_items(id, &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog
+                .set_batch_state(
+                    id,
+                    &[
+                        snapq_core::fleet::state::RUNNING,
+                        snapq_core::fleet::state::PAUSED,
+                    ],
+                    snapq_core::fleet::state::CANCELLED,
+                    Some(&reason),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -480,6 +514,13 @@ async fn spawn_workers(
     queue
         .spawn_workers(JobKind::Delete, 4, move |args, ctx| {
             handlers::delete::run(svc.clone(), args, ctx)
+        })
+        .await?;
+    // A batch holds its worker slot while it runs (it mostly sleeps between looks).
+    let svc = services.clone();
+    queue
+        .spawn_workers(JobKind::Fleet, 64, move |args, ctx| {
+            handlers::fleet::run(svc.clone(), args, ctx)
         })
         .await?;
     Ok(())

@@ -156,6 +156,9 @@ struct World {
     ingest: [String; 2],
     job: [String; 2],
     quarantine: [String; 2],
+    /// A fleet batch and a schedule of `team` (inside) and of `others` (outside).
+    batch: [i64; 2],
+    schedule: [String; 2],
     _tmp: tempfile::TempDir,
 }
 
@@ -193,6 +196,33 @@ async fn world() -> World {
         quarantined(&server, INSIDE, 0).await,
         quarantined(&server, OUTSIDE, 1).await,
     ];
+    admin(
+        &server,
+        "POST",
+        "/v1/groups",
+        Some(json!({ "name": "others", "hostnames": ["acc-out-*"] })),
+    )
+    .await;
+    let mut batch = [0; 2];
+    let mut schedule = [String::new(), String::new()];
+    for (side, group) in ["team", "others"].into_iter().enumerate() {
+        let b = admin(
+            &server,
+            "POST",
+            "/v1/fleet/batches",
+            Some(json!({ "group": group, "expire_secs": 3600 })),
+        )
+        .await;
+        batch[side] = b["batch_id"].as_i64().unwrap();
+        schedule[side] = format!("sched-{group}");
+        admin(
+            &server,
+            "POST",
+            "/v1/schedules",
+            Some(json!({ "name": schedule[side], "cron": "0 3 * * *", "group": group })),
+        )
+        .await;
+    }
     // The expiring token has lived its second by now, or soon.
     eventually(Duration::from_secs(10), "the token to expire", || async {
         let (status, _) = call(&server, Some(&expired), "GET", "/v1/endpoints", None).await;
@@ -209,6 +239,8 @@ async fn world() -> World {
         ingest: [ingest_in, ingest_out],
         job: [job_in, job_out],
         quarantine,
+        batch,
+        schedule,
         _tmp: tmp,
     }
 }
@@ -285,6 +317,22 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/quarantine/{id}", VIEW),
         ("POST", "/v1/quarantine/{id}/retry", OPERATE),
         ("POST", "/v1/quarantine/delete", OPERATE),
+        // Batches and schedules belong to their computer group (granted, or 404).
+        ("GET", "/v1/fleet/batches", EVERYONE),
+        ("POST", "/v1/fleet/batches", OPERATE),
+        ("GET", "/v1/fleet/batches/{id}", VIEW),
+        ("POST", "/v1/fleet/batches/{id}/pause", OPERATE),
+        ("POST", "/v1/fleet/batches/{id}/resume", OPERATE),
+        ("POST", "/v1/fleet/batches/{id}/cancel", OPERATE),
+        ("GET", "/v1/schedules", EVERYONE),
+        ("POST", "/v1/schedules", OPERATE),
+        ("GET", "/v1/schedules/{name}", VIEW),
+        ("DELETE", "/v1/schedules/{name}", OPERATE),
+        ("POST", "/v1/schedules/{name}/pause", OPERATE),
+        ("POST", "/v1/schedules/{name}/resume", OPERATE),
+        ("POST", "/v1/schedules/{name}/run", OPERATE),
+        ("POST", "/v1/snapshots/{id}/keep", OPERATE),
+        ("POST", "/v1/snapshots/{id}/unkeep", OPERATE),
         ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
         ("POST", "/v1/endpoints/{host}/forget", ADMIN),
         // Last: it changes the enroll secret the fixtures register endpoints with.
@@ -400,6 +448,42 @@ async fn request_for(
             template.into(),
             Some(json!({ "ids": [quarantined(s, host, 100 + n).await] })),
         ),
+        ("POST", "/v1/fleet/batches") => (
+            template.into(),
+            Some(json!({ "group": if inside { "team" } else { "others" } })),
+        ),
+        (_, "/v1/fleet/batches/{id}")
+        | (_, "/v1/fleet/batches/{id}/pause")
+        | (_, "/v1/fleet/batches/{id}/resume")
+        | (_, "/v1/fleet/batches/{id}/cancel") => {
+            (template.replace("{id}", &w.batch[side].to_string()), None)
+        }
+        ("POST", "/v1/schedules") => (
+            template.into(),
+            Some(
+                json!({ "name": format!("cell-sched-{n}"), "cron": "0 3 * * *",
+                         "group": if inside { "team" } else { "others" } }),
+            ),
+        ),
+        ("DELETE", "/v1/schedules/{name}") => {
+            let name = format!("cell-sched-del-{n}");
+            admin(
+                s,
+                "POST",
+                "/v1/schedules",
+                Some(json!({ "name": name, "cron": "0 3 * * *",
+                             "group": if inside { "team" } else { "others" } })),
+            )
+            .await;
+            (format!("/v1/schedules/{name}"), None)
+        }
+        (_, "/v1/schedules/{name}")
+        | (_, "/v1/schedules/{name}/pause")
+        | (_, "/v1/schedules/{name}/resume")
+        | (_, "/v1/schedules/{name}/run") => (template.replace("{name}", &w.schedule[side]), None),
+        (_, "/v1/snapshots/{id}/keep" | "/v1/snapshots/{id}/unkeep") => {
+            (template.replace("{id}", &w.snap[side].to_string()), None)
+        }
         (_, path) => {
             assert!(!path.contains('{'), "no fixture for {method} {path}");
             (path.into(), None)

@@ -5,6 +5,7 @@ mod agent;
 mod chaos;
 mod crash;
 mod dropfolder;
+mod fleet;
 mod hardening;
 mod identity;
 mod ingest;
