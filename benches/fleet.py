@@ -178,7 +178,7 @@ def main() -> int:
         took, b = run_batch(server, "flaky", None)
         jobs = batch_jobs(server, b["id"])
         retries = sum(max(0, j["attempts"] - 1) for j in jobs if j["kind"] == "capture")
-        log_text = server.proc.stderr_path.read_text(errors="replace")
+        log_text = re.sub(r"\x1b\[[0-9;]*m", "", server.proc.stderr_path.read_text(errors="replace"))
         resumed = [int(m) for m in re.findall(r"from=(\d+)[^\n]*resuming the download", log_text)]
         resumed += [int(m) for m in re.findall(r"resuming the download[^\n]*from=(\d+)", log_text)]
         t = b["totals"]

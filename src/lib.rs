@@ -22,10 +22,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let agent = agent::Agent::build(config).await?;
             agent.run(shutdown_signal()).await
         }),
-        Command::Serve(config) => runtime()?.block_on(async {
-            let server = server::Server::build(config).await?;
-            server.run(shutdown_signal()).await
-        }),
+        Command::Serve(config) => {
+            server::bound_allocator();
+            runtime()?.block_on(async {
+                let server = server::Server::build(config).await?;
+                server.run(shutdown_signal()).await
+            })
+        }
         Command::FleetSim(spec) => runtime()?.block_on(async {
             let fleet = agent::fleet::spawn(&spec).await?;
             for (host, addr) in &fleet.endpoints {

@@ -18,7 +18,8 @@ use futures::StreamExt;
 
 #[derive(Debug, Clone)]
 pub enum Flaky {
-    /// Cut this many snapshot downloads after about half of their bytes.
+    /// Cut this many snapshot downloads after about half of their bytes (1 MiB when the length
+    /// is not known yet).
     DropDownloads { times: u32 },
     /// After `after`, be offline for `duration`.
     Offline { after: Duration, duration: Duration },
@@ -98,8 +99,11 @@ impl FlakyState {
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let Some(length) = length.filter(|l| *l > 64 << 10) else {
-            return response;
+        // A copy still being written is served without a length: cut after 1 MiB then.
+        let cut_at = match length {
+            Some(l) if l <= 64 << 10 => return response,
+            Some(l) => l / 2,
+            None => 1 << 20,
         };
         if self
             .cuts_left
@@ -108,7 +112,6 @@ impl FlakyState {
         {
             return response;
         }
-        let cut_at = length / 2;
         self.cut_bytes.fetch_add(cut_at, Ordering::Relaxed);
         let (parts, body) = response.into_parts();
         let mut sent = 0u64;

@@ -54,15 +54,11 @@ fn prefill_to(data_dir: &std::path::Path, hostname: &str, bytes: u64) -> anyhow:
     std::fs::create_dir_all(data_dir)?;
     let path = crate::layout::AgentDir::new(data_dir).monitor_db();
     let db = RecorderDb::open(&path, hostname, Limits::default())?;
-    let size = || {
-        let wal = path.with_extension("db-wal");
-        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
-            + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
-    };
-    // About 4,000 events per MiB; fill in steps and measure.
-    while size() < bytes {
-        let left = bytes - size();
-        prefill(&db, (left / 256).clamp(1_000, 50_000))?;
+    // The database's used size (pages in use, WAL included): what a snapshot copies.
+    // About 7,000 events per MiB; fill in steps and measure.
+    while db.used_bytes()? < bytes {
+        let left = bytes - db.used_bytes()?;
+        prefill(&db, (left / 160).clamp(1_000, 50_000))?;
     }
     Ok(())
 }

@@ -739,3 +739,48 @@ async fn a_keep_rule_prunes_older_snapshots_through_audited_delete_jobs_but_neve
     let audit = cli_json(&server, &["audit", "list", "--action", "snapshot.delete"]);
     assert_eq!(audit.as_array().unwrap().len(), 3, "{audit}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tick_missed_while_the_server_was_down_runs_once_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let mut server = TestServer::spawn_in(&data, &[]);
+    add_group(&server, "missed", "missed-*");
+    let (code, _, err) = server.cli(&[
+        "schedule",
+        "add",
+        "minutely",
+        "--cron",
+        "* * * * *",
+        "--group",
+        "missed",
+        "--expire",
+        "10m",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let added_ms = chrono::Utc::now().timestamp_millis();
+    server.kill();
+    // Down across the next minute's tick.
+    let next_minute = (added_ms / 60_000 + 1) * 60_000;
+    let wait = (next_minute - chrono::Utc::now().timestamp_millis()).max(0) as u64 + 1500;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    server.crash_and_restart();
+    let batches = eventually(
+        Duration::from_secs(20),
+        "the missed tick's batch",
+        || async {
+            let (_, list) = server.get("/v1/fleet/batches").await;
+            let list = list.as_array()?.clone();
+            (!list.is_empty()).then_some(list)
+        },
+    )
+    .await;
+    // Exactly one batch for the missed minute (a later minute may have ticked since).
+    let missed: Vec<_> = batches
+        .iter()
+        .filter(|b| b["tick_ms"].as_i64() == Some(next_minute))
+        .collect();
+    assert_eq!(missed.len(), 1, "{batches:?}");
+    assert_eq!(missed[0]["schedule_name"], "minutely");
+    server.cli(&["schedule", "pause", "minutely"]);
+}
