@@ -346,6 +346,10 @@ async fn offline_endpoints_wait_until_the_batch_expires_and_are_skipped_with_the
     wait_all_online(&server, "app", 2).await;
     // Enrolled once, silent since: offline (its last heartbeat leaves the 5 s window).
     register_offline(&server, "app-99").await;
+    // Known only from an uploaded snapshot: no agent to call.
+    let file = crate::support::snapshot_file(dir.path(), "app-50", 100);
+    let (code, _, err) = server.cli(&["upload", file.to_str().unwrap(), "--connect"]);
+    assert_eq!(code, 0, "{err}");
     add_group(&server, "app", "app-*");
     eventually(Duration::from_secs(20), "app-99 to go offline", || async {
         let (_, list) = server.get("/v1/endpoints?search=app-99").await;
@@ -356,7 +360,20 @@ async fn offline_endpoints_wait_until_the_batch_expires_and_are_skipped_with_the
     let b = wait_batch_end(&server, id, Duration::from_secs(90)).await;
     assert_eq!(b["state"], "expired", "{b}");
     assert_eq!(b["totals"]["done"], 2, "{b}");
-    assert_eq!(b["totals"]["skipped"], 1, "{b}");
+    assert_eq!(b["totals"]["skipped"], 2, "{b}");
+    let uploaded = b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["hostname"] == "app-50")
+        .unwrap();
+    assert!(
+        uploaded["error"]
+            .as_str()
+            .unwrap()
+            .contains("no agent is enrolled"),
+        "{uploaded}"
+    );
     let skipped = b["items"]
         .as_array()
         .unwrap()

@@ -340,7 +340,21 @@ async fn dispatch(svc: &Services, batch: &Batch, totals: &BatchTotals) -> Result
                 .transient()?;
             continue;
         }
-        let online = q.api_url.is_some() && q.last_seen_ms.is_some_and(|s| now_ms() - s < window);
+        if q.api_url.is_none() {
+            // Known only from uploaded or dropped snapshots: nothing to call, now or later.
+            catalog
+                .finish_item(
+                    batch.id,
+                    q.endpoint_id,
+                    item::SKIPPED,
+                    Some("no agent is enrolled for it (known only from uploaded snapshots); upload an export instead"),
+                    None,
+                )
+                .await
+                .transient()?;
+            continue;
+        }
+        let online = q.last_seen_ms.is_some_and(|s| now_ms() - s < window);
         if !online {
             continue; // Waits until it comes online or the batch expires.
         }
