@@ -147,7 +147,7 @@ async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
         .map(|k| k["kind"].as_str().unwrap())
         .collect();
     kinds.sort();
-    assert_eq!(kinds, ["capture", "delete", "ingest"]);
+    assert_eq!(kinds, ["capture", "delete", "fleet", "ingest"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
