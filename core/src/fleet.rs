@@ -241,6 +241,17 @@ impl Catalog {
         Ok((last, running))
     }
 
+    /// A schedule's batches, newest first.
+    pub async fn batches_of_schedule(&self, schedule_id: i64, limit: u32) -> Result<Vec<Batch>> {
+        Ok(sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1 ORDER BY id DESC LIMIT ?2"
+        )))
+        .bind(schedule_id)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn batch_items(&self, batch_id: i64) -> Result<Vec<BatchItem>> {
         Ok(sqlx::query_as::<_, BatchItem>(
             "SELECT batch_id, endpoint_id, hostname, state, snapshot_id, job_id, error, bytes

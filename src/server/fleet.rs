@@ -537,15 +537,11 @@ async fn show_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Schedule, View>,
 ) -> Result<Response, ApiError> {
-    let batches: Vec<Batch> = state
+    let batches = state
         .catalog
-        .batches(false, 10_000)
+        .batches_of_schedule(target.id, 20)
         .await
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .filter(|b| b.schedule_id == Some(target.id))
-        .take(20)
-        .collect();
+        .map_err(ApiError::internal)?;
     let view = schedule_view(&state, target).await?;
     Ok(Json(serde_json::json!({ "schedule": view, "batches": batches })).into_response())
 }

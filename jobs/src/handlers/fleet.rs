@@ -127,7 +127,7 @@ async fn step(svc: &Services, id: i64, ctx: &JobContext) -> Result<bool, JobErro
     settle(svc, &batch).await?;
 
     if batch.cancel_requested || ctx.is_cancelled() {
-        let reason = format!("cancelled by {}", cancelled_by(svc, &batch, ctx).await);
+        let reason = format!("cancelled by {}", cancelled_by(&batch, ctx));
         stop(svc, &batch, state::CANCELLED, &reason, true).await?;
     } else if group.is_none() {
         let reason = format!(
@@ -183,8 +183,7 @@ async fn step(svc: &Services, id: i64, ctx: &JobContext) -> Result<bool, JobErro
     Ok(false)
 }
 
-async fn cancelled_by(svc: &Services, batch: &Batch, ctx: &JobContext) -> String {
-    let _ = svc;
+fn cancelled_by(batch: &Batch, ctx: &JobContext) -> String {
     if batch.cancel_requested {
         "a user (`snapq fleet cancel`)".to_owned()
     } else {
