@@ -153,6 +153,20 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Fleet batches: capture every endpoint of a computer group, watch, pause, resume, cancel.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cron schedules that start fleet batches, with retention of older snapshots.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// The audit log of every state change (admin).
     Audit {
         #[command(subcommand)]
@@ -405,6 +419,108 @@ enum GroupsCommand {
     },
 }
 
+/// How a batch runs (shared by `fleet capture` and `schedule add`).
+#[derive(Debug, Args)]
+struct BatchArgs {
+    /// Captures of this batch running at once [default: 16]
+    #[arg(long, value_name = "N")]
+    max_concurrency: Option<u32>,
+    /// How long offline endpoints are waited for before they are skipped, like 30m, 6h, 1d
+    /// [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    expire: Option<String>,
+    /// Pause the batch when this many captures failed (5) or this share of the batch (10%)
+    /// [default: no limit]
+    #[arg(long, value_name = "N|P%")]
+    failure_limit: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCommand {
+    /// Capture every endpoint of a computer group: one capture per endpoint, at most
+    /// --max-concurrency at a time; offline endpoints wait until they come online or the batch
+    /// expires.
+    Capture {
+        /// The computer group (one granted to you).
+        #[arg(long)]
+        group: String,
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Wait until the batch ends, showing its progress; exit 0 only if it ends complete.
+        #[arg(long)]
+        wait: bool,
+        /// Stop waiting after this many seconds (exit 1; the batch goes on) [default: no limit]
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Batches, newest first, with their totals.
+    List {
+        /// Only running and paused ones.
+        #[arg(long)]
+        active: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One batch: totals and every endpoint's outcome.
+    Show { id: String },
+    /// Start no more captures (running ones finish).
+    Pause { id: String },
+    /// Go on with a paused batch (the failure limit counts failures from now on).
+    Resume { id: String },
+    /// End the batch: queued endpoints are skipped and running captures cancelled.
+    Cancel {
+        id: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// A schedule that starts one batch of a group per cron tick.
+    Add {
+        name: String,
+        /// Five fields (minute hour day-of-month month day-of-week), e.g. "0 2 * * *", or @daily.
+        #[arg(long)]
+        cron: String,
+        /// The IANA time zone the expression is read in, e.g. Europe/Berlin [default: UTC]
+        #[arg(long)]
+        tz: Option<String>,
+        /// The computer group to capture (one granted to you).
+        #[arg(long)]
+        group: String,
+        #[command(flatten)]
+        batch: BatchArgs,
+        /// After each batch, delete all but the newest K snapshots of each of its endpoints.
+        #[arg(long, value_name = "K", conflicts_with = "keep_days")]
+        keep_last: Option<u32>,
+        /// After each batch, delete its endpoints' snapshots older than this many days.
+        #[arg(long, value_name = "DAYS")]
+        keep_days: Option<u32>,
+    },
+    /// Schedules with their next run (in their zone and in UTC) and their last batch.
+    List,
+    /// One schedule and its recent batches.
+    Show { name: String },
+    /// Stop starting batches (ticks while paused are not run later).
+    Pause { name: String },
+    /// Start batches again from the next tick.
+    Resume { name: String },
+    /// Remove a schedule (its batches stay listed).
+    Remove {
+        name: String,
+        /// Do not ask for confirmation (required when not run from a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Start a batch now, as a tick would.
+    Run { name: String },
+}
+
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Audit entries, newest first.
@@ -626,6 +742,10 @@ enum SnapshotsCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Mark a snapshot to keep: a schedule's retention never deletes it.
+    Keep { id: String },
+    /// Let a schedule's retention delete a snapshot again.
+    Unkeep { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -641,9 +761,12 @@ enum QueueCommand {
         /// pending, running, retrying, done, failed or cancelled.
         #[arg(long)]
         state: Option<String>,
-        /// capture, ingest or delete.
+        /// capture, ingest, delete or fleet.
         #[arg(long)]
         kind: Option<String>,
+        /// Only the jobs of this fleet batch.
+        #[arg(long, value_name = "ID")]
+        batch: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -776,6 +899,16 @@ struct FleetSimArgs {
     /// Label every endpoint with this (repeatable).
     #[arg(long)]
     label: Vec<String>,
+    /// Prefill each new endpoint database to about this many MiB (instead of --prefill-events).
+    #[arg(long, value_name = "MIB")]
+    db_mib: Option<u64>,
+    /// This share of the endpoints (0-100) misbehaves: half of them drop the connection in the
+    /// middle of snapshot downloads, the other half go offline for a while.
+    #[arg(long, value_name = "PERCENT", default_value_t = 0)]
+    flaky: u8,
+    /// Seconds between each endpoint's heartbeats.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    heartbeat_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -944,6 +1077,7 @@ pub enum ClientCommand {
     QueueList {
         state: Option<String>,
         kind: Option<String>,
+        batch: Option<String>,
         limit: u32,
     },
     QueueShow {
@@ -969,6 +1103,7 @@ pub enum ClientCommand {
     Access(AccessCommand),
     Export(ExportCommand),
     Live(LiveCommand),
+    Fleet(crate::client_fleet::FleetCommand),
 }
 
 impl ClientArgs {
@@ -997,22 +1132,29 @@ impl Cli {
     pub fn into_command(self) -> anyhow::Result<Command> {
         match self.command {
             CommandArgs::Serve(args) => Ok(Command::Serve(args.into_config()?)),
-            CommandArgs::FleetSim(args) => Ok(Command::FleetSim(FleetSpec {
-                count: args.count,
-                base_dir: args.data_dir,
-                prefix: args.prefix,
-                server: ServerLink {
-                    url: args.server,
-                    enroll_token: EnrollToken::parse(&args.enroll_token),
-                    server_ca: None,
-                    labels: args.label,
-                    advertise: None,
-                    interval: Duration::from_secs(10),
-                },
-                events_per_sec: args.events_per_sec.max(1),
-                prefill: args.prefill_events,
-                own_addresses: true,
-            })),
+            CommandArgs::FleetSim(args) => {
+                if args.flaky > 100 {
+                    return Err(UsageError("--flaky is a percentage: 0 to 100".into()).into());
+                }
+                Ok(Command::FleetSim(FleetSpec {
+                    count: args.count,
+                    base_dir: args.data_dir,
+                    prefix: args.prefix,
+                    server: ServerLink {
+                        url: args.server,
+                        enroll_token: EnrollToken::parse(&args.enroll_token),
+                        server_ca: None,
+                        labels: args.label,
+                        advertise: None,
+                        interval: Duration::from_secs(args.heartbeat_secs.max(1)),
+                    },
+                    events_per_sec: args.events_per_sec.max(1),
+                    prefill: args.prefill_events,
+                    db_bytes: args.db_mib.map(|m| m << 20),
+                    flaky_percent: args.flaky,
+                    own_addresses: true,
+                }))
+            }
             CommandArgs::Endpoints { command, client } => {
                 let command = match command {
                     EndpointsCommand::List => ClientCommand::Endpoints {
@@ -1077,6 +1219,18 @@ impl Cli {
                             },
                         )?;
                         ClientCommand::SnapshotsDelete { ids, endpoint }
+                    }
+                    SnapshotsCommand::Keep { id } => {
+                        ClientCommand::Fleet(crate::client_fleet::FleetCommand::Keep {
+                            id,
+                            keep: true,
+                        })
+                    }
+                    SnapshotsCommand::Unkeep { id } => {
+                        ClientCommand::Fleet(crate::client_fleet::FleetCommand::Keep {
+                            id,
+                            keep: false,
+                        })
                     }
                 },
             )),
@@ -1153,9 +1307,17 @@ impl Cli {
                 client.into_config(),
                 match command {
                     QueueCommand::Status { watch } => ClientCommand::QueueStatus { watch },
-                    QueueCommand::List { state, kind, limit } => {
-                        ClientCommand::QueueList { state, kind, limit }
-                    }
+                    QueueCommand::List {
+                        state,
+                        kind,
+                        batch,
+                        limit,
+                    } => ClientCommand::QueueList {
+                        state,
+                        kind,
+                        batch,
+                        limit,
+                    },
                     QueueCommand::Show { id } => ClientCommand::QueueShow { id },
                     QueueCommand::Retry { id } => ClientCommand::QueueRetry { id },
                     QueueCommand::Cancel { id } => ClientCommand::QueueCancel { id },
@@ -1319,6 +1481,14 @@ impl Cli {
                         AccessCommand::GroupsRemove { name }
                     }
                 }),
+            )),
+            CommandArgs::Fleet { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Fleet(fleet_command(command)?),
+            )),
+            CommandArgs::Schedule { command, client } => Ok(Command::Client(
+                client.into_config(),
+                ClientCommand::Fleet(schedule_command(command)?),
             )),
             CommandArgs::Audit { command, client } => Ok(Command::Client(
                 client.into_config(),
@@ -1526,6 +1696,119 @@ impl AgentArgs {
             },
         })
     }
+}
+
+impl BatchArgs {
+    fn into_spec(self) -> anyhow::Result<crate::client_fleet::BatchSpec> {
+        if self.max_concurrency == Some(0) {
+            return Err(UsageError(
+                "--max-concurrency must be at least 1 (captures of the batch running at once)"
+                    .into(),
+            )
+            .into());
+        }
+        if let Some(limit) = &self.failure_limit {
+            snapq_core::schedule::FailureLimit::parse(limit)
+                .map_err(|e| UsageError(e.to_string()))?;
+        }
+        Ok(crate::client_fleet::BatchSpec {
+            max_concurrency: self.max_concurrency,
+            expire_secs: self.expire.as_deref().map(parse_duration).transpose()?,
+            failure_limit: self.failure_limit,
+        })
+    }
+}
+
+fn fleet_command(command: FleetCommand) -> anyhow::Result<crate::client_fleet::FleetCommand> {
+    use crate::client_fleet::FleetCommand as F;
+    Ok(match command {
+        FleetCommand::Capture {
+            group,
+            batch,
+            yes,
+            wait,
+            timeout,
+        } => F::Capture {
+            group,
+            spec: batch.into_spec()?,
+            yes,
+            wait,
+            timeout: timeout.map(Duration::from_secs),
+        },
+        FleetCommand::List { active, limit } => F::List { active, limit },
+        FleetCommand::Show { id } => F::Show { id },
+        FleetCommand::Pause { id } => F::Action {
+            id,
+            action: "pause",
+        },
+        FleetCommand::Resume { id } => F::Action {
+            id,
+            action: "resume",
+        },
+        FleetCommand::Cancel { id, yes } => {
+            confirm(yes, &format!("Cancel batch {id}?"), "cancel the batch")?;
+            F::Action {
+                id,
+                action: "cancel",
+            }
+        }
+    })
+}
+
+fn schedule_command(command: ScheduleCommand) -> anyhow::Result<crate::client_fleet::FleetCommand> {
+    use crate::client_fleet::FleetCommand as F;
+    Ok(match command {
+        ScheduleCommand::Add {
+            name,
+            cron,
+            tz,
+            group,
+            batch,
+            keep_last,
+            keep_days,
+        } => {
+            // Checked here too, so a typo is a usage error before any request.
+            snapq_core::schedule::CronSchedule::parse(&cron, tz.as_deref().unwrap_or("UTC"))
+                .map_err(|e| UsageError(e.to_string()))?;
+            if keep_last == Some(0) || keep_days == Some(0) {
+                return Err(UsageError(
+                    "a keep rule of 0 would delete every snapshot; keep at least 1".into(),
+                )
+                .into());
+            }
+            F::ScheduleAdd {
+                name,
+                cron,
+                tz,
+                group,
+                spec: batch.into_spec()?,
+                keep_last,
+                keep_days,
+            }
+        }
+        ScheduleCommand::List => F::ScheduleList,
+        ScheduleCommand::Show { name } => F::ScheduleShow { name },
+        ScheduleCommand::Pause { name } => F::ScheduleAction {
+            name,
+            action: "pause",
+        },
+        ScheduleCommand::Resume { name } => F::ScheduleAction {
+            name,
+            action: "resume",
+        },
+        ScheduleCommand::Run { name } => F::ScheduleAction {
+            name,
+            action: "run",
+        },
+        ScheduleCommand::Remove { name, yes } => {
+            confirm(
+                yes,
+                &format!("Remove schedule {name}?"),
+                "remove the schedule",
+            )?;
+            F::ScheduleRemove { name }
+        }
+    })
 }
 
 /// A command line that is wrong as typed (exit code 2).

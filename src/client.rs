@@ -611,6 +611,7 @@ fn print_status(status: &Value) {
             );
         }
     }
+    crate::client_fleet::print_active_batches(&status["batches"]);
     print_watch_status(&status["watch"]);
 }
 
@@ -632,9 +633,13 @@ pub async fn queue_list(
     client: &Client,
     state: Option<&str>,
     kind: Option<&str>,
+    batch: Option<&str>,
     limit: u32,
 ) -> anyhow::Result<()> {
     let mut path = format!("/v1/queue/jobs?limit={limit}");
+    if let Some(b) = batch {
+        path += &format!("&batch={}", enc(b));
+    }
     if let Some(s) = state {
         path += &format!("&state={}", enc(s));
     }

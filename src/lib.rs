@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod client_access;
 pub mod client_export;
+pub mod client_fleet;
 pub mod client_live;
 pub mod doctor;
 pub mod http;
@@ -29,10 +30,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let agent = agent::Agent::build(config).await?;
             agent.run(shutdown_signal()).await
         }),
-        Command::Serve(config) => runtime()?.block_on(async {
-            let server = server::Server::build(config).await?;
-            server.run(shutdown_signal()).await
-        }),
+        Command::Serve(config) => {
+            server::bound_allocator();
+            runtime()?.block_on(async {
+                let server = server::Server::build(config).await?;
+                server.run(shutdown_signal()).await
+            })
+        }
         Command::FleetSim(spec) => runtime()?.block_on(async {
             let fleet = agent::fleet::spawn(&spec).await?;
             for (host, addr) in &fleet.endpoints {
@@ -125,8 +129,20 @@ async fn run_client(
             }
         }
         C::QueueStatus { watch } => client::queue_status(&c, watch).await,
-        C::QueueList { state, kind, limit } => {
-            client::queue_list(&c, state.as_deref(), kind.as_deref(), limit).await
+        C::QueueList {
+            state,
+            kind,
+            batch,
+            limit,
+        } => {
+            client::queue_list(
+                &c,
+                state.as_deref(),
+                kind.as_deref(),
+                batch.as_deref(),
+                limit,
+            )
+            .await
         }
         C::QueueShow { id } => client::queue_show(&c, &id).await,
         C::QueueRetry { id } => client::queue_action(&c, &id, "retry").await,
@@ -140,5 +156,6 @@ async fn run_client(
         C::Access(command) => client_access::run(&c, command).await,
         C::Export(command) => client_export::run(&c, command).await,
         C::Live(command) => client_live::run(&c, command).await,
+        C::Fleet(command) => client_fleet::run(&c, command).await,
     }
 }

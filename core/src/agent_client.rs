@@ -320,7 +320,13 @@ impl AgentClient {
     /// the staging's id before appending to bytes it already has.
     pub async fn download(&self, id: &str, from: u64) -> Result<reqwest::Response, AgentError> {
         let url = self.url(&format!("/v1/snapshots/{id}"));
-        let mut request = self.http.get(&url);
+        // Not back to the pool afterwards: a connection that carried a snapshot keeps read
+        // buffers grown to their maximum, and with one pool per endpoint a fleet batch would
+        // leave one such idle connection behind per endpoint captured in the idle timeout.
+        let mut request = self
+            .http
+            .get(&url)
+            .header(reqwest::header::CONNECTION, "close");
         if from > 0 {
             request = request.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }

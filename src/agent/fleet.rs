@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 
 use super::enroll::ServerLink;
+use super::flaky::Flaky;
 use super::recorder::{Limits, RecorderKind};
 use super::{Agent, AgentConfig};
 
@@ -23,8 +24,43 @@ pub struct FleetSpec {
     pub events_per_sec: u32,
     /// Events written once, when an endpoint's database is new.
     pub prefill: u64,
+    /// Prefill each new database to about this size instead (`fleet-sim --db-mib`).
+    pub db_bytes: Option<u64>,
+    /// This share of endpoints misbehaves (`fleet-sim --flaky`): see `super::flaky`.
+    pub flaky_percent: u8,
     /// Give each endpoint its own loopback address (127.1.x.y) instead of 127.0.0.1.
     pub own_addresses: bool,
+}
+
+/// Whether endpoint `i` (0-based) of the fleet is flaky, and how: spread over the fleet, and
+/// the same endpoints every run.
+fn flaky_for(i: u32, percent: u8) -> Option<Flaky> {
+    if (i.wrapping_mul(37) % 100) as u8 >= percent {
+        return None;
+    }
+    Some(if i.is_multiple_of(2) {
+        Flaky::DropDownloads { times: 2 }
+    } else {
+        Flaky::Offline {
+            after: Duration::from_secs(2 + u64::from(i % 5)),
+            duration: Duration::from_secs(8 + u64::from(i % 7)),
+        }
+    })
+}
+
+/// Writes simulated events into a new database until it is about `bytes` large.
+fn prefill_to(data_dir: &std::path::Path, hostname: &str, bytes: u64) -> anyhow::Result<()> {
+    use crate::agent::recorder::{RecorderDb, prefill};
+    std::fs::create_dir_all(data_dir)?;
+    let path = crate::layout::AgentDir::new(data_dir).monitor_db();
+    let db = RecorderDb::open(&path, hostname, Limits::default())?;
+    // The database's used size (pages in use, WAL included): what a snapshot copies.
+    // About 7,000 events per MiB; fill in steps and measure.
+    while db.used_bytes()? < bytes {
+        let left = bytes - db.used_bytes()?;
+        prefill(&db, (left / 160).clamp(1_000, 50_000))?;
+    }
+    Ok(())
 }
 
 /// Running simulated endpoints; dropping it stops them.
@@ -61,7 +97,13 @@ pub async fn spawn(spec: &FleetSpec) -> anyhow::Result<Fleet> {
         let fresh = !crate::layout::AgentDir::new(&data_dir)
             .monitor_db()
             .exists();
-        let agent = Agent::build(AgentConfig {
+        if let (true, Some(bytes)) = (fresh, spec.db_bytes) {
+            let (dir, host) = (data_dir.clone(), hostname.clone());
+            tokio::task::spawn_blocking(move || prefill_to(&dir, &host, bytes))
+                .await?
+                .with_context(|| format!("prefilling simulated endpoint {hostname}"))?;
+        }
+        let mut agent = Agent::build(AgentConfig {
             data_dir,
             listen: SocketAddr::new(address(i - 1, spec.own_addresses), 0),
             hostname: hostname.clone(),
@@ -69,7 +111,11 @@ pub async fn spawn(spec: &FleetSpec) -> anyhow::Result<Fleet> {
             recorder: RecorderKind::Simulate {
                 events_per_sec: spec.events_per_sec,
             },
-            prefill_events: if fresh { spec.prefill } else { 0 },
+            prefill_events: if fresh && spec.db_bytes.is_none() {
+                spec.prefill
+            } else {
+                0
+            },
             limits: Limits {
                 max_bytes: Some(256 << 20),
                 max_age: None,
@@ -81,6 +127,10 @@ pub async fn spawn(spec: &FleetSpec) -> anyhow::Result<Fleet> {
         })
         .await
         .with_context(|| format!("starting simulated endpoint {hostname}"))?;
+        if let Some(flaky) = flaky_for(i - 1, spec.flaky_percent) {
+            tracing::info!(%hostname, ?flaky, "flaky simulated endpoint");
+            agent.set_flaky(flaky);
+        }
         fleet.endpoints.push((hostname.clone(), agent.local_addr()));
         fleet.tasks.push(tokio::spawn(async move {
             if let Err(e) = agent.run(std::future::pending()).await {

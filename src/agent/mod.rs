@@ -5,6 +5,7 @@ pub mod api;
 pub mod copy;
 pub mod enroll;
 pub mod export;
+pub mod flaky;
 pub mod fleet;
 pub mod recorder;
 pub mod staging;
@@ -55,6 +56,7 @@ pub struct Agent {
     server: Option<enroll::ServerLink>,
     state: Arc<api::AgentState>,
     _recorder: recorder::RecorderHandle,
+    flaky: Option<flaky::Flaky>,
 }
 
 impl Agent {
@@ -118,6 +120,7 @@ impl Agent {
             server: config.server.clone(),
             state,
             _recorder: recorder,
+            flaky: None,
         })
     }
 
@@ -125,6 +128,11 @@ impl Agent {
         self.listener
             .local_addr()
             .expect("bound listener has an address")
+    }
+
+    /// Makes this agent misbehave the way `fleet-sim --flaky` asks (simulated endpoints only).
+    pub fn set_flaky(&mut self, flaky: flaky::Flaky) {
+        self.flaky = Some(flaky);
     }
 
     pub fn token(&self) -> &str {
@@ -150,6 +158,7 @@ impl Agent {
                 let _ = tokio::task::spawn_blocking(move || state.staging.expire()).await;
             }
         });
+        let flaky = self.flaky.clone().map(flaky::FlakyState::new);
         let heartbeat = self.server.clone().map(|link| {
             let heartbeat = snapq_core::catalog::Heartbeat {
                 hostname: self.state.hostname.clone(),
@@ -163,17 +172,22 @@ impl Agent {
                     .unwrap_or_else(|| advertised_url(self.local_addr())),
                 cert_sha256: self.cert_sha256.clone(),
             };
-            tokio::spawn(enroll::heartbeat_loop(
-                link,
-                heartbeat,
-                self.state.identity.clone(),
-            ))
+            let identity = self.state.identity.clone();
+            let beats =
+                move || enroll::heartbeat_loop(link.clone(), heartbeat.clone(), identity.clone());
+            match &flaky {
+                Some(f) => tokio::spawn(f.clone().heartbeats(beats)),
+                None => tokio::spawn(beats()),
+            }
         });
         tracing::info!(addr = %self.local_addr(), hostname = %self.state.hostname, "agent listening");
         // Machine-readable: tests and scripts that start the agent on port 0 read this line.
         println!("snapq agent listening on {}", self.local_addr());
-        let result =
-            crate::tls::serve(self.listener, self.tls, api::router(self.state), shutdown).await;
+        let router = match flaky {
+            Some(f) => f.layer(api::router(self.state)),
+            None => api::router(self.state),
+        };
+        let result = crate::tls::serve(self.listener, self.tls, router, shutdown).await;
         expiry.abort();
         if let Some(h) = heartbeat {
             h.abort();

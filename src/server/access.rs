@@ -4,7 +4,9 @@
 //! The story of a request: [`authenticate`] (a layer on every user route) turns the bearer token
 //! into a [`Caller`] (user, role, granted groups) or answers 401 saying why (unknown, revoked,
 //! expired, user removed). The handler then takes an [`Access`] or a [`Scoped`] extractor, which
-//! resolves the target (endpoint, snapshot, job, ingest, connection) to its endpoint and checks it: outside the
+//! resolves the target (endpoint, snapshot, job, ingest, connection, evidence, export) to its
+//! endpoint and checks it (a fleet batch or schedule to its computer group, which must be granted
+//! to the caller): outside the
 //! caller's groups answers 404 with exactly the body of an id that does not exist; inside, but
 //! above the caller's role, answers 403 naming the role needed. Listings ask [`Access::visible`]
 //! and show only what the caller may see.
@@ -27,8 +29,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use snapq_core::access::{Facts, Role, Scope};
 use snapq_core::catalog::{
-    ConnectionRow, Endpoint, Evidence, Export, Ingest, Snapshot, TokenRefusal,
+    ConnectionRow, Endpoint, Evidence, Export, Group, Ingest, Snapshot, TokenRefusal,
 };
+use snapq_core::fleet::{Batch, Schedule};
 use snapq_jobs::{JobDetail, JobId, JobInfo};
 
 use super::{ServerState, sha256_hex};
@@ -482,6 +485,110 @@ impl Access {
         Ok(export.expect("decide refuses a missing export"))
     }
 
+    /// The computer groups granted to the caller by name; `None` for admins (every group).
+    /// Checks the viewer role (every user has it).
+    pub async fn granted_groups(
+        &self,
+    ) -> Result<Option<std::collections::HashSet<String>>, ApiError> {
+        self.require(Role::Viewer)?;
+        if self.caller.role == Role::Admin {
+            return Ok(None);
+        }
+        let user = self
+            .state
+            .catalog
+            .user(&self.caller.name)
+            .await
+            .map_err(ApiError::internal)?;
+        Ok(Some(
+            user.map(|u| u.groups.into_iter().collect())
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// Whether the caller may reach a computer group by name: admins every group, others the
+    /// groups granted to them. A batch or schedule belongs to its group.
+    async fn group_allowed(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(match self.granted_groups().await? {
+            None => true,
+            Some(granted) => granted.contains(name),
+        })
+    }
+
+    /// A computer group the caller may batch or schedule: an existing group granted to them
+    /// (admins: any). Others answer 404 like a missing group.
+    pub async fn group(&self, name: &str, need: Role) -> Result<Group, ApiError> {
+        let group = self
+            .state
+            .catalog
+            .group(name)
+            .await
+            .map_err(ApiError::internal)?;
+        let allowed = self.group_allowed(name).await?;
+        let not_found = ApiError::not_found(format!(
+            "no computer group {:?} among your groups; `snapq groups list` (admin) shows them, and an admin grants them with `snapq users grant`",
+            short(name)
+        ));
+        self.decide_by(group.is_some() && allowed, need, not_found)?;
+        Ok(group.expect("decide refuses a missing group"))
+    }
+
+    /// A fleet batch by id: visible with its group.
+    pub async fn batch(&self, id: &str, need: Role) -> Result<Batch, ApiError> {
+        let batch = match id.parse::<i64>() {
+            Ok(n) => self
+                .state
+                .catalog
+                .batch(n)
+                .await
+                .map_err(ApiError::internal)?,
+            Err(_) => None,
+        };
+        let allowed = match &batch {
+            Some(b) => self.group_allowed(&b.group_name).await?,
+            None => false,
+        };
+        let not_found = ApiError::not_found(format!(
+            "no batch {:?}; `snapq fleet list` shows them",
+            short(id)
+        ));
+        self.decide_by(allowed, need, not_found)?;
+        Ok(batch.expect("decide refuses a missing batch"))
+    }
+
+    /// A schedule by name: visible with its group.
+    pub async fn schedule(&self, name: &str, need: Role) -> Result<Schedule, ApiError> {
+        let schedule = self
+            .state
+            .catalog
+            .schedule(name)
+            .await
+            .map_err(ApiError::internal)?;
+        let allowed = match &schedule {
+            Some(s) => self.group_allowed(&s.group_name).await?,
+            None => false,
+        };
+        let not_found = ApiError::not_found(format!(
+            "no schedule {:?}; `snapq schedule list` shows them",
+            short(name)
+        ));
+        self.decide_by(allowed, need, not_found)?;
+        Ok(schedule.expect("decide refuses a missing schedule"))
+    }
+
+    /// The decision for a target that belongs to a group: outside (or missing) is `not_found`,
+    /// then the role.
+    fn decide_by(&self, allowed: bool, need: Role, not_found: ApiError) -> Result<(), ApiError> {
+        self.checked.mark();
+        if !allowed {
+            return Err(not_found);
+        }
+        if self.caller.role < need {
+            return Err(forbidden(&self.caller, need));
+        }
+        Ok(())
+    }
+
     /// For a listing whose rows carry their endpoint's facts: checks the viewer role (every user
     /// has it) and answers whether the caller may see each row.
     pub fn endpoint_filter(&self) -> Result<impl Fn(&Facts<'_>) -> bool + '_, ApiError> {
@@ -719,6 +826,18 @@ impl Target for ConnectionRow {
 impl Target for JobDetail {
     async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
         access.job(raw, need).await
+    }
+}
+
+impl Target for Batch {
+    async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
+        access.batch(raw, need).await
+    }
+}
+
+impl Target for Schedule {
+    async fn resolve(access: &Access, raw: &str, need: Role) -> Result<Self, ApiError> {
+        access.schedule(raw, need).await
     }
 }
 

@@ -92,6 +92,7 @@ pub fn routes() -> Vec<ApiRoute> {
     routes.extend(super::quarantine::routes());
     routes.extend(super::admin::routes());
     routes.extend(super::export::routes());
+    routes.extend(super::fleet::routes());
     routes
 }
 
@@ -491,10 +492,15 @@ async fn queue_status(
     } else {
         serde_json::Value::Null
     };
-    Ok(
-        Json(serde_json::json!({ "status": status, "running": running, "watch": watch }))
-            .into_response(),
-    )
+    // Running and paused fleet batches with their progress.
+    let batches = super::fleet::visible_batches(&access, &state, true, 100).await?;
+    Ok(Json(serde_json::json!({
+        "status": status,
+        "running": running,
+        "batches": batches,
+        "watch": watch,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -502,6 +508,8 @@ struct ListParams {
     state: Option<String>,
     kind: Option<String>,
     limit: Option<u32>,
+    /// Only this fleet batch's jobs (its fleet job and its captures).
+    batch: Option<String>,
 }
 
 async fn queue_list(
@@ -529,6 +537,31 @@ async fn queue_list(
         Some(k) => Some(k.parse::<JobKind>().map_err(ApiError::bad_request)?),
     };
     let limit = params.limit.unwrap_or(100).clamp(1, SCOPED_JOB_WINDOW);
+    if let Some(batch) = &params.batch {
+        let batch = access.batch(batch, Role::Viewer).await?;
+        let ids = state
+            .catalog
+            .batch_job_ids(batch.id)
+            .await
+            .map_err(ApiError::internal)?;
+        let mut jobs = Vec::new();
+        for id in ids {
+            match state
+                .queue
+                .show(&snapq_jobs::JobId::from(id.as_str()))
+                .await
+            {
+                Ok(detail) => jobs.push(detail.job),
+                Err(QueueError::NotFound(_)) => {} // pruned
+                Err(e) => return Err(queue_error(e)),
+            }
+        }
+        jobs.retain(|j| {
+            job_state.is_none_or(|s| j.state == s) && kind.is_none_or(|k| j.kind == k.as_str())
+        });
+        jobs.truncate(limit as usize);
+        return Ok(Json(jobs).into_response());
+    }
     let jobs = state
         .queue
         .list(&ListFilter {

@@ -37,6 +37,8 @@ pub async fn start(
         },
         events_per_sec: 20,
         prefill: 20_000,
+        db_bytes: None,
+        flaky_percent: 0,
         own_addresses: false,
     })
     .await?;

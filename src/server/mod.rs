@@ -13,6 +13,7 @@ pub mod connections;
 pub mod demo;
 pub mod events;
 pub mod export;
+pub mod fleet;
 pub mod quarantine;
 
 use std::net::SocketAddr;
@@ -213,6 +214,10 @@ impl Server {
             ingest: handlers::ingest::IngestSettings {
                 settle: config.watch_settle,
             },
+            fleet: handlers::fleet::FleetSettings {
+                online_window: config.online_window,
+                ..handlers::fleet::FleetSettings::default()
+            },
         });
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
@@ -222,19 +227,23 @@ impl Server {
         recover_spool(&queue, &catalog, &dir.join("incoming"))
             .await
             .context("recovering spooled uploads")?;
+        let state = Arc::new(ServerState {
+            catalog,
+            queue,
+            services,
+            enroll_token: std::sync::RwLock::new(enroll_token),
+            watcher: std::sync::OnceLock::new(),
+            snapshot_handles: events::SnapshotHandles::new(config.query_budget),
+            config,
+        });
+        fleet::recover_batches(&state)
+            .await
+            .context("giving unfinished fleet batches their jobs")?;
         Ok(Server {
             _lock: lock,
             listener,
             tls,
-            state: Arc::new(ServerState {
-                catalog,
-                queue,
-                services,
-                enroll_token: std::sync::RwLock::new(enroll_token),
-                watcher: std::sync::OnceLock::new(),
-                snapshot_handles: events::SnapshotHandles::new(config.query_budget),
-                config,
-            }),
+            state,
         })
     }
 
@@ -263,6 +272,7 @@ impl Server {
         let quarantine_pruner = tokio::spawn(quarantine::prune_periodically(state.clone()));
         let export_pruner = tokio::spawn(export::prune_periodically(state.clone()));
         let connections = tokio::spawn(connections::maintain(state.clone()));
+        let scheduler = tokio::spawn(fleet::run_scheduler(state.clone()));
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -276,12 +286,29 @@ impl Server {
         quarantine_pruner.abort();
         export_pruner.abort();
         connections.abort();
+        scheduler.abort();
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }
         let report = state.queue.shutdown(Duration::from_secs(10)).await;
         tracing::info!(?report, "workers stopped");
         served.context("serving the API")
+    }
+}
+
+/// Keeps the server's memory flat as captures run side by side. Each capture holds 1 MiB
+/// buffers (the download's writer, hashing) on whatever thread runs it; with glibc's defaults
+/// every thread gets its own malloc arena (up to 8 per core) and, after the first large buffers
+/// are freed, the mmap threshold rises so later ones come from those arenas and stay resident
+/// after the capture. Measured with 16 concurrent captures of 100 endpoints (~5 MiB each): peak
+/// RSS 100.8 MiB with the defaults, 41.9 MiB with two arenas and a fixed 128 KiB threshold (big
+/// buffers are mapped and returned to the system when freed). Call before any thread starts.
+pub fn bound_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
 
@@ -349,6 +376,29 @@ async fn record_terminal(catalog: Catalog, job: snapq_jobs::TerminalJob) -> Resu
             }
         }
         JobKind::Export => export::record_terminal(&catalog, &job).await?,
+        JobKind::Fleet => {
+            // The fleet job died or was cancelled: its batch ends with that reason.
+            let Some(id) = job.args["batch_id"].as_i64() else {
+                return Ok(());
+            };
+            let reason = format!("the batch's fleet job ended {}: {reason}", job.state);
+            catalog
+                .skip_queued_items(id, &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog
+                .set_batch_state(
+                    id,
+                    &[
+                        snapq_core::fleet::state::RUNNING,
+                        snapq_core::fleet::state::PAUSED,
+                    ],
+                    snapq_core::fleet::state::CANCELLED,
+                    Some(&reason),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         _ => {}
     }
     Ok(())
@@ -560,6 +610,13 @@ async fn spawn_workers(
             config.export_concurrency,
             move |args, ctx| export::job::run(svc.clone(), settings.clone(), args, ctx),
         )
+        .await?;
+    // A batch holds its worker slot while it runs (it mostly sleeps between looks).
+    let svc = services.clone();
+    queue
+        .spawn_workers(JobKind::Fleet, 64, move |args, ctx| {
+            handlers::fleet::run(svc.clone(), args, ctx)
+        })
         .await?;
     Ok(())
 }

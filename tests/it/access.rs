@@ -158,6 +158,9 @@ struct World {
     quarantine: [String; 2],
     export: [i64; 2],
     evidence: [i64; 2],
+    /// A fleet batch and a schedule of `team` (inside) and of `others` (outside).
+    batch: [i64; 2],
+    schedule: [String; 2],
     _tmp: tempfile::TempDir,
 }
 
@@ -227,6 +230,33 @@ async fn world() -> World {
         fresh_evidence(&server, snap_in).await,
         fresh_evidence(&server, snap_out).await,
     ];
+    admin(
+        &server,
+        "POST",
+        "/v1/groups",
+        Some(json!({ "name": "others", "hostnames": ["acc-out-*"] })),
+    )
+    .await;
+    let mut batch = [0; 2];
+    let mut schedule = [String::new(), String::new()];
+    for (side, group) in ["team", "others"].into_iter().enumerate() {
+        let b = admin(
+            &server,
+            "POST",
+            "/v1/fleet/batches",
+            Some(json!({ "group": group, "expire_secs": 3600 })),
+        )
+        .await;
+        batch[side] = b["batch_id"].as_i64().unwrap();
+        schedule[side] = format!("sched-{group}");
+        admin(
+            &server,
+            "POST",
+            "/v1/schedules",
+            Some(json!({ "name": schedule[side], "cron": "0 3 * * *", "group": group })),
+        )
+        .await;
+    }
     // The expiring token has lived its second by now, or soon.
     eventually(Duration::from_secs(10), "the token to expire", || async {
         let (status, _) = call(&server, Some(&expired), "GET", "/v1/endpoints", None).await;
@@ -245,6 +275,8 @@ async fn world() -> World {
         quarantine,
         export,
         evidence,
+        batch,
+        schedule,
         _tmp: tmp,
     }
 }
@@ -342,6 +374,22 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/connections/{id}/tree", VIEW),
         ("POST", "/v1/connections/{id}/capture", OPERATE),
         ("POST", "/v1/snapshots/{id}/connect", VIEW),
+        // Batches and schedules belong to their computer group (granted, or 404).
+        ("GET", "/v1/fleet/batches", EVERYONE),
+        ("POST", "/v1/fleet/batches", OPERATE),
+        ("GET", "/v1/fleet/batches/{id}", VIEW),
+        ("POST", "/v1/fleet/batches/{id}/pause", OPERATE),
+        ("POST", "/v1/fleet/batches/{id}/resume", OPERATE),
+        ("POST", "/v1/fleet/batches/{id}/cancel", OPERATE),
+        ("GET", "/v1/schedules", EVERYONE),
+        ("POST", "/v1/schedules", OPERATE),
+        ("GET", "/v1/schedules/{name}", VIEW),
+        ("DELETE", "/v1/schedules/{name}", OPERATE),
+        ("POST", "/v1/schedules/{name}/pause", OPERATE),
+        ("POST", "/v1/schedules/{name}/resume", OPERATE),
+        ("POST", "/v1/schedules/{name}/run", OPERATE),
+        ("POST", "/v1/snapshots/{id}/keep", OPERATE),
+        ("POST", "/v1/snapshots/{id}/unkeep", OPERATE),
         ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
         ("POST", "/v1/endpoints/{host}/forget", ADMIN),
         // Last: it changes the enroll secret the fixtures register endpoints with.
@@ -503,6 +551,42 @@ async fn request_for(
             format!("/v1/evidence/{}", fresh_evidence(s, w.snap[side]).await),
             None,
         ),
+        ("POST", "/v1/fleet/batches") => (
+            template.into(),
+            Some(json!({ "group": if inside { "team" } else { "others" } })),
+        ),
+        (_, "/v1/fleet/batches/{id}")
+        | (_, "/v1/fleet/batches/{id}/pause")
+        | (_, "/v1/fleet/batches/{id}/resume")
+        | (_, "/v1/fleet/batches/{id}/cancel") => {
+            (template.replace("{id}", &w.batch[side].to_string()), None)
+        }
+        ("POST", "/v1/schedules") => (
+            template.into(),
+            Some(
+                json!({ "name": format!("cell-sched-{n}"), "cron": "0 3 * * *",
+                         "group": if inside { "team" } else { "others" } }),
+            ),
+        ),
+        ("DELETE", "/v1/schedules/{name}") => {
+            let name = format!("cell-sched-del-{n}");
+            admin(
+                s,
+                "POST",
+                "/v1/schedules",
+                Some(json!({ "name": name, "cron": "0 3 * * *",
+                             "group": if inside { "team" } else { "others" } })),
+            )
+            .await;
+            (format!("/v1/schedules/{name}"), None)
+        }
+        (_, "/v1/schedules/{name}")
+        | (_, "/v1/schedules/{name}/pause")
+        | (_, "/v1/schedules/{name}/resume")
+        | (_, "/v1/schedules/{name}/run") => (template.replace("{name}", &w.schedule[side]), None),
+        (_, "/v1/snapshots/{id}/keep" | "/v1/snapshots/{id}/unkeep") => {
+            (template.replace("{id}", &w.snap[side].to_string()), None)
+        }
         (_, path) => {
             assert!(!path.contains('{'), "no fixture for {method} {path}");
             (path.into(), None)
@@ -648,8 +732,9 @@ async fn an_operator_sees_nothing_outside_their_groups_and_gets_the_404_of_a_mis
             })
             .sum()
     };
-    // Per endpoint: an ingest, a capture, a quarantined upload and an export.
-    assert_eq!(total(&admin_status), 8, "{admin_status}");
+    // Per endpoint: an ingest, a capture, a quarantined upload and an export; admins also see
+    // the two fleet jobs of the world's batches (a fleet job has no endpoint).
+    assert_eq!(total(&admin_status), 10, "{admin_status}");
     assert_eq!(total(&op_status), 4, "{op_status}");
     let (_, entries) = call(s, op, "GET", "/v1/quarantine", None).await;
     assert_eq!(entries.as_array().unwrap().len(), 1, "{entries}");

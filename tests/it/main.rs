@@ -6,6 +6,7 @@ mod chaos;
 mod crash;
 mod dropfolder;
 mod export;
+mod fleet;
 mod hardening;
 mod identity;
 mod ingest;

@@ -147,7 +147,7 @@ async fn capture_from_the_cli_stores_a_verified_snapshot_and_lists_it() {
         .map(|k| k["kind"].as_str().unwrap())
         .collect();
     kinds.sort();
-    assert_eq!(kinds, ["capture", "delete", "export", "ingest"]);
+    assert_eq!(kinds, ["capture", "delete", "export", "fleet", "ingest"]);
 
     // The request and the outcome are in the audit log, with who asked.
     let (code, stdout, _) = server.cli(&["audit", "list", "--action", "capture", "--json"]);

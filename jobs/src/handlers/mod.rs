@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod delete;
+pub mod fleet;
 pub mod ingest;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ pub struct Services {
     pub reservations: Reservations,
     pub capture: CaptureSettings,
     pub ingest: ingest::IngestSettings,
+    pub fleet: fleet::FleetSettings,
 }
 
 #[derive(Debug, Clone)]
