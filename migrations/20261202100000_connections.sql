@@ -1,7 +1,7 @@
 -- Live connections: an analyst's open line to an endpoint's agent or to a stored snapshot. A row
 -- outlives the server (restarts re-check active ones) and stays until closed.
 CREATE TABLE connections (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     -- The endpoint it belongs to (scoping); a snapshot connection belongs to the snapshot's.
     endpoint_id      INTEGER NOT NULL REFERENCES endpoints(id) ON DELETE CASCADE,
     -- What it queries: JSON of `events::Source` ({"kind":"endpoint","hostname":...} or

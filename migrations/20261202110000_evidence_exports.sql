@@ -2,7 +2,7 @@
 -- who saved them and why. Keyed by hostname, not by a foreign key: evidence outlives the
 -- connection, the snapshot and even a forgotten endpoint.
 CREATE TABLE evidence (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     hostname TEXT NOT NULL,
     event_type TEXT NOT NULL,
     event_id INTEGER NOT NULL,
@@ -22,7 +22,7 @@ CREATE INDEX evidence_by_host ON evidence (hostname, saved_ms);
 
 -- Export jobs and the files they wrote under `exports/`.
 CREATE TABLE exports (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT,
     -- The endpoint the export belongs to (scoping); NULL for an evidence export over every
     -- endpoint its requester could see, which only the requester and admins see.

@@ -22,7 +22,7 @@ CREATE TABLE schedules (
 );
 
 CREATE TABLE batches (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     group_name      TEXT    NOT NULL,
     -- The schedule and tick that started it (NULL for `fleet capture`): one batch per tick.
     schedule_id     INTEGER REFERENCES schedules(id) ON DELETE SET NULL,

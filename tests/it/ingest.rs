@@ -297,6 +297,29 @@ async fn deleting_snapshots_removes_file_and_entry_idempotently_and_is_audited()
             .collect()
     };
     assert_eq!(audit, 2, "{rows:#?}");
+
+    // An id is never given twice: delete the newest snapshot, store another, and the old id
+    // still names nothing (a stale `snapshots delete ID` cannot hit the new one).
+    let newest = ids[2].to_string();
+    let (code, _, stderr) = server.cli(&["snapshots", "delete", &newest, "--yes"]);
+    assert_eq!(code, 0, "{stderr}");
+    eventually(
+        Duration::from_secs(20),
+        "the newest snapshot deleted",
+        || async {
+            let (status, _) = server.get(&format!("/v1/snapshots/{newest}")).await;
+            (status == 404).then_some(())
+        },
+    )
+    .await;
+    let file = snapshot_file(tmp.path(), "web-03", 800);
+    let (code, stdout, _) = server.cli(&["upload", file.to_str().unwrap(), "--connect", "--json"]);
+    assert_eq!(code, 0);
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    let next = r[0]["snapshot"]["id"].as_i64().unwrap();
+    assert!(next > ids[2], "id {next} reused after deleting {}", ids[2]);
+    let (status, _) = server.get(&format!("/v1/snapshots/{newest}")).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
