@@ -836,7 +836,7 @@ struct ServeArgs {
     #[arg(long, value_name = "ROWS", env = "SNAPQ_EXPORT_MAX_ROWS_PER_SEC")]
     export_max_rows_per_sec: Option<u64>,
     /// Ingests running at once; an ingest mostly waits on fsync, so more than the cores pay
-    /// [default: 8]
+    /// [default: 16]
     #[arg(long, value_name = "N", env = "SNAPQ_INGEST_CONCURRENCY")]
     ingest_concurrency: Option<usize>,
     /// A live connection unused this many minutes times out (fractions allowed) [default: 10]
