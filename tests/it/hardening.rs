@@ -52,6 +52,43 @@ async fn a_thousand_silent_connections_do_not_stop_the_server_answering_others()
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 }
 
+/// A client that finishes its TLS handshake and then sends its headers too slowly (a slowloris)
+/// is cut off once the header time is up, while others are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off_at_the_header_timeout() {
+    let server = TestServer::spawn();
+    let pin = snapq::tls::cert_pin(&server.data_dir.join("certs/httpPublicCert.pem")).unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(snapq_core::pin::client_config(&pin, "test")));
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    // A request line and one header, and never the blank line that ends the headers.
+    tls.write_all(b"GET /v1/endpoints HTTP/1.1\r\nhost: localhost\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (status, _) = server.get("/status").await;
+    assert_eq!(status, 200, "others are answered meanwhile");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        snapq::tls::HEADER_READ_TIMEOUT + Duration::from_secs(15),
+        tls.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the server cut the slow client off");
+    let took = started.elapsed();
+    assert!(
+        took + Duration::from_secs(1) >= snapq::tls::HEADER_READ_TIMEOUT,
+        "cut off after {took:?}, before the header timeout"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_err() || !answer.contains(" 200 "),
+        "a request whose headers never ended was served: {answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_json_gets_a_json_error_naming_the_problem() {
     let server = TestServer::spawn();
