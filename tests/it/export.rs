@@ -625,6 +625,32 @@ async fn evidence_outlives_its_snapshot_and_is_invisible_outside_its_groups() {
     assert_eq!(rows[1][cmd], format!("'{}", HOSTILE[0]));
     assert_eq!(rows[1][note], "payload, \"quoted\"");
 
+    // The events filters apply to evidence as to a snapshot: a condition, a sort, and the same
+    // error for a field no event type has.
+    let export_evidence = |extra: &[&str], name: &str| {
+        let path = tmp.path().join(name);
+        let mut args = vec!["export", "--evidence", "--endpoint", "exp-out-01"];
+        args.extend_from_slice(extra);
+        args.extend(["--format", "csv", "-o", path.to_str().unwrap()]);
+        let (code, out, err) = server.cli(&args);
+        (code, format!("{out}{err}"), path)
+    };
+    let (code, said, path) = export_evidence(&["--where", "id eq 1000005"], "one.csv");
+    assert_eq!(code, 0, "{said}");
+    let rows = python_csv_rows(&path);
+    let id = rows[0].iter().position(|h| h == "id").unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[1][id], "1000005");
+    let (code, said, path) = export_evidence(&["--type", "process", "--sort", "-id"], "sorted.csv");
+    assert_eq!(code, 0, "{said}");
+    let rows = python_csv_rows(&path);
+    let id = rows[0].iter().position(|h| h == "id").unwrap();
+    let ids: Vec<String> = rows[1..].iter().map(|r| r[id].clone()).collect();
+    assert_eq!(ids, ["1000005", "1000001"]);
+    let (code, said, _) = export_evidence(&["--where", "colour eq red"], "bad.csv");
+    assert_ne!(code, 0);
+    assert!(said.contains("colour"), "{said}");
+
     let (code, _, err) = server.cli(&["evidence", "delete", &evidence_id.to_string()]);
     assert_eq!(code, 2, "asks for --yes: {err}");
     let (code, out, err) = server.cli(&["evidence", "delete", &evidence_id.to_string(), "--yes"]);

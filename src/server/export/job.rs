@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use snapq_core::catalog::Catalog;
+use snapq_core::catalog::{Catalog, Evidence};
 use snapq_core::query::EventQuery;
 use snapq_core::schema::{self, Table};
 use snapq_jobs::handlers::Services;
@@ -452,6 +452,16 @@ async fn export_evidence(
 ) -> Result<(u64, u64), JobError> {
     let tables = filters.tables().map_err(JobError::permanent)?;
     let (since, until) = filters.window().map_err(JobError::permanent)?;
+    // Conditions, `any` or a sort: the engine's own query decides (see `filter_evidence`).
+    let queries = if !filters.wheres.is_empty() || filters.any || filters.sort.is_some() {
+        Some(filters.queries().map_err(JobError::permanent)?)
+    } else {
+        None
+    };
+    let tables: Vec<&Table> = match &queries {
+        Some(queries) => queries.iter().map(|q| q.table()).collect(),
+        None => tables,
+    };
     let mut columns: Vec<&str> = EVIDENCE_COLUMNS.to_vec();
     for c in event_columns(&tables).into_iter().skip(1) {
         columns.push(c);
@@ -463,6 +473,7 @@ async fn export_evidence(
     let mut sink = Some(sink);
     let mut after = 0;
     let mut rows = 0u64;
+    let mut selected = Vec::new();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Err(JobError::permanent("cancelled"));
@@ -479,38 +490,24 @@ async fn export_evidence(
             .filter(|e| since.is_none_or(|s| e.event_ts.is_some_and(|ts| ts >= s)))
             .filter(|e| until.is_none_or(|u| e.event_ts.is_some_and(|ts| ts < u)))
             .collect();
-        let columns = columns.clone();
-        let mut s = sink.take().expect("the sink is back after each page");
-        let (shared2, before) = (shared.clone(), rows);
-        let (s, written) = tokio::task::spawn_blocking(move || {
-            let mut written = 0u64;
-            for e in &keep {
-                let saved_at = chrono::DateTime::from_timestamp_millis(e.saved_ms)
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                    .unwrap_or_default();
-                let source = format!("{} {}", e.source_kind, e.source_id);
-                let mut cells = Vec::with_capacity(columns.len());
-                cells.extend([
-                    Cell::Int(e.id),
-                    Cell::Text(&e.hostname),
-                    Cell::Text(&e.event_type),
-                    Cell::Text(&e.saved_by),
-                    Cell::Text(&saved_at),
-                    e.note.as_deref().map(Cell::Text).unwrap_or(Cell::Null),
-                    Cell::Text(&source),
-                ]);
-                for c in &columns[EVIDENCE_COLUMNS.len()..] {
-                    cells.push(e.event.get(c).map(Cell::from).unwrap_or(Cell::Null));
-                }
-                s.row(&cells)?;
-                written += 1;
-                shared2.written(before + written);
-            }
-            Ok::<_, std::io::Error>((s, written))
-        })
-        .await
-        .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
-        .transient()?;
+        if queries.is_some() {
+            // Saved evidence is what people picked by hand: small enough to filter at once.
+            selected.extend(keep);
+            continue;
+        }
+        let s = sink.take().expect("the sink is back after each page");
+        let (s, written) = write_evidence(s, columns.clone(), keep, shared.clone(), rows).await?;
+        sink = Some(s);
+        rows += written;
+        shared.rows.store(rows, Ordering::Relaxed);
+    }
+    if let Some(queries) = queries {
+        let chosen = tokio::task::spawn_blocking(move || filter_evidence(&queries, selected))
+            .await
+            .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
+            .map_err(|e| JobError::permanent(format!("filtering the evidence: {e}")))?;
+        let s = sink.take().expect("the sink is back after each page");
+        let (s, written) = write_evidence(s, columns.clone(), chosen, shared.clone(), rows).await?;
         sink = Some(s);
         rows += written;
         shared.rows.store(rows, Ordering::Relaxed);
@@ -521,6 +518,116 @@ async fn export_evidence(
         .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
         .transient()?;
     Ok((rows, bytes))
+}
+
+/// Writes evidence rows (the evidence columns, then the event's own) on a blocking thread;
+/// hands the sink back with how many rows it wrote.
+async fn write_evidence(
+    mut s: Sink,
+    columns: Vec<String>,
+    keep: Vec<Evidence>,
+    shared: Arc<Shared>,
+    before: u64,
+) -> Result<(Sink, u64), JobError> {
+    tokio::task::spawn_blocking(move || {
+        let mut written = 0u64;
+        for e in &keep {
+            let saved_at = chrono::DateTime::from_timestamp_millis(e.saved_ms)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default();
+            let source = format!("{} {}", e.source_kind, e.source_id);
+            let mut cells = Vec::with_capacity(columns.len());
+            cells.extend([
+                Cell::Int(e.id),
+                Cell::Text(&e.hostname),
+                Cell::Text(&e.event_type),
+                Cell::Text(&e.saved_by),
+                Cell::Text(&saved_at),
+                e.note.as_deref().map(Cell::Text).unwrap_or(Cell::Null),
+                Cell::Text(&source),
+            ]);
+            for c in &columns[EVIDENCE_COLUMNS.len()..] {
+                cells.push(e.event.get(c).map(Cell::from).unwrap_or(Cell::Null));
+            }
+            s.row(&cells)?;
+            written += 1;
+            shared.written(before + written);
+        }
+        Ok::<_, std::io::Error>((s, written))
+    })
+    .await
+    .map_err(|e| JobError::transient(format!("the export thread stopped: {e}")))?
+    .transient()
+}
+
+/// The evidence rows that `queries` select, in each query's order, type after type. Each type's
+/// rows go into an in-memory table of that type's columns (rowid = position in `evidence`) and
+/// the engine's own SQL selects them, so conditions, `any`, time and sort mean exactly what they
+/// mean on a snapshot: there is no second filter evaluator.
+fn filter_evidence(
+    queries: &[EventQuery],
+    evidence: Vec<Evidence>,
+) -> Result<Vec<Evidence>, String> {
+    use rusqlite::types::Value as Sql;
+    let conn = rusqlite::Connection::open_in_memory().map_err(|e| e.to_string())?;
+    let mut pool: Vec<Option<Evidence>> = evidence.into_iter().map(Some).collect();
+    let mut out = Vec::new();
+    for q in queries {
+        let table = q.table();
+        let columns: Vec<&str> = table.all_columns().map(|(c, _)| c).collect();
+        conn.execute_batch(&format!(
+            "CREATE TABLE {} ({})",
+            table.name,
+            table.column_list()
+        ))
+        .map_err(|e| e.to_string())?;
+        let marks = vec!["?"; columns.len() + 1].join(", ");
+        let mut insert = conn
+            .prepare(&format!(
+                "INSERT INTO {} (rowid, {}) VALUES ({marks})",
+                table.name,
+                table.column_list()
+            ))
+            .map_err(|e| e.to_string())?;
+        for (i, e) in pool.iter().enumerate() {
+            let Some(e) = e.as_ref().filter(|e| e.event_type == table.name) else {
+                continue;
+            };
+            let mut values = vec![Sql::Integer(i as i64 + 1)];
+            for c in &columns {
+                values.push(match e.event.get(*c) {
+                    Some(serde_json::Value::Number(n)) => n
+                        .as_i64()
+                        .map(Sql::Integer)
+                        .or_else(|| n.as_f64().map(Sql::Real))
+                        .unwrap_or(Sql::Null),
+                    Some(serde_json::Value::String(t)) => Sql::Text(t.clone()),
+                    Some(serde_json::Value::Bool(b)) => Sql::Integer(i64::from(*b)),
+                    Some(other) if !other.is_null() => Sql::Text(other.to_string()),
+                    _ => Sql::Null,
+                });
+            }
+            insert
+                .execute(rusqlite::params_from_iter(values))
+                .map_err(|e| e.to_string())?;
+        }
+        let (sql, params) = q.stream_sql().map_err(|e| e.to_string())?;
+        let sql = sql
+            .strip_prefix("SELECT ")
+            .map(|rest| format!("SELECT rowid, {rest}"))
+            .ok_or_else(|| format!("unexpected event query: {sql}"))?;
+        let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params))
+            .map_err(|e| e.to_string())?;
+        while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+            let at: i64 = row.get(0).map_err(|e| e.to_string())?;
+            if let Some(e) = pool.get_mut((at - 1) as usize).and_then(Option::take) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every event table, for exports that name no type.

@@ -156,11 +156,11 @@ impl ExportFilters {
     fn validate(&self, source: &ExportSource) -> Result<(), String> {
         match source {
             ExportSource::Evidence { .. } => {
-                if !self.wheres.is_empty() || self.sort.is_some() || self.any {
-                    return Err("an evidence export filters by --type, --since, --until and --endpoint; --where, --any and --sort apply to connection and snapshot exports".into());
-                }
                 self.tables()?;
                 self.window()?;
+                if !self.wheres.is_empty() || self.sort.is_some() || self.any {
+                    self.queries()?;
+                }
                 Ok(())
             }
             _ => self.queries().map(|_| ()),
