@@ -216,7 +216,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         );
         return Err(stage_again(svc, snapshot_id, &partial, reason).await);
     }
-    let verified = match blocking(&partial, verify::verify_checked_copy).await {
+    let verified = match check_file(&partial, verify::verify_checked_copy).await {
         Ok(verified) => verified,
         Err(e) => {
             let reason = format!("the copy of {hostname} failed verification: {e}");
@@ -237,7 +237,7 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         // The commit never replaces: a file under this name is ours only with our sha256.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let stored = svc.store.path(&name);
-            let stored_sha = blocking(&stored, verify::sha256_file)
+            let stored_sha = check_file(&stored, verify::sha256_file)
                 .await
                 .map_err(JobError::transient)?;
             if stored_sha != sha256 {
@@ -370,15 +370,15 @@ fn discard_partial(svc: &Services, snap: &Snapshot) {
 
 /// Verifies a file already in the store, including that it is the staged copy's bytes.
 async fn verify_stored(path: &Path, sha256: &str) -> Result<verify::Verified, String> {
-    let actual = blocking(path, verify::sha256_file).await?;
+    let actual = check_file(path, verify::sha256_file).await?;
     if actual != sha256 {
         return Err(format!("sha256 {actual}, expected {sha256}"));
     }
-    blocking(path, verify::verify_snapshot).await
+    check_file(path, verify::verify_snapshot).await
 }
 
 /// Runs a check of the file at `path` on a blocking thread.
-async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+async fn check_file<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     path: &Path,
     check: fn(&Path) -> Result<T, E>,
 ) -> Result<T, String> {
