@@ -604,16 +604,33 @@ impl Tmpfs {
     /// Mounting needs root (CAP_SYS_ADMIN): the error says why it could not.
     fn mount(dir: &Path, bytes: u64) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(dir).unwrap();
+        let tmpfs = Tmpfs(dir.to_owned());
+        tmpfs.mount_with(&[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={bytes},mode=0700"),
+            "snapq-test",
+        ])?;
+        Ok(tmpfs)
+    }
+
+    /// Shrinks (or grows) it to `bytes`, keeping what it holds.
+    fn resize(&self, bytes: u64) {
+        self.mount_with(&["-o", &format!("remount,size={bytes}")])
+            .unwrap();
+    }
+
+    fn mount_with(&self, args: &[&str]) -> Result<(), String> {
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700")])
-            .arg("snapq-test")
-            .arg(dir)
+            .args(args)
+            .arg(&self.0)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
         }
-        Ok(Tmpfs(dir.to_owned()))
+        Ok(())
     }
 }
 
@@ -626,22 +643,11 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_disk_that_fills_mid_batch_fails_the_later_captures_before_writing_and_pauses_the_batch()
 {
-    let server = TestServer::spawn_with(&["--capture-reserve-mib", "0"]);
-    let dir = tempfile::tempdir().unwrap();
-    let _fleet = fleet_sim(&server, dir.path(), "fill", 6, &["--db-mib", "2"]);
-    wait_all_online(&server, "fill", 6).await;
-    add_group(&server, "fill", "fill-*");
-    // The store becomes a real small file system with room for two of these databases and a
-    // half: the first captures fit, then the disk is full.
-    let biggest = (1..=6)
-        .map(|i| {
-            let db = snapq::layout::AgentDir::new(dir.path().join(host("fill", i))).monitor_db();
-            snapq::agent::staging::db_bytes(&db)
-        })
-        .max()
-        .unwrap();
-    let store = server.data_dir.join("snapshots");
-    let _tmpfs = match Tmpfs::mount(&store, biggest * 5 / 2) {
+    // The snapshot store is a file system of its own, a small one.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let store = data.join("snapshots");
+    let tmpfs = match Tmpfs::mount(&store, 64 << 20) {
         Ok(t) => t,
         Err(e) => {
             eprintln!(
@@ -650,6 +656,25 @@ async fn a_disk_that_fills_mid_batch_fails_the_later_captures_before_writing_and
             return;
         }
     };
+    let server = TestServer::spawn_in(&data, &["--capture-reserve-mib", "0"]);
+    let _fleet = fleet_sim(
+        &server,
+        &tmp.path().join("fleet"),
+        "fill",
+        6,
+        &["--db-mib", "2"],
+    );
+    wait_all_online(&server, "fill", 6).await;
+    add_group(&server, "fill", "fill-*");
+    // Room for two of these databases and a half: the first captures fit, then the disk is full.
+    let biggest = (1..=6)
+        .map(|i| {
+            let dir = tmp.path().join("fleet").join(host("fill", i));
+            snapq::agent::staging::db_bytes(&snapq::layout::AgentDir::new(dir).monitor_db())
+        })
+        .max()
+        .unwrap();
+    tmpfs.resize(biggest * 5 / 2);
     let id = start_batch(
         &server,
         "fill",
