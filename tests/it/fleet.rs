@@ -542,8 +542,9 @@ async fn a_group_removed_while_its_batch_runs_ends_the_batch_cancelled_with_the_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_full_disk_fails_captures_before_writing_and_the_failure_limit_pauses_the_batch() {
-    // A reserve larger than any disk: every capture finds too little free space.
+async fn a_reserve_beyond_the_free_space_fails_captures_before_writing_and_pauses_the_batch() {
+    // A reserve larger than any disk: every capture finds too little free space (runs without
+    // root; the disk really filling mid-batch is the tmpfs test below).
     let server = TestServer::spawn_with(&["--capture-reserve-mib", "1000000000"]);
     let dir = tempfile::tempdir().unwrap();
     let _fleet = fleet_sim(&server, dir.path(), "full", 4, &[]);
@@ -604,34 +605,27 @@ impl Tmpfs {
     /// Mounting needs root (CAP_SYS_ADMIN): the error says why it could not.
     fn mount(dir: &Path, bytes: u64) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let tmpfs = Tmpfs(dir.to_owned());
-        tmpfs.mount_with(&[
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={bytes},mode=0700"),
-            "snapq-test",
-        ])?;
-        Ok(tmpfs)
+        let size = format!("size={bytes},mode=0700");
+        run_mount(&["-t", "tmpfs", "-o", &size, "snapq-test"], dir)?;
+        Ok(Tmpfs(dir.to_owned()))
     }
 
     /// Shrinks (or grows) it to `bytes`, keeping what it holds.
     fn resize(&self, bytes: u64) {
-        self.mount_with(&["-o", &format!("remount,size={bytes}")])
-            .unwrap();
+        run_mount(&["-o", &format!("remount,size={bytes}")], &self.0).unwrap();
     }
+}
 
-    fn mount_with(&self, args: &[&str]) -> Result<(), String> {
-        let out = Command::new("mount")
-            .args(args)
-            .arg(&self.0)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(())
+fn run_mount(args: &[&str], dir: &Path) -> Result<(), String> {
+    let out = Command::new("mount")
+        .args(args)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
     }
+    Ok(())
 }
 
 impl Drop for Tmpfs {
