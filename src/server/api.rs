@@ -353,8 +353,32 @@ async fn list_snapshots(
     Ok(Json(groups))
 }
 
-async fn show_snapshot(Scoped { target: snap, .. }: Scoped<Snapshot, View>) -> Json<Snapshot> {
-    Json(snap)
+/// A snapshot as `GET /v1/snapshots/{id}` shows it: with its keep mark (a kept snapshot is never
+/// pruned by a schedule's keep rule).
+#[derive(Serialize)]
+struct SnapshotView {
+    #[serde(flatten)]
+    snapshot: Snapshot,
+    kept: bool,
+    kept_by: Option<String>,
+    kept_ms: Option<i64>,
+}
+
+async fn show_snapshot(
+    State(state): State<Arc<ServerState>>,
+    Scoped { target: snap, .. }: Scoped<Snapshot, View>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let mark = state
+        .catalog
+        .keep_mark(snap.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(SnapshotView {
+        snapshot: snap,
+        kept: mark.is_some(),
+        kept_by: mark.as_ref().map(|(by, _)| by.clone()),
+        kept_ms: mark.map(|(_, ms)| ms),
+    }))
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
