@@ -118,13 +118,13 @@ def main() -> None:
             took, body = api.call("GET", "/v1/queue/status")
             status_ms.append(took)
             status = json.loads(body)
-            capture = next(k for k in status["kinds"] if k["kind"] == "capture")
+            capture = next(k for k in status["status"]["kinds"] if k["kind"] == "capture")
             if capture["done"] + capture["failed"] >= CAPTURES:
                 break
         took, body = api.call("GET", "/metrics")
         scraped = samples(body.decode())
         _, body = api.call("GET", "/v1/queue/status")
-        capture = next(k for k in json.loads(body)["kinds"] if k["kind"] == "capture")
+        capture = next(k for k in json.loads(body)["status"]["kinds"] if k["kind"] == "capture")
         for state in ("done", "failed", "pending", "running"):
             key = f'snapq_jobs{{kind="capture",state="{state}"}}'
             assert scraped[key] == capture[state], (key, scraped[key], capture[state])

@@ -103,11 +103,51 @@ pub enum NotCallable {
 }
 
 /// How the server reaches enrolled agents: the key their credentials derive from, and one pinned
-/// HTTPS client (with its connection pool) per endpoint certificate.
+/// HTTPS client (with its connection pool) per endpoint certificate, for the endpoints called
+/// most recently (at most [`CACHED_CLIENTS`]).
 #[derive(Debug)]
 pub struct Agents {
     key: AgentKey,
-    clients: Mutex<HashMap<(String, String), reqwest::Client>>,
+    clients: Mutex<ClientCache>,
+}
+
+/// Pinned clients kept for reuse. A client and its pool cost the server tens of KiB; a fleet
+/// batch calls every endpoint once, so without a bound the server would keep one per endpoint
+/// of the fleet. The least recently used is dropped (with its idle connections) beyond this.
+pub const CACHED_CLIENTS: usize = 128;
+
+#[derive(Debug, Default)]
+struct ClientCache {
+    /// (hostname, pin) → (client, when it was last handed out, by `tick`).
+    clients: HashMap<(String, String), (reqwest::Client, u64)>,
+    tick: u64,
+}
+
+impl ClientCache {
+    fn get_or_make(
+        &mut self,
+        key: (String, String),
+        make: impl FnOnce() -> reqwest::Client,
+    ) -> reqwest::Client {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((client, used)) = self.clients.get_mut(&key) {
+            *used = tick;
+            return client.clone();
+        }
+        if self.clients.len() >= CACHED_CLIENTS
+            && let Some(oldest) = self
+                .clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            self.clients.remove(&oldest);
+        }
+        let client = make();
+        self.clients.insert(key, (client.clone(), tick));
+        client
+    }
 }
 
 impl Agents {
@@ -135,16 +175,14 @@ impl Agents {
             .clients
             .lock()
             .expect("agent clients lock")
-            .entry((host.clone(), pin.clone()))
-            .or_insert_with(|| {
+            .get_or_make((host.clone(), pin.clone()), || {
                 pinned_client(
                     pin,
                     &format!(
                         "the agent's certificate changed since {host} enrolled; if the endpoint was reimaged or its certificate replaced, re-key it with `snapq endpoints rekey {host}`"
                     ),
                 )
-            })
-            .clone();
+            });
         Ok(AgentClient::new(
             http,
             url,
@@ -377,4 +415,26 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_cache_keeps_the_most_recently_used_clients_only() {
+        let mut cache = ClientCache::default();
+        let key = |i: usize| (format!("host-{i}"), "ab".repeat(32));
+        let make = || pinned_client(&"ab".repeat(32), "");
+        for i in 0..CACHED_CLIENTS {
+            cache.get_or_make(key(i), make);
+        }
+        // host-0 is used again: host-1 is now the least recently used.
+        cache.get_or_make(key(0), || panic!("host-0 is cached"));
+        cache.get_or_make(key(CACHED_CLIENTS), make);
+        assert_eq!(cache.clients.len(), CACHED_CLIENTS);
+        assert!(cache.clients.contains_key(&key(0)));
+        assert!(!cache.clients.contains_key(&key(1)));
+        assert!(cache.clients.contains_key(&key(CACHED_CLIENTS)));
+    }
 }

@@ -125,7 +125,7 @@ pub async fn heartbeat_loop(link: ServerLink, heartbeat: Heartbeat, identity: Ar
         (None, Some(pin)) => crate::tls::Trust::Pin(pin.clone()),
         (None, None) => crate::tls::Trust::System,
     };
-    let http = match crate::tls::client(&trust) {
+    let http = match crate::tls::heartbeat_client(&trust) {
         Ok(http) => http,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "cannot build the client for the server; not enrolling");
