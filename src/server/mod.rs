@@ -14,6 +14,7 @@ pub mod demo;
 pub mod events;
 pub mod export;
 pub mod fleet;
+pub mod openapi;
 pub mod quarantine;
 
 use std::net::SocketAddr;
