@@ -112,7 +112,11 @@ async fn audited<T>(
 // --- users ----------------------------------------------------------------------------------
 
 /// All users with their roles and groups.
-#[utoipa::path(get, path = "/v1/users", responses((status = 200, description = "users", body = [UserInfo])))]
+#[utoipa::path(
+    get,
+    path = "/v1/users",
+    responses((status = 200, description = "users", body = [UserInfo])),
+)]
 async fn list_users(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -131,7 +135,15 @@ struct NewUser {
 }
 
 /// Adds a user with a role and computer groups.
-#[utoipa::path(post, path = "/v1/users", request_body = NewUser, responses((status = 201, description = "the user", body = UserInfo), (status = 409, description = "a user of that name exists", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/users",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "the user", body = UserInfo),
+        (status = 409, description = "a user of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -155,7 +167,12 @@ async fn add_user(
 }
 
 /// A user and their tokens.
-#[utoipa::path(get, path = "/v1/users/{name}", params(("name" = String, Path, description = "user name")), responses((status = 200, description = "`{\"user\", \"tokens\"}`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/users/{name}",
+    params(("name" = String, Path, description = "user name")),
+    responses((status = 200, description = "`{\"user\", \"tokens\"}`", body = Object)),
+)]
 async fn show_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -182,7 +199,15 @@ async fn show_user(
 }
 
 /// Removes a user; their tokens stop working.
-#[utoipa::path(delete, path = "/v1/users/{name}", params(("name" = String, Path, description = "user name")), responses((status = 200, description = "`{\"removed\": name}`", body = Object), (status = 409, description = "the last admin cannot be removed", body = ErrorBody)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{name}",
+    params(("name" = String, Path, description = "user name")),
+    responses(
+        (status = 200, description = "`{\"removed\": name}`", body = Object),
+        (status = 409, description = "the last admin cannot be removed", body = ErrorBody),
+    ),
+)]
 async fn remove_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -204,7 +229,16 @@ struct RoleChange {
 }
 
 /// Changes a user's role.
-#[utoipa::path(post, path = "/v1/users/{name}/role", params(("name" = String, Path, description = "user name")), request_body = RoleChange, responses((status = 200, description = "`{\"user\", \"role\"}`", body = Object), (status = 409, description = "the last admin cannot lose the role", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/role",
+    params(("name" = String, Path, description = "user name")),
+    request_body = RoleChange,
+    responses(
+        (status = 200, description = "`{\"user\", \"role\"}`", body = Object),
+        (status = 409, description = "the last admin cannot lose the role", body = ErrorBody),
+    ),
+)]
 async fn set_role(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -242,7 +276,13 @@ struct GroupGrant {
 }
 
 /// Grants a user a computer group.
-#[utoipa::path(post, path = "/v1/users/{name}/groups", params(("name" = String, Path, description = "user name")), request_body = GroupGrant, responses((status = 200, description = "`{\"user\", \"granted\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/groups",
+    params(("name" = String, Path, description = "user name")),
+    request_body = GroupGrant,
+    responses((status = 200, description = "`{\"user\", \"granted\"}`", body = Object)),
+)]
 async fn grant(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -267,7 +307,15 @@ async fn grant(
 }
 
 /// Revokes a computer group from a user.
-#[utoipa::path(delete, path = "/v1/users/{name}/groups/{group}", params(("name" = String, Path, description = "user name"), ("group" = String, Path, description = "computer group name")), responses((status = 200, description = "`{\"user\", \"revoked\", \"had_it\"}`", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{name}/groups/{group}",
+    params(
+        ("name" = String, Path, description = "user name"),
+        ("group" = String, Path, description = "computer group name"),
+    ),
+    responses((status = 200, description = "`{\"user\", \"revoked\", \"had_it\"}`", body = Object)),
+)]
 async fn revoke(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -299,7 +347,13 @@ struct NewPassword {
 const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
 
 /// Sets a user's console password (argon2id). Admins set anyone's; a user their own.
-#[utoipa::path(post, path = "/v1/users/{name}/password", params(("name" = String, Path, description = "user name")), request_body = NewPassword, responses((status = 200, description = "`{\"user\", \"password\": \"set\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/password",
+    params(("name" = String, Path, description = "user name")),
+    request_body = NewPassword,
+    responses((status = 200, description = "`{\"user\", \"password\": \"set\"}`", body = Object)),
+)]
 async fn set_password(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -363,7 +417,12 @@ struct TokenParams {
 }
 
 /// A user's own tokens; an admin's view of everyone's (or one user's).
-#[utoipa::path(get, path = "/v1/tokens", params(TokenParams), responses((status = 200, description = "tokens (never their secrets)", body = [TokenInfo])))]
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    params(TokenParams),
+    responses((status = 200, description = "tokens (never their secrets)", body = [TokenInfo])),
+)]
 async fn list_tokens(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -402,7 +461,18 @@ struct NewToken {
 const MAX_TOKEN_SECS: u64 = 10 * 366 * 24 * 3600;
 
 /// Makes a token and answers it once; only its sha256 and prefix are kept.
-#[utoipa::path(post, path = "/v1/tokens", request_body = NewToken, responses((status = 201, description = "`{\"token\", \"info\"}`: the token, shown this once", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    request_body = NewToken,
+    responses(
+        (
+            status = 201,
+            description = "`{\"token\", \"info\"}`: the token, shown this once",
+            body = Object,
+        ),
+    ),
+)]
 async fn create_token(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -451,7 +521,12 @@ async fn create_token(
 
 /// Revokes a token: one's own, or (admins) anyone's. Someone else's token is, to a non-admin,
 /// a token that does not exist.
-#[utoipa::path(delete, path = "/v1/tokens/{id}", params(("id" = i64, Path, description = "token id")), responses((status = 200, description = "the revoked token's id", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    params(("id" = i64, Path, description = "token id")),
+    responses((status = 200, description = "the revoked token's id", body = Object)),
+)]
 async fn revoke_token(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -494,7 +569,11 @@ async fn revoke_token(
 // --- computer groups ------------------------------------------------------------------------
 
 /// Computer groups with their rules and member counts.
-#[utoipa::path(get, path = "/v1/groups", responses((status = 200, description = "groups", body = [Object])))]
+#[utoipa::path(
+    get,
+    path = "/v1/groups",
+    responses((status = 200, description = "groups", body = [Object])),
+)]
 async fn list_groups(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -531,7 +610,15 @@ struct NewGroup {
 }
 
 /// Adds a computer group: hostname globs, networks, labels and fixed members.
-#[utoipa::path(post, path = "/v1/groups", request_body = NewGroup, responses((status = 201, description = "the group", body = Group), (status = 409, description = "a group of that name exists", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/groups",
+    request_body = NewGroup,
+    responses(
+        (status = 201, description = "the group", body = Group),
+        (status = 409, description = "a group of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -548,7 +635,12 @@ async fn add_group(
 }
 
 /// A group with its members now.
-#[utoipa::path(get, path = "/v1/groups/{name}", params(("name" = String, Path, description = "computer group name")), responses((status = 200, description = "`{\"group\", \"members\"}`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "computer group name")),
+    responses((status = 200, description = "`{\"group\", \"members\"}`", body = Object)),
+)]
 async fn show_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -578,7 +670,12 @@ async fn show_group(
 }
 
 /// Removes a computer group; users lose it.
-#[utoipa::path(delete, path = "/v1/groups/{name}", params(("name" = String, Path, description = "computer group name")), responses((status = 200, description = "`{\"removed\": name}`", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "computer group name")),
+    responses((status = 200, description = "`{\"removed\": name}`", body = Object)),
+)]
 async fn remove_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -606,7 +703,12 @@ struct AuditParams {
 }
 
 /// The audit log, newest first.
-#[utoipa::path(get, path = "/v1/audit", params(AuditParams), responses((status = 200, description = "audit entries", body = [AuditEntry])))]
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    params(AuditParams),
+    responses((status = 200, description = "audit entries", body = [AuditEntry])),
+)]
 async fn audit_list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -628,7 +730,17 @@ async fn audit_list(
 
 /// Who the caller is and what the server is like, for `snapq doctor` and scripts: name, role,
 /// groups, the token's expiry, the server's version and clock, and its free disk.
-#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, description = "`user`, `role`, `groups`, `token`, `server` (version, time, free disk)", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    responses(
+        (
+            status = 200,
+            description = "`user`, `role`, `groups`, `token`, `server` (version, time, free disk)",
+            body = Object,
+        ),
+    ),
+)]
 async fn whoami(
     access: Access,
     State(state): State<Arc<ServerState>>,

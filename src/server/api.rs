@@ -156,7 +156,11 @@ pub fn router(state: Arc<ServerState>) -> Router {
 }
 
 /// Liveness: the service name and version; needs no token.
-#[utoipa::path(get, path = "/status", responses((status = 200, description = "the server is up", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/status",
+    responses((status = 200, description = "the server is up", body = Object)),
+)]
 async fn status() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "service": "snapq",
@@ -206,7 +210,12 @@ struct SearchParams {
 }
 
 /// Endpoints the caller sees, optionally filtered by a search text (hostname or IP, as typed).
-#[utoipa::path(get, path = "/v1/endpoints", params(SearchParams), responses((status = 200, description = "matching endpoints", body = [EndpointView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/endpoints",
+    params(SearchParams),
+    responses((status = 200, description = "matching endpoints", body = [EndpointView])),
+)]
 async fn list_endpoints(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -228,7 +237,18 @@ async fn list_endpoints(
 
 /// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk
 /// numbers a capture confirmation shows.
-#[utoipa::path(get, path = "/v1/endpoints/{host}", params(("host" = String, Path, description = "the endpoint's hostname", example = "demo-01")), responses((status = 200, description = "`endpoint` (as listings show it), `live` (the agent's facts, `null` without an agent, or `{\"error\": ...}`), `server_free_bytes`, `capture_reserve_bytes`, `reserved_by_captures`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/endpoints/{host}",
+    params(("host" = String, Path, description = "the endpoint's hostname", example = "demo-01")),
+    responses(
+        (
+            status = 200,
+            description = "`endpoint` (as listings show it), `live` (the agent's facts, `null` without an agent, or `{\"error\": ...}`), `server_free_bytes`, `capture_reserve_bytes`, `reserved_by_captures`",
+            body = Object,
+        ),
+    ),
+)]
 async fn show_endpoint(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -269,7 +289,12 @@ pub struct CaptureQueued {
 
 /// `POST /v1/captures {"hosts": [...]}`: one snapshot row and one capture job per host. Unknown
 /// hosts (and hosts outside the caller's groups) fail the whole request before anything is queued.
-#[utoipa::path(post, path = "/v1/captures", request_body = CaptureRequest, responses((status = 202, description = "one queued capture per host", body = [CaptureQueued])))]
+#[utoipa::path(
+    post,
+    path = "/v1/captures",
+    request_body = CaptureRequest,
+    responses((status = 202, description = "one queued capture per host", body = [CaptureQueued])),
+)]
 async fn capture(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -348,7 +373,14 @@ pub struct SnapshotGroup {
 }
 
 /// Snapshots grouped by endpoint.
-#[utoipa::path(get, path = "/v1/snapshots", params(SnapshotParams), responses((status = 200, description = "snapshots grouped by endpoint", body = [SnapshotGroup])))]
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots",
+    params(SnapshotParams),
+    responses(
+        (status = 200, description = "snapshots grouped by endpoint", body = [SnapshotGroup]),
+    ),
+)]
 async fn list_snapshots(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -391,13 +423,45 @@ async fn list_snapshots(
 }
 
 /// One snapshot's catalog row.
-#[utoipa::path(get, path = "/v1/snapshots/{id}", params(("id" = i64, Path, description = "snapshot id", example = 1)), responses((status = 200, description = "the snapshot", body = Snapshot)))]
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots/{id}",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses((status = 200, description = "the snapshot", body = Snapshot)),
+)]
 async fn show_snapshot(Scoped { target: snap, .. }: Scoped<Snapshot, View>) -> Json<Snapshot> {
     Json(snap)
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
-#[utoipa::path(get, path = "/v1/snapshots/{id}/file", params(("id" = i64, Path, description = "snapshot id", example = 1), ("Range" = Option<String>, Header, description = "`bytes=A-B`, `A-` or `-N`: one byte range, for resuming")), responses((status = 200, description = "the whole file", content_type = "application/vnd.sqlite3", body = Binary), (status = 206, description = "the range asked for", content_type = "application/vnd.sqlite3", body = Binary), (status = 409, description = "the snapshot is not complete", body = ErrorBody), (status = 416, description = "the range is outside the file", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots/{id}/file",
+    params(
+        ("id" = i64, Path, description = "snapshot id", example = 1),
+        (
+            "Range" = Option<String>,
+            Header,
+            description = "`bytes=A-B`, `A-` or `-N`: one byte range, for resuming",
+        ),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "the whole file",
+            content_type = "application/vnd.sqlite3",
+            body = Binary,
+        ),
+        (
+            status = 206,
+            description = "the range asked for",
+            content_type = "application/vnd.sqlite3",
+            body = Binary,
+        ),
+        (status = 409, description = "the snapshot is not complete", body = ErrorBody),
+        (status = 416, description = "the range is outside the file", body = ErrorBody),
+    ),
+)]
 async fn download_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { target: snap, .. }: Scoped<Snapshot, View>,
@@ -458,7 +522,17 @@ fn queue_error(err: QueueError) -> ApiError {
 const SCOPED_JOB_WINDOW: u32 = 10_000;
 
 /// The queue at a glance: counts per job kind, running jobs, fleet batches, the drop folder.
-#[utoipa::path(get, path = "/v1/queue/status", responses((status = 200, description = "`status` (counts per kind, local workers), `running`, `batches`, `watch`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/queue/status",
+    responses(
+        (
+            status = 200,
+            description = "`status` (counts per kind, local workers), `running`, `batches`, `watch`",
+            body = Object,
+        ),
+    ),
+)]
 async fn queue_status(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -559,7 +633,12 @@ struct ListParams {
 }
 
 /// Jobs the caller sees, newest first.
-#[utoipa::path(get, path = "/v1/queue/jobs", params(ListParams), responses((status = 200, description = "jobs", body = [Object])))]
+#[utoipa::path(
+    get,
+    path = "/v1/queue/jobs",
+    params(ListParams),
+    responses((status = 200, description = "jobs", body = [Object])),
+)]
 async fn queue_list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -629,13 +708,26 @@ async fn queue_list(
 }
 
 /// One job with its attempts.
-#[utoipa::path(get, path = "/v1/queue/jobs/{id}", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "the job and its attempts", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/queue/jobs/{id}",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the job and its attempts", body = Object)),
+)]
 async fn queue_show(Scoped { target: detail, .. }: Scoped<JobDetail, View>) -> Json<JobDetail> {
     Json(detail)
 }
 
 /// Runs a failed or cancelled job again.
-#[utoipa::path(post, path = "/v1/queue/jobs/{id}/retry", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "`{\"retried\": id}`", body = Object), (status = 409, description = "the job is not failed or cancelled", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/queue/jobs/{id}/retry",
+    params(("id" = String, Path, description = "job id")),
+    responses(
+        (status = 200, description = "`{\"retried\": id}`", body = Object),
+        (status = 409, description = "the job is not failed or cancelled", body = ErrorBody),
+    ),
+)]
 async fn queue_retry(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
@@ -656,7 +748,15 @@ async fn queue_retry(
 }
 
 /// Cancels a pending, retrying or running job.
-#[utoipa::path(post, path = "/v1/queue/jobs/{id}/cancel", params(("id" = String, Path, description = "job id")), responses((status = 200, description = "`{\"cancelled\": id, \"outcome\": ...}`", body = Object), (status = 409, description = "the job has already ended", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/queue/jobs/{id}/cancel",
+    params(("id" = String, Path, description = "job id")),
+    responses(
+        (status = 200, description = "`{\"cancelled\": id, \"outcome\": ...}`", body = Object),
+        (status = 409, description = "the job has already ended", body = ErrorBody),
+    ),
+)]
 async fn queue_cancel(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
@@ -689,7 +789,18 @@ struct DeleteRequest {
 /// `POST /v1/snapshots/delete {"ids": [...]}` or `{"endpoint": "HOST"}`: one delete job per
 /// snapshot. Unknown ids (and ids outside the caller's groups) fail the whole request before
 /// anything is queued.
-#[utoipa::path(post, path = "/v1/snapshots/delete", request_body = DeleteRequest, responses((status = 202, description = "one queued delete job per snapshot: `[{\"snapshot_id\", \"job_id\"}]`", body = [Object])))]
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/delete",
+    request_body = DeleteRequest,
+    responses(
+        (
+            status = 202,
+            description = "one queued delete job per snapshot: `[{\"snapshot_id\", \"job_id\"}]`",
+            body = [Object],
+        ),
+    ),
+)]
 async fn delete_snapshots(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -767,7 +878,21 @@ struct UploadParams {
 /// `POST /v1/uploads?name=FILE` with the file as the body: spooled to `incoming/` under a temporary
 /// name while the size limit is enforced, then handed to an ingest job. The endpoint the name
 /// carries must be in the caller's groups (it need not exist yet).
-#[utoipa::path(post, path = "/v1/uploads", params(UploadParams), request_body(content = Binary, content_type = "application/octet-stream", description = "the snapshot file"), responses((status = 202, description = "`{\"job_id\", \"name\", \"bytes\"}`: the ingest job", body = Object), (status = 413, description = "larger than the upload limit", body = ErrorBody), (status = 507, description = "not enough free disk", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/uploads",
+    params(UploadParams),
+    request_body(content = Binary, content_type = "application/octet-stream", description = "the snapshot file"),
+    responses(
+        (
+            status = 202,
+            description = "`{\"job_id\", \"name\", \"bytes\"}`: the ingest job",
+            body = Object,
+        ),
+        (status = 413, description = "larger than the upload limit", body = ErrorBody),
+        (status = 507, description = "not enough free disk", body = ErrorBody),
+    ),
+)]
 async fn upload(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -928,7 +1053,12 @@ fn drain_briefly(mut stream: axum::body::BodyDataStream) {
 }
 
 /// An upload's or a dropped file's ingest: its state and outcome.
-#[utoipa::path(get, path = "/v1/ingests/{job_id}", params(("job_id" = String, Path, description = "the ingest job's id")), responses((status = 200, description = "the ingest", body = Ingest)))]
+#[utoipa::path(
+    get,
+    path = "/v1/ingests/{job_id}",
+    params(("job_id" = String, Path, description = "the ingest job's id")),
+    responses((status = 200, description = "the ingest", body = Ingest)),
+)]
 async fn show_ingest(Scoped { target: ingest, .. }: Scoped<Ingest, View>) -> Json<Ingest> {
     Json(ingest)
 }

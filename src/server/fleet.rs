@@ -186,7 +186,12 @@ struct BatchListParams {
 }
 
 /// Fleet batches the caller sees, newest first.
-#[utoipa::path(get, path = "/v1/fleet/batches", params(BatchListParams), responses((status = 200, description = "batches with their totals", body = [BatchView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/fleet/batches",
+    params(BatchListParams),
+    responses((status = 200, description = "batches with their totals", body = [BatchView])),
+)]
 async fn list_batches(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -233,7 +238,14 @@ fn batch_knobs(
 }
 
 /// `POST /v1/fleet/batches {"group": G, ...}`: a batch of every endpoint of G now.
-#[utoipa::path(post, path = "/v1/fleet/batches", request_body = BatchRequest, responses((status = 202, description = "`{\"batch_id\", \"job_id\", \"group\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches",
+    request_body = BatchRequest,
+    responses(
+        (status = 202, description = "`{\"batch_id\", \"job_id\", \"group\"}`", body = Object),
+    ),
+)]
 async fn create_batch(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -336,7 +348,12 @@ pub(super) async fn recover_batches(state: &ServerState) -> anyhow::Result<()> {
 }
 
 /// A batch with its totals and items.
-#[utoipa::path(get, path = "/v1/fleet/batches/{id}", params(("id" = i64, Path, description = "batch id", example = 1)), responses((status = 200, description = "the batch with its items", body = BatchView)))]
+#[utoipa::path(
+    get,
+    path = "/v1/fleet/batches/{id}",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses((status = 200, description = "the batch with its items", body = BatchView)),
+)]
 async fn show_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Batch, View>,
@@ -348,8 +365,25 @@ fn conflict(message: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, message)
 }
 
+/// A batch action on a batch in a state it does not apply to (`batch_action`).
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 409,
+    description = "the batch is not in a state this action applies to"
+)]
+#[allow(dead_code)] // only its response is used
+struct StateConflict(ErrorBody);
+
 /// Pauses a running batch: no new captures start.
-#[utoipa::path(post, path = "/v1/fleet/batches/{id}/pause", params(("id" = i64, Path, description = "batch id", example = 1)), responses((status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object), (status = 409, description = "the batch is not in a state this action applies to", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/pause",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn pause_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -368,7 +402,15 @@ async fn pause_batch(
 }
 
 /// Resumes a paused batch.
-#[utoipa::path(post, path = "/v1/fleet/batches/{id}/resume", params(("id" = i64, Path, description = "batch id", example = 1)), responses((status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object), (status = 409, description = "the batch is not in a state this action applies to", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/resume",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn resume_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -382,7 +424,15 @@ async fn resume_batch(
 }
 
 /// Cancels a running or paused batch and its pending captures.
-#[utoipa::path(post, path = "/v1/fleet/batches/{id}/cancel", params(("id" = i64, Path, description = "batch id", example = 1)), responses((status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object), (status = 409, description = "the batch is not in a state this action applies to", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/cancel",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn cancel_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -471,7 +521,11 @@ async fn schedule_view(state: &ServerState, s: Schedule) -> Result<ScheduleView,
 }
 
 /// Schedules the caller sees, with their next run and last batch.
-#[utoipa::path(get, path = "/v1/schedules", responses((status = 200, description = "schedules", body = [ScheduleView])))]
+#[utoipa::path(
+    get,
+    path = "/v1/schedules",
+    responses((status = 200, description = "schedules", body = [ScheduleView])),
+)]
 async fn list_schedules(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -509,7 +563,15 @@ struct ScheduleRequest {
 }
 
 /// Adds a schedule: a cron expression in a time zone, a computer group, the batch knobs and retention.
-#[utoipa::path(post, path = "/v1/schedules", request_body = ScheduleRequest, responses((status = 201, description = "the schedule", body = ScheduleView), (status = 409, description = "a schedule of that name exists", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/schedules",
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "the schedule", body = ScheduleView),
+        (status = 409, description = "a schedule of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_schedule(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -579,7 +641,12 @@ async fn add_schedule(
 }
 
 /// A schedule and its recent batches.
-#[utoipa::path(get, path = "/v1/schedules/{name}", params(("name" = String, Path, description = "schedule name")), responses((status = 200, description = "`{\"schedule\", \"batches\"}`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/schedules/{name}",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"batches\"}`", body = Object)),
+)]
 async fn show_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Schedule, View>,
@@ -594,7 +661,12 @@ async fn show_schedule(
 }
 
 /// Removes a schedule; its batches stay.
-#[utoipa::path(delete, path = "/v1/schedules/{name}", params(("name" = String, Path, description = "schedule name")), responses((status = 200, description = "`{\"removed\": name}`", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/schedules/{name}",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"removed\": name}`", body = Object)),
+)]
 async fn remove_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -617,7 +689,12 @@ async fn remove_schedule(
 }
 
 /// Pauses a schedule: its ticks are skipped.
-#[utoipa::path(post, path = "/v1/schedules/{name}/pause", params(("name" = String, Path, description = "schedule name")), responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/pause",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)),
+)]
 async fn pause_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -626,7 +703,12 @@ async fn pause_schedule(
 }
 
 /// Resumes a paused schedule.
-#[utoipa::path(post, path = "/v1/schedules/{name}/resume", params(("name" = String, Path, description = "schedule name")), responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/resume",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)),
+)]
 async fn resume_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -667,7 +749,18 @@ async fn set_paused(
 }
 
 /// `POST /v1/schedules/{name}/run`: a tick now.
-#[utoipa::path(post, path = "/v1/schedules/{name}/run", params(("name" = String, Path, description = "schedule name")), responses((status = 202, description = "the tick's batch (`skipped` while the previous one runs; `null` when this tick already has one)", body = Option<Batch>)))]
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/run",
+    params(("name" = String, Path, description = "schedule name")),
+    responses(
+        (
+            status = 202,
+            description = "the tick's batch (`skipped` while the previous one runs; `null` when this tick already has one)",
+            body = Option<Batch>,
+        ),
+    ),
+)]
 async fn run_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -805,7 +898,14 @@ async fn scheduler_pass(state: &ServerState) -> Result<(), ApiError> {
 // --- keep ----------------------------------------------------------------------------------------
 
 /// Keeps a snapshot: retention never deletes it.
-#[utoipa::path(post, path = "/v1/snapshots/{id}/keep", params(("id" = i64, Path, description = "snapshot id", example = 1)), responses((status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/{id}/keep",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object),
+    ),
+)]
 async fn keep_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Snapshot, Operate>,
@@ -814,7 +914,14 @@ async fn keep_snapshot(
 }
 
 /// Lets retention delete a kept snapshot again.
-#[utoipa::path(post, path = "/v1/snapshots/{id}/unkeep", params(("id" = i64, Path, description = "snapshot id", example = 1)), responses((status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/{id}/unkeep",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object),
+    ),
+)]
 async fn unkeep_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Snapshot, Operate>,

@@ -122,6 +122,11 @@ fn build() -> openapi::OpenApi {
                 .build(),
         ),
     );
+    for (name, _, description) in ERRORS {
+        components
+            .responses
+            .insert(name.to_owned(), error_response(description));
+    }
     for route in api::routes() {
         let Some(item) = doc.paths.paths.get_mut(route.path) else {
             continue; // the route-list test names it
@@ -134,48 +139,72 @@ fn build() -> openapi::OpenApi {
     doc
 }
 
-/// Adds what every route of its kind shares: the security requirement and the error answers.
-fn complete(op: &mut Operation, auth: Auth) {
-    let mut errors: Vec<(&str, &str)> = vec![(
+/// The error answers routes share, as named responses: (name, status, when).
+const ERRORS: [(&str, &str, &str); 8] = [
+    (
+        "BadRequest",
         "400",
         "a malformed request: path, query or body (the message says which)",
-    )];
+    ),
+    ("NotJson", "415", "the body is not `application/json`"),
+    (
+        "WrongFields",
+        "422",
+        "the JSON body does not have the fields this route takes",
+    ),
+    (
+        "NoToken",
+        "401",
+        "no token, or a wrong, revoked or expired one",
+    ),
+    ("Forbidden", "403", "the caller's role may not do this"),
+    (
+        "NotFound",
+        "404",
+        "no such target, or one outside the caller's computer groups",
+    ),
+    (
+        "NotAgent",
+        "401",
+        "no, or a wrong, enroll token or agent credential",
+    ),
+    (
+        "EnrolledElsewhere",
+        "409",
+        "the hostname is already enrolled by another agent (an admin's `rekey` lets it enroll again)",
+    ),
+];
+
+/// Adds what every route of its kind shares: the security requirement and the error answers.
+fn complete(op: &mut Operation, auth: Auth) {
+    let mut errors = vec!["BadRequest"];
     if op
         .request_body
         .as_ref()
         .is_some_and(|b| b.content.contains_key("application/json"))
     {
-        errors.push(("415", "the body is not `application/json`"));
-        errors.push((
-            "422",
-            "the JSON body does not have the fields this route takes",
-        ));
+        errors.extend(["NotJson", "WrongFields"]);
     }
     match auth {
         Auth::Public => op.tags = Some(vec!["server".to_owned()]),
         Auth::Agent => {
             op.security = Some(vec![SecurityRequirement::new(AGENT_SCHEME, [""; 0])]);
-            errors.push(("401", "no, or a wrong, enroll token or agent credential"));
-            errors.push((
-                "409",
-                "the hostname is already enrolled by another agent (an admin's `rekey` lets it enroll again)",
-            ));
+            errors.extend(["NotAgent", "EnrolledElsewhere"]);
         }
         Auth::User => {
             op.security = Some(vec![SecurityRequirement::new(USER_SCHEME, [""; 0])]);
-            errors.push(("401", "no token, or a wrong, revoked or expired one"));
-            errors.push(("403", "the caller's role may not do this"));
-            errors.push((
-                "404",
-                "no such target, or one outside the caller's computer groups",
-            ));
+            errors.extend(["NoToken", "Forbidden", "NotFound"]);
         }
     }
-    for (status, description) in errors {
+    for name in errors {
+        let (_, status, _) = ERRORS
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .expect("a named error");
         op.responses
             .responses
-            .entry(status.to_owned())
-            .or_insert_with(|| error_response(description));
+            .entry((*status).to_owned())
+            .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
     }
 }
 

@@ -69,7 +69,17 @@ fn entry_json(ingest: &Ingest) -> serde_json::Value {
 }
 
 /// Quarantined files the caller sees.
-#[utoipa::path(get, path = "/v1/quarantine", responses((status = 200, description = "quarantined files: `id`, `name`, `origin`, `size`, `reason`, `quarantined_ms`, `requested_by`, `path`", body = [Object])))]
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    responses(
+        (
+            status = 200,
+            description = "quarantined files: `id`, `name`, `origin`, `size`, `reason`, `quarantined_ms`, `requested_by`, `path`",
+            body = [Object],
+        ),
+    ),
+)]
 async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
     let entries = state
@@ -105,7 +115,12 @@ async fn entry_or_404(access: &Access, id: &str, need: Role) -> Result<Ingest, A
 }
 
 /// One quarantined file, with the full rejection written beside it.
-#[utoipa::path(get, path = "/v1/quarantine/{id}", params(("id" = String, Path, description = "the quarantined file's ingest job id")), responses((status = 200, description = "the entry and its `rejection`", body = Object)))]
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine/{id}",
+    params(("id" = String, Path, description = "the quarantined file's ingest job id")),
+    responses((status = 200, description = "the entry and its `rejection`", body = Object)),
+)]
 async fn show(
     Scoped { target: entry, .. }: Scoped<Ingest, View>,
     Path(id): Path<String>,
@@ -134,7 +149,16 @@ struct RetryRequest {
 }
 
 /// Ingests a quarantined file again, optionally under another snapshot name.
-#[utoipa::path(post, path = "/v1/quarantine/{id}/retry", params(("id" = String, Path, description = "the quarantined file's ingest job id")), request_body = RetryRequest, responses((status = 202, description = "`{\"job_id\", \"name\", \"retry_of\"}`", body = Object), (status = 409, description = "the entry's file is gone", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/{id}/retry",
+    params(("id" = String, Path, description = "the quarantined file's ingest job id")),
+    request_body = RetryRequest,
+    responses(
+        (status = 202, description = "`{\"job_id\", \"name\", \"retry_of\"}`", body = Object),
+        (status = 409, description = "the entry's file is gone", body = ErrorBody),
+    ),
+)]
 async fn retry(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -202,7 +226,12 @@ struct DeleteRequest {
 }
 
 /// Deletes quarantined files and their entries.
-#[utoipa::path(post, path = "/v1/quarantine/delete", request_body = DeleteRequest, responses((status = 200, description = "`{\"deleted\": [id, ...]}`", body = Object)))]
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/delete",
+    request_body = DeleteRequest,
+    responses((status = 200, description = "`{\"deleted\": [id, ...]}`", body = Object)),
+)]
 async fn delete(
     access: Access,
     State(state): State<Arc<ServerState>>,

@@ -85,7 +85,12 @@ struct SaveRequest {
 }
 
 /// Saves events of a snapshot, an endpoint or a connection as evidence, with a note.
-#[utoipa::path(post, path = "/v1/evidence", request_body = SaveRequest, responses((status = 201, description = "the saved evidence", body = [Evidence])))]
+#[utoipa::path(
+    post,
+    path = "/v1/evidence",
+    request_body = SaveRequest,
+    responses((status = 201, description = "the saved evidence", body = [Evidence])),
+)]
 async fn save(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -194,7 +199,12 @@ struct ListParams {
 }
 
 /// Saved evidence the caller sees, optionally of one endpoint.
-#[utoipa::path(get, path = "/v1/evidence", params(ListParams), responses((status = 200, description = "evidence", body = [Evidence])))]
+#[utoipa::path(
+    get,
+    path = "/v1/evidence",
+    params(ListParams),
+    responses((status = 200, description = "evidence", body = [Evidence])),
+)]
 async fn list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -217,13 +227,23 @@ async fn list(
 }
 
 /// One piece of saved evidence.
-#[utoipa::path(get, path = "/v1/evidence/{id}", params(("id" = i64, Path, description = "evidence id", example = 1)), responses((status = 200, description = "the evidence", body = Evidence)))]
+#[utoipa::path(
+    get,
+    path = "/v1/evidence/{id}",
+    params(("id" = i64, Path, description = "evidence id", example = 1)),
+    responses((status = 200, description = "the evidence", body = Evidence)),
+)]
 async fn show(Scoped { target, .. }: Scoped<Evidence, View>) -> Json<Evidence> {
     Json(target)
 }
 
 /// Deletes saved evidence.
-#[utoipa::path(delete, path = "/v1/evidence/{id}", params(("id" = i64, Path, description = "evidence id", example = 1)), responses((status = 200, description = "`{\"deleted\": id}`", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/evidence/{id}",
+    params(("id" = i64, Path, description = "evidence id", example = 1)),
+    responses((status = 200, description = "`{\"deleted\": id}`", body = Object)),
+)]
 async fn delete(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Evidence, Operate>,

@@ -296,7 +296,19 @@ async fn resolve_source(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/exports", request_body = ExportRequest, responses((status = 202, description = "the export, queued", body = Export), (status = 409, description = "the source cannot be exported now (a snapshot not complete, a connection not active)", body = ErrorBody)))]
+#[utoipa::path(
+    post,
+    path = "/v1/exports",
+    request_body = ExportRequest,
+    responses(
+        (status = 202, description = "the export, queued", body = Export),
+        (
+            status = 409,
+            description = "the source cannot be exported now (a snapshot not complete, a connection not active)",
+            body = ErrorBody,
+        ),
+    ),
+)]
 async fn create(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -360,7 +372,11 @@ async fn create(
 }
 
 /// Exports the caller sees.
-#[utoipa::path(get, path = "/v1/exports", responses((status = 200, description = "exports", body = [Export])))]
+#[utoipa::path(
+    get,
+    path = "/v1/exports",
+    responses((status = 200, description = "exports", body = [Export])),
+)]
 async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
     let all = state.catalog.exports().await.map_err(ApiError::internal)?;
@@ -375,17 +391,39 @@ async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<R
 }
 
 /// One export: its state, progress and file.
-#[utoipa::path(get, path = "/v1/exports/{id}", params(("id" = i64, Path, description = "export id", example = 1)), responses((status = 200, description = "the export", body = Export)))]
+#[utoipa::path(
+    get,
+    path = "/v1/exports/{id}",
+    params(("id" = i64, Path, description = "export id", example = 1)),
+    responses((status = 200, description = "the export", body = Export)),
+)]
 async fn show(Scoped { target, .. }: Scoped<Export, View>) -> Json<Export> {
     Json(target)
 }
 
 /// A complete export's file, with `Range` for resuming.
-#[utoipa::path(get, path = "/v1/exports/{id}/file", params(("id" = i64, Path, description = "export id", example = 1), ("Range" = Option<String>, Header, description = "one byte range, for resuming")), responses(
-    (status = 200, description = "the file", content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))),
-    (status = 206, description = "the range asked for", content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"))),
-    (status = 409, description = "the export is not complete", body = ErrorBody),
-    (status = 416, description = "the range is outside the file", body = ErrorBody)))]
+#[utoipa::path(
+    get,
+    path = "/v1/exports/{id}/file",
+    params(
+        ("id" = i64, Path, description = "export id", example = 1),
+        ("Range" = Option<String>, Header, description = "one byte range, for resuming"),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "the file",
+            content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")),
+        ),
+        (
+            status = 206,
+            description = "the range asked for",
+            content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")),
+        ),
+        (status = 409, description = "the export is not complete", body = ErrorBody),
+        (status = 416, description = "the range is outside the file", body = ErrorBody),
+    ),
+)]
 async fn download(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Export, View>,
@@ -416,7 +454,12 @@ async fn download(
 }
 
 /// Deletes an export (stopping its job if it runs) and its file.
-#[utoipa::path(delete, path = "/v1/exports/{id}", params(("id" = i64, Path, description = "export id", example = 1)), responses((status = 200, description = "`{\"deleted\": id}`", body = Object)))]
+#[utoipa::path(
+    delete,
+    path = "/v1/exports/{id}",
+    params(("id" = i64, Path, description = "export id", example = 1)),
+    responses((status = 200, description = "`{\"deleted\": id}`", body = Object)),
+)]
 async fn delete(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Export, Operate>,
