@@ -128,7 +128,10 @@ async fn list_users(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 struct NewUser {
+    /// 1 to 64 letters, digits and `-_.@`, starting with a letter or digit.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", example = "alice")]
     name: String,
+    #[schema(pattern = "^(admin|operator|viewer)$", example = "operator")]
     role: String,
     #[serde(default)]
     groups: Vec<String>,
@@ -340,6 +343,7 @@ async fn revoke(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 struct NewPassword {
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
 }
 
@@ -603,6 +607,8 @@ async fn list_groups(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 struct NewGroup {
+    /// 1 to 64 letters, digits and `-_.@`, starting with a letter or digit.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", example = "web")]
     name: String,
     #[serde(flatten)]
     #[schema(inline)]

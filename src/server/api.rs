@@ -276,7 +276,7 @@ async fn show_endpoint(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 struct CaptureRequest {
-    #[schema(example = json!(["demo-01"]))]
+    #[schema(min_items = 1, example = json!(["demo-01"]))]
     hosts: Vec<String>,
 }
 
@@ -872,6 +872,11 @@ async fn delete_snapshots(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct UploadParams {
+    /// The snapshot's file name: `HOSTNAME_YYYY_MM_DDTHH.MM.SS.mmmZ.db` (UTC).
+    #[param(
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*_[0-9]{4}_[0-9]{2}_[0-9]{2}T[0-9]{2}\\.[0-9]{2}\\.[0-9]{2}\\.[0-9]{3}Z\\.db$",
+        example = "demo-01_2026_11_28T14.03.07.091Z.db"
+    )]
     name: String,
 }
 

@@ -255,7 +255,7 @@ async fn open(
 #[derive(Deserialize, utoipa::ToSchema)]
 struct ConnectRequest {
     /// Hostnames or IP addresses.
-    #[schema(example = json!(["demo-01"]))]
+    #[schema(min_items = 1, example = json!(["demo-01"]))]
     targets: Vec<String>,
 }
 
@@ -612,7 +612,8 @@ enum QueryErrors {
         (
             "type" = Option<String>,
             Query,
-            description = "event type: process, file, network, dns, image, auth, registry",
+            pattern = "^(process|file|network|dns|image|auth|registry)$",
+            description = "event type",
         ),
         (
             "where" = Option<Vec<String>>,
@@ -623,7 +624,7 @@ enum QueryErrors {
         ("since" = Option<String>, Query, description = "RFC 3339 or epoch ms"),
         ("until" = Option<String>, Query, description = "RFC 3339 or epoch ms"),
         ("sort" = Option<String>, Query, description = "a field, `-field` for descending"),
-        ("limit" = Option<String>, Query, description = "rows per page"),
+        ("limit" = Option<u32>, Query, description = "rows per page"),
         ("cursor" = Option<String>, Query, description = "the `next_cursor` of the previous page"),
     ),
     responses(
@@ -687,6 +688,8 @@ async fn summary(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct TreeParams {
+    /// A process event's `id`.
+    #[param(value_type = i64)]
     process: String,
 }
 

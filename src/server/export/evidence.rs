@@ -78,7 +78,8 @@ struct SaveRequest {
     endpoint: Option<String>,
     #[serde(default)]
     connection: Option<String>,
-    #[schema(example = json!(["process:1"]))]
+    /// Event references `TYPE:ID`.
+    #[schema(min_items = 1, example = json!(["process:1"]))]
     events: Vec<String>,
     #[serde(default)]
     note: Option<String>,

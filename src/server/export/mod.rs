@@ -182,7 +182,7 @@ pub struct ExportRequest {
     /// Export saved evidence (of `endpoint` if given, else of every endpoint the caller sees).
     #[serde(default)]
     pub evidence: bool,
-    #[schema(example = "csv")]
+    #[schema(pattern = "^(csv|jsonl|xlsx)$", example = "csv")]
     pub format: String,
     #[serde(flatten)]
     pub filters: ExportFilters,
