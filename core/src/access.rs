@@ -10,20 +10,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 /// A user's role. Ordered: every role may do what the ones before it may.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(utoipa::ToSchema)]
 pub enum Role {
     /// Finds endpoints; lists, shows and queries snapshots; views evidence; queue status.
     Viewer,

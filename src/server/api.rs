@@ -17,7 +17,7 @@ use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
-use snapq_jobs::{JobDetail, JobKind, JobState, KindStatus, ListFilter, QueueError};
+use snapq_jobs::{JobDetail, JobInfo, JobKind, JobState, KindStatus, ListFilter, QueueError};
 
 use super::ServerState;
 use super::openapi::{Binary, ErrorBody};
@@ -521,17 +521,26 @@ fn queue_error(err: QueueError) -> ApiError {
 /// Most jobs a caller who sees only some endpoints has counted or listed (the newest).
 const SCOPED_JOB_WINDOW: u32 = 10_000;
 
+/// What `GET /v1/queue/status` answers (built with `json!` below; this is its schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used
+struct QueueOverview {
+    /// Counts per job kind (of the jobs the caller sees) and this server's workers.
+    status: snapq_jobs::QueueStatus,
+    /// Running jobs (at most 100).
+    running: Vec<JobInfo>,
+    /// Running and paused fleet batches with their progress.
+    batches: Vec<super::fleet::BatchView>,
+    /// The drop folder's state: admins only, else `null`.
+    #[schema(value_type = Option<Object>)]
+    watch: serde_json::Value,
+}
+
 /// The queue at a glance: counts per job kind, running jobs, fleet batches, the drop folder.
 #[utoipa::path(
     get,
     path = "/v1/queue/status",
-    responses(
-        (
-            status = 200,
-            description = "`status` (counts per kind, local workers), `running`, `batches`, `watch`",
-            body = Object,
-        ),
-    ),
+    responses((status = 200, description = "the queue at a glance", body = QueueOverview)),
 )]
 async fn queue_status(
     access: Access,
@@ -637,7 +646,7 @@ struct ListParams {
     get,
     path = "/v1/queue/jobs",
     params(ListParams),
-    responses((status = 200, description = "jobs", body = [Object])),
+    responses((status = 200, description = "jobs", body = [JobInfo])),
 )]
 async fn queue_list(
     access: Access,
@@ -712,7 +721,7 @@ async fn queue_list(
     get,
     path = "/v1/queue/jobs/{id}",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "the job and its attempts", body = Object)),
+    responses((status = 200, description = "the job and its attempts", body = JobDetail)),
 )]
 async fn queue_show(Scoped { target: detail, .. }: Scoped<JobDetail, View>) -> Json<JobDetail> {
     Json(detail)
