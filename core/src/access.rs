@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// A user's role. Ordered: every role may do what the ones before it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(utoipa::ToSchema)]
 pub enum Role {
     /// Finds endpoints; lists, shows and queries snapshots; views evidence; queue status.
     Viewer,
@@ -131,7 +132,7 @@ impl<'a> Facts<'a> {
 }
 
 /// A computer group's rules as stored: an endpoint is a member when any one matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupRules {
     /// Hostname globs (`*`, `?`), case-insensitive.
     #[serde(default)]

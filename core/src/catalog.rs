@@ -126,7 +126,7 @@ impl Endpoint {
 }
 
 /// What an agent reports about itself on each heartbeat.
-#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+#[derive(Debug, Clone, serde::Deserialize, Serialize, utoipa::ToSchema)]
 pub struct Heartbeat {
     pub hostname: String,
     #[serde(default)]
@@ -141,7 +141,7 @@ pub struct Heartbeat {
     pub cert_sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Snapshot {
     pub id: i64,
     pub endpoint_id: i64,
@@ -186,7 +186,7 @@ impl SnapshotWithFacts {
 }
 
 /// What an ingest job came to.
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Ingest {
     pub job_id: String,
     pub origin: String,
@@ -310,6 +310,13 @@ impl Catalog {
         &self.pool
     }
 
+    /// A transaction that takes the write lock when it begins. A deferred one that reads before
+    /// it writes fails at once with "database is locked" (SQLITE_BUSY, or BUSY_SNAPSHOT in WAL
+    /// mode: the busy timeout does not apply) when another connection writes in between.
+    pub async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     // --- endpoints -------------------------------------------------------------------------
 
     /// Enrolls the agent of `hb.hostname`: binds the hostname to its certificate and `nonce` and
@@ -381,7 +388,7 @@ impl Catalog {
     /// Forgets `hostname`'s agent: its binding and address; the endpoint row goes too unless
     /// snapshots still belong to it (they stay, under an offline endpoint). `false` if unknown.
     pub async fn forget_endpoint(&self, hostname: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(
             "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL,
                 api_url = NULL, last_seen_ms = NULL
@@ -878,7 +885,7 @@ impl Catalog {
     /// Adds a user with `role` and the groups `groups` (which must exist).
     pub async fn add_user(&self, name: &str, role: Role, groups: &[String]) -> Result<UserInfo> {
         access::validate_name("user", name)?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -930,7 +937,7 @@ impl Catalog {
 
     /// Removes a user; their tokens stay as revoked rows so a later use is told why it fails.
     pub async fn remove_user(&self, name: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let bootstrap: Option<i64> = sqlx::query_scalar(
             "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
              WHERE u.name = ?1 AND t.bootstrap = 1 AND t.revoked_ms IS NULL",
@@ -992,7 +999,7 @@ impl Catalog {
 
     /// Grants `group` to user `name`; granting twice is not an error.
     pub async fn grant(&self, name: &str, group: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let user_id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE name = ?1")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -1050,7 +1057,7 @@ impl Catalog {
     /// if needed, and revokes a bootstrap token of an earlier file. Returns how many it revoked.
     pub async fn ensure_bootstrap_token(&self, token_sha256: &str, prefix: &str) -> Result<u64> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO users (name, role, created_ms) VALUES ('admin', 'admin', ?1)
              ON CONFLICT (name) DO UPDATE SET role = 'admin'",
@@ -1531,7 +1538,7 @@ impl UserRow {
 }
 
 /// A user as listings show it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UserInfo {
     pub name: String,
     pub role: Role,
@@ -1543,7 +1550,7 @@ pub struct UserInfo {
 }
 
 /// A token as listings show it; the token itself is never stored.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: i64,
     pub user: String,
@@ -1626,17 +1633,18 @@ impl GroupRow {
 }
 
 /// A computer group: its rules and the users granted it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Group {
     pub name: String,
     #[serde(flatten)]
+    #[schema(inline)]
     pub rules: GroupRules,
     pub users: Vec<String>,
     pub created_ms: i64,
 }
 
 /// One entry of the audit log.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub ts_ms: i64,

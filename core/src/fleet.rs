@@ -40,7 +40,7 @@ pub mod item {
     pub const SKIPPED: &str = "skipped";
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
 pub struct Batch {
     pub id: i64,
     pub group_name: String,
@@ -68,7 +68,7 @@ impl Batch {
     }
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
 pub struct BatchItem {
     pub batch_id: i64,
     pub endpoint_id: i64,
@@ -81,7 +81,7 @@ pub struct BatchItem {
 }
 
 /// Counts of a batch's items by state, and the bytes its finished captures stored.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct BatchTotals {
     pub total: u64,
     pub queued: u64,
@@ -104,7 +104,7 @@ pub struct NewBatch {
     pub requested_by: String,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, FromRow, utoipa::ToSchema)]
 pub struct Schedule {
     pub id: i64,
     pub name: String,
@@ -288,7 +288,7 @@ impl Catalog {
 
     /// Fixes the batch's endpoints (once: a second call after a crash changes nothing).
     pub async fn resolve_batch(&self, batch_id: i64, endpoints: &[(i64, String)]) -> Result<()> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let resolved: bool = sqlx::query_scalar("SELECT resolved FROM batches WHERE id = ?1")
             .bind(batch_id)
             .fetch_one(&mut *tx)
@@ -395,7 +395,7 @@ impl Catalog {
         endpoint_id: i64,
         requested_by: &str,
     ) -> Result<Option<i64>> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.write_tx().await?;
         let queued: Option<String> = sqlx::query_scalar(
             "SELECT state FROM batch_items WHERE batch_id = ?1 AND endpoint_id = ?2 AND state = 'queued'",
         )

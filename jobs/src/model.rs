@@ -16,7 +16,7 @@ use crate::{JobId, JobKind};
 /// | `done` | `Done` |
 /// | `failed` | `Failed` with `attempts >= max_attempts` (dead) |
 /// | `cancelled` | `Killed` |
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Pending,
@@ -84,7 +84,7 @@ impl std::str::FromStr for JobState {
 }
 
 /// Progress a handler reported with `ctx.progress(done, total, note)`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub done: u64,
     pub total: u64,
@@ -93,7 +93,7 @@ pub struct Progress {
 }
 
 /// One row of `queue.list` / the head of `queue.show`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobInfo {
     pub id: JobId,
     /// The kind (`capture`, ...), or the raw queue name for rows this build does not know.
@@ -118,7 +118,7 @@ pub struct JobInfo {
 }
 
 /// How one attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttemptOutcome {
     /// The handler returned `Ok`.
@@ -165,7 +165,7 @@ impl AttemptOutcome {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptInfo {
     /// 1-based attempt number (an interrupted run is repeated under the same number).
     pub attempt: u32,
@@ -178,15 +178,16 @@ pub struct AttemptInfo {
 }
 
 /// `queue.show(id)`: the job and every attempt, oldest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobDetail {
     #[serde(flatten)]
+    #[schema(inline)]
     pub job: JobInfo,
     pub attempt_log: Vec<AttemptInfo>,
 }
 
 /// Counts for one kind in `queue.status()`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KindStatus {
     pub kind: String,
     pub pending: u64,
@@ -201,7 +202,7 @@ pub struct KindStatus {
     pub done_last_60s: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueStatus {
     pub kinds: Vec<KindStatus>,
     /// Workers running in this process: kind and concurrency.
@@ -219,7 +220,7 @@ pub struct WorkerInfo {
     pub last_seen_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LocalWorkers {
     pub kind: JobKind,
     pub concurrency: usize,

@@ -11,12 +11,36 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use snapq_core::access::{GroupRules, Role};
-use snapq_core::catalog::{AuditFilter, CatalogError};
+use snapq_core::catalog::{AuditEntry, AuditFilter, CatalogError, Group, TokenInfo, UserInfo};
 
 use super::ServerState;
 use super::access::Access;
 use super::api::{ApiRoute, Auth};
+use super::openapi::ErrorBody;
 use crate::http::ApiError;
+
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_users,
+    add_user,
+    show_user,
+    remove_user,
+    set_role,
+    grant,
+    revoke,
+    set_password,
+    list_tokens,
+    create_token,
+    revoke_token,
+    list_groups,
+    add_group,
+    show_group,
+    remove_group,
+    audit_list,
+    whoami
+))]
+pub(super) struct Doc;
 
 pub(super) fn routes() -> Vec<ApiRoute> {
     use super::api::route as r;
@@ -87,6 +111,12 @@ async fn audited<T>(
 
 // --- users ----------------------------------------------------------------------------------
 
+/// All users with their roles and groups.
+#[utoipa::path(
+    get,
+    path = "/v1/users",
+    responses((status = 200, description = "users", body = [UserInfo])),
+)]
 async fn list_users(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -96,14 +126,27 @@ async fn list_users(
     Ok(Json(users).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewUser {
+    /// 1 to 64 letters, digits and `-_.@`, starting with a letter or digit.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", example = "alice")]
     name: String,
+    #[schema(pattern = "^(admin|operator|viewer)$", example = "operator")]
     role: String,
     #[serde(default)]
     groups: Vec<String>,
 }
 
+/// Adds a user with a role and computer groups.
+#[utoipa::path(
+    post,
+    path = "/v1/users",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "the user", body = UserInfo),
+        (status = 409, description = "a user of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -126,6 +169,13 @@ async fn add_user(
     Ok((StatusCode::CREATED, Json(user)).into_response())
 }
 
+/// A user and their tokens.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{name}",
+    params(("name" = String, Path, description = "user name")),
+    responses((status = 200, description = "`{\"user\", \"tokens\"}`", body = Object)),
+)]
 async fn show_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -151,6 +201,16 @@ async fn show_user(
     Ok(Json(serde_json::json!({ "user": user, "tokens": tokens })).into_response())
 }
 
+/// Removes a user; their tokens stop working.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{name}",
+    params(("name" = String, Path, description = "user name")),
+    responses(
+        (status = 200, description = "`{\"removed\": name}`", body = Object),
+        (status = 409, description = "the last admin cannot be removed", body = ErrorBody),
+    ),
+)]
 async fn remove_user(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -166,11 +226,22 @@ async fn remove_user(
     Ok(Json(serde_json::json!({ "removed": name })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct RoleChange {
     role: String,
 }
 
+/// Changes a user's role.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/role",
+    params(("name" = String, Path, description = "user name")),
+    request_body = RoleChange,
+    responses(
+        (status = 200, description = "`{\"user\", \"role\"}`", body = Object),
+        (status = 409, description = "the last admin cannot lose the role", body = ErrorBody),
+    ),
+)]
 async fn set_role(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -202,11 +273,19 @@ async fn set_role(
     Ok(Json(serde_json::json!({ "user": name, "role": role })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct GroupGrant {
     group: String,
 }
 
+/// Grants a user a computer group.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/groups",
+    params(("name" = String, Path, description = "user name")),
+    request_body = GroupGrant,
+    responses((status = 200, description = "`{\"user\", \"granted\"}`", body = Object)),
+)]
 async fn grant(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -230,6 +309,16 @@ async fn grant(
     Ok(Json(serde_json::json!({ "user": name, "granted": g.group })).into_response())
 }
 
+/// Revokes a computer group from a user.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{name}/groups/{group}",
+    params(
+        ("name" = String, Path, description = "user name"),
+        ("group" = String, Path, description = "computer group name"),
+    ),
+    responses((status = 200, description = "`{\"user\", \"revoked\", \"had_it\"}`", body = Object)),
+)]
 async fn revoke(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -252,8 +341,9 @@ async fn revoke(
     Ok(Json(serde_json::json!({ "user": name, "revoked": group, "had_it": had })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewPassword {
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
 }
 
@@ -261,6 +351,13 @@ struct NewPassword {
 const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 8..=1024;
 
 /// Sets a user's console password (argon2id). Admins set anyone's; a user their own.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{name}/password",
+    params(("name" = String, Path, description = "user name")),
+    request_body = NewPassword,
+    responses((status = 200, description = "`{\"user\", \"password\": \"set\"}`", body = Object)),
+)]
 async fn set_password(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -317,12 +414,19 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 
 // --- tokens ---------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TokenParams {
     user: Option<String>,
 }
 
 /// A user's own tokens; an admin's view of everyone's (or one user's).
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    params(TokenParams),
+    responses((status = 200, description = "tokens (never their secrets)", body = [TokenInfo])),
+)]
 async fn list_tokens(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -350,7 +454,7 @@ async fn list_tokens(
     Ok(Json(tokens).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewToken {
     user: Option<String>,
     label: Option<String>,
@@ -361,6 +465,18 @@ struct NewToken {
 const MAX_TOKEN_SECS: u64 = 10 * 366 * 24 * 3600;
 
 /// Makes a token and answers it once; only its sha256 and prefix are kept.
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    request_body = NewToken,
+    responses(
+        (
+            status = 201,
+            description = "`{\"token\", \"info\"}`: the token, shown this once",
+            body = Object,
+        ),
+    ),
+)]
 async fn create_token(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -409,6 +525,12 @@ async fn create_token(
 
 /// Revokes a token: one's own, or (admins) anyone's. Someone else's token is, to a non-admin,
 /// a token that does not exist.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    params(("id" = i64, Path, description = "token id")),
+    responses((status = 200, description = "the revoked token's id", body = Object)),
+)]
 async fn revoke_token(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -450,6 +572,12 @@ async fn revoke_token(
 
 // --- computer groups ------------------------------------------------------------------------
 
+/// Computer groups with their rules and member counts.
+#[utoipa::path(
+    get,
+    path = "/v1/groups",
+    responses((status = 200, description = "groups", body = [Object])),
+)]
 async fn list_groups(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -477,13 +605,26 @@ async fn list_groups(
     Ok(Json(listed).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewGroup {
+    /// 1 to 64 letters, digits and `-_.@`, starting with a letter or digit.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", example = "web")]
     name: String,
     #[serde(flatten)]
+    #[schema(inline)]
     rules: GroupRules,
 }
 
+/// Adds a computer group: hostname globs, networks, labels and fixed members.
+#[utoipa::path(
+    post,
+    path = "/v1/groups",
+    request_body = NewGroup,
+    responses(
+        (status = 201, description = "the group", body = Group),
+        (status = 409, description = "a group of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -500,6 +641,12 @@ async fn add_group(
 }
 
 /// A group with its members now.
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "computer group name")),
+    responses((status = 200, description = "`{\"group\", \"members\"}`", body = Object)),
+)]
 async fn show_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -528,6 +675,13 @@ async fn show_group(
     Ok(Json(serde_json::json!({ "group": group, "members": members })).into_response())
 }
 
+/// Removes a computer group; users lose it.
+#[utoipa::path(
+    delete,
+    path = "/v1/groups/{name}",
+    params(("name" = String, Path, description = "computer group name")),
+    responses((status = 200, description = "`{\"removed\": name}`", body = Object)),
+)]
 async fn remove_group(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -545,7 +699,8 @@ async fn remove_group(
 
 // --- audit ----------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
     since_ms: Option<i64>,
     user: Option<String>,
@@ -553,6 +708,13 @@ struct AuditParams {
     limit: Option<u32>,
 }
 
+/// The audit log, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    params(AuditParams),
+    responses((status = 200, description = "audit entries", body = [AuditEntry])),
+)]
 async fn audit_list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -574,6 +736,17 @@ async fn audit_list(
 
 /// Who the caller is and what the server is like, for `snapq doctor` and scripts: name, role,
 /// groups, the token's expiry, the server's version and clock, and its free disk.
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    responses(
+        (
+            status = 200,
+            description = "`user`, `role`, `groups`, `token`, `server` (version, time, free disk)",
+            body = Object,
+        ),
+    ),
+)]
 async fn whoami(
     access: Access,
     State(state): State<Arc<ServerState>>,

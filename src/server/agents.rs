@@ -27,6 +27,11 @@ use crate::http::{ApiError, bearer, same_secret};
 /// Who the audit log names for requests an agent (not a user) makes.
 const AGENT_ACTOR: &str = "agent";
 
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(heartbeat, rekey, forget, rotate_enroll_token))]
+pub(super) struct Doc;
+
 /// `POST /v1/agents/heartbeat`, authenticated by its own rules (enroll token or credential), and
 /// the admin routes, which sit behind the user check like every other user route.
 pub(super) fn routes() -> Vec<ApiRoute> {
@@ -75,6 +80,19 @@ fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// An agent's heartbeat: its facts, and its enrollment the first time (with the enroll token).
+#[utoipa::path(
+    post,
+    path = "/v1/agents/heartbeat",
+    request_body = Heartbeat,
+    responses(
+        (
+            status = 200,
+            description = "`{\"endpoint_id\"}`; at enrollment also the agent's `credential`",
+            body = Object,
+        ),
+    ),
+)]
 async fn heartbeat(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
@@ -216,6 +234,12 @@ fn stale_credential(host: &str) -> ApiError {
 }
 
 /// `POST /v1/endpoints/{host}/rekey`: the next enrollment of `host` binds a new agent.
+#[utoipa::path(
+    post,
+    path = "/v1/endpoints/{host}/rekey",
+    params(("host" = String, Path, description = "the endpoint's hostname", example = "demo-01")),
+    responses((status = 200, description = "`{\"rekeyed\": host}`", body = Object)),
+)]
 async fn rekey(
     State(state): State<Arc<ServerState>>,
     access: Access,
@@ -244,6 +268,12 @@ async fn rekey(
 
 /// `POST /v1/endpoints/{host}/forget`: drops the agent's binding and address (and the endpoint,
 /// unless snapshots belong to it).
+#[utoipa::path(
+    post,
+    path = "/v1/endpoints/{host}/forget",
+    params(("host" = String, Path, description = "the endpoint's hostname", example = "demo-01")),
+    responses((status = 200, description = "`{\"forgotten\": host}`", body = Object)),
+)]
 async fn forget(
     State(state): State<Arc<ServerState>>,
     access: Access,
@@ -278,6 +308,13 @@ fn unknown_endpoint(host: &str) -> ApiError {
 
 /// `POST /v1/enroll-token/rotate`: a new enroll secret (same certificate pin) in `enroll.token`;
 /// enrolled agents keep working with their credentials.
+#[utoipa::path(
+    post,
+    path = "/v1/enroll-token/rotate",
+    responses(
+        (status = 200, description = "`{\"enroll_token\"}`: the new enroll token", body = Object),
+    ),
+)]
 async fn rotate_enroll_token(
     State(state): State<Arc<ServerState>>,
     access: Access,

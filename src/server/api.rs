@@ -17,9 +17,12 @@ use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
-use snapq_jobs::{JobDetail, JobKind, JobState, KindStatus, ListFilter, QueueError, QueueStatus};
+use snapq_jobs::{
+    JobDetail, JobInfo, JobKind, JobState, KindStatus, ListFilter, QueueError, QueueStatus,
+};
 
 use super::ServerState;
+use super::openapi::{Binary, ErrorBody};
 use crate::http::ApiError;
 
 pub use super::access::Caller;
@@ -63,6 +66,12 @@ pub fn routes() -> Vec<ApiRoute> {
     let mut routes = vec![
         route(Method::GET, "/status", Public, status),
         route(Method::GET, "/metrics", User, super::metrics::scrape),
+        route(
+            Method::GET,
+            "/v1/openapi.json",
+            Public,
+            super::openapi::serve,
+        ),
         route(Method::GET, "/v1/endpoints", User, list_endpoints),
         route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
         route(Method::POST, "/v1/captures", User, capture),
@@ -102,6 +111,27 @@ pub fn route_list() -> Vec<(Method, &'static str)> {
     routes().into_iter().map(|r| (r.method, r.path)).collect()
 }
 
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    status,
+    list_endpoints,
+    show_endpoint,
+    capture,
+    list_snapshots,
+    show_snapshot,
+    download_snapshot,
+    delete_snapshots,
+    upload,
+    show_ingest,
+    queue_status,
+    queue_list,
+    queue_show,
+    queue_retry,
+    queue_cancel
+))]
+pub(super) struct Doc;
+
 pub fn router(state: Arc<ServerState>) -> Router {
     let (mut public, mut agent, mut user) = (Router::new(), Router::new(), Router::new());
     for r in routes() {
@@ -130,6 +160,12 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .with_state(state)
 }
 
+/// Liveness: the service name and version; needs no token.
+#[utoipa::path(
+    get,
+    path = "/status",
+    responses((status = 200, description = "the server is up", body = Object)),
+)]
 async fn status() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "service": "snapq",
@@ -139,7 +175,7 @@ async fn status() -> Json<serde_json::Value> {
 }
 
 /// An endpoint as listings show it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EndpointView {
     pub hostname: String,
     pub ips: Vec<String>,
@@ -171,12 +207,20 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SearchParams {
     #[serde(default)]
     search: String,
 }
 
+/// Endpoints the caller sees, optionally filtered by a search text (hostname or IP, as typed).
+#[utoipa::path(
+    get,
+    path = "/v1/endpoints",
+    params(SearchParams),
+    responses((status = 200, description = "matching endpoints", body = [EndpointView])),
+)]
 async fn list_endpoints(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -198,6 +242,18 @@ async fn list_endpoints(
 
 /// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk
 /// numbers a capture confirmation shows.
+#[utoipa::path(
+    get,
+    path = "/v1/endpoints/{host}",
+    params(("host" = String, Path, description = "the endpoint's hostname", example = "demo-01")),
+    responses(
+        (
+            status = 200,
+            description = "`endpoint` (as listings show it), `live` (the agent's facts, `null` without an agent, or `{\"error\": ...}`), `server_free_bytes`, `capture_reserve_bytes`, `reserved_by_captures`",
+            body = Object,
+        ),
+    ),
+)]
 async fn show_endpoint(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -223,12 +279,13 @@ async fn show_endpoint(
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct CaptureRequest {
+    #[schema(min_items = 1, example = json!(["demo-01"]))]
     hosts: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CaptureQueued {
     pub hostname: String,
     pub snapshot_id: i64,
@@ -237,6 +294,12 @@ pub struct CaptureQueued {
 
 /// `POST /v1/captures {"hosts": [...]}`: one snapshot row and one capture job per host. Unknown
 /// hosts (and hosts outside the caller's groups) fail the whole request before anything is queued.
+#[utoipa::path(
+    post,
+    path = "/v1/captures",
+    request_body = CaptureRequest,
+    responses((status = 202, description = "one queued capture per host", body = [CaptureQueued])),
+)]
 async fn capture(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -299,19 +362,30 @@ pub(super) async fn enqueue_capture(
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SnapshotParams {
     endpoint: Option<String>,
 }
 
 /// Snapshots grouped by endpoint, each group with its number of captures.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotGroup {
     pub hostname: String,
     pub captures: usize,
+    #[schema(value_type = Vec<Snapshot>)]
     pub snapshots: Vec<serde_json::Value>,
 }
 
+/// Snapshots grouped by endpoint.
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots",
+    params(SnapshotParams),
+    responses(
+        (status = 200, description = "snapshots grouped by endpoint", body = [SnapshotGroup]),
+    ),
+)]
 async fn list_snapshots(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -355,7 +429,7 @@ async fn list_snapshots(
 
 /// A snapshot as `GET /v1/snapshots/{id}` shows it: with its keep mark (a kept snapshot is never
 /// pruned by a schedule's keep rule).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct SnapshotView {
     #[serde(flatten)]
     snapshot: Snapshot,
@@ -364,6 +438,13 @@ struct SnapshotView {
     kept_ms: Option<i64>,
 }
 
+/// One snapshot's catalog row, with its keep mark.
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots/{id}",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses((status = 200, description = "the snapshot", body = SnapshotView)),
+)]
 async fn show_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { target: snap, .. }: Scoped<Snapshot, View>,
@@ -382,6 +463,34 @@ async fn show_snapshot(
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots/{id}/file",
+    params(
+        ("id" = i64, Path, description = "snapshot id", example = 1),
+        (
+            "Range" = Option<String>,
+            Header,
+            description = "`bytes=A-B`, `A-` or `-N`: one byte range, for resuming",
+        ),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "the whole file",
+            content_type = "application/vnd.sqlite3",
+            body = Binary,
+        ),
+        (
+            status = 206,
+            description = "the range asked for",
+            content_type = "application/vnd.sqlite3",
+            body = Binary,
+        ),
+        (status = 409, description = "the snapshot is not complete", body = ErrorBody),
+        (status = 416, description = "the range is outside the file", body = ErrorBody),
+    ),
+)]
 async fn download_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { target: snap, .. }: Scoped<Snapshot, View>,
@@ -453,6 +562,27 @@ pub(super) async fn served_queue_status(state: &ServerState) -> Result<QueueStat
     Ok(status)
 }
 
+/// What `GET /v1/queue/status` answers (built with `json!` below; this is its schema).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used
+struct QueueOverview {
+    /// Counts per job kind (of the jobs the caller sees) and this server's workers.
+    status: snapq_jobs::QueueStatus,
+    /// Running jobs (at most 100).
+    running: Vec<JobInfo>,
+    /// Running and paused fleet batches with their progress.
+    batches: Vec<super::fleet::BatchView>,
+    /// The drop folder's state: admins only, else `null`.
+    #[schema(value_type = Option<Object>)]
+    watch: serde_json::Value,
+}
+
+/// The queue at a glance: counts per job kind, running jobs, fleet batches, the drop folder.
+#[utoipa::path(
+    get,
+    path = "/v1/queue/status",
+    responses((status = 200, description = "the queue at a glance", body = QueueOverview)),
+)]
 async fn queue_status(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -535,7 +665,8 @@ async fn queue_status(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
     state: Option<String>,
     kind: Option<String>,
@@ -544,6 +675,13 @@ struct ListParams {
     batch: Option<String>,
 }
 
+/// Jobs the caller sees, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/queue/jobs",
+    params(ListParams),
+    responses((status = 200, description = "jobs", body = [JobInfo])),
+)]
 async fn queue_list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -612,10 +750,27 @@ async fn queue_list(
     Ok(Json(jobs).into_response())
 }
 
+/// One job with its attempts.
+#[utoipa::path(
+    get,
+    path = "/v1/queue/jobs/{id}",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the job and its attempts", body = JobDetail)),
+)]
 async fn queue_show(Scoped { target: detail, .. }: Scoped<JobDetail, View>) -> Json<JobDetail> {
     Json(detail)
 }
 
+/// Runs a failed or cancelled job again.
+#[utoipa::path(
+    post,
+    path = "/v1/queue/jobs/{id}/retry",
+    params(("id" = String, Path, description = "job id")),
+    responses(
+        (status = 200, description = "`{\"retried\": id}`", body = Object),
+        (status = 409, description = "the job is not failed or cancelled", body = ErrorBody),
+    ),
+)]
 async fn queue_retry(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
@@ -635,6 +790,16 @@ async fn queue_retry(
     Ok(Json(serde_json::json!({ "retried": id })).into_response())
 }
 
+/// Cancels a pending, retrying or running job.
+#[utoipa::path(
+    post,
+    path = "/v1/queue/jobs/{id}/cancel",
+    params(("id" = String, Path, description = "job id")),
+    responses(
+        (status = 200, description = "`{\"cancelled\": id, \"outcome\": ...}`", body = Object),
+        (status = 409, description = "the job has already ended", body = ErrorBody),
+    ),
+)]
 async fn queue_cancel(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<JobDetail, Operate>,
@@ -657,7 +822,7 @@ async fn queue_cancel(
     )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct DeleteRequest {
     #[serde(default)]
     ids: Vec<i64>,
@@ -667,6 +832,18 @@ struct DeleteRequest {
 /// `POST /v1/snapshots/delete {"ids": [...]}` or `{"endpoint": "HOST"}`: one delete job per
 /// snapshot. Unknown ids (and ids outside the caller's groups) fail the whole request before
 /// anything is queued.
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/delete",
+    request_body = DeleteRequest,
+    responses(
+        (
+            status = 202,
+            description = "one queued delete job per snapshot: `[{\"snapshot_id\", \"job_id\"}]`",
+            body = [Object],
+        ),
+    ),
+)]
 async fn delete_snapshots(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -735,14 +912,35 @@ async fn delete_snapshots(
     Ok((StatusCode::ACCEPTED, Json(queued)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct UploadParams {
+    /// The snapshot's file name: `HOSTNAME_YYYY_MM_DDTHH.MM.SS.mmmZ.db` (UTC).
+    #[param(
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*_[0-9]{4}_[0-9]{2}_[0-9]{2}T[0-9]{2}\\.[0-9]{2}\\.[0-9]{2}\\.[0-9]{3}Z\\.db$",
+        example = "demo-01_2026_11_28T14.03.07.091Z.db"
+    )]
     name: String,
 }
 
 /// `POST /v1/uploads?name=FILE` with the file as the body: spooled to `incoming/` under a temporary
 /// name while the size limit is enforced, then handed to an ingest job. The endpoint the name
 /// carries must be in the caller's groups (it need not exist yet).
+#[utoipa::path(
+    post,
+    path = "/v1/uploads",
+    params(UploadParams),
+    request_body(content = Binary, content_type = "application/octet-stream", description = "the snapshot file"),
+    responses(
+        (
+            status = 202,
+            description = "`{\"job_id\", \"name\", \"bytes\"}`: the ingest job",
+            body = Object,
+        ),
+        (status = 413, description = "larger than the upload limit", body = ErrorBody),
+        (status = 507, description = "not enough free disk", body = ErrorBody),
+    ),
+)]
 async fn upload(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -902,6 +1100,13 @@ fn drain_briefly(mut stream: axum::body::BodyDataStream) {
     });
 }
 
+/// An upload's or a dropped file's ingest: its state and outcome.
+#[utoipa::path(
+    get,
+    path = "/v1/ingests/{job_id}",
+    params(("job_id" = String, Path, description = "the ingest job's id")),
+    responses((status = 200, description = "the ingest", body = Ingest)),
+)]
 async fn show_ingest(Scoped { target: ingest, .. }: Scoped<Ingest, View>) -> Json<Ingest> {
     Json(ingest)
 }

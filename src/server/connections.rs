@@ -31,6 +31,7 @@ use super::ServerState;
 use super::access::{Access, Operate, Scoped, View};
 use super::api::{ApiRoute, Auth, route};
 use super::events::{self, EventsError, Source};
+use super::openapi::ErrorBody;
 use crate::agent::api::EventParams;
 use crate::http::ApiError;
 
@@ -58,7 +59,7 @@ impl Status {
 }
 
 /// A connection as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConnectionView {
     pub id: i64,
     pub endpoint: String,
@@ -111,6 +112,22 @@ fn source_of(row: &ConnectionRow) -> Result<Source, ApiError> {
 fn idle_ms(state: &ServerState) -> i64 {
     state.config.connection_idle.as_millis() as i64
 }
+
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list,
+    connect,
+    show,
+    close,
+    reconnect,
+    events,
+    summary,
+    tree,
+    capture,
+    open_snapshot
+))]
+pub(super) struct Doc;
 
 pub fn routes() -> Vec<ApiRoute> {
     use Auth::User;
@@ -235,15 +252,28 @@ async fn open(
     view(state, &row)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ConnectRequest {
     /// Hostnames or IP addresses.
+    #[schema(min_items = 1, example = json!(["demo-01"]))]
     targets: Vec<String>,
 }
 
 /// `POST /v1/connections {"targets": ["web-01", "10.0.0.5"]}`: one connection per endpoint,
 /// each `active` or `failed_to_connect` with its reason. Unknown targets (and endpoints outside
 /// the caller's groups) fail the whole request before anything connects.
+#[utoipa::path(
+    post,
+    path = "/v1/connections",
+    request_body = ConnectRequest,
+    responses(
+        (
+            status = 201,
+            description = "one connection per endpoint, `active` or `failed_to_connect` with its reason",
+            body = [ConnectionView],
+        ),
+    ),
+)]
 async fn connect(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -295,6 +325,15 @@ async fn resolve_host(state: &ServerState, target: &str) -> Result<String, ApiEr
 }
 
 /// `POST /v1/snapshots/{id}/connect`: opens a stored snapshot for analysis (Upload & Connect).
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/{id}/connect",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses(
+        (status = 201, description = "the connection to the snapshot", body = ConnectionView),
+        (status = 409, description = "the snapshot is not complete", body = ErrorBody),
+    ),
+)]
 async fn open_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -323,6 +362,12 @@ async fn open_snapshot(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+/// The caller's visible connections (an idle active one shows as timed out).
+#[utoipa::path(
+    get,
+    path = "/v1/connections",
+    responses((status = 200, description = "connections", body = [ConnectionView])),
+)]
 async fn list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -377,6 +422,13 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+/// One connection.
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{id}",
+    params(("id" = i64, Path, description = "connection id", example = 1)),
+    responses((status = 200, description = "the connection", body = ConnectionView)),
+)]
 async fn show(
     State(state): State<Arc<ServerState>>,
     Scoped { target: row, .. }: Scoped<ConnectionRow, View>,
@@ -386,6 +438,12 @@ async fn show(
 }
 
 /// `DELETE /v1/connections/{id}`: closes it; it leaves the list.
+#[utoipa::path(
+    delete,
+    path = "/v1/connections/{id}",
+    params(("id" = i64, Path, description = "connection id", example = 1)),
+    responses((status = 200, description = "the closed connection", body = ConnectionView)),
+)]
 async fn close(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -426,6 +484,18 @@ async fn close(
 }
 
 /// `POST /v1/connections/{id}/reconnect`: tries the stored target again.
+#[utoipa::path(
+    post,
+    path = "/v1/connections/{id}/reconnect",
+    params(("id" = i64, Path, description = "connection id", example = 1)),
+    responses(
+        (
+            status = 200,
+            description = "the connection, `active` or `failed_to_connect`",
+            body = ConnectionView,
+        ),
+    ),
+)]
 async fn reconnect(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -521,7 +591,51 @@ pub(super) async fn engine_error(
     e.into()
 }
 
+/// How a query through a connection fails beyond a bad request.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its responses are used: `usable` and `engine_error` answer them
+enum QueryErrors {
+    #[response(status = 409, description = "the connection is not active (reconnect)")]
+    NotActive(ErrorBody),
+    #[response(status = 502, description = "the endpoint's agent did not answer")]
+    AgentSilent(ErrorBody),
+    #[response(status = 504, description = "the query ran out of its time budget")]
+    OverBudget(ErrorBody),
+}
+
 /// `GET /v1/connections/{id}/events?type=…&where=…&any=…&since=…&until=…&sort=…&limit=…&cursor=…`
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{id}/events",
+    params(
+        ("id" = i64, Path, description = "connection id", example = 1),
+        (
+            "type" = Option<String>,
+            Query,
+            pattern = "^(process|file|network|dns|image|auth|registry)$",
+            description = "event type",
+        ),
+        (
+            "where" = Option<Vec<String>>,
+            Query,
+            description = "a condition `FIELD OP VALUE` (repeatable; ANDed unless `any`)",
+        ),
+        ("any" = Option<bool>, Query, description = "OR the conditions instead"),
+        ("since" = Option<String>, Query, description = "RFC 3339 or epoch ms"),
+        ("until" = Option<String>, Query, description = "RFC 3339 or epoch ms"),
+        ("sort" = Option<String>, Query, description = "a field, `-field` for descending"),
+        ("limit" = Option<u32>, Query, description = "rows per page"),
+        ("cursor" = Option<String>, Query, description = "the `next_cursor` of the previous page"),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "one page of events and the cursor of the next",
+            body = Object,
+        ),
+        QueryErrors,
+    ),
+)]
 async fn events(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -547,6 +661,15 @@ async fn events(
 }
 
 /// `GET /v1/connections/{id}/summary`: counts per type and the time range.
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{id}/summary",
+    params(("id" = i64, Path, description = "connection id", example = 1)),
+    responses(
+        (status = 200, description = "counts per event type and the time range", body = Object),
+        QueryErrors,
+    ),
+)]
 async fn summary(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -562,12 +685,24 @@ async fn summary(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TreeParams {
+    /// A process event's `id`.
+    #[param(value_type = i64)]
     process: String,
 }
 
 /// `GET /v1/connections/{id}/tree?process=ID`: the process's parent chain and children.
+#[utoipa::path(
+    get,
+    path = "/v1/connections/{id}/tree",
+    params(("id" = i64, Path, description = "connection id", example = 1), TreeParams),
+    responses(
+        (status = 200, description = "the process's parent chain and children", body = Object),
+        QueryErrors,
+    ),
+)]
 async fn tree(
     State(state): State<Arc<ServerState>>,
     Scoped {
@@ -592,6 +727,19 @@ async fn tree(
 
 /// `POST /v1/connections/{id}/capture`: queues a capture of the connected endpoint through the
 /// capture job.
+#[utoipa::path(
+    post,
+    path = "/v1/connections/{id}/capture",
+    params(("id" = i64, Path, description = "connection id", example = 1)),
+    responses(
+        (status = 202, description = "the queued capture", body = super::api::CaptureQueued),
+        (
+            status = 409,
+            description = "the connection is not active, or is to a snapshot",
+            body = ErrorBody,
+        ),
+    ),
+)]
 async fn capture(
     State(state): State<Arc<ServerState>>,
     Scoped {

@@ -40,7 +40,7 @@ const PROGRESS_STEPS: i32 = 20_000;
 
 /// What a connection queries: an endpoint's live recorder database or a stored snapshot. It is
 /// what a connection row stores as its target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
     Endpoint { hostname: String },

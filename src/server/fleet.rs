@@ -34,12 +34,34 @@ use snapq_jobs::{EnqueueOptions, JobId, JobKind, JobState};
 use super::ServerState;
 use super::access::{Access, Operate, Scoped, View};
 use super::api::{ApiRoute, Auth};
+use super::openapi::ErrorBody;
 use crate::http::ApiError;
 
 /// A batch's default expiry, and a schedule's.
 pub const DEFAULT_EXPIRE_SECS: u64 = 3600;
 /// A batch's default concurrency.
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 16;
+
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_batches,
+    create_batch,
+    show_batch,
+    pause_batch,
+    resume_batch,
+    cancel_batch,
+    list_schedules,
+    add_schedule,
+    show_schedule,
+    remove_schedule,
+    pause_schedule,
+    resume_schedule,
+    run_schedule,
+    keep_snapshot,
+    unkeep_snapshot
+))]
+pub(super) struct Doc;
 
 pub(super) fn routes() -> Vec<ApiRoute> {
     use super::api::route as r;
@@ -99,9 +121,10 @@ pub(super) fn routes() -> Vec<ApiRoute> {
 }
 
 /// A batch as listings and `fleet show` print it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchView {
     #[serde(flatten)]
+    #[schema(inline)]
     pub batch: Batch,
     pub totals: BatchTotals,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,13 +177,21 @@ pub(super) async fn visible_batches(
     Ok(out)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct BatchListParams {
     #[serde(default)]
     active: bool,
     limit: Option<u32>,
 }
 
+/// Fleet batches the caller sees, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/fleet/batches",
+    params(BatchListParams),
+    responses((status = 200, description = "batches with their totals", body = [BatchView])),
+)]
 async fn list_batches(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -171,8 +202,9 @@ async fn list_batches(
     Ok(Json(list).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct BatchRequest {
+    #[schema(example = "demo")]
     group: String,
     max_concurrency: Option<u32>,
     expire_secs: Option<u64>,
@@ -206,6 +238,14 @@ fn batch_knobs(
 }
 
 /// `POST /v1/fleet/batches {"group": G, ...}`: a batch of every endpoint of G now.
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches",
+    request_body = BatchRequest,
+    responses(
+        (status = 202, description = "`{\"batch_id\", \"job_id\", \"group\"}`", body = Object),
+    ),
+)]
 async fn create_batch(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -307,6 +347,13 @@ pub(super) async fn recover_batches(state: &ServerState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A batch with its totals and items.
+#[utoipa::path(
+    get,
+    path = "/v1/fleet/batches/{id}",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses((status = 200, description = "the batch with its items", body = BatchView)),
+)]
 async fn show_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Batch, View>,
@@ -318,6 +365,25 @@ fn conflict(message: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, message)
 }
 
+/// A batch action on a batch in a state it does not apply to (`batch_action`).
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 409,
+    description = "the batch is not in a state this action applies to"
+)]
+#[allow(dead_code)] // only its response is used
+struct StateConflict(ErrorBody);
+
+/// Pauses a running batch: no new captures start.
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/pause",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn pause_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -335,6 +401,16 @@ async fn pause_batch(
     batch_action(&state, &access, &target, "pause", done).await
 }
 
+/// Resumes a paused batch.
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/resume",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn resume_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -347,6 +423,16 @@ async fn resume_batch(
     batch_action(&state, &access, &target, "resume", done).await
 }
 
+/// Cancels a running or paused batch and its pending captures.
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/batches/{id}/cancel",
+    params(("id" = i64, Path, description = "batch id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"batch_id\", \"action\"}`", body = Object),
+        StateConflict,
+    ),
+)]
 async fn cancel_batch(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Batch, Operate>,
@@ -405,9 +491,10 @@ async fn batch_action(
 // --- schedules -----------------------------------------------------------------------------------
 
 /// A schedule as listings show it: its next tick in its zone and in UTC, its last batch.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleView {
     #[serde(flatten)]
+    #[schema(inline)]
     pub schedule: Schedule,
     pub next_run_utc: Option<String>,
     pub next_run_local: Option<String>,
@@ -433,6 +520,12 @@ async fn schedule_view(state: &ServerState, s: Schedule) -> Result<ScheduleView,
     })
 }
 
+/// Schedules the caller sees, with their next run and last batch.
+#[utoipa::path(
+    get,
+    path = "/v1/schedules",
+    responses((status = 200, description = "schedules", body = [ScheduleView])),
+)]
 async fn list_schedules(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -452,11 +545,15 @@ async fn list_schedules(
     Ok(Json(out).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct ScheduleRequest {
+    #[schema(example = "nightly")]
     name: String,
+    #[schema(example = "0 2 * * *")]
     cron: String,
+    #[schema(example = "UTC")]
     tz: Option<String>,
+    #[schema(example = "demo")]
     group: String,
     max_concurrency: Option<u32>,
     expire_secs: Option<u64>,
@@ -465,6 +562,16 @@ struct ScheduleRequest {
     keep_days: Option<u32>,
 }
 
+/// Adds a schedule: a cron expression in a time zone, a computer group, the batch knobs and retention.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules",
+    request_body = ScheduleRequest,
+    responses(
+        (status = 201, description = "the schedule", body = ScheduleView),
+        (status = 409, description = "a schedule of that name exists", body = ErrorBody),
+    ),
+)]
 async fn add_schedule(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -533,6 +640,13 @@ async fn add_schedule(
         .into_response())
 }
 
+/// A schedule and its recent batches.
+#[utoipa::path(
+    get,
+    path = "/v1/schedules/{name}",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"batches\"}`", body = Object)),
+)]
 async fn show_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Schedule, View>,
@@ -546,6 +660,13 @@ async fn show_schedule(
     Ok(Json(serde_json::json!({ "schedule": view, "batches": batches })).into_response())
 }
 
+/// Removes a schedule; its batches stay.
+#[utoipa::path(
+    delete,
+    path = "/v1/schedules/{name}",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"removed\": name}`", body = Object)),
+)]
 async fn remove_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -567,6 +688,13 @@ async fn remove_schedule(
     Ok(Json(serde_json::json!({ "removed": target.name })).into_response())
 }
 
+/// Pauses a schedule: its ticks are skipped.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/pause",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)),
+)]
 async fn pause_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -574,6 +702,13 @@ async fn pause_schedule(
     set_paused(&state, &access, &target, true).await
 }
 
+/// Resumes a paused schedule.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/resume",
+    params(("name" = String, Path, description = "schedule name")),
+    responses((status = 200, description = "`{\"schedule\", \"paused\"}`", body = Object)),
+)]
 async fn resume_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -614,6 +749,18 @@ async fn set_paused(
 }
 
 /// `POST /v1/schedules/{name}/run`: a tick now.
+#[utoipa::path(
+    post,
+    path = "/v1/schedules/{name}/run",
+    params(("name" = String, Path, description = "schedule name")),
+    responses(
+        (
+            status = 202,
+            description = "the tick's batch (`skipped` while the previous one runs; `null` when this tick already has one)",
+            body = Option<Batch>,
+        ),
+    ),
+)]
 async fn run_schedule(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Schedule, Operate>,
@@ -750,6 +897,15 @@ async fn scheduler_pass(state: &ServerState) -> Result<(), ApiError> {
 
 // --- keep ----------------------------------------------------------------------------------------
 
+/// Keeps a snapshot: retention never deletes it.
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/{id}/keep",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object),
+    ),
+)]
 async fn keep_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Snapshot, Operate>,
@@ -757,6 +913,15 @@ async fn keep_snapshot(
     set_keep(&state, &access, &target, true).await
 }
 
+/// Lets retention delete a kept snapshot again.
+#[utoipa::path(
+    post,
+    path = "/v1/snapshots/{id}/unkeep",
+    params(("id" = i64, Path, description = "snapshot id", example = 1)),
+    responses(
+        (status = 200, description = "`{\"snapshot_id\", \"keep\", \"changed\"}`", body = Object),
+    ),
+)]
 async fn unkeep_snapshot(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Snapshot, Operate>,

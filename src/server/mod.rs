@@ -15,6 +15,7 @@ pub mod events;
 pub mod export;
 pub mod fleet;
 pub mod metrics;
+pub mod openapi;
 pub mod quarantine;
 
 use std::net::SocketAddr;

@@ -28,7 +28,13 @@ use snapq_core::access::Role;
 use super::ServerState;
 use super::access::{Access, Scoped, View};
 use super::api::{ApiRoute, Auth};
+use super::openapi::ErrorBody;
 use crate::http::ApiError;
+
+/// The OpenAPI description of this module's routes (assembled in [`super::openapi`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, show, retry, delete))]
+pub(super) struct Doc;
 
 /// The quarantine's routes, scoped like every user route: an entry belongs to the endpoint its
 /// file name names (one whose name names none is an admin's only).
@@ -62,6 +68,18 @@ fn entry_json(ingest: &Ingest) -> serde_json::Value {
     })
 }
 
+/// Quarantined files the caller sees.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine",
+    responses(
+        (
+            status = 200,
+            description = "quarantined files: `id`, `name`, `origin`, `size`, `reason`, `quarantined_ms`, `requested_by`, `path`",
+            body = [Object],
+        ),
+    ),
+)]
 async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
     let entries = state
@@ -96,6 +114,13 @@ async fn entry_or_404(access: &Access, id: &str, need: Role) -> Result<Ingest, A
     }
 }
 
+/// One quarantined file, with the full rejection written beside it.
+#[utoipa::path(
+    get,
+    path = "/v1/quarantine/{id}",
+    params(("id" = String, Path, description = "the quarantined file's ingest job id")),
+    responses((status = 200, description = "the entry and its `rejection`", body = Object)),
+)]
 async fn show(
     Scoped { target: entry, .. }: Scoped<Ingest, View>,
     Path(id): Path<String>,
@@ -116,13 +141,24 @@ async fn show(
     Ok(Json(json).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 struct RetryRequest {
     /// Ingest it under this snapshot name instead (a fixed name).
     #[serde(default, rename = "as")]
     as_name: Option<String>,
 }
 
+/// Ingests a quarantined file again, optionally under another snapshot name.
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/{id}/retry",
+    params(("id" = String, Path, description = "the quarantined file's ingest job id")),
+    request_body = RetryRequest,
+    responses(
+        (status = 202, description = "`{\"job_id\", \"name\", \"retry_of\"}`", body = Object),
+        (status = 409, description = "the entry's file is gone", body = ErrorBody),
+    ),
+)]
 async fn retry(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -183,11 +219,19 @@ async fn retry(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = QuarantineDeleteRequest)]
 struct DeleteRequest {
     ids: Vec<String>,
 }
 
+/// Deletes quarantined files and their entries.
+#[utoipa::path(
+    post,
+    path = "/v1/quarantine/delete",
+    request_body = DeleteRequest,
+    responses((status = 200, description = "`{\"deleted\": [id, ...]}`", body = Object)),
+)]
 async fn delete(
     access: Access,
     State(state): State<Arc<ServerState>>,

@@ -317,6 +317,7 @@ const ADMIN: [Expect; 8] = [A, F, F, F, F, X, X, X];
 fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
     vec![
         ("GET", "/status", [S(200); 8]),
+        ("GET", "/v1/openapi.json", [S(200); 8]),
         ("POST", "/v1/agents/heartbeat", [X; 8]),
         ("GET", "/v1/endpoints", EVERYONE),
         ("GET", "/v1/endpoints/{host}", VIEW),

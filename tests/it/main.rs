@@ -11,6 +11,7 @@ mod hardening;
 mod identity;
 mod ingest;
 mod live;
+mod openapi;
 mod operability;
 mod recorder;
 mod server;

@@ -8,7 +8,7 @@ use sqlx::FromRow;
 use super::{Catalog, Result, now_ms};
 
 /// One saved event.
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Evidence {
     pub id: i64,
     pub hostname: String,
@@ -48,7 +48,7 @@ const COLUMNS: &str = "id, hostname, event_type, event_id, event_ts, event, sour
 impl Catalog {
     /// Saves events as evidence, all or none; their ids in order.
     pub async fn save_evidence(&self, items: &[NewEvidence], saved_by: &str) -> Result<Vec<i64>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let now = now_ms();
         let mut ids = Vec::with_capacity(items.len());
         for item in items {

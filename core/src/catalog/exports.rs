@@ -29,7 +29,7 @@ impl ExportState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, FromRow)]
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Export {
     pub id: i64,
     pub job_id: Option<String>,

@@ -19,6 +19,11 @@ use super::super::api::{ApiRoute, Auth};
 use super::super::events::Source;
 use crate::http::ApiError;
 
+/// The OpenAPI description of this module's routes (assembled in [`super::doc`]).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(save, list, show, delete))]
+pub(super) struct Doc;
+
 pub(super) fn routes() -> Vec<ApiRoute> {
     use super::super::api::route as r;
     use Auth::User;
@@ -64,19 +69,29 @@ impl std::str::FromStr for EventRef {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct SaveRequest {
     #[serde(default)]
+    #[schema(example = 1)]
     snapshot: Option<i64>,
     #[serde(default)]
     endpoint: Option<String>,
     #[serde(default)]
     connection: Option<String>,
+    /// Event references `TYPE:ID`.
+    #[schema(min_items = 1, example = json!(["process:1"]))]
     events: Vec<String>,
     #[serde(default)]
     note: Option<String>,
 }
 
+/// Saves events of a snapshot, an endpoint or a connection as evidence, with a note.
+#[utoipa::path(
+    post,
+    path = "/v1/evidence",
+    request_body = SaveRequest,
+    responses((status = 201, description = "the saved evidence", body = [Evidence])),
+)]
 async fn save(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -178,11 +193,19 @@ async fn save(
     Ok((StatusCode::CREATED, Json(saved)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
     endpoint: Option<String>,
 }
 
+/// Saved evidence the caller sees, optionally of one endpoint.
+#[utoipa::path(
+    get,
+    path = "/v1/evidence",
+    params(ListParams),
+    responses((status = 200, description = "evidence", body = [Evidence])),
+)]
 async fn list(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -204,10 +227,24 @@ async fn list(
     Ok(Json(seen).into_response())
 }
 
+/// One piece of saved evidence.
+#[utoipa::path(
+    get,
+    path = "/v1/evidence/{id}",
+    params(("id" = i64, Path, description = "evidence id", example = 1)),
+    responses((status = 200, description = "the evidence", body = Evidence)),
+)]
 async fn show(Scoped { target, .. }: Scoped<Evidence, View>) -> Json<Evidence> {
     Json(target)
 }
 
+/// Deletes saved evidence.
+#[utoipa::path(
+    delete,
+    path = "/v1/evidence/{id}",
+    params(("id" = i64, Path, description = "evidence id", example = 1)),
+    responses((status = 200, description = "`{\"deleted\": id}`", body = Object)),
+)]
 async fn delete(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Evidence, Operate>,

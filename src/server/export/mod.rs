@@ -32,6 +32,7 @@ use self::job::ExportArgs;
 use super::ServerState;
 use super::access::{Access, Operate, Scoped, View};
 use super::api::{ApiRoute, Auth};
+use super::openapi::{Binary, ErrorBody};
 use crate::http::ApiError;
 use crate::layout::ServerDir;
 
@@ -56,7 +57,7 @@ pub enum ExportSource {
 }
 
 /// Which rows: event types and the filter language of `snapq events`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ExportFilters {
     /// Event types, in the order they are written; none: every type that has the fields the
     /// filter and the sort name.
@@ -169,9 +170,10 @@ impl ExportFilters {
 }
 
 /// `POST /v1/exports`: exactly one of `snapshot`, `endpoint`, `connection` or `evidence`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ExportRequest {
     #[serde(default)]
+    #[schema(example = 1)]
     pub snapshot: Option<i64>,
     #[serde(default)]
     pub endpoint: Option<String>,
@@ -180,9 +182,22 @@ pub struct ExportRequest {
     /// Export saved evidence (of `endpoint` if given, else of every endpoint the caller sees).
     #[serde(default)]
     pub evidence: bool,
+    #[schema(pattern = "^(csv|jsonl|xlsx)$", example = "csv")]
     pub format: String,
     #[serde(flatten)]
     pub filters: ExportFilters,
+}
+
+/// The OpenAPI description of this module's routes, evidence's too (assembled in
+/// [`super::openapi`]).
+pub(super) fn doc() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    #[derive(OpenApi)]
+    #[openapi(paths(create, list, show, download, delete))]
+    struct Doc;
+    let mut doc = Doc::openapi();
+    doc.merge(evidence::Doc::openapi());
+    doc
 }
 
 pub(super) fn routes() -> Vec<ApiRoute> {
@@ -281,6 +296,19 @@ async fn resolve_source(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/exports",
+    request_body = ExportRequest,
+    responses(
+        (status = 202, description = "the export, queued", body = Export),
+        (
+            status = 409,
+            description = "the source cannot be exported now (a snapshot not complete, a connection not active)",
+            body = ErrorBody,
+        ),
+    ),
+)]
 async fn create(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -343,6 +371,12 @@ async fn create(
     Ok((StatusCode::ACCEPTED, Json(export)).into_response())
 }
 
+/// Exports the caller sees.
+#[utoipa::path(
+    get,
+    path = "/v1/exports",
+    responses((status = 200, description = "exports", body = [Export])),
+)]
 async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
     let all = state.catalog.exports().await.map_err(ApiError::internal)?;
@@ -356,10 +390,40 @@ async fn list(access: Access, State(state): State<Arc<ServerState>>) -> Result<R
     Ok(Json(mine).into_response())
 }
 
+/// One export: its state, progress and file.
+#[utoipa::path(
+    get,
+    path = "/v1/exports/{id}",
+    params(("id" = i64, Path, description = "export id", example = 1)),
+    responses((status = 200, description = "the export", body = Export)),
+)]
 async fn show(Scoped { target, .. }: Scoped<Export, View>) -> Json<Export> {
     Json(target)
 }
 
+/// A complete export's file, with `Range` for resuming.
+#[utoipa::path(
+    get,
+    path = "/v1/exports/{id}/file",
+    params(
+        ("id" = i64, Path, description = "export id", example = 1),
+        ("Range" = Option<String>, Header, description = "one byte range, for resuming"),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "the file",
+            content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")),
+        ),
+        (
+            status = 206,
+            description = "the range asked for",
+            content((Binary = "text/csv; charset=utf-8"), (Binary = "application/jsonl"), (Binary = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")),
+        ),
+        (status = 409, description = "the export is not complete", body = ErrorBody),
+        (status = 416, description = "the range is outside the file", body = ErrorBody),
+    ),
+)]
 async fn download(
     State(state): State<Arc<ServerState>>,
     Scoped { target, .. }: Scoped<Export, View>,
@@ -389,6 +453,13 @@ async fn download(
     Ok(response)
 }
 
+/// Deletes an export (stopping its job if it runs) and its file.
+#[utoipa::path(
+    delete,
+    path = "/v1/exports/{id}",
+    params(("id" = i64, Path, description = "export id", example = 1)),
+    responses((status = 200, description = "`{\"deleted\": id}`", body = Object)),
+)]
 async fn delete(
     State(state): State<Arc<ServerState>>,
     Scoped { access, target, .. }: Scoped<Export, Operate>,
