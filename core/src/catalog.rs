@@ -17,6 +17,7 @@ use crate::verify::{self, Verified};
 
 mod evidence;
 mod exports;
+mod sessions;
 
 pub use evidence::{Evidence, NewEvidence};
 pub use exports::{Export, ExportState, NewExport};

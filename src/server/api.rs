@@ -93,6 +93,7 @@ pub fn routes() -> Vec<ApiRoute> {
     routes.extend(super::admin::routes());
     routes.extend(super::export::routes());
     routes.extend(super::fleet::routes());
+    routes.extend(super::console::routes());
     routes
 }
 
@@ -124,6 +125,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .merge(user)
         .merge(agent)
         .layer(middleware::from_fn(crate::http::json_errors))
+        .layer(middleware::from_fn(super::console::security_headers))
         .with_state(state)
 }
 
@@ -172,6 +174,8 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
 struct SearchParams {
     #[serde(default)]
     search: String,
+    /// At most this many (the console's type-ahead asks for a screenful).
+    limit: Option<usize>,
 }
 
 async fn list_endpoints(
@@ -188,6 +192,7 @@ async fn list_endpoints(
     Ok(Json(
         all.iter()
             .filter(|e| sees(&e.facts()))
+            .take(params.limit.unwrap_or(usize::MAX))
             .map(|e| view(&state, e))
             .collect(),
     ))

@@ -392,6 +392,13 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("POST", "/v1/snapshots/{id}/unkeep", OPERATE),
         ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
         ("POST", "/v1/endpoints/{host}/forget", ADMIN),
+        // The web console: its pages are public (they hold no data); signing in is public and
+        // a wrong password is 401 for everyone; the session routes take a token or a cookie.
+        ("GET", "/", [S(200); 8]),
+        ("GET", "/console/{file}", [S(200); 8]),
+        ("POST", "/v1/session", [X; 8]),
+        ("GET", "/v1/session", EVERYONE),
+        ("DELETE", "/v1/session", EVERYONE),
         // Last: it changes the enroll secret the fixtures register endpoints with.
         ("POST", "/v1/enroll-token/rotate", ADMIN),
     ]
@@ -584,6 +591,12 @@ async fn request_for(
         | (_, "/v1/schedules/{name}/pause")
         | (_, "/v1/schedules/{name}/resume")
         | (_, "/v1/schedules/{name}/run") => (template.replace("{name}", &w.schedule[side]), None),
+        (_, "/console/{file}") => ("/console/app.js".into(), None),
+        ("POST", "/v1/session") => (
+            template.into(),
+            // A name of its own per cell, so no cell waits for another's failures.
+            Some(json!({ "username": format!("nobody-{n}"), "password": "wrong password" })),
+        ),
         (_, "/v1/snapshots/{id}/keep" | "/v1/snapshots/{id}/unkeep") => {
             (template.replace("{id}", &w.snap[side].to_string()), None)
         }

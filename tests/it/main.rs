@@ -3,6 +3,8 @@
 mod access;
 mod agent;
 mod chaos;
+mod console;
+mod console_browser;
 mod crash;
 mod dropfolder;
 mod export;
@@ -15,3 +17,4 @@ mod operability;
 mod recorder;
 mod server;
 mod support;
+mod webdriver;

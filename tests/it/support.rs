@@ -226,9 +226,10 @@ impl TestServer {
             "serve".into(),
             "--data-dir".into(),
             data_dir.to_str().unwrap().into(),
-            "--online-window-secs".into(),
-            "5".into(),
         ];
+        if !extra.contains(&"--online-window-secs") {
+            args.extend(["--online-window-secs".into(), "5".into()]);
+        }
         // Port 0 unless the caller needs the same address across restarts.
         if !extra.contains(&"--listen") {
             args.extend(["--listen".into(), "127.0.0.1:0".into()]);
