@@ -496,3 +496,72 @@ async fn someone_elses_connection_snapshot_or_export_is_a_not_found_page() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_manages_users_tokens_and_groups_reads_the_audit_and_watches_the_fleet() {
+    let server = world().await;
+    admin(
+        &server,
+        "POST",
+        "/v1/users/admin/password",
+        Some(json!({ "password": PASSWORD })),
+    )
+    .await;
+    let batch = admin(
+        &server,
+        "POST",
+        "/v1/fleet/batches",
+        Some(json!({ "group": "team" })),
+    )
+    .await["batch_id"]
+        .as_i64()
+        .unwrap();
+    admin(
+        &server,
+        "POST",
+        "/v1/schedules",
+        Some(json!({ "name": "nightly", "cron": "0 3 * * *", "group": "team" })),
+    )
+    .await;
+    with_browser("admin_and_fleet", async |b| {
+        sign_in(b, &server, "admin").await;
+        b.click("#nav-admin").await;
+        b.type_into("#new-user", "newbie").await;
+        b.click("#add-user").await;
+        b.wait("#users tr.user[data-name=newbie]").await;
+        b.click("#create-token").await;
+        let token = b.text("#new-token").await;
+        assert!(token.starts_with("snapq_"), "{token}");
+        b.type_into("#group-name", "web").await;
+        b.type_into("#group-hosts", "web-*").await;
+        b.click("#add-group").await;
+        b.wait_text("#groups", "web-*").await;
+        // Shown once: the page drawn again has no token on it.
+        assert!(b.find_all("#new-token").await.is_empty());
+        b.wait_text("#audit", "console.signin").await;
+        b.click("#nav-fleet").await;
+        b.wait(&format!("#batches tr.batch[data-id='{batch}']"))
+            .await;
+        b.wait_text("#schedules tr.schedule", "nightly").await;
+        b.click(&format!(
+            "#batches tr.batch[data-id='{batch}'] a.batch-link"
+        ))
+        .await;
+        b.wait_texts("#batch-outcomes tr.item", "three outcomes", |t| {
+            t.len() == 3
+        })
+        .await;
+    })
+    .await;
+    with_browser("no_admin_for_operators", async |b| {
+        sign_in(b, &server, "op").await;
+        let shown = b
+            .execute(
+                "return !document.querySelector('#nav-admin').hidden;",
+                json!([]),
+            )
+            .await;
+        assert_eq!(shown, json!(false));
+    })
+    .await;
+}

@@ -316,7 +316,7 @@ async function gridPage(id) {
     $('#next').disabled = !data.next_cursor;
     $('#prev').disabled = g.page === 0;
     pageInfo.textContent = 'page ' + (g.page + 1) + ', ' + g.rows.length + ' rows';
-    const cols = g.rows.length ? Object.keys(g.rows[0]) : [];
+    const cols = g.rows.length ? orderColumns(Object.keys(g.rows[0])) : [];
     thead.replaceChildren(h('tr', {}, h('th', {}, ''), cols.map((c) => h('th', {
       className: 'sortable', dataset: { field: c },
       onclick: () => { g.sort = g.sort === c ? '-' + c : c; reset(); },
@@ -324,7 +324,7 @@ async function gridPage(id) {
     tbody.replaceChildren(...g.rows.map((ev) => {
       const box = h('input', { type: 'checkbox', className: 'select-event', value: g.type + ':' + ev.id });
       const tr = h('tr', { className: 'event', dataset: { ref: g.type + ':' + ev.id } }, h('td', {}, box),
-        cols.map((c) => h('td', { className: 'cell', dataset: { col: c } },
+        cols.map((c) => h('td', { className: typeof ev[c] === 'number' ? 'cell num' : 'cell', dataset: { col: c } },
           (c === 'ts' || c === 'end_ts') && typeof ev[c] === 'number' ? when(ev[c]) : ev[c] === null ? '' : String(ev[c]))));
       box.addEventListener('change', () => tr.classList.toggle('selected', box.checked));
       return tr;
@@ -407,6 +407,13 @@ async function gridPage(id) {
     h('table', { id: 'events' }, thead, tbody));
   drawTabs();
   await load();
+}
+
+/** Columns in the order a reader wants them: id and time first, the process, then the rest. */
+const FIRST_COLUMNS = ['id', 'ts', 'user', 'pid', 'ppid', 'path', 'cmdline', 'op', 'query', 'answer', 'remote_addr', 'remote_port', 'key'];
+function orderColumns(keys) {
+  const first = FIRST_COLUMNS.filter((k) => keys.includes(k));
+  return first.concat(keys.filter((k) => !first.includes(k)));
 }
 
 /** Follows an export job: its progress, then a download link. */
@@ -612,19 +619,40 @@ async function queuePage() {
 }
 
 async function fleetPage() {
-  const batches = await api('GET', '/v1/fleet/batches');
-  const schedules = await api('GET', '/v1/schedules');
-  const b = (batches.batches || batches);
-  const cell = (v) => h('td', {}, v === null || v === undefined ? '' : typeof v === 'object' ? JSON.stringify(v) : String(v));
-  show(h('h2', {}, 'Fleet'),
+  const [batches, schedules] = await Promise.all([api('GET', '/v1/fleet/batches'), api('GET', '/v1/schedules')]);
+  const cell = (v) => h('td', {}, v === null || v === undefined ? '' : String(v));
+  const items = h('div', { id: 'batch-items' });
+  async function outcomes(id) {
+    const b = await api('GET', '/v1/fleet/batches/' + id);
+    items.replaceChildren(h('h3', {}, 'Batch ' + id + ': per-endpoint outcomes'),
+      table('batch-outcomes', ['Endpoint', 'State', 'Snapshot', 'Bytes', 'Error'], (b.items || []).map((i) => h('tr', { className: 'item' },
+        cell(i.hostname), cell(i.state), h('td', {}, i.snapshot_id ? h('a', { href: '#/snapshot/' + i.snapshot_id }, String(i.snapshot_id)) : ''),
+        h('td', {}, bytes(i.bytes)), cell(i.error)))));
+  }
+  const act = (path) => async () => {
+    try { await api('POST', path); route(); } catch (err) { message(err.message, 'error'); }
+  };
+  show(h('h2', {}, 'Fleet'), h('p', { id: 'message' }),
     h('h3', {}, 'Batches'),
-    table('batches', ['Id', 'Group', 'State', 'Total', 'Done', 'Failed', 'Skipped', 'Running', 'Queued', 'Bytes', 'Reason'],
-      b.map((x) => h('tr', { className: 'batch', dataset: { id: x.id } }, cell(x.id), cell(x.group_name || x.group), cell(x.state),
-        cell(x.total), cell(x.done), cell(x.failed), cell(x.skipped), cell(x.running), cell(x.queued), h('td', {}, bytes(x.bytes)), cell(x.end_reason || x.reason)))),
+    table('batches', ['Id', 'Group', 'Schedule', 'State', 'Progress', 'Total', 'Queued', 'Running', 'Done', 'Failed', 'Skipped', 'Bytes', 'Reason', ''],
+      batches.map((x) => {
+        const t = x.totals;
+        const finished = t.done + t.failed + t.skipped;
+        return h('tr', { className: 'batch', dataset: { id: x.id, state: x.state } },
+          h('td', {}, h('a', { href: '#/fleet', className: 'batch-link', onclick: (e) => { e.preventDefault(); outcomes(x.id); } }, String(x.id))),
+          cell(x.group_name), cell(x.schedule_name), cell(x.state),
+          h('td', {}, h('progress', { max: t.total || 1, value: finished })),
+          cell(t.total), cell(t.queued), cell(t.running), cell(t.done), cell(t.failed), cell(t.skipped), h('td', {}, bytes(t.bytes)), cell(x.reason),
+          h('td', {}, operator() && x.state === 'running' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/pause') }, 'Pause') : null,
+            operator() && x.state === 'paused' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/resume') }, 'Resume') : null));
+      })),
+    items,
     h('h3', {}, 'Schedules'),
-    table('schedules', ['Name', 'Group', 'Cron', 'Time zone', 'Next run', 'Paused'],
-      (schedules.schedules || schedules).map((s) => h('tr', { className: 'schedule' }, cell(s.name), cell(s.group_name || s.group), cell(s.cron),
-        cell(s.timezone || s.tz), h('td', {}, when(s.next_run_ms || s.next_run)), cell(s.paused)))));
+    table('schedules', ['Name', 'Group', 'Cron', 'Time zone', 'Next run', 'Last batch', 'Keep', 'Paused'],
+      schedules.map((x) => h('tr', { className: 'schedule', dataset: { name: x.name } }, cell(x.name), cell(x.group_name), cell(x.cron), cell(x.tz),
+        cell(x.paused ? '(paused)' : x.next_run_utc), cell(x.last_batch ? x.last_batch.id + ' ' + x.last_batch.state : ''),
+        cell([x.keep_last ? 'last ' + x.keep_last : '', x.keep_days ? x.keep_days + ' days' : ''].filter(Boolean).join(', ')),
+        cell(x.paused ? 'yes' : 'no')))));
 }
 
 // ---- Admin ------------------------------------------------------------------------------------------
@@ -643,21 +671,31 @@ async function adminPage() {
     h('div', { className: 'bar' }, newUser, newRole, h('button', { id: 'add-user', onclick: async () => {
       try { await api('POST', '/v1/users', { name: newUser.value, role: newRole.value }); route(); } catch (err) { message(err.message, 'error'); }
     } }, 'Add user')),
-    table('users', ['Name', 'Role', 'Groups', 'Password'], users.map((u) => h('tr', { className: 'user' }, cell(u.name), cell(u.role), cell(u.groups), cell(u.has_password ? 'set' : 'none')))),
+    table('users', ['Name', 'Role', 'Groups', 'Password'], users.map((u) => h('tr', { className: 'user', dataset: { name: u.name } }, cell(u.name), cell(u.role), cell(u.groups), cell(u.has_password ? 'set' : 'none')))),
     h('h3', {}, 'Tokens'),
     h('div', { className: 'bar' }, newLabel, h('button', { id: 'create-token', onclick: async () => {
       try {
         const t = await api('POST', '/v1/tokens', { label: newLabel.value || null });
-        once.replaceChildren(h('p', {}, 'The new token, shown this once:'), h('div', { className: 'token-once' }, t.token));
+        once.replaceChildren(h('p', {}, 'Token ' + t.info.prefix + '… made; copy it now, it is shown this once:'), h('div', { className: 'token-once', id: 'new-token' }, t.token));
       } catch (err) { message(err.message, 'error'); }
     } }, 'Create token')), once,
-    table('tokens', ['Id', 'User', 'Label', 'Prefix', 'Created', 'Expires', 'Revoked'], tokens.map((t) => h('tr', { className: 'token' },
-      cell(t.id), cell(t.user_name || t.user), cell(t.label), cell(t.prefix), h('td', {}, when(t.created_ms)), h('td', {}, when(t.expires_ms)), h('td', {}, when(t.revoked_ms))))),
+    table('tokens', ['Id', 'User', 'Label', 'Prefix', 'Created', 'Expires', 'Revoked', ''], tokens.map((t) => h('tr', { className: 'token' },
+      cell(t.id), cell(t.user), cell(t.label), cell(t.prefix), h('td', {}, when(t.created_ms)), h('td', {}, when(t.expires_ms)), h('td', {}, when(t.revoked_ms)),
+      h('td', {}, t.revoked_ms || t.bootstrap ? null : h('button', { className: 'revoke danger', onclick: async () => {
+        if (!await confirmBox('Revoke token ' + t.prefix + '…?', h('p', {}, 'Whatever uses it stops working at once.'))) return;
+        try { await api('DELETE', '/v1/tokens/' + t.id); route(); } catch (err) { message(err.message, 'error'); }
+      } }, 'Revoke'))))),
     h('h3', {}, 'Computer groups'),
-    table('groups', ['Name', 'Hostnames', 'CIDRs', 'Labels', 'Members'], groups.map((g) => h('tr', { className: 'group' },
-      cell(g.name), cell(g.rules ? g.rules.hostnames : g.hostnames), cell(g.rules ? g.rules.cidrs : g.cidrs), cell(g.rules ? g.rules.labels : g.labels), cell(g.rules ? g.rules.members : g.members)))),
+    h('div', { className: 'bar' }, h('input', { id: 'group-name', placeholder: 'group name' }),
+      h('input', { id: 'group-hosts', placeholder: 'hostname globs, comma-separated (web-*)' }),
+      h('button', { id: 'add-group', onclick: async () => {
+        const hostnames = $('#group-hosts').value.split(',').map((x) => x.trim()).filter(Boolean);
+        try { await api('POST', '/v1/groups', { name: $('#group-name').value, hostnames }); route(); } catch (err) { message(err.message, 'error'); }
+      } }, 'Add group')),
+    table('groups', ['Name', 'Hostnames', 'CIDRs', 'Labels', 'Members', 'Endpoints now', 'Users'], groups.map((g) => h('tr', { className: 'group' },
+      cell(g.name), cell(g.hostnames), cell(g.cidrs), cell(g.labels), cell(g.members), cell(g.member_count), cell(g.users)))),
     h('h3', {}, 'Audit log'),
-    table('audit', ['When', 'Who', 'What', 'Target', 'Result', 'Detail'], (audit.entries || audit).map((a) => h('tr', { className: 'audit' },
+    table('audit', ['When', 'Who', 'What', 'Target', 'Result', 'Detail'], audit.map((a) => h('tr', { className: 'audit' },
       h('td', {}, when(a.ts_ms)), cell(a.actor), cell(a.action), cell(a.target), cell(a.result), cell(a.detail)))));
 }
 
