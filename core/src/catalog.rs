@@ -434,6 +434,27 @@ impl Catalog {
         .await?)
     }
 
+    /// Rows `offset..offset + limit` of [`Catalog::search_endpoints`] (same order), for a
+    /// caller who needs only the first few it may see (the console's type-ahead).
+    pub async fn search_endpoints_page(
+        &self,
+        text: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<Endpoint>> {
+        Ok(sqlx::query_as::<_, Endpoint>(
+            "SELECT * FROM endpoints
+             WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
+             ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname
+             LIMIT ?2 OFFSET ?3",
+        )
+        .bind(text)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.
     pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
         type Json = sqlx::types::Json<Vec<String>>;

@@ -184,18 +184,44 @@ async fn list_endpoints(
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Vec<EndpointView>>, ApiError> {
     let sees = access.endpoint_filter()?;
-    let all = state
-        .catalog
-        .search_endpoints(params.search.trim())
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(
-        all.iter()
-            .filter(|e| sees(&e.facts()))
-            .take(params.limit.unwrap_or(usize::MAX))
-            .map(|e| view(&state, e))
-            .collect(),
-    ))
+    let text = params.search.trim();
+    let Some(limit) = params.limit else {
+        let all = state
+            .catalog
+            .search_endpoints(text)
+            .await
+            .map_err(ApiError::internal)?;
+        return Ok(Json(
+            all.iter()
+                .filter(|e| sees(&e.facts()))
+                .map(|e| view(&state, e))
+                .collect(),
+        ));
+    };
+    // The first `limit` the caller may see, read in growing chunks: a type-ahead over many
+    // endpoints reads a screenful, not every match.
+    let mut out = Vec::new();
+    let (mut offset, mut chunk) = (0i64, 64i64);
+    while out.len() < limit {
+        let rows = state
+            .catalog
+            .search_endpoints_page(text, offset, chunk)
+            .await
+            .map_err(ApiError::internal)?;
+        let last = (rows.len() as i64) < chunk;
+        out.extend(
+            rows.iter()
+                .filter(|e| sees(&e.facts()))
+                .take(limit - out.len())
+                .map(|e| view(&state, e)),
+        );
+        if last {
+            break;
+        }
+        offset += chunk;
+        chunk *= 4;
+    }
+    Ok(Json(out))
 }
 
 /// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk
