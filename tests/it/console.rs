@@ -72,14 +72,7 @@ async fn with_cookie(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let url = format!("{}{path}", server.url());
-    let mut request = match method {
-        "GET" => server.client().get(url),
-        "POST" => server.client().post(url),
-        "DELETE" => server.client().delete(url),
-        other => panic!("no helper for {other}"),
-    }
-    .header("cookie", cookie);
+    let mut request = server.request(method, path).header("cookie", cookie);
     if let Some(token) = csrf {
         request = request.header("x-csrf-token", token);
     }

@@ -5,48 +5,12 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::access::admin;
 use crate::console::{PASSWORD, console_user};
-use crate::support::{TestServer, eventually};
+use crate::support::{TestServer, eventually, register_unreachable as register};
 use crate::webdriver::{Browser, shots_dir, with_browser};
-
-/// A request as the bootstrap admin; panics unless it succeeds.
-async fn admin(server: &TestServer, method: &str, path: &str, body: Option<Value>) -> Value {
-    let url = format!("{}{path}", server.url());
-    let mut request = match method {
-        "GET" => server.client().get(url),
-        "POST" => server.client().post(url),
-        "DELETE" => server.client().delete(url),
-        other => panic!("no helper for {other}"),
-    }
-    .bearer_auth(&server.token);
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    let value: Value = response.json().await.unwrap_or(Value::Null);
-    assert!(status.is_success(), "{method} {path}: {status} {value}");
-    value
-}
-
-/// Registers an endpoint whose agent cannot be reached, as a heartbeat does.
-async fn register(server: &TestServer, hostname: &str, ip: &str) {
-    let status = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(server.enroll_secret())
-        .json(
-            &json!({ "hostname": hostname, "ips": [ip], "api_url": "https://127.0.0.1:1",
-                       "cert_sha256": "ab".repeat(32), "labels": [] }),
-        )
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
-}
 
 /// `snapq serve --demo 3`, group `team` of the demo endpoints, operator `op` and viewer `vw`
 /// granted it, and `other-01` outside it.
@@ -451,25 +415,7 @@ async fn someone_elses_connection_snapshot_or_export_is_a_not_found_page() {
     let server = world().await;
     let other = connection(&server, "other-01").await;
     let tmp = tempfile::tempdir().unwrap();
-    let file = crate::support::snapshot_file(tmp.path(), "other-01", 50);
-    let name = file.file_name().unwrap().to_str().unwrap().to_owned();
-    let up = server
-        .client()
-        .post(format!("{}/v1/uploads?name={name}", server.url()))
-        .bearer_auth(&server.token)
-        .body(std::fs::read(&file).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let job = up.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let snap = eventually(Duration::from_secs(30), "the upload", || async {
-        let (_, i) = server.get(&format!("/v1/ingests/{job}")).await;
-        i["snapshot_id"].as_i64()
-    })
-    .await;
+    let (snap, _) = crate::access::ingested(&server, tmp.path(), "other-01").await;
     let export = admin(
         &server,
         "POST",

@@ -302,6 +302,13 @@ impl TestServer {
         run_snapq(&all)
     }
 
+    /// A request to `path` on this server, with no credentials yet.
+    pub fn request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        self.client()
+            .request(method, format!("{}{path}", self.url()))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         send_json(
             self.client()
@@ -392,4 +399,38 @@ pub fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
     snapq::agent::export::export(&data, &out, None)
         .unwrap()
         .path
+}
+
+/// A request to `server` as `token` (or with none): the status and the JSON body (`null` when
+/// there is none).
+pub async fn call(
+    server: &TestServer,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = server.request(method, path);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    send_json(request).await
+}
+
+/// Registers an endpoint as an agent's first heartbeat does (its agent is not reachable).
+pub async fn register_unreachable(server: &TestServer, hostname: &str, ip: &str) {
+    let status = server
+        .client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(server.enroll_secret())
+        .json(&serde_json::json!({ "hostname": hostname, "ips": [ip], "api_url": "https://127.0.0.1:1",
+                       "cert_sha256": "ab".repeat(32), "labels": [] }))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
 }
