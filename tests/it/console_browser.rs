@@ -131,6 +131,15 @@ async fn an_operator_signs_in_finds_endpoints_as_they_type_and_connects() {
         )
         .await;
         b.wait_text("#tabs", "process (").await;
+        // Back in the list: select it, connect again, then delete (close) it.
+        b.click("#nav-live").await;
+        b.click("#connections tr.connection input.select").await;
+        b.click("#reconnect-selected").await;
+        b.wait_text("#message", "Reconnected 1 connection(s)").await;
+        b.click("#connections tr.connection input.select").await;
+        b.click("#delete-selected").await;
+        b.wait_text("#message", "Closed 1 connection(s)").await;
+        wait_gone(b, "#connections tr.connection").await;
     })
     .await;
 }
@@ -143,6 +152,27 @@ async fn the_events_grid_filters_shows_a_tree_saves_evidence_and_exports_csv() {
         sign_in(b, &server, "op").await;
         b.goto(&format!("{}/#/grid/{id}", server.url())).await;
         b.wait("#events tr.event").await;
+        // Pages: next, then back to the first.
+        let first_ids = column(b, "id").await;
+        b.click("#next").await;
+        b.wait_text("#page-info", "page 2").await;
+        assert_ne!(column(b, "id").await, first_ids);
+        b.click("#prev").await;
+        b.wait_text("#page-info", "page 1").await;
+        assert_eq!(column(b, "id").await, first_ids);
+        // Sort by pid, ascending: the column's values come in order.
+        b.click("#events th[data-field=pid]").await;
+        b.wait_text("#events th[data-field=pid]", "▲").await;
+        let pids: Vec<i64> = column(b, "pid")
+            .await
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert!(pids.is_sorted(), "{pids:?}");
+        b.click("#events th[data-field=ts]").await;
+        b.wait_text("#events th[data-field=ts]", "▲").await;
+        b.click("#events th[data-field=ts]").await;
+        b.wait_text("#events th[data-field=ts]", "▼").await;
         // Filter `cmdline co WORD`, a word of the newest process's command line (the demo
         // endpoints simulate Linux or Windows).
         let first = column(b, "cmdline").await;

@@ -376,6 +376,65 @@ mod tests {
         assert_eq!(csrf_token("abc123"), csrf_token("abc123"));
     }
 
+    /// The catalog side of a session's end: idle, past its expiry, signed out, or its user
+    /// removed; an unknown user gets none.
+    #[tokio::test]
+    async fn a_session_ends_when_idle_expired_signed_out_or_its_user_is_removed() {
+        use snapq_core::catalog::Catalog;
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
+        catalog.add_user("ana", Role::Viewer, &[]).await.unwrap();
+        let later = now_ms() + 3_600_000;
+        let minute = 60_000;
+        assert_eq!(
+            catalog.create_session("ghost", "s0", later).await.unwrap(),
+            None
+        );
+        catalog
+            .create_session("ana", "s1", later)
+            .await
+            .unwrap()
+            .unwrap();
+        let (id, who) = catalog.session("s1", minute).await.unwrap().unwrap();
+        assert_eq!(
+            (who.name.as_str(), who.role, who.token_id),
+            ("ana", Role::Viewer, -id)
+        );
+        // Unused for longer than the idle time: gone, also for a later, longer idle time.
+        assert!(catalog.session("s1", -1).await.unwrap().is_none());
+        assert!(catalog.session("s1", minute).await.unwrap().is_none());
+        catalog
+            .create_session("ana", "s2", now_ms() - 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            catalog.session("s2", minute).await.unwrap().is_none(),
+            "expired"
+        );
+        catalog
+            .create_session("ana", "s3", later)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(catalog.end_session("s3").await.unwrap());
+        assert!(!catalog.end_session("s3").await.unwrap());
+        assert!(
+            catalog.session("s3", minute).await.unwrap().is_none(),
+            "signed out"
+        );
+        catalog
+            .create_session("ana", "s4", later)
+            .await
+            .unwrap()
+            .unwrap();
+        catalog.remove_user("ana").await.unwrap();
+        assert!(
+            catalog.session("s4", minute).await.unwrap().is_none(),
+            "user removed"
+        );
+    }
+
     #[test]
     fn failed_sign_ins_cost_nothing_at_first_then_queue_up() {
         let console = ConsoleState::default();

@@ -217,6 +217,7 @@ async function livePage() {
       for (const id of ids) await fn(id);
       message(verb + ' ' + ids.length + ' connection(s)', 'ok');
     } catch (err) { message(err.message, 'error'); }
+    for (const c of body.querySelectorAll('input.select:checked')) c.checked = false;
     await refresh();
   };
   async function refresh() {
