@@ -434,16 +434,18 @@ impl Catalog {
         .await?)
     }
 
-    /// Rows `offset..offset + limit` of [`Catalog::search_endpoints`] (same order), for a
-    /// caller who needs only the first few it may see (the console's type-ahead).
-    pub async fn search_endpoints_page(
+    /// The hostname, addresses and labels (what computer groups match against) of rows
+    /// `offset..offset + limit` of [`Catalog::search_endpoints`], in its order: for a caller who
+    /// needs only the first few it may see (the console's type-ahead), without reading whole rows.
+    pub async fn search_endpoint_facts_page(
         &self,
         text: &str,
         offset: i64,
         limit: i64,
-    ) -> Result<Vec<Endpoint>> {
-        Ok(sqlx::query_as::<_, Endpoint>(
-            "SELECT * FROM endpoints
+    ) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
+        type Json = sqlx::types::Json<Vec<String>>;
+        let rows: Vec<(String, Json, Json)> = sqlx::query_as(
+            "SELECT hostname, ips, labels FROM endpoints
              WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
              ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname
              LIMIT ?2 OFFSET ?3",
@@ -452,7 +454,11 @@ impl Catalog {
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, ips, labels)| (h, ips.0, labels.0))
+            .collect())
     }
 
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.

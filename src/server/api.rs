@@ -198,24 +198,40 @@ async fn list_endpoints(
                 .collect(),
         ));
     };
-    // The first `limit` the caller may see, read in growing chunks: a type-ahead over many
-    // endpoints reads a screenful, not every match.
+    // The first `limit` the caller may see, their facts read in growing chunks and only those
+    // shown read whole: a type-ahead over many endpoints reads a screenful, not every match.
     let mut out = Vec::new();
     let (mut offset, mut chunk) = (0i64, 64i64);
-    while out.len() < limit {
+    'chunks: while out.len() < limit {
         let rows = state
             .catalog
-            .search_endpoints_page(text, offset, chunk)
+            .search_endpoint_facts_page(text, offset, chunk)
             .await
             .map_err(ApiError::internal)?;
-        let last = (rows.len() as i64) < chunk;
-        out.extend(
-            rows.iter()
-                .filter(|e| sees(&e.facts()))
-                .take(limit - out.len())
-                .map(|e| view(&state, e)),
-        );
-        if last {
+        for (hostname, ips, labels) in &rows {
+            let facts = snapq_core::access::Facts {
+                hostname,
+                ips,
+                labels,
+            };
+            if !sees(&facts) {
+                continue;
+            }
+            // Gone or changed since the scan: shown only if still there and still visible.
+            if let Some(e) = state
+                .catalog
+                .endpoint(hostname)
+                .await
+                .map_err(ApiError::internal)?
+                && sees(&e.facts())
+            {
+                out.push(view(&state, &e));
+            }
+            if out.len() == limit {
+                break 'chunks;
+            }
+        }
+        if (rows.len() as i64) < chunk {
             break;
         }
         offset += chunk;
