@@ -229,6 +229,16 @@ async fn the_events_grid_filters_shows_a_tree_saves_evidence_and_exports_csv() {
             })
             .await;
         assert!(rows.iter().all(|r| r.contains("suspicious")), "{rows:?}");
+        // Filterable, and exportable.
+        b.type_into("#evidence-filter", "no such text anywhere").await;
+        wait_gone(b, "#evidence-table tr.evidence").await;
+        b.clear("#evidence-filter").await;
+        b.type_into("#evidence-filter", "suspicious").await;
+        b.wait_texts("#evidence-table tr.evidence", "both again", |t| t.len() == 2)
+            .await;
+        b.click("#export").await;
+        let link = b.text("#export-download").await;
+        assert!(link.contains(".csv"), "{link}");
     })
     .await;
 }
