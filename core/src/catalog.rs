@@ -424,11 +424,9 @@ impl Catalog {
 
     /// Endpoints whose hostname or an IP contains `text` (all when empty), prefix matches first.
     pub async fn search_endpoints(&self, text: &str) -> Result<Vec<Endpoint>> {
-        Ok(sqlx::query_as::<_, Endpoint>(
-            "SELECT * FROM endpoints
-             WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
-             ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname",
-        )
+        Ok(sqlx::query_as::<_, Endpoint>(sqlx::AssertSqlSafe(format!(
+            "SELECT * FROM endpoints {SEARCH}"
+        )))
         .bind(text)
         .fetch_all(&self.pool)
         .await?)
@@ -443,35 +441,23 @@ impl Catalog {
         offset: i64,
         limit: i64,
     ) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
-        type Json = sqlx::types::Json<Vec<String>>;
-        let rows: Vec<(String, Json, Json)> = sqlx::query_as(
-            "SELECT hostname, ips, labels FROM endpoints
-             WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
-             ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname
-             LIMIT ?2 OFFSET ?3",
-        )
+        let rows: Vec<FactsRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT hostname, ips, labels FROM endpoints {SEARCH} LIMIT ?2 OFFSET ?3"
+        )))
         .bind(text)
         .bind(limit)
         .bind(offset)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(h, ips, labels)| (h, ips.0, labels.0))
-            .collect())
+        Ok(unpack_facts(rows))
     }
 
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.
     pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
-        type Json = sqlx::types::Json<Vec<String>>;
-        let rows: Vec<(String, Json, Json)> =
-            sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(h, ips, labels)| (h, ips.0, labels.0))
-            .collect())
+        let rows: Vec<FactsRow> = sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(unpack_facts(rows))
     }
 
     // --- snapshots -------------------------------------------------------------------------
@@ -1538,6 +1524,23 @@ pub struct TokenInfo {
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,
     pub revoked_reason: Option<String>,
+}
+
+/// Endpoints matching `?1` by hostname or address, the hostnames it starts first.
+const SEARCH: &str = "WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
+     ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname";
+
+/// An endpoint's hostname, addresses and labels as stored.
+type FactsRow = (
+    String,
+    sqlx::types::Json<Vec<String>>,
+    sqlx::types::Json<Vec<String>>,
+);
+
+fn unpack_facts(rows: Vec<FactsRow>) -> Vec<(String, Vec<String>, Vec<String>)> {
+    rows.into_iter()
+        .map(|(h, ips, labels)| (h, ips.0, labels.0))
+        .collect()
 }
 
 #[derive(FromRow)]
