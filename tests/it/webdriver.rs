@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// Debian's paths; `SNAPQ_CHROMEDRIVER` and `SNAPQ_CHROMIUM` name others.
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn program(env: &str, default: &str) -> String {
+    std::env::var(env).unwrap_or_else(|_| default.to_owned())
+}
 /// How long a wait for something on the page lasts before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 /// The key WebDriver sends for Enter.
@@ -49,7 +54,9 @@ impl Browser {
     /// Starts chromedriver and a headless chromium session, or `None` (printing why) when
     /// they are not installed.
     pub async fn start(name: &str) -> Option<Browser> {
-        for (what, path) in [("chromedriver", CHROMEDRIVER), ("chromium", CHROMIUM)] {
+        let chromedriver = program("SNAPQ_CHROMEDRIVER", CHROMEDRIVER);
+        let chromium = program("SNAPQ_CHROMIUM", CHROMIUM);
+        for (what, path) in [("chromedriver", &chromedriver), ("chromium", &chromium)] {
             if !Path::new(path).exists() {
                 eprintln!(
                     "SKIPPED browser test {name}: {what} is not installed at {path} (apt-get install chromium chromium-driver; .ci/run does)"
@@ -66,7 +73,7 @@ impl Browser {
         // between our look and its bind.
         for _ in 0..5 {
             let port = free_port();
-            let mut driver = Command::new(CHROMEDRIVER)
+            let mut driver = Command::new(&chromedriver)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -98,7 +105,7 @@ impl Browser {
                 "acceptInsecureCerts": true,
                 "unhandledPromptBehavior": "ignore",
                 "goog:chromeOptions": {
-                    "binary": CHROMIUM,
+                    "binary": chromium,
                     "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                              "--disable-dev-shm-usage", "--window-size=1400,900",
                              "--ignore-certificate-errors", "--no-first-run"],
