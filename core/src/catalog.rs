@@ -17,6 +17,7 @@ use crate::verify::{self, Verified};
 
 mod evidence;
 mod exports;
+mod sessions;
 
 pub use evidence::{Evidence, NewEvidence};
 pub use exports::{Export, ExportState, NewExport};
@@ -442,14 +443,32 @@ impl Catalog {
 
     /// Endpoints whose hostname or an IP contains `text` (all when empty), prefix matches first.
     pub async fn search_endpoints(&self, text: &str) -> Result<Vec<Endpoint>> {
-        Ok(sqlx::query_as::<_, Endpoint>(
-            "SELECT * FROM endpoints
-             WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
-             ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname",
-        )
+        Ok(sqlx::query_as::<_, Endpoint>(sqlx::AssertSqlSafe(format!(
+            "SELECT * FROM endpoints {SEARCH}"
+        )))
         .bind(text)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// The hostname, addresses and labels (what computer groups match against) of rows
+    /// `offset..offset + limit` of [`Catalog::search_endpoints`], in its order: for a caller who
+    /// needs only the first few it may see (the console's type-ahead), without reading whole rows.
+    pub async fn search_endpoint_facts_page(
+        &self,
+        text: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
+        let rows: Vec<FactsRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT hostname, ips, labels FROM endpoints {SEARCH} LIMIT ?2 OFFSET ?3"
+        )))
+        .bind(text)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(unpack_facts(rows))
     }
 
     /// What `/metrics` reads from the catalog at scrape time, in one pass of aggregates.
@@ -487,15 +506,10 @@ impl Catalog {
 
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.
     pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
-        type Json = sqlx::types::Json<Vec<String>>;
-        let rows: Vec<(String, Json, Json)> =
-            sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(h, ips, labels)| (h, ips.0, labels.0))
-            .collect())
+        let rows: Vec<FactsRow> = sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(unpack_facts(rows))
     }
 
     // --- snapshots -------------------------------------------------------------------------
@@ -1562,6 +1576,23 @@ pub struct TokenInfo {
     pub expires_ms: Option<i64>,
     pub revoked_ms: Option<i64>,
     pub revoked_reason: Option<String>,
+}
+
+/// Endpoints matching `?1` by hostname or address, the hostnames it starts first.
+const SEARCH: &str = "WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR instr(ips, ?1) > 0
+     ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname";
+
+/// An endpoint's hostname, addresses and labels as stored.
+type FactsRow = (
+    String,
+    sqlx::types::Json<Vec<String>>,
+    sqlx::types::Json<Vec<String>>,
+);
+
+fn unpack_facts(rows: Vec<FactsRow>) -> Vec<(String, Vec<String>, Vec<String>)> {
+    rows.into_iter()
+        .map(|(h, ips, labels)| (h, ips.0, labels.0))
+        .collect()
 }
 
 #[derive(FromRow)]

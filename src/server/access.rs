@@ -2,6 +2,7 @@
 //! caller and decides, for every target a route names, whether the caller may see it and act on it.
 //!
 //! The story of a request: [`authenticate`] (a layer on every user route) turns the bearer token
+//! (or the web console's session cookie, with its CSRF token on changes: `console/session.rs`)
 //! into a [`Caller`] (user, role, granted groups) or answers 401 saying why (unknown, revoked,
 //! expired, user removed). The handler then takes an [`Access`] or a [`Scoped`] extractor, which
 //! resolves the target (endpoint, snapshot, job, ingest, connection, evidence, export) to its
@@ -29,7 +30,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use snapq_core::access::{Facts, Role, Scope};
 use snapq_core::catalog::{
-    ConnectionRow, Endpoint, Evidence, Export, Group, Ingest, Snapshot, TokenRefusal,
+    ConnectionRow, Endpoint, Evidence, Export, Group, Ingest, Principal, Snapshot, TokenRefusal,
 };
 use snapq_core::fleet::{Batch, Schedule};
 use snapq_jobs::{JobDetail, JobId, JobInfo};
@@ -37,11 +38,12 @@ use snapq_jobs::{JobDetail, JobId, JobInfo};
 use super::{ServerState, sha256_hex};
 use crate::http::ApiError;
 
-/// Who is asking: the holder of a valid token.
+/// Who is asking: the holder of a valid token or console session.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// The token's id; a console session's id, negated (no token has a negative id).
     pub token_id: i64,
     /// Every endpoint for admins, else the members of the caller's groups.
     pub scope: Scope,
@@ -77,23 +79,12 @@ fn time_text(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// The layer on every user route: authenticates, runs the route, and turns a request that
-/// finished without an authorization check into a 500 and a logged bug.
-pub async fn authenticate(
-    State(state): State<Arc<ServerState>>,
-    mut request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    let Some(token) = bearer(&request) else {
-        return unauthorized(
-            "missing bearer token: send `Authorization: Bearer <token>` (`snapq tokens create` makes one)"
-                .into(),
-        );
-    };
-    let principal = match state.catalog.authenticate(&sha256_hex(token)).await {
+/// The principal of a bearer token, or the 401 saying why the token is not accepted.
+async fn token_principal(state: &ServerState, token: &str) -> Result<Principal, Response> {
+    Ok(match state.catalog.authenticate(&sha256_hex(token)).await {
         Ok(Ok(p)) => p,
         Ok(Err(refusal)) => {
-            return unauthorized(match refusal {
+            return Err(unauthorized(match refusal {
                 TokenRefusal::Unknown => {
                     "unknown token: check --token / SNAPQ_TOKEN; an admin makes one with `snapq tokens create`".into()
                 }
@@ -109,9 +100,41 @@ pub async fn authenticate(
                 TokenRefusal::UserRemoved { user } => {
                     format!("this token's user {user} was removed; ask an admin for an account")
                 }
-            });
+            }));
         }
-        Err(e) => return ApiError::internal(e).into_response(),
+        Err(e) => return Err(ApiError::internal(e).into_response()),
+    })
+}
+
+/// The layer on every user route: authenticates, runs the route, and turns a request that
+/// finished without an authorization check into a 500 and a logged bug.
+pub async fn authenticate(
+    State(state): State<Arc<ServerState>>,
+    mut request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    // A bearer token first (the CLI, scripts); else the console's session cookie, which also
+    // needs the session's CSRF token on anything that changes something (`console/session.rs`).
+    let principal = match (bearer(&request), super::console::secret(request.headers())) {
+        (Some(token), _) => token_principal(&state, token).await,
+        (None, Some(secret)) => {
+            super::console::principal(
+                &state,
+                &secret,
+                request.method(),
+                request.headers(),
+                request.uri().path(),
+            )
+            .await
+        }
+        (None, None) => Err(unauthorized(
+            "missing bearer token: send `Authorization: Bearer <token>` (`snapq tokens create` makes one), or sign in to the console"
+                .into(),
+        )),
+    };
+    let principal = match principal {
+        Ok(p) => p,
+        Err(response) => return response,
     };
     let scope = if principal.role == Role::Admin {
         Scope::All

@@ -103,6 +103,7 @@ pub fn routes() -> Vec<ApiRoute> {
     routes.extend(super::admin::routes());
     routes.extend(super::export::routes());
     routes.extend(super::fleet::routes());
+    routes.extend(super::console::routes());
     routes
 }
 
@@ -157,6 +158,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         // Outermost on every route, so refused requests are counted too (by route template).
         .route_layer(middleware::from_fn(super::metrics::track))
         .layer(middleware::from_fn(crate::http::json_errors))
+        .layer(middleware::from_fn(super::console::security_headers))
         .with_state(state)
 }
 
@@ -212,6 +214,8 @@ fn view(state: &ServerState, e: &Endpoint) -> EndpointView {
 struct SearchParams {
     #[serde(default)]
     search: String,
+    /// At most this many (the console's type-ahead asks for a screenful).
+    limit: Option<usize>,
 }
 
 /// Endpoints the caller sees, optionally filtered by a search text (hostname or IP, as typed).
@@ -227,17 +231,60 @@ async fn list_endpoints(
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Vec<EndpointView>>, ApiError> {
     let sees = access.endpoint_filter()?;
-    let all = state
-        .catalog
-        .search_endpoints(params.search.trim())
-        .await
-        .map_err(ApiError::internal)?;
-    Ok(Json(
-        all.iter()
-            .filter(|e| sees(&e.facts()))
-            .map(|e| view(&state, e))
-            .collect(),
-    ))
+    let text = params.search.trim();
+    let Some(limit) = params.limit else {
+        let all = state
+            .catalog
+            .search_endpoints(text)
+            .await
+            .map_err(ApiError::internal)?;
+        return Ok(Json(
+            all.iter()
+                .filter(|e| sees(&e.facts()))
+                .map(|e| view(&state, e))
+                .collect(),
+        ));
+    };
+    // The first `limit` the caller may see, their facts read in growing chunks and only those
+    // shown read whole: a type-ahead over many endpoints reads a screenful, not every match.
+    let mut out = Vec::new();
+    let (mut offset, mut chunk) = (0i64, 64i64);
+    'chunks: while out.len() < limit {
+        let rows = state
+            .catalog
+            .search_endpoint_facts_page(text, offset, chunk)
+            .await
+            .map_err(ApiError::internal)?;
+        for (hostname, ips, labels) in &rows {
+            let facts = snapq_core::access::Facts {
+                hostname,
+                ips,
+                labels,
+            };
+            if !sees(&facts) {
+                continue;
+            }
+            // Gone or changed since the scan: shown only if still there and still visible.
+            if let Some(e) = state
+                .catalog
+                .endpoint(hostname)
+                .await
+                .map_err(ApiError::internal)?
+                && sees(&e.facts())
+            {
+                out.push(view(&state, &e));
+            }
+            if out.len() == limit {
+                break 'chunks;
+            }
+        }
+        if (rows.len() as i64) < chunk {
+            break;
+        }
+        offset += chunk;
+        chunk *= 4;
+    }
+    Ok(Json(out))
 }
 
 /// `GET /v1/endpoints/{host}`: the endpoint, its live facts if its agent answers, and the disk

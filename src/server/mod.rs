@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agents;
 pub mod api;
 pub mod connections;
+pub mod console;
 pub mod demo;
 pub mod events;
 pub mod export;
@@ -126,6 +127,8 @@ pub struct ServerState {
     pub watcher: std::sync::OnceLock<snapq_watch::StatusHandle>,
     /// Open stored snapshots, reused across pages (`events.rs`).
     pub snapshot_handles: events::SnapshotHandles,
+    /// The web console's failed sign-ins (`console/session.rs`).
+    pub console: console::ConsoleState,
 }
 
 impl ServerState {
@@ -250,6 +253,7 @@ impl Server {
             enroll_token: std::sync::RwLock::new(enroll_token),
             watcher: std::sync::OnceLock::new(),
             snapshot_handles: events::SnapshotHandles::new(config.query_budget),
+            console: console::ConsoleState::default(),
             config,
         });
         fleet::recover_batches(&state)

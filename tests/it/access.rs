@@ -7,58 +7,21 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, eventually};
+use crate::support::{TestServer, call, eventually, register_unreachable as register};
 
 const INSIDE: &str = "acc-in-01";
 const OUTSIDE: &str = "acc-out-01";
 
-/// A request as a caller: status and JSON body.
-async fn call(
+/// A request as the bootstrap admin; panics unless it succeeds.
+pub(crate) async fn admin(
     server: &TestServer,
-    token: Option<&str>,
     method: &str,
     path: &str,
     body: Option<Value>,
-) -> (u16, Value) {
-    let url = format!("{}{path}", server.url());
-    let mut request = match method {
-        "GET" => server.client().get(url),
-        "POST" => server.client().post(url),
-        "DELETE" => server.client().delete(url),
-        other => panic!("no helper for {other}"),
-    };
-    if let Some(t) = token {
-        request = request.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn admin(server: &TestServer, method: &str, path: &str, body: Option<Value>) -> Value {
+) -> Value {
     let (status, value) = call(server, Some(&server.token), method, path, body).await;
     assert!(status < 300, "{method} {path}: {status} {value}");
     value
-}
-
-/// Registers an endpoint as an agent's heartbeat does (its agent is not reachable).
-async fn register(server: &TestServer, hostname: &str, ip: &str) {
-    let status = server
-        .client()
-        .post(format!("{}/v1/agents/heartbeat", server.url()))
-        .bearer_auth(server.enroll_secret())
-        .json(
-            &json!({ "hostname": hostname, "ips": [ip], "api_url": "https://127.0.0.1:1",
-                       "cert_sha256": "ab".repeat(32), "labels": [] }),
-        )
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
 }
 
 async fn token_for(server: &TestServer, user: &str, extra: Value) -> (String, i64) {
@@ -90,7 +53,11 @@ async fn fresh_capture(server: &TestServer, host: &str) -> (i64, String) {
 }
 
 /// Uploads a real snapshot of `host` as admin and waits for it: (snapshot id, ingest job id).
-async fn ingested(server: &TestServer, dir: &std::path::Path, host: &str) -> (i64, String) {
+pub(crate) async fn ingested(
+    server: &TestServer,
+    dir: &std::path::Path,
+    host: &str,
+) -> (i64, String) {
     let file = crate::support::snapshot_file(dir, host, 200);
     let name = file.file_name().unwrap().to_str().unwrap().to_owned();
     let response = server
@@ -394,6 +361,13 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("POST", "/v1/snapshots/{id}/unkeep", OPERATE),
         ("POST", "/v1/endpoints/{host}/rekey", ADMIN),
         ("POST", "/v1/endpoints/{host}/forget", ADMIN),
+        // The web console: its pages are public (they hold no data); signing in is public and
+        // a wrong password is 401 for everyone; the session routes take a token or a cookie.
+        ("GET", "/", [S(200); 8]),
+        ("GET", "/console/{file}", [S(200); 8]),
+        ("POST", "/v1/session", [X; 8]),
+        ("GET", "/v1/session", EVERYONE),
+        ("DELETE", "/v1/session", EVERYONE),
         // Last: it changes the enroll secret the fixtures register endpoints with.
         ("POST", "/v1/enroll-token/rotate", ADMIN),
     ]
@@ -586,6 +560,12 @@ async fn request_for(
         | (_, "/v1/schedules/{name}/pause")
         | (_, "/v1/schedules/{name}/resume")
         | (_, "/v1/schedules/{name}/run") => (template.replace("{name}", &w.schedule[side]), None),
+        (_, "/console/{file}") => ("/console/app.js".into(), None),
+        ("POST", "/v1/session") => (
+            template.into(),
+            // A name of its own per cell, so no cell waits for another's failures.
+            Some(json!({ "username": format!("nobody-{n}"), "password": "wrong password" })),
+        ),
         (_, "/v1/snapshots/{id}/keep" | "/v1/snapshots/{id}/unkeep") => {
             (template.replace("{id}", &w.snap[side].to_string()), None)
         }

@@ -3,6 +3,8 @@
 mod access;
 mod agent;
 mod chaos;
+mod console;
+mod console_browser;
 mod crash;
 mod dropfolder;
 mod export;
@@ -16,3 +18,4 @@ mod operability;
 mod recorder;
 mod server;
 mod support;
+mod webdriver;

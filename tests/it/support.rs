@@ -235,9 +235,10 @@ impl TestServer {
             "serve".into(),
             "--data-dir".into(),
             data_dir.to_str().unwrap().into(),
-            "--online-window-secs".into(),
-            "5".into(),
         ];
+        if !extra.contains(&"--online-window-secs") {
+            args.extend(["--online-window-secs".into(), "5".into()]);
+        }
         // Port 0 unless the caller needs the same address across restarts.
         if !extra.contains(&"--listen") {
             args.extend(["--listen".into(), "127.0.0.1:0".into()]);
@@ -310,6 +311,13 @@ impl TestServer {
         let data_dir = self.data_dir.to_str().unwrap();
         all.extend(["--server", &url, "--data-dir", data_dir]);
         run_snapq(&all)
+    }
+
+    /// A request to `path` on this server, with no credentials yet.
+    pub fn request(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        self.client()
+            .request(method, format!("{}{path}", self.url()))
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
@@ -413,6 +421,40 @@ pub fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
     snapq::agent::export::export(&data, &out, None)
         .unwrap()
         .path
+}
+
+/// A request to `server` as `token` (or with none): the status and the JSON body (`null` when
+/// there is none).
+pub async fn call(
+    server: &TestServer,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut request = server.request(method, path);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    send_json(request).await
+}
+
+/// Registers an endpoint as an agent's first heartbeat does (its agent is not reachable).
+pub async fn register_unreachable(server: &TestServer, hostname: &str, ip: &str) {
+    let status = server
+        .client()
+        .post(format!("{}/v1/agents/heartbeat", server.url()))
+        .bearer_auth(server.enroll_secret())
+        .json(&serde_json::json!({ "hostname": hostname, "ips": [ip], "api_url": "https://127.0.0.1:1",
+                       "cert_sha256": "ab".repeat(32), "labels": [] }))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
 }
 
 /// An OpenMetrics exposition (`/metrics`) as `name{labels}` → value, comments skipped.

@@ -1,0 +1,734 @@
+// snapq web console: a client of the server's JSON API (/v1/...), signed in with a session
+// cookie. Hand-written, no library, no build step. Every value from the server is put into the
+// page with textContent (the `h` helper below); nothing here ever assigns markup.
+'use strict';
+
+// ---- state and helpers --------------------------------------------------------------------
+
+const S = { me: null, csrf: null, timers: [] };
+
+/** An element: h('td', {className: 'x', onclick: f}, 'text', child, ...). Strings become text. */
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'className') el.className = v;
+    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k in el && typeof v !== 'string') el[k] = v;
+    else el.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const $ = (sel, root) => (root || document).querySelector(sel);
+const main = () => $('#main');
+
+function show(...nodes) {
+  main().replaceChildren(...nodes);
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return '';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let v = Number(n);
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return (i === 0 ? v : v.toFixed(1)) + ' ' + units[i];
+}
+
+function when(ms) {
+  if (ms === null || ms === undefined || ms === '') return '';
+  const d = new Date(typeof ms === 'number' ? ms : Date.parse(ms));
+  return isNaN(d) ? String(ms) : d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+}
+
+function operator() { return S.me && (S.me.role === 'operator' || S.me.role === 'admin'); }
+function admin() { return S.me && S.me.role === 'admin'; }
+
+/** Repeats `fn` every `ms` while the current page is shown. */
+function every(ms, fn) {
+  S.timers.push(setInterval(fn, ms));
+}
+
+function message(text, kind) {
+  const m = $('#message');
+  if (m) { m.textContent = text; m.className = kind || ''; }
+}
+
+class ApiError extends Error {
+  constructor(status, text) { super(text); this.status = status; }
+}
+
+/** Calls the API with the session cookie (and the CSRF token on changes). */
+async function api(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  if (method !== 'GET' && S.csrf) headers['X-CSRF-Token'] = S.csrf;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const r = await fetch(path, {
+    method, headers, credentials: 'same-origin',
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try { data = await r.json(); } catch (_) { data = null; }
+  if (r.status === 401 && path !== '/v1/session') {
+    S.me = null;
+    location.hash = '#/signin';
+    throw new ApiError(401, (data && data.error) || 'signed out');
+  }
+  if (!r.ok) throw new ApiError(r.status, (data && data.error) || r.statusText);
+  return data;
+}
+
+function notFound(err) {
+  show(h('div', { id: 'notfound' },
+    h('h2', {}, 'Not found'),
+    h('p', {}, err.message),
+    h('p', {}, h('a', { href: '#/live' }, 'Back to Live Endpoints'))));
+}
+
+/** Runs a page; a 404 from the API shows the not-found page, other errors a message. */
+async function page(fn) {
+  try {
+    await fn();
+  } catch (err) {
+    if (err.status === 404) notFound(err);
+    else if (err.status !== 401) show(h('p', { className: 'error', id: 'page-error' }, err.message));
+  }
+}
+
+function confirmBox(title, ...body) {
+  return new Promise((resolve) => {
+    $('#modal-title').textContent = title;
+    $('#modal-body').replaceChildren(...body);
+    const modal = $('#modal');
+    modal.hidden = false;
+    const done = (answer) => {
+      modal.hidden = true;
+      $('#confirm-yes').onclick = null;
+      $('#confirm-no').onclick = null;
+      resolve(answer);
+    };
+    $('#confirm-yes').onclick = () => done(true);
+    $('#confirm-no').onclick = () => done(false);
+  });
+}
+
+function table(id, columns, rows) {
+  return h('table', { id },
+    h('thead', {}, h('tr', {}, columns.map((c) => h('th', {}, c)))),
+    h('tbody', {}, rows));
+}
+
+// ---- sign-in -----------------------------------------------------------------------------------
+
+function signinPage() {
+  $('#top').hidden = true;
+  const error = h('p', { id: 'signin-error', className: 'error' });
+  const form = h('form', { id: 'signin', className: 'card signin' },
+    h('h2', {}, 'Sign in to snapq'),
+    h('label', { for: 'username' }, 'Username'),
+    h('input', { id: 'username', name: 'username', autocomplete: 'username', required: true }),
+    h('label', { for: 'password' }, 'Password'),
+    h('input', { id: 'password', name: 'password', type: 'password', autocomplete: 'current-password', required: true }),
+    h('p', {}, h('button', { id: 'signin-submit', type: 'submit', className: 'primary' }, 'Sign in')),
+    error);
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    error.textContent = 'Signing in…';
+    try {
+      const r = await api('POST', '/v1/session', {
+        username: $('#username').value, password: $('#password').value,
+      });
+      S.csrf = r.csrf_token;
+      await loadMe();
+      location.hash = '#/live';
+    } catch (err) {
+      error.textContent = err.message;
+    }
+  });
+  show(form);
+  $('#username').focus();
+}
+
+async function loadMe() {
+  const me = await api('GET', '/v1/session');
+  S.me = me;
+  S.csrf = me.csrf_token;
+  $('#whoami').textContent = me.user + ' (' + me.role + ')';
+  $('#nav-admin').hidden = me.role !== 'admin';
+  $('#top').hidden = false;
+}
+
+async function signOut() {
+  try { await api('DELETE', '/v1/session'); } catch (_) { /* signed out either way */ }
+  S.me = null;
+  S.csrf = null;
+  location.hash = '#/signin';
+}
+
+// ---- Live Endpoints --------------------------------------------------------------------------
+
+async function livePage() {
+  const matches = h('ul', { id: 'matches' });
+  const search = h('input', { id: 'search', placeholder: 'Computer name or IP address', autocomplete: 'off' });
+  let selected = null;
+  let seq = 0;
+  const choose = (e) => {
+    selected = e.hostname;
+    search.value = e.hostname;
+    matches.replaceChildren();
+  };
+  search.addEventListener('input', async () => {
+    selected = null;
+    const text = search.value.trim();
+    const mine = ++seq;
+    if (!text) { matches.replaceChildren(); return; }
+    const found = await api('GET', '/v1/endpoints?limit=20&search=' + encodeURIComponent(text));
+    if (mine !== seq) return; // a later keystroke has its own answer
+    matches.replaceChildren(...found.map((e) => h('li', {
+      className: 'match', dataset: { host: e.hostname }, onclick: () => choose(e),
+    }, h('span', { className: 'dot' + (e.online ? ' online' : ''), title: e.online ? 'online' : 'offline' }),
+    e.hostname, ' ', h('span', { className: 'muted' }, e.ips.join(', ')))));
+    if (!found.length) matches.append(h('li', { className: 'none muted' }, 'No accessible endpoint matches'));
+  });
+  const connectButton = operator() ? h('button', {
+    id: 'connect', className: 'primary', onclick: async () => {
+      const target = selected || search.value.trim();
+      if (!target) return message('Type and pick an endpoint first', 'error');
+      try {
+        await api('POST', '/v1/connections', { targets: [target] });
+        message('Connected to ' + target, 'ok');
+        await refresh();
+      } catch (err) { message(err.message, 'error'); }
+    },
+  }, 'Connect') : null;
+
+  const body = h('tbody');
+  const selectedIds = () => [...body.querySelectorAll('input.select:checked')].map((c) => c.value);
+  const bulk = (verb, fn) => async () => {
+    const ids = selectedIds();
+    if (!ids.length) return message('Select connections first', 'error');
+    try {
+      for (const id of ids) await fn(id);
+      message(verb + ' ' + ids.length + ' connection(s)', 'ok');
+    } catch (err) { message(err.message, 'error'); }
+    for (const c of body.querySelectorAll('input.select:checked')) c.checked = false;
+    await refresh();
+  };
+  async function refresh() {
+    const list = await api('GET', '/v1/connections');
+    const checked = new Set(selectedIds());
+    body.replaceChildren(...list.map((c) => h('tr', { className: 'connection', dataset: { id: c.id, endpoint: c.endpoint } },
+      h('td', {}, h('input', { type: 'checkbox', className: 'select', value: String(c.id), checked: checked.has(String(c.id)) })),
+      h('td', {}, h('a', { className: 'endpoint-link', href: '#/grid/' + c.id }, c.endpoint)),
+      h('td', { className: 'status' }, c.status, c.reason ? h('div', { className: 'muted' }, c.reason) : null),
+      h('td', {}, c.target.kind === 'snapshot' ? 'snapshot ' + c.target.id : 'live'),
+      h('td', {}, c.address || ''),
+      h('td', {}, when(c.since_ms)),
+      h('td', {}, when(c.last_activity_ms)),
+      h('td', {}, bytes(c.db_bytes)),
+      h('td', {}, c.oldest_ts ? when(c.oldest_ts) + ' – ' + when(c.newest_ts) : ''))));
+  }
+  show(
+    h('h2', {}, 'Live Endpoints'),
+    h('div', { className: 'bar' }, h('div', { className: 'typeahead' }, search, matches), connectButton),
+    h('p', { id: 'message' }),
+    h('h3', {}, 'Connections'),
+    h('div', { className: 'bar' },
+      h('button', { id: 'reconnect-selected', onclick: bulk('Reconnected', (id) => api('POST', '/v1/connections/' + id + '/reconnect')) }, 'Connect again'),
+      operator() ? h('button', { id: 'delete-selected', className: 'danger', onclick: bulk('Closed', (id) => api('DELETE', '/v1/connections/' + id)) }, 'Delete') : null),
+    h('table', { id: 'connections' },
+      h('thead', {}, h('tr', {}, ['', 'Endpoint', 'Status', 'Target', 'Address', 'Since', 'Last activity', 'Database', 'Time range'].map((c) => h('th', {}, c)))),
+      body));
+  search.focus();
+  await refresh();
+  every(5000, () => refresh().catch(() => {}));
+}
+
+// ---- events grid -------------------------------------------------------------------------------
+
+const OPS = ['co', 'eq', 'ne', 'gt', 'gte', 'lt', 'lte', 'nc', 'sw', 'ew', 'isempty', 'range'];
+
+async function gridPage(id) {
+  const conn = await api('GET', '/v1/connections/' + encodeURIComponent(id));
+  const live = conn.target.kind !== 'snapshot';
+  const g = { type: 'process', sort: '-ts', cursors: [null], page: 0, filters: [], any: false, rows: [] };
+  const head = h('h2', {}, conn.endpoint, ' ', h('span', { className: 'muted' },
+    live ? '(live connection ' + conn.id + ')' : '(snapshot ' + conn.target.id + ')'));
+  if (conn.status !== 'active') {
+    show(head, h('p', { id: 'message', className: 'error' }, 'This connection is ' + conn.status + (conn.reason ? ': ' + conn.reason : '') + '. '),
+      h('button', { id: 'reconnect', onclick: async () => { await api('POST', '/v1/connections/' + conn.id + '/reconnect'); gridPage(id); } }, 'Connect again'));
+    return;
+  }
+  const summary = await api('GET', '/v1/connections/' + conn.id + '/summary');
+  const types = Object.keys(summary.counts).filter((t) => t !== 'meta');
+  const tabs = h('div', { className: 'tabs', id: 'tabs' });
+  const thead = h('thead');
+  const tbody = h('tbody');
+  const filterRows = h('div', { id: 'filters' });
+  const treeView = h('div', { id: 'tree-view', className: 'tree' });
+  const exportStatus = h('div', { id: 'export-status' });
+  const pageInfo = h('span', { id: 'page-info', className: 'muted' });
+
+  function drawTabs() {
+    tabs.replaceChildren(...types.map((t) => h('button', {
+      className: 'tab' + (t === g.type ? ' current' : ''), dataset: { type: t },
+      onclick: () => { g.type = t; g.sort = '-ts'; g.filters = []; drawFilters(); reset(); drawTabs(); },
+    }, t + ' (' + summary.counts[t] + ')')));
+  }
+  function fieldsOf() {
+    const keys = g.rows.length ? Object.keys(g.rows[0]) : ['id', 'ts'];
+    return keys;
+  }
+  function drawFilters() {
+    filterRows.replaceChildren(...g.filters.map((f, i) => h('div', { className: 'filter-row' },
+      h('select', { className: 'f-field', onchange: (e) => { f.field = e.target.value; } },
+        [...new Set([f.field, ...fieldsOf()])].map((k) => h('option', { value: k, selected: k === f.field }, k))),
+      h('select', { className: 'f-op', onchange: (e) => { f.op = e.target.value; } },
+        OPS.map((o) => h('option', { value: o, selected: o === f.op }, o))),
+      h('input', { className: 'f-value', value: f.value, oninput: (e) => { f.value = e.target.value; } }),
+      h('button', { className: 'f-remove', onclick: () => { g.filters.splice(i, 1); drawFilters(); } }, '✕'))));
+  }
+  function params() {
+    const q = new URLSearchParams();
+    q.set('type', g.type);
+    q.set('sort', g.sort);
+    q.set('limit', '50');
+    for (const f of g.filters) q.append('where', (f.field + ' ' + f.op + ' ' + (f.op === 'isempty' ? '' : f.value)).trim());
+    if (g.any) q.set('any', 'true');
+    return q;
+  }
+  async function load() {
+    const q = params();
+    const cursor = g.cursors[g.page];
+    if (cursor) q.set('cursor', cursor);
+    let data;
+    try {
+      data = await api('GET', '/v1/connections/' + conn.id + '/events?' + q);
+    } catch (err) { message(err.message, 'error'); return; }
+    message('');
+    g.rows = data.events;
+    g.cursors[g.page + 1] = data.next_cursor;
+    $('#next').disabled = !data.next_cursor;
+    $('#prev').disabled = g.page === 0;
+    pageInfo.textContent = 'page ' + (g.page + 1) + ', ' + g.rows.length + ' rows';
+    const cols = g.rows.length ? orderColumns(Object.keys(g.rows[0])) : [];
+    thead.replaceChildren(h('tr', {}, h('th', {}, ''), cols.map((c) => h('th', {
+      className: 'sortable', dataset: { field: c },
+      onclick: () => { g.sort = g.sort === c ? '-' + c : c; reset(); },
+    }, c, g.sort === c ? ' ▲' : g.sort === '-' + c ? ' ▼' : ''))));
+    tbody.replaceChildren(...g.rows.map((ev) => {
+      const box = h('input', { type: 'checkbox', className: 'select-event', value: g.type + ':' + ev.id });
+      const tr = h('tr', { className: 'event', dataset: { ref: g.type + ':' + ev.id } }, h('td', {}, box),
+        cols.map((c) => h('td', { className: typeof ev[c] === 'number' ? 'cell num' : 'cell', dataset: { col: c } },
+          (c === 'ts' || c === 'end_ts') && typeof ev[c] === 'number' ? when(ev[c]) : ev[c] === null ? '' : String(ev[c]))));
+      box.addEventListener('change', () => tr.classList.toggle('selected', box.checked));
+      return tr;
+    }));
+    if (g.filters.length === 0) drawFilters();
+  }
+  function reset() { g.page = 0; g.cursors = [null]; load(); }
+  const selectedRefs = () => [...tbody.querySelectorAll('input.select-event:checked')].map((c) => c.value);
+
+  async function tree() {
+    const refs = selectedRefs().filter((r) => r.startsWith('process:'));
+    if (refs.length !== 1) return message('Select one process row for its tree', 'error');
+    try {
+      const t = await api('GET', '/v1/connections/' + conn.id + '/tree?process=' + refs[0].split(':')[1]);
+      const label = (p) => (p.path || '') + ' [pid ' + p.pid + '] ' + (p.cmdline || '');
+      let inner = h('li', { className: 'this' }, label(t.process),
+        h('ul', {}, t.children.map((c) => h('li', { className: 'child' }, label(c)))));
+      for (const a of [...t.ancestors].reverse()) inner = h('li', { className: 'ancestor' }, label(a), h('ul', {}, inner));
+      treeView.replaceChildren(h('h3', {}, 'Process tree'), h('ul', {}, inner),
+        t.ancestors_truncated ? h('p', { className: 'muted' }, 'ancestors cut short') : null);
+    } catch (err) { message(err.message, 'error'); }
+  }
+  async function saveEvidence() {
+    const refs = selectedRefs();
+    if (!refs.length) return message('Select rows to save', 'error');
+    try {
+      const saved = await api('POST', '/v1/evidence', { connection: String(conn.id), events: refs, note: $('#evidence-note').value });
+      message('Saved ' + saved.length + ' event(s) as evidence', 'ok');
+    } catch (err) { message(err.message, 'error'); }
+  }
+  async function exportRows() {
+    const p = params();
+    try {
+      const made = await api('POST', '/v1/exports', {
+        connection: String(conn.id), format: $('#export-format').value, types: [g.type],
+        where: p.getAll('where'), any: g.any, sort: g.sort,
+      });
+      watchExport(made.id, exportStatus);
+    } catch (err) { message(err.message, 'error'); }
+  }
+  async function capture() {
+    try {
+      const info = await api('GET', '/v1/endpoints/' + encodeURIComponent(conn.endpoint));
+      const size = info.live && info.live.db_bytes;
+      const ok = await confirmBox('Capture a snapshot of ' + conn.endpoint + '?',
+        h('p', { id: 'capture-size' }, 'Database size: ' + (size ? bytes(size) : 'unknown (the endpoint did not answer)')),
+        h('p', { id: 'capture-free' }, 'Free disk on the server: ' + bytes(info.server_free_bytes) +
+          ' (reserve ' + bytes(info.capture_reserve_bytes) + ', held by running captures ' + bytes(info.reserved_by_captures) + ')'));
+      if (!ok) return;
+      const q = await api('POST', '/v1/connections/' + conn.id + '/capture');
+      const m = $('#message');
+      m.className = 'ok';
+      m.replaceChildren('Capture queued (snapshot ' + q.snapshot_id + '). ',
+        h('a', { id: 'capture-progress', href: '#/snapshots/' + encodeURIComponent(q.hostname) }, 'See its progress in Saved Evidence › Snapshots'));
+    } catch (err) { message(err.message, 'error'); }
+  }
+
+  show(head,
+    h('p', { className: 'muted' }, summary.total + ' events, ' + when(summary.oldest_ts) + ' – ' + when(summary.newest_ts)),
+    tabs,
+    h('div', { className: 'card wide' },
+      filterRows,
+      h('div', { className: 'bar' },
+        h('button', { id: 'add-filter', onclick: () => { g.filters.push({ field: fieldsOf().includes('cmdline') ? 'cmdline' : 'id', op: 'co', value: '' }); drawFilters(); } }, '+ Condition'),
+        h('label', {}, 'Match ', h('select', { id: 'match', onchange: (e) => { g.any = e.target.value === 'any'; } },
+          h('option', { value: 'all' }, 'all'), h('option', { value: 'any' }, 'any')), ' conditions'),
+        h('button', { id: 'apply', className: 'primary', onclick: reset }, 'Apply'))),
+    h('div', { className: 'bar' },
+      h('button', { id: 'prev', onclick: () => { g.page--; load(); } }, '‹ Previous'),
+      h('button', { id: 'next', onclick: () => { g.page++; load(); } }, 'Next ›'), pageInfo,
+      h('button', { id: 'tree', onclick: tree }, 'Process tree'),
+      operator() ? [h('input', { id: 'evidence-note', placeholder: 'note' }),
+        h('button', { id: 'save-evidence', onclick: saveEvidence }, 'Save evidence'),
+        h('select', { id: 'export-format' }, ['csv', 'jsonl', 'xlsx'].map((f) => h('option', { value: f }, f))),
+        h('button', { id: 'export', onclick: exportRows }, 'Export')] : null,
+      operator() && live ? h('button', { id: 'capture', className: 'primary', onclick: capture }, 'Capture') : null),
+    h('p', { id: 'message' }),
+    exportStatus,
+    treeView,
+    h('table', { id: 'events' }, thead, tbody));
+  drawTabs();
+  await load();
+}
+
+/** Columns in the order a reader wants them: id and time first, the process, then the rest. */
+const FIRST_COLUMNS = ['id', 'ts', 'user', 'pid', 'ppid', 'path', 'cmdline', 'op', 'query', 'answer', 'remote_addr', 'remote_port', 'key'];
+function orderColumns(keys) {
+  const first = FIRST_COLUMNS.filter((k) => keys.includes(k));
+  return first.concat(keys.filter((k) => !first.includes(k)));
+}
+
+/** Follows an export job: its progress, then a download link. */
+function watchExport(id, box) {
+  const status = h('a', { id: 'export-state', href: '#/export/' + id }, 'export ' + id + ': queued');
+  const bar = h('progress', { id: 'export-progress' });
+  box.replaceChildren(status, ' ', bar);
+  const timer = setInterval(async () => {
+    try {
+      const e = await api('GET', '/v1/exports/' + id);
+      status.textContent = 'export ' + id + ': ' + e.state + ', ' + e.rows + ' rows' + (e.error ? ' — ' + e.error : '');
+      if (e.state === 'complete') {
+        clearInterval(timer);
+        bar.max = 1; bar.value = 1;
+        box.append(' ', h('a', { id: 'export-download', href: '/v1/exports/' + id + '/file', download: e.file_name || '' }, 'Download ' + (e.file_name || 'export') + ' (' + bytes(e.bytes) + ')'));
+      } else if (e.state === 'failed' || e.state === 'cancelled') {
+        clearInterval(timer);
+        bar.remove();
+      }
+    } catch (_) { clearInterval(timer); }
+  }, 500);
+  S.timers.push(timer);
+}
+
+// ---- Saved Evidence > Snapshots -----------------------------------------------------------------
+
+async function snapshotsPage(openHost) {
+  const expanded = new Set(openHost ? [openHost] : []);
+  const list = h('div', { id: 'snapshot-groups' });
+  const uploadStatus = h('div', { id: 'upload-status' });
+  const file = h('input', { id: 'upload-file', type: 'file', accept: '.db' });
+  const bar = h('progress', { id: 'upload-progress', max: 1, value: 0, hidden: true });
+
+  async function del(body, what) {
+    if (!await confirmBox('Delete ' + what + '?', h('p', {}, 'This permanently removes ' + what + ' from the server.'))) return;
+    try {
+      await api('POST', '/v1/snapshots/delete', body);
+      message('Deleting ' + what, 'ok');
+    } catch (err) { message(err.message, 'error'); }
+    await refresh();
+  }
+  async function connect(id) {
+    try {
+      const c = await api('POST', '/v1/snapshots/' + id + '/connect');
+      location.hash = '#/grid/' + c.id;
+    } catch (err) { message(err.message, 'error'); }
+  }
+  async function refresh() {
+    const groups = await api('GET', '/v1/snapshots');
+    list.replaceChildren(...groups.map((grp) => {
+      const open = expanded.has(grp.hostname);
+      const rows = open ? grp.snapshots.map((s) => h('tr', { className: 'snapshot', dataset: { id: s.id, state: s.state } },
+        h('td', {}, s.name || '(' + s.state + ')'),
+        h('td', { className: 'state' }, s.state, s.error ? h('div', { className: 'error' }, s.error) : null),
+        h('td', {}, s.state === 'complete' || s.state === 'failed' ? '' : h('progress', {
+          className: 'snap-progress', max: s.bytes_total || 1, value: s.bytes_total ? s.bytes_done : 0,
+        }), s.bytes_total ? ' ' + bytes(s.bytes_done) + ' / ' + bytes(s.bytes_total) : ''),
+        h('td', {}, bytes(s.size)),
+        h('td', {}, s.origin),
+        h('td', {}, s.requested_by),
+        h('td', {}, when(s.created_ms)),
+        h('td', {}, s.state === 'complete' ? h('button', { className: 'open', onclick: () => connect(s.id) }, 'Connect') : null,
+          operator() ? h('button', { className: 'delete danger', onclick: () => del({ ids: [s.id] }, 'snapshot ' + (s.name || s.id)) }, 'Delete') : null))) : [];
+      return h('div', { className: 'snap-group', dataset: { host: grp.hostname } },
+        h('div', { className: 'bar' },
+          h('button', { className: 'expand', onclick: () => { open ? expanded.delete(grp.hostname) : expanded.add(grp.hostname); refresh(); } },
+            (open ? '▾ ' : '▸ ') + grp.hostname),
+          h('span', { className: 'captures muted' }, grp.captures + ' capture(s)'),
+          operator() ? h('button', { className: 'delete-all danger', onclick: () => del({ endpoint: grp.hostname }, 'all snapshots of ' + grp.hostname) }, 'Delete all') : null),
+        open ? table(null, ['Name', 'State', 'Progress', 'Size', 'Origin', 'Requested by', 'Created', ''], rows) : null);
+    }));
+    if (!groups.length) list.append(h('p', { className: 'muted' }, 'No snapshots yet.'));
+  }
+  function upload(andConnect) {
+    const f = file.files[0];
+    if (!f) return message('Choose a snapshot file first', 'error');
+    const xhr = new XMLHttpRequest();
+    xhr.open('POST', '/v1/uploads?name=' + encodeURIComponent(f.name));
+    xhr.setRequestHeader('X-CSRF-Token', S.csrf || '');
+    bar.hidden = false;
+    bar.max = f.size || 1;
+    bar.value = 0;
+    uploadStatus.textContent = 'Uploading ' + f.name + '…';
+    xhr.upload.onprogress = (e) => { bar.value = e.loaded; };
+    xhr.onload = async () => {
+      let r = null;
+      try { r = JSON.parse(xhr.responseText); } catch (_) { r = null; }
+      if (xhr.status !== 202) { uploadStatus.textContent = 'Upload refused: ' + ((r && r.error) || xhr.statusText); uploadStatus.className = 'error'; return; }
+      uploadStatus.textContent = 'Uploaded; checking ' + r.name + '…';
+      const timer = setInterval(async () => {
+        let i;
+        try { i = await api('GET', '/v1/ingests/' + r.job_id); } catch (_) { clearInterval(timer); return; }
+        if (i.state === 'pending') return;
+        clearInterval(timer);
+        if (i.state === 'complete' && i.snapshot_id) {
+          uploadStatus.textContent = r.name + ' is stored as snapshot ' + i.snapshot_id;
+          uploadStatus.className = 'ok';
+          if (andConnect) await connect(i.snapshot_id);
+          else await refresh();
+        } else {
+          uploadStatus.className = 'error';
+          uploadStatus.textContent = r.name + ' was not stored (' + i.state + '): ' + (i.reason || 'no reason given');
+        }
+      }, 500);
+      S.timers.push(timer);
+    };
+    xhr.onerror = () => { uploadStatus.textContent = 'Upload failed: the connection broke'; };
+    xhr.send(f);
+  }
+  show(h('h2', {}, 'Saved Evidence › Snapshots'),
+    operator() ? h('div', { className: 'card', id: 'upload' }, h('h3', {}, 'Upload Snapshot'),
+      h('div', { className: 'bar' }, file,
+        h('button', { id: 'upload-only', onclick: () => upload(false) }, 'Upload'),
+        h('button', { id: 'upload-connect', className: 'primary', onclick: () => upload(true) }, 'Upload & Connect')),
+      bar, uploadStatus) : null,
+    h('p', { id: 'message' }),
+    list);
+  await refresh();
+  every(1000, () => { if ($('#modal').hidden) refresh().catch(() => {}); });
+}
+
+/** One snapshot by id (a link anyone may share; outside the user's groups it does not exist). */
+async function snapshotPage(id) {
+  const s = await api('GET', '/v1/snapshots/' + encodeURIComponent(id));
+  show(h('h2', {}, 'Snapshot ' + s.id + ' of ' + s.hostname),
+    table('snapshot', ['Name', 'State', 'Origin', 'Size', 'Events', 'Time range', 'sha256', 'Requested by'], [h('tr', {},
+      h('td', {}, s.name || ''), h('td', { className: 'state' }, s.state), h('td', {}, s.origin), h('td', {}, bytes(s.size)),
+      h('td', {}, s.events === null ? '' : String(s.events)), h('td', {}, s.oldest_ts ? when(s.oldest_ts) + ' – ' + when(s.newest_ts) : ''),
+      h('td', { className: 'cell' }, s.sha256 || ''), h('td', {}, s.requested_by))]),
+    h('p', {}, h('a', { href: '#/snapshots/' + encodeURIComponent(s.hostname) }, 'All snapshots of ' + s.hostname)));
+}
+
+/** One export by id: its progress and download link. */
+async function exportPage(id) {
+  await api('GET', '/v1/exports/' + encodeURIComponent(id));
+  const box = h('div', { id: 'export-status' });
+  show(h('h2', {}, 'Export ' + id), box);
+  watchExport(id, box);
+}
+
+// ---- Saved Evidence > Events -----------------------------------------------------------------
+
+async function evidencePage() {
+  const all = await api('GET', '/v1/evidence');
+  const filter = h('input', { id: 'evidence-filter', placeholder: 'Filter by endpoint, type, note or content' });
+  const body = h('tbody');
+  const status = h('div', { id: 'export-status' });
+  function draw() {
+    const text = filter.value.toLowerCase();
+    const rows = all.filter((e) => !text || JSON.stringify(e).toLowerCase().includes(text));
+    body.replaceChildren(...rows.map((e) => h('tr', { className: 'evidence', dataset: { id: e.id } },
+      h('td', {}, String(e.id)), h('td', {}, e.hostname), h('td', {}, e.event_type + ':' + e.event_id),
+      h('td', {}, when(e.event_ts)), h('td', { className: 'cell' }, e.event.cmdline || e.event.path || e.event.query || ''),
+      h('td', {}, e.note || ''), h('td', {}, e.saved_by), h('td', {}, when(e.saved_ms)))));
+  }
+  filter.addEventListener('input', draw);
+  show(h('h2', {}, 'Saved Evidence › Events'),
+    h('div', { className: 'bar' }, filter,
+      operator() ? [h('select', { id: 'export-format' }, ['csv', 'jsonl', 'xlsx'].map((f) => h('option', { value: f }, f))),
+        h('button', { id: 'export', onclick: async () => {
+          try {
+            const made = await api('POST', '/v1/exports', { evidence: true, format: $('#export-format').value });
+            watchExport(made.id, status);
+          } catch (err) { message(err.message, 'error'); }
+        } }, 'Export')] : null),
+    h('p', { id: 'message' }), status,
+    h('table', { id: 'evidence-table' },
+      h('thead', {}, h('tr', {}, ['Id', 'Endpoint', 'Event', 'Time', 'Detail', 'Note', 'Saved by', 'Saved'].map((c) => h('th', {}, c)))), body));
+  draw();
+}
+
+// ---- Queue, Fleet ----------------------------------------------------------------------------------
+
+async function queuePage() {
+  const counts = h('tbody');
+  const jobs = h('tbody');
+  const stateSel = h('select', { id: 'job-state', onchange: () => refresh() },
+    ['', 'pending', 'running', 'retrying', 'done', 'failed', 'cancelled'].map((s) => h('option', { value: s }, s || 'all states')));
+  const act = (verb, id) => async () => {
+    try { await api('POST', '/v1/queue/jobs/' + encodeURIComponent(id) + '/' + verb); message(verb + ' ' + id, 'ok'); } catch (err) { message(err.message, 'error'); }
+    await refresh();
+  };
+  async function refresh() {
+    const st = await api('GET', '/v1/queue/status');
+    counts.replaceChildren(...st.status.kinds.map((k) => h('tr', { className: 'kind', dataset: { kind: k.kind } },
+      h('td', {}, k.kind), ['pending', 'running', 'retrying', 'done', 'failed', 'cancelled'].map((f) => h('td', { dataset: { f } }, String(k[f]))))));
+    const list = await api('GET', '/v1/queue/jobs?limit=200' + (stateSel.value ? '&state=' + stateSel.value : ''));
+    jobs.replaceChildren(...list.map((j) => h('tr', { className: 'job', dataset: { id: j.id, state: j.state, kind: j.kind } },
+      h('td', {}, j.id), h('td', {}, j.kind), h('td', { className: 'state' }, j.state),
+      h('td', {}, j.attempts + ' / ' + j.max_attempts), h('td', { className: 'cell' }, j.last_error || ''),
+      h('td', {}, j.progress ? h('progress', { max: j.progress.total || 1, value: j.progress.done }) : ''),
+      h('td', {}, when(j.created_at)),
+      h('td', {}, operator() && (j.state === 'failed' || j.state === 'cancelled') ? h('button', { className: 'retry', onclick: act('retry', j.id) }, 'Retry') : null,
+        operator() && ['pending', 'running', 'retrying'].includes(j.state) ? h('button', { className: 'cancel danger', onclick: act('cancel', j.id) }, 'Cancel') : null))));
+  }
+  show(h('h2', {}, 'Queue'),
+    h('table', { id: 'queue-counts' }, h('thead', {}, h('tr', {}, ['Kind', 'Pending', 'Running', 'Retrying', 'Done', 'Failed', 'Cancelled'].map((c) => h('th', {}, c)))), counts),
+    h('div', { className: 'bar' }, h('h3', {}, 'Jobs'), stateSel),
+    h('p', { id: 'message' }),
+    h('table', { id: 'jobs' }, h('thead', {}, h('tr', {}, ['Id', 'Kind', 'State', 'Attempts', 'Last error', 'Progress', 'Created', ''].map((c) => h('th', {}, c)))), jobs));
+  await refresh();
+  every(2000, () => refresh().catch(() => {}));
+}
+
+async function fleetPage() {
+  const [batches, schedules] = await Promise.all([api('GET', '/v1/fleet/batches'), api('GET', '/v1/schedules')]);
+  const cell = (v) => h('td', {}, v === null || v === undefined ? '' : String(v));
+  const items = h('div', { id: 'batch-items' });
+  async function outcomes(id) {
+    const b = await api('GET', '/v1/fleet/batches/' + id);
+    items.replaceChildren(h('h3', {}, 'Batch ' + id + ': per-endpoint outcomes'),
+      table('batch-outcomes', ['Endpoint', 'State', 'Snapshot', 'Bytes', 'Error'], (b.items || []).map((i) => h('tr', { className: 'item' },
+        cell(i.hostname), cell(i.state), h('td', {}, i.snapshot_id ? h('a', { href: '#/snapshot/' + i.snapshot_id }, String(i.snapshot_id)) : ''),
+        h('td', {}, bytes(i.bytes)), cell(i.error)))));
+  }
+  const act = (path) => async () => {
+    try { await api('POST', path); route(); } catch (err) { message(err.message, 'error'); }
+  };
+  show(h('h2', {}, 'Fleet'), h('p', { id: 'message' }),
+    h('h3', {}, 'Batches'),
+    table('batches', ['Id', 'Group', 'Schedule', 'State', 'Progress', 'Total', 'Queued', 'Running', 'Done', 'Failed', 'Skipped', 'Bytes', 'Reason', ''],
+      batches.map((x) => {
+        const t = x.totals;
+        const finished = t.done + t.failed + t.skipped;
+        return h('tr', { className: 'batch', dataset: { id: x.id, state: x.state } },
+          h('td', {}, h('a', { href: '#/fleet', className: 'batch-link', onclick: (e) => { e.preventDefault(); outcomes(x.id); } }, String(x.id))),
+          cell(x.group_name), cell(x.schedule_name), cell(x.state),
+          h('td', {}, h('progress', { max: t.total || 1, value: finished })),
+          cell(t.total), cell(t.queued), cell(t.running), cell(t.done), cell(t.failed), cell(t.skipped), h('td', {}, bytes(t.bytes)), cell(x.reason),
+          h('td', {}, operator() && x.state === 'running' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/pause') }, 'Pause') : null,
+            operator() && x.state === 'paused' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/resume') }, 'Resume') : null));
+      })),
+    items,
+    h('h3', {}, 'Schedules'),
+    table('schedules', ['Name', 'Group', 'Cron', 'Time zone', 'Next run', 'Last batch', 'Keep', 'Paused'],
+      schedules.map((x) => h('tr', { className: 'schedule', dataset: { name: x.name } }, cell(x.name), cell(x.group_name), cell(x.cron), cell(x.tz),
+        cell(x.paused ? '(paused)' : x.next_run_utc), cell(x.last_batch ? x.last_batch.id + ' ' + x.last_batch.state : ''),
+        cell([x.keep_last ? 'last ' + x.keep_last : '', x.keep_days ? x.keep_days + ' days' : ''].filter(Boolean).join(', ')),
+        cell(x.paused ? 'yes' : 'no')))));
+}
+
+// ---- Admin ------------------------------------------------------------------------------------------
+
+async function adminPage() {
+  const [users, tokens, groups, audit] = await Promise.all([
+    api('GET', '/v1/users'), api('GET', '/v1/tokens'), api('GET', '/v1/groups'), api('GET', '/v1/audit?limit=100'),
+  ]);
+  const once = h('div', { id: 'token-once' });
+  const newUser = h('input', { id: 'new-user', placeholder: 'username' });
+  const newRole = h('select', { id: 'new-role' }, ['viewer', 'operator', 'admin'].map((r) => h('option', { value: r }, r)));
+  const newLabel = h('input', { id: 'token-label', placeholder: 'label' });
+  const cell = (v) => h('td', {}, v === null || v === undefined ? '' : Array.isArray(v) ? v.join(', ') : String(v));
+  show(h('h2', {}, 'Admin'), h('p', { id: 'message' }),
+    h('h3', {}, 'Users'),
+    h('div', { className: 'bar' }, newUser, newRole, h('button', { id: 'add-user', onclick: async () => {
+      try { await api('POST', '/v1/users', { name: newUser.value, role: newRole.value }); route(); } catch (err) { message(err.message, 'error'); }
+    } }, 'Add user')),
+    table('users', ['Name', 'Role', 'Groups', 'Password'], users.map((u) => h('tr', { className: 'user', dataset: { name: u.name } }, cell(u.name), cell(u.role), cell(u.groups), cell(u.has_password ? 'set' : 'none')))),
+    h('h3', {}, 'Tokens'),
+    h('div', { className: 'bar' }, newLabel, h('button', { id: 'create-token', onclick: async () => {
+      try {
+        const t = await api('POST', '/v1/tokens', { label: newLabel.value || null });
+        once.replaceChildren(h('p', {}, 'Token ' + t.info.prefix + '… made; copy it now, it is shown this once:'), h('div', { className: 'token-once', id: 'new-token' }, t.token));
+      } catch (err) { message(err.message, 'error'); }
+    } }, 'Create token')), once,
+    table('tokens', ['Id', 'User', 'Label', 'Prefix', 'Created', 'Expires', 'Revoked', ''], tokens.map((t) => h('tr', { className: 'token' },
+      cell(t.id), cell(t.user), cell(t.label), cell(t.prefix), h('td', {}, when(t.created_ms)), h('td', {}, when(t.expires_ms)), h('td', {}, when(t.revoked_ms)),
+      h('td', {}, t.revoked_ms || t.bootstrap ? null : h('button', { className: 'revoke danger', onclick: async () => {
+        if (!await confirmBox('Revoke token ' + t.prefix + '…?', h('p', {}, 'Whatever uses it stops working at once.'))) return;
+        try { await api('DELETE', '/v1/tokens/' + t.id); route(); } catch (err) { message(err.message, 'error'); }
+      } }, 'Revoke'))))),
+    h('h3', {}, 'Computer groups'),
+    h('div', { className: 'bar' }, h('input', { id: 'group-name', placeholder: 'group name' }),
+      h('input', { id: 'group-hosts', placeholder: 'hostname globs, comma-separated (web-*)' }),
+      h('button', { id: 'add-group', onclick: async () => {
+        const hostnames = $('#group-hosts').value.split(',').map((x) => x.trim()).filter(Boolean);
+        try { await api('POST', '/v1/groups', { name: $('#group-name').value, hostnames }); route(); } catch (err) { message(err.message, 'error'); }
+      } }, 'Add group')),
+    table('groups', ['Name', 'Hostnames', 'CIDRs', 'Labels', 'Members', 'Endpoints now', 'Users'], groups.map((g) => h('tr', { className: 'group' },
+      cell(g.name), cell(g.hostnames), cell(g.cidrs), cell(g.labels), cell(g.members), cell(g.member_count), cell(g.users)))),
+    h('h3', {}, 'Audit log'),
+    table('audit', ['When', 'Who', 'What', 'Target', 'Result', 'Detail'], audit.map((a) => h('tr', { className: 'audit' },
+      h('td', {}, when(a.ts_ms)), cell(a.actor), cell(a.action), cell(a.target), cell(a.result), cell(a.detail)))));
+}
+
+// ---- routing ------------------------------------------------------------------------------------
+
+async function route() {
+  for (const t of S.timers) clearInterval(t);
+  S.timers = [];
+  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  if (parts[0] === 'signin') return signinPage();
+  if (!S.me) {
+    try { await loadMe(); } catch (_) { return signinPage(); }
+  }
+  for (const a of document.querySelectorAll('header nav a')) {
+    a.classList.toggle('current', a.getAttribute('href') === '#/' + (parts[0] === 'grid' ? 'live' : parts[0]));
+  }
+  switch (parts[0]) {
+    case 'grid': return page(() => gridPage(parts[1]));
+    case 'snapshots': return page(() => snapshotsPage(parts[1]));
+    case 'snapshot': return page(() => snapshotPage(parts[1]));
+    case 'export': return page(() => exportPage(parts[1]));
+    case 'evidence': return page(evidencePage);
+    case 'queue': return page(queuePage);
+    case 'fleet': return page(fleetPage);
+    case 'admin': return page(adminPage);
+    case 'live': case '': return page(livePage);
+    default: return notFound(new Error('no console page ' + parts[0]));
+  }
+}
+
+window.addEventListener('hashchange', route);
+window.addEventListener('DOMContentLoaded', () => {
+  $('#signout').addEventListener('click', signOut);
+  route();
+});
