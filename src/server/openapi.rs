@@ -82,6 +82,7 @@ fn build() -> openapi::OpenApi {
         ("exports and evidence", super::export::doc()),
         ("fleet", super::fleet::Doc::openapi()),
         ("metrics", super::metrics::Doc::openapi()),
+        ("console", super::console::Doc::openapi()),
     ];
     for (tag, mut part) in parts {
         for item in part.paths.paths.values_mut() {

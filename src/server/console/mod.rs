@@ -33,6 +33,11 @@ pub(super) fn routes() -> Vec<ApiRoute> {
     ]
 }
 
+/// The console's routes in the OpenAPI document (`super::openapi`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(index, asset, session::sign_in, session::current, session::sign_out))]
+pub(super) struct Doc;
+
 /// The embedded files: name, content type, bytes.
 const ASSETS: &[(&str, &str, &str)] = &[
     (
@@ -49,6 +54,17 @@ const ASSETS: &[(&str, &str, &str)] = &[
 
 const INDEX: &str = include_str!("assets/index.html");
 
+/// The web console's page (its script and style come from `/console/{file}`).
+#[utoipa::path(
+    get,
+    path = "/",
+    responses((
+        status = 200,
+        description = "the console's page",
+        content_type = "text/html; charset=utf-8",
+        body = String
+    )),
+)]
 async fn index() -> Response {
     (
         [(
@@ -60,6 +76,23 @@ async fn index() -> Response {
         .into_response()
 }
 
+/// One of the console's embedded files.
+#[utoipa::path(
+    get,
+    path = "/console/{file}",
+    params(("file" = String, Path, description = "the file's name", example = "app.js")),
+    responses(
+        (
+            status = 200,
+            description = "the file",
+            content(
+                (String = "text/javascript; charset=utf-8"),
+                (String = "text/css; charset=utf-8"),
+            )
+        ),
+        (status = 404, description = "no console file of that name", body = super::openapi::ErrorBody),
+    ),
+)]
 async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => (

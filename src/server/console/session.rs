@@ -190,7 +190,7 @@ fn cookie(secret: &str, max_age: Duration) -> HeaderValue {
     .expect("a cookie of hex and fixed text")
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub(super) struct SignIn {
     username: String,
     password: String,
@@ -218,8 +218,51 @@ fn foreign_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// What a sign-in answers (beside the session cookie).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used
+pub(super) struct SessionStarted {
+    user: String,
+    /// Send it as `X-CSRF-Token` with every change made with the session cookie.
+    csrf_token: String,
+    /// When the session ends at the latest (ms since the epoch).
+    expires_ms: i64,
+}
+
+/// Who is signed in.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used
+pub(super) struct SessionInfo {
+    user: String,
+    #[schema(value_type = String, example = "operator")]
+    role: String,
+    groups: Vec<String>,
+    /// Whether the caller came with the session cookie (else a bearer token).
+    session: bool,
+    /// The session's CSRF token (`null` for a bearer token, which needs none).
+    csrf_token: Option<String>,
+}
+
+/// What a sign-out answers.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its schema is used
+pub(super) struct SignedOut {
+    /// Whether a session ended (false for a bearer token or an already ended session).
+    signed_out: bool,
+}
+
 /// `POST /v1/session {"username", "password"}`: signs in. Public: it is how a browser gets a
 /// credential. Every attempt is audited; failures slow down that username's next attempts.
+#[utoipa::path(
+    post,
+    path = "/v1/session",
+    request_body = SignIn,
+    responses(
+        (status = 201, description = "signed in: the session cookie is set", body = SessionStarted),
+        (status = 401, description = "wrong username or password", body = crate::server::openapi::ErrorBody),
+        (status = 403, description = "sent from a page of another origin", body = crate::server::openapi::ErrorBody),
+    ),
+)]
 pub(super) async fn sign_in(
     State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
@@ -306,6 +349,11 @@ pub(super) async fn sign_in(
 
 /// `GET /v1/session`: who is signed in, their role and groups, and the CSRF token (with a
 /// session cookie; a bearer token gets none, since it needs none).
+#[utoipa::path(
+    get,
+    path = "/v1/session",
+    responses((status = 200, description = "who is signed in", body = SessionInfo)),
+)]
 pub(super) async fn current(
     access: Access,
     State(state): State<Arc<ServerState>>,
@@ -334,6 +382,11 @@ pub(super) async fn current(
 }
 
 /// `DELETE /v1/session`: signs out (the session row is deleted and the cookie cleared).
+#[utoipa::path(
+    delete,
+    path = "/v1/session",
+    responses((status = 200, description = "signed out: the cookie is cleared", body = SignedOut)),
+)]
 pub(super) async fn sign_out(
     access: Access,
     State(state): State<Arc<ServerState>>,
