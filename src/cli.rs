@@ -789,6 +789,11 @@ struct ServeArgs {
     /// Address and port of the API [default: 0.0.0.0:17443]
     #[arg(long, env = "SNAPQ_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Also serve Prometheus metrics at http://ADDR/metrics, plain HTTP without a token: bind it
+    /// to loopback or a monitoring network [default: off; admins can always scrape
+    /// https://LISTEN/metrics with their token]
+    #[arg(long, value_name = "ADDR", env = "SNAPQ_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Also start N simulated endpoints in this process (group `demo`).
     #[arg(long, value_name = "N", env = "SNAPQ_DEMO")]
     demo: Option<u32>,
@@ -853,6 +858,7 @@ struct ServeArgs {
 struct ServeFile {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     demo: Option<u32>,
     capture_reserve_mib: Option<u64>,
     capture_concurrency: Option<usize>,
@@ -1564,6 +1570,7 @@ impl ServeArgs {
         if let Some(listen) = self.listen.or(file.listen) {
             config.listen = listen;
         }
+        config.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         config.demo_endpoints = self.demo.or(file.demo).unwrap_or(0);
         if let Some(mib) = self.capture_reserve_mib.or(file.capture_reserve_mib) {
             config.capture_reserve_bytes = mib << 20;
@@ -1890,6 +1897,7 @@ mod tests {
     /// every setting the server reads, so it stays the complete reference.
     #[test]
     fn the_example_settings_file_parses_and_names_every_setting() {
+        const OFF_UNLESS_SET: &[&str] = &["metrics_listen"];
         let text = include_str!("../packaging/snapq.toml");
         let file: ServeFile = toml::from_str(text).expect("packaging/snapq.toml parses");
         let keys = serde_json::to_value(&file).unwrap();
@@ -1899,8 +1907,16 @@ mod tests {
             .iter()
             .filter(|(_, v)| v.is_null())
             .map(|(k, _)| k)
+            // Settings that are off unless set appear commented out, with an example value.
+            .filter(|k| !OFF_UNLESS_SET.contains(&k.as_str()))
             .collect();
         assert!(missing.is_empty(), "packaging/snapq.toml lacks {missing:?}");
+        for key in OFF_UNLESS_SET {
+            assert!(
+                text.contains(&format!("\n# {key} = ")),
+                "packaging/snapq.toml lacks the commented-out {key}"
+            );
+        }
     }
 
     #[test]

@@ -546,6 +546,17 @@ pub async fn snapshot_show(client: &Client, id: &str) -> anyhow::Result<()> {
             };
             println!("{key:<14} {text}");
         }
+        let kept = if s["kept"] == true {
+            format!(
+                "yes, never pruned (marked by {} at {}; `snapq snapshots unkeep {}` undoes it)",
+                s["kept_by"].as_str().unwrap_or("-"),
+                time_of(&s["kept_ms"]),
+                s["id"]
+            )
+        } else {
+            "no".to_owned()
+        };
+        println!("{:<14} {kept}", "kept");
     });
     Ok(())
 }

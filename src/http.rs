@@ -9,6 +9,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+/// The content type of an OpenMetrics exposition (`/metrics` of the server and of the agent).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// An error answer: a status and a message a person can act on, as `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {

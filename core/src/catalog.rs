@@ -256,6 +256,18 @@ pub struct ConnectionAttempt {
     pub newest_ts: Option<i64>,
 }
 
+/// Catalog counts for `/metrics` ([`Catalog::metric_counts`]).
+#[derive(Debug, Clone, Default)]
+pub struct MetricCounts {
+    pub endpoints: i64,
+    pub online: i64,
+    /// (state, count, bytes) of snapshots.
+    pub snapshots: Vec<(String, i64, i64)>,
+    /// (status, count) of live connections.
+    pub connections: Vec<(String, i64)>,
+    pub quarantined: i64,
+}
+
 #[derive(Clone)]
 pub struct Catalog {
     pool: SqlitePool,
@@ -438,6 +450,39 @@ impl Catalog {
         .bind(text)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// What `/metrics` reads from the catalog at scrape time, in one pass of aggregates.
+    /// `online_since_ms`: an endpoint heard from after it (with an API address) counts online.
+    pub async fn metric_counts(&self, online_since_ms: i64) -> Result<MetricCounts> {
+        let (endpoints, online): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(last_seen_ms > ?1 AND api_url IS NOT NULL), 0)
+             FROM endpoints",
+        )
+        .bind(online_since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        let snapshots: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM snapshots GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let connections: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*) FROM connections GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let quarantined: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM ingests WHERE state = 'quarantined'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(MetricCounts {
+            endpoints,
+            online,
+            snapshots,
+            connections,
+            quarantined,
+        })
     }
 
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.

@@ -671,14 +671,14 @@ impl Catalog {
         )
     }
 
-    pub async fn is_kept(&self, id: i64) -> Result<bool> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM snapshot_keep WHERE snapshot_id = ?1",
+    /// Who marked a snapshot to keep and when (ms), if it is kept.
+    pub async fn keep_mark(&self, id: i64) -> Result<Option<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT kept_by, kept_ms FROM snapshot_keep WHERE snapshot_id = ?1")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?,
         )
-        .bind(id)
-        .fetch_one(self.pool())
-        .await?
-            > 0)
     }
 
     /// Complete snapshots of these endpoints that a keep rule prunes: beyond the newest

@@ -10,6 +10,7 @@ mod error;
 pub mod handlers;
 mod id;
 mod kind;
+pub mod metrics;
 mod model;
 mod queue;
 mod retry;
@@ -21,7 +22,7 @@ pub use id::JobId;
 pub use kind::{JobArgs, JobKind, NoopArgs, queue_names};
 pub use model::{
     AttemptInfo, AttemptOutcome, EnqueueOptions, Enqueued, JobDetail, JobEvent, JobInfo, JobState,
-    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus, TerminalJob,
+    KindStatus, ListFilter, LocalWorkers, Progress, QueueStatus, TerminalJob, WorkerInfo,
 };
 pub use queue::{CancelOutcome, Queue, QueueConfig, ShutdownReport, TerminalHook};
 pub use retry::RetryPolicy;

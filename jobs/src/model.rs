@@ -209,6 +209,17 @@ pub struct QueueStatus {
     pub local_workers: Vec<LocalWorkers>,
 }
 
+/// A worker of any process sharing the queue that is not marked stopped, with its heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub kind: String,
+    pub hostname: String,
+    pub pid: i64,
+    pub started_ms: i64,
+    pub last_seen_ms: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LocalWorkers {
     pub kind: JobKind,

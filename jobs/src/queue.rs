@@ -22,6 +22,7 @@ use tokio::{
 use crate::{
     EnqueueOptions, Enqueued, JobArgs, JobDetail, JobEvent, JobId, JobInfo, JobKind, JobState,
     KindStatus, ListFilter, LocalWorkers, QueueError, QueueStatus, RetryPolicy, TerminalJob,
+    WorkerInfo,
     db::{self, now_ms},
     model::{AttemptInfo, AttemptOutcome, Progress},
     sql,
@@ -339,6 +340,7 @@ async fn enqueue_one(shared: Arc<Shared>, job: OneJob, now_s: i64) -> Result<(),
             // Registered as running before the writer is released, so a cancel that
             // follows finds the handler, and a shutdown that follows waits for it.
             let job = worker::Claimed {
+                due_ms: now_ms(),
                 id,
                 args: bytes,
                 attempt: 1,
@@ -686,6 +688,27 @@ impl Queue {
             kinds,
             local_workers,
         })
+    }
+
+    /// The workers of every process on this queue that are not marked stopped, with their
+    /// heartbeats (a crashed process's stay until it is noticed and its jobs rescued).
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, QueueError> {
+        let rows: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(sql::LIVE_WORKERS)
+            .fetch_all(&self.shared.reader)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, kind, hostname, pid, started_ms, last_seen_ms)| WorkerInfo {
+                    id,
+                    kind,
+                    hostname,
+                    pid,
+                    started_ms,
+                    last_seen_ms,
+                },
+            )
+            .collect())
     }
 
     /// Jobs matching the filter, newest first.

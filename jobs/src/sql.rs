@@ -77,7 +77,7 @@ pub(crate) const CLAIM: &str = "UPDATE Jobs SET status = 'Running', lock_by = ?1
         )
         ORDER BY priority DESC, run_at ASC, id ASC LIMIT ?3
     )
-    RETURNING id, job, attempts, max_attempts, metadata";
+    RETURNING id, job, attempts, max_attempts, metadata, run_at";
 
 /// When the next pending or retrying job of a queue becomes due (ms), if any.
 pub(crate) const NEXT_DUE: &str = "SELECT MIN(t) FROM (
@@ -171,6 +171,10 @@ pub(crate) const HEARTBEAT: &str =
 
 pub(crate) const HEARTBEAT_APALIS: &str = "UPDATE Workers SET last_seen = ?2
     WHERE id IN (SELECT id FROM snapq_workers WHERE instance = ?1 AND stopped_ms IS NULL)";
+
+/// Workers of every process not marked stopped: id, kind, host, pid, started and last seen (ms).
+pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms
+    FROM snapq_workers WHERE stopped_ms IS NULL ORDER BY hostname, kind, id";
 
 pub(crate) const STOP_WORKERS: &str =
     "UPDATE snapq_workers SET stopped_ms = ?2 WHERE instance = ?1 AND stopped_ms IS NULL";

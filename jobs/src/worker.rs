@@ -152,6 +152,21 @@ pub(crate) enum Outcome {
     Interrupted,
 }
 
+impl Outcome {
+    /// The outcome's label in metrics (`cancelled` wins: the attempt ended because of it).
+    fn label(&self, cancelled: bool) -> &'static str {
+        match self {
+            Outcome::Success => "ok",
+            _ if cancelled => "cancelled",
+            Outcome::CancelTimeout => "cancelled",
+            Outcome::Transient(_) => "transient",
+            Outcome::Permanent(_) => "permanent",
+            Outcome::Panicked(_) => "panicked",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
 pub(crate) struct Finished {
     kind: JobKind,
     id: JobId,
@@ -406,8 +421,8 @@ where
     Ok(())
 }
 
-/// id, args, attempts, max_attempts, metadata
-type ClaimRow = (String, Vec<u8>, i64, i64, Option<String>);
+/// id, args, attempts, max_attempts, metadata, run_at (s)
+type ClaimRow = (String, Vec<u8>, i64, i64, Option<String>, i64);
 
 pub(crate) struct Claimed {
     pub(crate) id: JobId,
@@ -415,6 +430,14 @@ pub(crate) struct Claimed {
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) requested_by: String,
+    /// When it became due (ms): created, or its `run_at` if later (whole seconds).
+    pub(crate) due_ms: i64,
+}
+
+/// When a job became due: its creation (the id's time) or its `run_at`, whichever is later.
+pub(crate) fn due_ms(id: &JobId, run_at_s: i64) -> i64 {
+    let created = id.created_at().map_or(0, |t| t.timestamp_millis());
+    created.max(run_at_s * 1000)
 }
 
 /// A free slot of this process's workers for `kind`, if they run and are not shutting down:
@@ -450,14 +473,16 @@ async fn claim(
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, args, attempts, max_attempts, metadata)| {
+        .map(|(id, args, attempts, max_attempts, metadata, run_at)| {
             let requested_by = metadata
                 .as_deref()
                 .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
                 .and_then(|v| v.get("requested_by")?.as_str().map(str::to_owned))
                 .unwrap_or_default();
+            let id = JobId::from(id);
             Claimed {
-                id: JobId::from(id),
+                due_ms: due_ms(&id, run_at),
+                id,
                 args,
                 attempt: (attempts + 1).max(1) as u32,
                 max_attempts: max_attempts.max(1) as u32,
@@ -589,6 +614,9 @@ async fn run_job(
             commit_tx: shared.commit_tx.clone(),
         }),
     };
+    let started = std::time::Instant::now();
+    let waited = Duration::from_millis((now_ms() - job.due_ms).max(0) as u64);
+    crate::metrics::metrics().started(kw.kind, waited);
     let handler = kw.handler.clone();
     let args = job.args;
     let ctx_inner = ctx.inner.clone();
@@ -633,6 +661,7 @@ async fn run_job(
     };
     drop(permit);
     let cancelled = *cancel_rx.borrow();
+    crate::metrics::metrics().ended(kw.kind, outcome.label(cancelled), Some(started.elapsed()));
     let may_have_state =
         cancelled || job.attempt > 1 || ctx_inner.progress.lock().unwrap().is_some();
     let _ = shared.commit_tx.send(CommitMsg::Finish(Box::new(Finished {
@@ -1057,6 +1086,7 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
             tracing::warn!(job_id = %id, worker = %w, %status, attempts, "re-queued orphaned job");
             dead |= status == "Failed";
             if let Some(k) = JobKind::from_queue_name(queue) {
+                crate::metrics::metrics().ended(k, "lost", None);
                 wake.push(k);
             }
         }

@@ -36,6 +36,7 @@ pub struct AgentState {
 
 pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/endpoint", get(endpoint))
         .route("/v1/endpoint/size", get(endpoint_size))
         .route("/v1/events", get(events))
@@ -63,6 +64,20 @@ async fn require_token(
     } else {
         unauthorized().into_response()
     }
+}
+
+/// `GET /metrics`: the agent's own Prometheus metrics (`super::metrics`).
+async fn metrics(State(state): State<Arc<AgentState>>) -> Result<Response, ApiError> {
+    let db = state.db.path().to_owned();
+    let text = tokio::task::spawn_blocking(move || super::metrics::metrics().render(&db))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, crate::http::OPENMETRICS)],
+        text,
+    )
+        .into_response())
 }
 
 /// Runs `f` on a fresh read-only connection in a blocking task.

@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod export;
 pub mod flaky;
 pub mod fleet;
+pub mod metrics;
 pub mod recorder;
 pub mod staging;
 pub mod system;

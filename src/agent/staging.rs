@@ -95,6 +95,7 @@ impl Staging {
     /// starts copying it in the background; answers with the copy `copying`.
     #[tracing::instrument(skip(self))]
     pub async fn stage(&self) -> Result<Staged, StageError> {
+        let asked = std::time::Instant::now();
         let one_at_a_time = self.busy.clone().lock_owned().await;
         let need = db_bytes(self.db.path());
         let free = disk::free_bytes(&self.dir).map_err(anyhow::Error::from)?;
@@ -115,7 +116,12 @@ impl Staging {
             copy::checkpoint_passive(&conn)?;
             // Holding the writer's lock keeps the WAL empty between checkpoint and pin.
             let pinned = db
-                .with_writer(|_| copy::pin(conn, db.path()))?
+                .with_writer(|_| {
+                    let held = std::time::Instant::now();
+                    let pinned = copy::pin(conn, db.path());
+                    crate::agent::metrics::metrics().staging_held_writer(held.elapsed());
+                    pinned
+                })?
                 .ok_or_else(|| {
                     anyhow::anyhow!("the recorder database could not be checkpointed; try again")
                 })?;
@@ -166,6 +172,7 @@ impl Staging {
             match recorded {
                 // On disk now; a download still following the file reads the rest from there.
                 Ok(()) => {
+                    crate::agent::metrics::metrics().staged(asked.elapsed());
                     live.remove(&copying.id);
                 }
                 Err(e) => {

@@ -17,7 +17,9 @@ use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
-use snapq_jobs::{JobDetail, JobInfo, JobKind, JobState, KindStatus, ListFilter, QueueError};
+use snapq_jobs::{
+    JobDetail, JobInfo, JobKind, JobState, KindStatus, ListFilter, QueueError, QueueStatus,
+};
 
 use super::ServerState;
 use super::openapi::{Binary, ErrorBody};
@@ -69,6 +71,7 @@ pub fn routes() -> Vec<ApiRoute> {
             Public,
             super::openapi::serve,
         ),
+        route(Method::GET, "/metrics", User, super::metrics::scrape),
         route(Method::GET, "/v1/endpoints", User, list_endpoints),
         route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
         route(Method::POST, "/v1/captures", User, capture),
@@ -151,6 +154,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
     public
         .merge(user)
         .merge(agent)
+        // Outermost on every route, so refused requests are counted too (by route template).
+        .route_layer(middleware::from_fn(super::metrics::track))
         .layer(middleware::from_fn(crate::http::json_errors))
         .with_state(state)
 }
@@ -422,15 +427,39 @@ async fn list_snapshots(
     Ok(Json(groups))
 }
 
-/// One snapshot's catalog row.
+/// A snapshot as `GET /v1/snapshots/{id}` shows it: with its keep mark (a kept snapshot is never
+/// pruned by a schedule's keep rule).
+#[derive(Serialize, utoipa::ToSchema)]
+struct SnapshotView {
+    #[serde(flatten)]
+    #[schema(inline)]
+    snapshot: Snapshot,
+    kept: bool,
+    kept_by: Option<String>,
+    kept_ms: Option<i64>,
+}
+
 #[utoipa::path(
     get,
     path = "/v1/snapshots/{id}",
     params(("id" = i64, Path, description = "snapshot id", example = 1)),
-    responses((status = 200, description = "the snapshot", body = Snapshot)),
+    responses((status = 200, description = "the snapshot", body = SnapshotView)),
 )]
-async fn show_snapshot(Scoped { target: snap, .. }: Scoped<Snapshot, View>) -> Json<Snapshot> {
-    Json(snap)
+async fn show_snapshot(
+    State(state): State<Arc<ServerState>>,
+    Scoped { target: snap, .. }: Scoped<Snapshot, View>,
+) -> Result<Json<SnapshotView>, ApiError> {
+    let mark = state
+        .catalog
+        .keep_mark(snap.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(SnapshotView {
+        snapshot: snap,
+        kept: mark.is_some(),
+        kept_by: mark.as_ref().map(|(by, _)| by.clone()),
+        kept_ms: mark.map(|(_, ms)| ms),
+    }))
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
@@ -521,6 +550,18 @@ fn queue_error(err: QueueError) -> ApiError {
 /// Most jobs a caller who sees only some endpoints has counted or listed (the newest).
 const SCOPED_JOB_WINDOW: u32 = 10_000;
 
+/// The queue's counts for the kinds this server runs (and any that somehow hold jobs): no
+/// `noop`, no kinds without workers yet. `queue status` and `/metrics` both show this.
+pub(super) async fn served_queue_status(state: &ServerState) -> Result<QueueStatus, ApiError> {
+    let mut status = state.queue.status().await.map_err(queue_error)?;
+    let workers = status.local_workers.clone();
+    status.kinds.retain(|k| {
+        workers.iter().any(|w| w.kind.as_str() == k.kind)
+            || k.pending + k.running + k.retrying + k.done + k.failed + k.cancelled > 0
+    });
+    Ok(status)
+}
+
 /// What `GET /v1/queue/status` answers (built with `json!` below; this is its schema).
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // only its schema is used
@@ -547,14 +588,7 @@ async fn queue_status(
     State(state): State<Arc<ServerState>>,
 ) -> Result<Response, ApiError> {
     let visible = access.visible().await?;
-    let mut status = state.queue.status().await.map_err(queue_error)?;
-    // Only the kinds this server runs (and any that somehow hold jobs): no `noop`, no kinds
-    // without workers yet.
-    let workers = status.local_workers.clone();
-    status.kinds.retain(|k| {
-        workers.iter().any(|w| w.kind.as_str() == k.kind)
-            || k.pending + k.running + k.retrying + k.done + k.failed + k.cancelled > 0
-    });
+    let mut status = served_queue_status(&state).await?;
     if !visible.everything() {
         // Counts of the jobs this caller may see, from the newest jobs of the queue.
         let jobs = state

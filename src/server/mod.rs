@@ -14,6 +14,7 @@ pub mod demo;
 pub mod events;
 pub mod export;
 pub mod fleet;
+pub mod metrics;
 pub mod openapi;
 pub mod quarantine;
 
@@ -40,6 +41,9 @@ use crate::tls::CertPair;
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where to serve `/metrics` over plain HTTP without a token (`None`: only on the API, to
+    /// admins).
+    pub metrics_listen: Option<SocketAddr>,
     /// Disk space captures always leave free on the snapshot store.
     pub capture_reserve_bytes: u64,
     pub capture_concurrency: usize,
@@ -85,6 +89,7 @@ impl ServeConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> ServeConfig {
         ServeConfig {
             listen: "0.0.0.0:17443".parse().expect("valid address"),
+            metrics_listen: None,
             capture_reserve_bytes: 2 << 30,
             capture_concurrency: 8,
             capture_max_bytes_per_sec: None,
@@ -137,6 +142,8 @@ impl ServerState {
 pub struct Server {
     _lock: DataDirLock,
     listener: TcpListener,
+    /// `--metrics-listen`: plain HTTP, `/metrics` only.
+    metrics_listener: Option<TcpListener>,
     tls: rustls::ServerConfig,
     state: Arc<ServerState>,
 }
@@ -153,6 +160,14 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening for metrics on {addr}"))?,
+            ),
+            None => None,
+        };
         let catalog = Catalog::open(&layout.catalog()).await?;
         let store = Store::open(&layout.snapshots())
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
@@ -243,6 +258,7 @@ impl Server {
         Ok(Server {
             _lock: lock,
             listener,
+            metrics_listener,
             tls,
             state,
         })
@@ -274,6 +290,20 @@ impl Server {
         let export_pruner = tokio::spawn(export::prune_periodically(state.clone()));
         let connections = tokio::spawn(connections::maintain(state.clone()));
         let scheduler = tokio::spawn(fleet::run_scheduler(state.clone()));
+        let metrics_server = match self.metrics_listener {
+            Some(listener) => {
+                let metrics_addr = listener.local_addr()?;
+                tracing::info!(%metrics_addr, "serving metrics over plain HTTP");
+                println!("snapq metrics on http://{metrics_addr}/metrics");
+                let router = metrics::listener_router(state.clone());
+                Some(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, router).await {
+                        tracing::warn!(error = %e, "the metrics listener stopped");
+                    }
+                }))
+            }
+            None => None,
+        };
         tracing::info!(%addr, data_dir = %state.config.data_dir.display(), "snapq server listening");
         println!("snapq server listening on {addr}");
         let served = crate::tls::serve(
@@ -288,6 +318,9 @@ impl Server {
         export_pruner.abort();
         connections.abort();
         scheduler.abort();
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
         if let Err(e) = watcher.stop().await {
             tracing::warn!(error = %e, "the folder watcher did not stop cleanly");
         }

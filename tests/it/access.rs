@@ -351,6 +351,7 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("DELETE", "/v1/groups/{name}", ADMIN),
         ("GET", "/v1/audit", ADMIN),
         ("GET", "/v1/whoami", EVERYONE),
+        ("GET", "/metrics", ADMIN),
         ("GET", "/v1/quarantine", EVERYONE),
         ("GET", "/v1/quarantine/{id}", VIEW),
         ("POST", "/v1/quarantine/{id}/retry", OPERATE),

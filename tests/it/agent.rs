@@ -111,6 +111,32 @@ async fn snapshots_stay_consistent_while_the_simulator_writes() {
     assert_eq!(info["hostname"], "web-01");
     assert!(info["disk_free_bytes"].as_u64().unwrap() > 0);
     assert!(info["db_bytes"].as_u64().unwrap() > 0);
+
+    // Its own metrics count what it wrote and the three stagings.
+    let text = agent
+        .client()
+        .get(agent.url("/metrics"))
+        .bearer_auth(&agent.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = crate::support::metric_samples(&text);
+    let get = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in:\n{text}"));
+    assert!(get(r#"snapq_agent_events_written_total{type="process"}"#) > 0.0);
+    assert_eq!(get("snapq_agent_staging_seconds_count"), 3.0);
+    assert_eq!(get("snapq_agent_staging_writer_hold_seconds_count"), 3.0);
+    assert!(get("snapq_agent_writer_wait_seconds_count") > 0.0);
+    assert!(get("snapq_agent_recorder_database_bytes") > 0.0);
+    let unauthenticated = agent
+        .client()
+        .get(agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -25,8 +25,12 @@ where
 }
 
 /// Starts `snapq ARGS` and waits for its `WHO listening on ADDR` line (`snapq agent`,
-/// `snapq server`).
-fn spawn_listening(who: &str, args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
+/// `snapq server`); also returns the lines it printed before that one.
+fn spawn_listening(
+    who: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Child, SocketAddr, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(args)
         .envs(envs.iter().copied())
@@ -37,6 +41,7 @@ fn spawn_listening(who: &str, args: &[&str], envs: &[(&str, &str)]) -> (Child, S
         .expect("starting snapq");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    let mut before = Vec::new();
     let addr = loop {
         let line = lines
             .next()
@@ -45,10 +50,11 @@ fn spawn_listening(who: &str, args: &[&str], envs: &[(&str, &str)]) -> (Child, S
         if let Some(addr) = line.strip_prefix(&format!("{who} listening on ")) {
             break addr.trim().parse().unwrap();
         }
+        before.push(line);
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, addr, before)
 }
 
 /// A real `snapq agent` process on a loopback port with its own data directory.
@@ -113,7 +119,8 @@ impl TestAgent {
         }
         args.extend(options.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening("snapq agent", &args, &[("SNAPQ_AGENT_TOKEN", token)]);
+        let (child, addr, _) =
+            spawn_listening("snapq agent", &args, &[("SNAPQ_AGENT_TOKEN", token)]);
         TestAgent {
             child,
             addr,
@@ -201,6 +208,8 @@ pub fn count_events(path: &Path) -> u64 {
 pub struct TestServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// What it printed before it said it was listening (e.g. the metrics address).
+    pub banner: Vec<String>,
     pub data_dir: PathBuf,
     pub token: String,
     pub enroll_token: String,
@@ -235,10 +244,11 @@ impl TestServer {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening("snapq server", &refs, &[]);
+        let (child, addr, banner) = spawn_listening("snapq server", &refs, &[]);
         TestServer {
             child,
             addr,
+            banner,
             data_dir: data_dir.to_owned(),
             token: std::fs::read_to_string(data_dir.join("admin.token")).unwrap(),
             enroll_token: std::fs::read_to_string(data_dir.join("enroll.token"))
@@ -254,9 +264,10 @@ impl TestServer {
     pub fn crash_and_restart(&mut self) {
         self.kill();
         let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let (child, addr) = spawn_listening("snapq server", &refs, &[]);
+        let (child, addr, banner) = spawn_listening("snapq server", &refs, &[]);
         self.child = child;
         self.addr = addr;
+        self.banner = banner;
     }
 
     pub fn url(&self) -> String {
@@ -306,6 +317,17 @@ impl TestServer {
             self.client()
                 .get(format!("{}{path}", self.url()))
                 .bearer_auth(&self.token),
+        )
+        .await
+    }
+
+    /// POSTs `body` as JSON with the admin token.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        send_json(
+            self.client()
+                .post(format!("{}{path}", self.url()))
+                .bearer_auth(&self.token)
+                .json(&body),
         )
         .await
     }
@@ -391,4 +413,15 @@ pub fn snapshot_file(dir: &Path, hostname: &str, events: u64) -> PathBuf {
     snapq::agent::export::export(&data, &out, None)
         .unwrap()
         .path
+}
+
+/// An OpenMetrics exposition (`/metrics`) as `name{labels}` → value, comments skipped.
+pub fn metric_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }

@@ -517,6 +517,7 @@ async fn download(
         }
     }
     out.flush().await.transient()?;
+    crate::metrics::metrics().capture_transferred(have - start_bytes, started.elapsed());
     ctx.progress(have, staged.size, Some("verifying"));
     svc.catalog
         .set_snapshot_progress(snapshot_id, have as i64, staged.size as i64)

@@ -150,8 +150,20 @@ async fn step(svc: &Services, id: i64, ctx: &JobContext) -> Result<bool, JobErro
             .failed
             .saturating_sub(batch.failure_base.max(0) as u64);
         if limit.exceeded(failed, totals.total) {
+            // Name a failure, so the reason says which cause to fix (e.g. a full disk).
+            let example = catalog
+                .batch_items(id)
+                .await
+                .transient()?
+                .into_iter()
+                .find(|i| i.state == item::FAILED)
+                .map(|i| {
+                    let error = i.error.as_deref().unwrap_or("the capture failed");
+                    format!(" ({}: {error})", i.hostname)
+                })
+                .unwrap_or_default();
             let reason = format!(
-                "paused: {failed} of {} captures failed, reaching the failure limit {limit}; fix the cause and `snapq fleet resume {id}`, or `snapq fleet cancel {id}`",
+                "paused: {failed} of {} captures failed, reaching the failure limit {limit}{example}; fix the cause and `snapq fleet resume {id}`, or `snapq fleet cancel {id}`",
                 totals.total
             );
             catalog

@@ -123,9 +123,14 @@ pub async fn run(svc: Arc<Services>, args: IngestArgs, ctx: JobContext) -> Resul
     if let Some(old) = &args.retry_of {
         close_quarantine_entry(&svc, old, &args.path, &outcome).await?;
     }
+    let metrics = crate::metrics::metrics();
     match outcome {
-        Outcome::Stored(id) => finish(&svc, &job_id, "complete", Some(id), None).await,
+        Outcome::Stored(id) => {
+            metrics.ingest_outcome("stored");
+            finish(&svc, &job_id, "complete", Some(id), None).await
+        }
         Outcome::Duplicate(id) => {
+            metrics.ingest_outcome("duplicate");
             finish(
                 &svc,
                 &job_id,
@@ -135,7 +140,10 @@ pub async fn run(svc: Arc<Services>, args: IngestArgs, ctx: JobContext) -> Resul
             )
             .await
         }
-        Outcome::Superseded(why) => finish(&svc, &job_id, "superseded", None, Some(&why)).await,
+        Outcome::Superseded(why) => {
+            metrics.ingest_outcome("superseded");
+            finish(&svc, &job_id, "superseded", None, Some(&why)).await
+        }
         Outcome::Rejected { reason, curable }
             if curable && args.version.is_some() && !args.settling =>
         {
@@ -163,6 +171,7 @@ pub async fn run(svc: Arc<Services>, args: IngestArgs, ctx: JobContext) -> Resul
                 .quarantine_ingest(&job_id, &reason, dest.ok().as_deref())
                 .await
                 .transient()?;
+            metrics.ingest_outcome("quarantined");
             let _ = svc
                 .catalog
                 .audit(

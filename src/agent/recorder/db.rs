@@ -483,8 +483,29 @@ impl RecorderDb {
                 });
             }
         }
+        let metrics = crate::agent::metrics::metrics();
+        let asked = std::time::Instant::now();
         let mut conn = self.lock();
-        write_batch(&mut conn, events, ends).map_err(|e| self.sqlite_err(e))
+        metrics.writer_waited(asked.elapsed());
+        let ids = write_batch(&mut conn, events, ends).map_err(|e| self.sqlite_err(e))?;
+        drop(conn);
+        // Batches are mostly of one or a few types: count runs, not single events.
+        let mut run: Option<(&'static str, u64)> = None;
+        for ev in events {
+            match &mut run {
+                Some((table, n)) if *table == ev.table.name => *n += 1,
+                _ => {
+                    if let Some((table, n)) = run.take() {
+                        metrics.written(table, n);
+                    }
+                    run = Some((ev.table.name, 1));
+                }
+            }
+        }
+        if let Some((table, n)) = run {
+            metrics.written(table, n);
+        }
+        Ok(ids)
     }
 
     /// Bytes in use: (page_count − freelist_count) × page_size.
