@@ -65,13 +65,13 @@ pub fn routes() -> Vec<ApiRoute> {
     use Auth::{Public, User};
     let mut routes = vec![
         route(Method::GET, "/status", Public, status),
-        route(Method::GET, "/metrics", User, super::metrics::scrape),
         route(
             Method::GET,
             "/v1/openapi.json",
             Public,
             super::openapi::serve,
         ),
+        route(Method::GET, "/metrics", User, super::metrics::scrape),
         route(Method::GET, "/v1/endpoints", User, list_endpoints),
         route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
         route(Method::POST, "/v1/captures", User, capture),
@@ -479,6 +479,7 @@ async fn list_snapshots(
 #[derive(Serialize, utoipa::ToSchema)]
 struct SnapshotView {
     #[serde(flatten)]
+    #[schema(inline)]
     snapshot: Snapshot,
     kept: bool,
     kept_by: Option<String>,

@@ -68,21 +68,18 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
-/// The routes of this module in the OpenAPI document (`super::openapi`).
-#[derive(utoipa::OpenApi)]
-#[openapi(paths(scrape))]
-pub(super) struct Doc;
-
-/// This server's Prometheus metrics: admins only (a scrape reveals the whole fleet's numbers).
+/// `GET /metrics` on the API: admins only (a scrape reveals the whole fleet's numbers).
 #[utoipa::path(
     get,
     path = "/metrics",
-    responses((
-        status = 200,
-        description = "the metrics as OpenMetrics text",
-        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        body = String
-    )),
+    responses(
+        (
+            status = 200,
+            description = "the server's Prometheus metrics",
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body = String,
+        ),
+    ),
 )]
 pub async fn scrape(access: Access, State(state): State<Arc<ServerState>>) -> Response {
     if let Err(e) = access.require(Role::Admin) {

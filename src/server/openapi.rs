@@ -46,7 +46,7 @@ const AGENT_SCHEME: &str = "agent";
         description = "The HTTPS API of `snapq serve`: endpoints, live connections, snapshots, uploads, the job queue, exports and evidence, fleet batches and schedules, users, tokens, groups and the audit log. Every error answer is `{\"error\": \"...\"}`.",
         license(name = "Apache-2.0")
     ),
-    paths(serve),
+    paths(serve, super::metrics::scrape),
     components(schemas(ErrorBody))
 )]
 struct Base;
@@ -81,7 +81,6 @@ fn build() -> openapi::OpenApi {
         ("users, tokens, groups, audit", super::admin::Doc::openapi()),
         ("exports and evidence", super::export::doc()),
         ("fleet", super::fleet::Doc::openapi()),
-        ("metrics", super::metrics::Doc::openapi()),
         ("console", super::console::Doc::openapi()),
     ];
     for (tag, mut part) in parts {

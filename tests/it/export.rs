@@ -292,6 +292,45 @@ async fn an_export_of_zero_rows_is_a_valid_file_with_only_its_header() {
     }
 }
 
+/// Found by schemathesis: the 416 of a range outside the file was labelled with the export's
+/// format (`application/jsonl`) though its body is the JSON error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_outside_an_export_file_answers_a_json_416() {
+    let server = TestServer::spawn();
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = upload(&server, &hostile_snapshot(tmp.path(), "exp-web-03", 100)).await;
+    let (status, export) = call(
+        &server,
+        &server.token,
+        "POST",
+        "/v1/exports",
+        Some(json!({ "snapshot": snap, "format": "jsonl", "types": ["process"] })),
+    )
+    .await;
+    assert_eq!(status, 202, "{export}");
+    let export = finished(&server, export["id"].as_i64().unwrap()).await;
+    assert_eq!(export["state"], "complete", "{export}");
+    let response = server
+        .client()
+        .get(format!("{}/v1/exports/{}/file", server.url(), export["id"]))
+        .bearer_auth(&server.token)
+        .header("Range", "bytes=999999999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 416);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    assert!(response.headers().get("content-disposition").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("outside"),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_export_requests_are_refused_with_what_to_do() {
     let server = TestServer::spawn();

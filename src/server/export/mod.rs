@@ -442,13 +442,16 @@ async fn download(
     let path = state.layout().exports().join(file_name);
     let etag = format!("export-{}-{}", target.id, target.bytes.unwrap_or(0));
     let mut response = crate::http::serve_file(&path, &etag, &headers, None).await?;
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
-        h.insert(header::CONTENT_DISPOSITION, v);
+    // An error answer (a range outside the file) keeps its JSON type and is no attachment.
+    if response.status().is_success() {
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
+            h.insert(header::CONTENT_DISPOSITION, v);
+        }
     }
     Ok(response)
 }
