@@ -16,7 +16,9 @@ for f in usr/bin/snapq etc/snapq/snapq.toml lib/systemd/system/snapq-server.serv
     [ -e "$root/$f" ] || { echo "missing from the package: $f"; exit 1; }
 done
 "$root/usr/bin/snapq" --version
-dpkg-deb --info "$deb" | grep -q postinst || { echo "no postinst in the package"; exit 1; }
+# (Not `grep -q` on the pipe: it would end dpkg-deb with SIGPIPE, which pipefail reports.)
+info=$(dpkg-deb --info "$deb")
+grep postinst >/dev/null <<<"$info" || { echo "no postinst in the package"; exit 1; }
 if command -v systemd-analyze >/dev/null; then
     for unit in snapq-server snapq-agent; do
         sed "s#/usr/bin/snapq#$root/usr/bin/snapq#" "$root/lib/systemd/system/$unit.service" > "$root/$unit.service"
