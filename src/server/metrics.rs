@@ -105,12 +105,6 @@ async fn exposition(state: &ServerState) -> Response {
     }
 }
 
-fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
-    let g: Gauge = Gauge::default();
-    g.set(value);
-    registry.register(name, help, g);
-}
-
 /// Every metric as OpenMetrics text.
 pub async fn render(state: &ServerState) -> Result<String, ApiError> {
     let mut registry = Registry::default();
@@ -183,11 +177,10 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
         .map(|w| (now - w.last_seen_ms).max(0))
         .max()
         .unwrap_or(0);
-    gauge(
-        &mut registry,
+    registry.register(
         "snapq_queue_workers",
         "Workers of every node on this queue not marked stopped",
-        workers.len() as i64,
+        gauge_of(workers.len() as i64),
     );
     let heartbeat_age: Gauge<f64, AtomicU64> = Gauge::default();
     heartbeat_age.set(oldest_heartbeat as f64 / 1000.0);
@@ -205,17 +198,15 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
         .metric_counts(online_since)
         .await
         .map_err(ApiError::internal)?;
-    gauge(
-        &mut registry,
+    registry.register(
         "snapq_endpoints",
         "Endpoints known to the server",
-        counts.endpoints,
+        gauge_of(counts.endpoints),
     );
-    gauge(
-        &mut registry,
+    registry.register(
         "snapq_endpoints_online",
         "Endpoints that sent a heartbeat within the online window",
-        counts.online,
+        gauge_of(counts.online),
     );
     let snapshots: Family<Labels, Gauge> = Family::default();
     let mut store_bytes = 0;
@@ -243,11 +234,10 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
         "Live connections, by status",
         connections,
     );
-    gauge(
-        &mut registry,
+    registry.register(
         "snapq_quarantined_files",
         "Files in quarantine",
-        counts.quarantined,
+        gauge_of(counts.quarantined),
     );
 
     // The disk of the snapshot store.
