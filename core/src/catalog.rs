@@ -198,8 +198,9 @@ pub struct SnapshotSummary {
     /// `complete`, `failed`); states with none are left out.
     #[schema(example = json!({"complete": 2, "transferring": 1}))]
     pub states: std::collections::BTreeMap<String, i64>,
-    /// The newest snapshot's id and creation time.
+    /// The newest snapshot's id.
     pub latest_id: i64,
+    /// When the newest snapshot was asked for (ms since the epoch).
     pub latest_ms: i64,
 }
 
@@ -616,12 +617,7 @@ impl Catalog {
         hostname: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, String, Vec<String>, Vec<String>)>> {
-        let rows: Vec<(
-            i64,
-            String,
-            sqlx::types::Json<Vec<String>>,
-            sqlx::types::Json<Vec<String>>,
-        )> = sqlx::query_as(
+        let rows: Vec<IdFactsRow> = sqlx::query_as(
             "SELECT e.id, e.hostname, e.ips, e.labels FROM endpoints e
              WHERE (?1 IS NULL OR e.hostname > ?1) AND (?2 IS NULL OR e.hostname = ?2)
                AND EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = e.id)
@@ -1678,6 +1674,14 @@ const SEARCH: &str = "WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR 
 
 /// An endpoint's hostname, addresses and labels as stored.
 type FactsRow = (
+    String,
+    sqlx::types::Json<Vec<String>>,
+    sqlx::types::Json<Vec<String>>,
+);
+
+/// An endpoint's id with its facts.
+type IdFactsRow = (
+    i64,
     String,
     sqlx::types::Json<Vec<String>>,
     sqlx::types::Json<Vec<String>>,

@@ -116,7 +116,7 @@ async fn snapshot_listings_page_through_link_headers_within_the_callers_groups()
             .filter(|(h, _)| h.starts_with("pg-in-"))
             .map(|(_, id)| *id)
             .collect();
-        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.sort_unstable_by_key(|id| std::cmp::Reverse(*id));
         v
     };
     assert_eq!(inside.len(), 5);
@@ -134,7 +134,7 @@ async fn snapshot_listings_page_through_link_headers_within_the_callers_groups()
             "{page}"
         );
         // Within a page, groups by hostname; across pages, newest first by id.
-        page_rows.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+        page_rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
         seen.extend(page_rows.into_iter().map(|(_, id)| id));
     }
     assert_eq!(seen, inside, "pages of two, newest first");
