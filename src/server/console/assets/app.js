@@ -513,7 +513,9 @@ async function snapshotsPage(openHost) {
         h('span', { className: 'latest muted' }, 'latest ' + when(sum.latest_ms)),
         operator() ? h('button', { className: 'delete-all danger', onclick: () => del({ endpoint: sum.hostname }, 'all snapshots of ' + sum.hostname) }, 'Delete all') : null),
       g.open ? table(null, ['Name', 'State', 'Progress', 'Size', 'Origin', 'Requested by', 'Created', ''], g.rows.map(snapshotRow)) : null,
-      g.open && g.next ? h('button', { className: 'older', onclick: () => loadSnapshots(g, g.next) }, 'Older snapshots') : null);
+      g.open && g.next ? h('button', {
+        className: 'older', onclick: () => loadSnapshots(g, g.next).catch((err) => message(err.message, 'error')),
+      }, 'Older snapshots') : null);
     if (g.el) g.el.replaceWith(el);
     g.el = el;
     return el;
