@@ -113,20 +113,17 @@ impl Staging {
         let pin_dest = dest.clone();
         let (pinned, output, size) = tokio::task::spawn_blocking(move || {
             let conn = copy::open_for_pin(db.path())?;
-            copy::checkpoint_passive(&conn)?;
-            // Holding the writer's lock keeps the WAL empty between checkpoint and pin.
-            let pinned = db
-                .with_writer(|_| {
-                    let held = std::time::Instant::now();
-                    let pinned = copy::pin(conn, db.path());
-                    crate::agent::metrics::metrics().staging_held_writer(held.elapsed());
-                    pinned
-                })?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("the recorder database could not be checkpointed; try again")
-                })?;
-            // Nothing writes the main file while it is pinned: its length is the copy's size.
-            let size = db.main_file().metadata()?.len();
+            let probe = copy::open_for_pin(db.path())?;
+            // Holding the writer's lock keeps commits out between the pin and learning its end.
+            let pinned = db.with_writer(|_| {
+                let held = std::time::Instant::now();
+                let pinned = copy::pin_at_end(conn, &probe);
+                crate::agent::metrics::metrics().staging_held_writer(held.elapsed());
+                pinned
+            })?;
+            drop(probe);
+            let pinned = pinned.locate(db.path())?;
+            let size = pinned.size();
             let output = File::create(&pin_dest)?;
             anyhow::Ok((pinned, output, size))
         })

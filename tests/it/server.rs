@@ -456,17 +456,20 @@ async fn a_damaged_recorder_database_fails_the_capture_with_the_endpoints_reason
         extra: server.enroll_args(),
     });
     server.wait_online("web-01").await;
-    // A first staging checkpoints the prefill into monitor.db, so the page damaged below is not
-    // rewritten from the WAL by the next one.
-    let (status, staged) = agent.post("/v1/snapshots").await;
-    assert_eq!(status, 201, "{staged}");
-    let id = staged["id"].as_str().unwrap();
-    let (_, staged) = agent
-        .get(&format!("/v1/snapshots/{id}/info?wait_ms=30000"))
-        .await;
-    assert_eq!(staged["state"], "ready", "{staged}");
-    assert_eq!(agent.delete(&format!("/v1/snapshots/{id}")).await.0, 204);
-    damage_a_middle_page(&agent.data_dir.join("monitor.db"));
+    // Checkpoint the prefill into monitor.db completely (as another process may), so the page
+    // damaged below is read from there, not from a newer copy in the WAL.
+    let db = agent.data_dir.join("monitor.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let (busy, log, done): (i64, i64, i64) = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!((busy, log, done), (0, 0, 0), "the WAL is empty");
+    drop(conn);
+    damage_a_middle_page(&db);
 
     let (snap, job) = capture_fails(&server, "web-01", "could not make a good copy").await;
     let reason = snap["error"].as_str().unwrap();

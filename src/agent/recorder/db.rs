@@ -15,8 +15,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use snapq_core::schema::{self, TABLES, Table};
 use snapq_core::verify::{self, VerifyError};
 
+use super::checkpointer::{self, Due};
+
 /// How long any connection waits on a lock before giving up with `SQLITE_BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The length the WAL file is cut back to when it restarts (it grows while a snapshot is pinned).
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
 
 /// A retention step keeps the writer mutex at most about this long, so recorders never stall.
 const RETENTION_STEP_BUDGET: Duration = Duration::from_millis(25);
@@ -212,6 +217,7 @@ pub struct RetentionReport {
 /// The endpoint recorder database: one writer connection behind a mutex, readers on demand.
 pub struct RecorderDb {
     path: PathBuf,
+    checkpoints: Due,
     limits: Limits,
     writer: Mutex<Connection>,
     /// Declared last so it closes after the writer connection (see [`RecorderDb::main_file`]).
@@ -244,6 +250,20 @@ fn insert_sql(table: &Table) -> String {
         table.column_list(),
         placeholders.join(", ")
     )
+}
+
+/// Gives up to `pages` free pages back to the file system; returns how many it gave.
+///
+/// The pragma answers one row per page and frees a page per step, so it is stepped to its end
+/// (`execute_batch` steps a statement once: it freed one page per call).
+pub(crate) fn incremental_vacuum(conn: &Connection, pages: u32) -> rusqlite::Result<u64> {
+    let mut vacuum = conn.prepare_cached(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = vacuum.query([])?;
+    let mut freed = 0;
+    while rows.next()?.is_some() {
+        freed += 1;
+    }
+    Ok(freed)
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -338,11 +358,15 @@ impl RecorderDb {
         conn.set_prepared_statement_cache_capacity(64);
         // auto_vacuum only takes effect before the first table exists, i.e. on a new database;
         // it lets retention give freed pages back to the file system.
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "PRAGMA auto_vacuum = INCREMENTAL;
              PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;",
-        )
+             PRAGMA synchronous = NORMAL;
+             PRAGMA wal_autocheckpoint = {};
+             PRAGMA journal_size_limit = {};",
+            checkpointer::WRITER_BACKSTOP_FRAMES,
+            WAL_SIZE_LIMIT,
+        ))
         .map_err(sqlite)?;
         schema::create(&conn).map_err(sqlite)?;
         let main_file = File::open(path).map_err(|source| RecorderError::NotWritable {
@@ -351,6 +375,7 @@ impl RecorderDb {
         })?;
         let db = RecorderDb {
             path: path.to_path_buf(),
+            checkpoints: Due::new(path),
             limits,
             writer: Mutex::new(conn),
             main_file,
@@ -410,7 +435,10 @@ impl RecorderDb {
     /// Runs `f` with the single writer connection; no recorder writes while it runs, so keep it
     /// short.
     pub fn with_writer<R>(&self, f: impl FnOnce(&mut Connection) -> R) -> R {
-        f(&mut self.lock())
+        let mut writer = self.lock();
+        let r = f(&mut writer);
+        self.checkpoints.after_write(&writer);
+        r
     }
 
     /// A handle on the database file itself, open for as long as the `RecorderDb`: read the raw
@@ -487,8 +515,10 @@ impl RecorderDb {
         let asked = std::time::Instant::now();
         let mut conn = self.lock();
         metrics.writer_waited(asked.elapsed());
-        let ids = write_batch(&mut conn, events, ends).map_err(|e| self.sqlite_err(e))?;
+        let ids = write_batch(&mut conn, events, ends);
+        self.checkpoints.after_write(&conn);
         drop(conn);
+        let ids = ids.map_err(|e| self.sqlite_err(e))?;
         // Batches are mostly of one or a few types: count runs, not single events.
         let mut run: Option<(&'static str, u64)> = None;
         for ev in events {
@@ -579,7 +609,7 @@ impl RecorderDb {
                         if free == 0 {
                             return Ok(false);
                         }
-                        c.execute_batch("PRAGMA incremental_vacuum(256);")?;
+                        incremental_vacuum(c, 256)?;
                         Ok(true)
                     })
                     .map_err(err)?;

@@ -12,6 +12,7 @@
 //!
 //! The table and column names come from [`snapq_core::schema`] only.
 
+mod checkpointer;
 mod db;
 mod handle;
 pub mod linux;
@@ -19,6 +20,8 @@ pub mod simulator;
 
 use std::sync::Arc;
 
+#[cfg(test)]
+pub(crate) use db::incremental_vacuum;
 pub use db::{
     Event, IntoValue, Limits, ProcessEnd, RecorderDb, RecorderError, RetentionReport, meta_keys,
 };
