@@ -153,15 +153,6 @@ impl TestAgent {
         send_json(self.client().post(self.url(path)).bearer_auth(&self.token)).await
     }
 
-    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
-        send_json(
-            self.client()
-                .delete(self.url(path))
-                .bearer_auth(&self.token),
-        )
-        .await
-    }
-
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
