@@ -420,7 +420,8 @@ struct SnapshotParams {
 pub struct SnapshotGroup {
     pub hostname: String,
     pub captures: usize,
-    #[schema(value_type = Vec<Snapshot>)]
+    /// Each with its keep mark, as `GET /v1/snapshots/{id}` shows it.
+    #[schema(value_type = Vec<SnapshotView>)]
     pub snapshots: Vec<serde_json::Value>,
 }
 
@@ -448,17 +449,19 @@ async fn list_snapshots(
         .snapshots_with_facts(params.endpoint.as_deref())
         .await
         .map_err(ApiError::internal)?;
+    let visible: Vec<Snapshot> = all
+        .into_iter()
+        .filter(|row| sees(&row.facts()))
+        .map(|row| row.snapshot)
+        .collect();
     let mut groups: Vec<SnapshotGroup> = Vec::new();
-    for row in all {
-        if !sees(&row.facts()) {
-            continue;
-        }
-        let snap = row.snapshot;
-        let value = serde_json::to_value(&snap).map_err(ApiError::internal)?;
+    for view in with_keep_marks(&state, visible).await? {
+        let hostname = view.snapshot.hostname.clone();
+        let value = serde_json::to_value(&view).map_err(ApiError::internal)?;
         match groups.last_mut() {
-            Some(g) if g.hostname == snap.hostname => g.snapshots.push(value),
+            Some(g) if g.hostname == hostname => g.snapshots.push(value),
             _ => groups.push(SnapshotGroup {
-                hostname: snap.hostname.clone(),
+                hostname,
                 captures: 0,
                 snapshots: vec![value],
             }),
@@ -486,6 +489,37 @@ struct SnapshotView {
     kept_ms: Option<i64>,
 }
 
+impl SnapshotView {
+    fn new(snapshot: Snapshot, mark: Option<(String, i64)>) -> SnapshotView {
+        SnapshotView {
+            snapshot,
+            kept: mark.is_some(),
+            kept_by: mark.as_ref().map(|(by, _)| by.clone()),
+            kept_ms: mark.map(|(_, ms)| ms),
+        }
+    }
+}
+
+/// Snapshots with their keep marks, read in one statement (a listing shows the mark on each row).
+async fn with_keep_marks(
+    state: &ServerState,
+    snapshots: Vec<Snapshot>,
+) -> Result<Vec<SnapshotView>, ApiError> {
+    let ids: Vec<i64> = snapshots.iter().map(|s| s.id).collect();
+    let mut marks = state
+        .catalog
+        .keep_marks(&ids)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(snapshots
+        .into_iter()
+        .map(|s| {
+            let mark = marks.remove(&s.id);
+            SnapshotView::new(s, mark)
+        })
+        .collect())
+}
+
 /// One snapshot's catalog row, with its keep mark.
 #[utoipa::path(
     get,
@@ -502,12 +536,7 @@ async fn show_snapshot(
         .keep_mark(snap.id)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(SnapshotView {
-        snapshot: snap,
-        kept: mark.is_some(),
-        kept_by: mark.as_ref().map(|(by, _)| by.clone()),
-        kept_ms: mark.map(|(_, ms)| ms),
-    }))
+    Ok(Json(SnapshotView::new(snap, mark)))
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.
