@@ -478,11 +478,32 @@ async fn job_ended_without_success(client: &Client, job: &Value) -> anyhow::Resu
 }
 
 pub async fn snapshots_list(client: &Client, endpoint: Option<&str>) -> anyhow::Result<()> {
-    let path = match endpoint {
-        Some(h) => format!("/v1/snapshots?endpoint={}", enc(h)),
-        None => "/v1/snapshots".into(),
-    };
-    let groups: Value = client.get(&path).await?;
+    let mut next = Some(match endpoint {
+        Some(h) => format!("/v1/snapshots?endpoint={}&limit={PAGE}", enc(h)),
+        None => format!("/v1/snapshots?limit={PAGE}"),
+    });
+    // Every page (the server's `Link: <...>; rel="next"`), merged by endpoint.
+    let mut merged = std::collections::BTreeMap::<String, Value>::new();
+    while let Some(path) = next.take() {
+        let response = client.get_response(&path).await?;
+        next = next_link(response.headers());
+        let page: Vec<Value> = response.json().await?;
+        for g in page {
+            let host = g["hostname"].as_str().unwrap_or("").to_owned();
+            match merged.get_mut(&host) {
+                Some(have) => {
+                    let more = g["snapshots"].as_array().cloned().unwrap_or_default();
+                    if let Some(list) = have["snapshots"].as_array_mut() {
+                        list.extend(more);
+                    }
+                }
+                None => {
+                    merged.insert(host, g);
+                }
+            }
+        }
+    }
+    let groups = Value::Array(merged.into_values().collect());
     client.print(&groups, |groups| {
         for g in groups.as_array().into_iter().flatten() {
             println!(
@@ -511,6 +532,27 @@ pub async fn snapshots_list(client: &Client, endpoint: Option<&str>) -> anyhow::
         }
     });
     Ok(())
+}
+
+/// Rows per page when a command lists everything page by page.
+const PAGE: u32 = 500;
+
+/// The next page's path from a `Link: <PATH>; rel="next"` header, if the answer has one.
+pub(crate) fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    link.split(',').find_map(|part| {
+        let (target, params) = part.trim().split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned()
+            })
+    })
 }
 
 pub async fn snapshot_show(client: &Client, id: &str) -> anyhow::Result<()> {
@@ -1015,5 +1057,29 @@ fn print_watch_status(watch: &Value) {
             bytes_of(&w["size"]),
             w["unchanged_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_link;
+    use reqwest::header::{HeaderMap, HeaderValue, LINK};
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(next_link(&headers), None);
+        headers.insert(
+            LINK,
+            HeaderValue::from_static(
+                "</v1/snapshots?limit=2&before=7>; rel=\"prev\", </v1/snapshots?limit=2&before=5>; rel=\"next\"",
+            ),
+        );
+        assert_eq!(
+            next_link(&headers).as_deref(),
+            Some("/v1/snapshots?limit=2&before=5")
+        );
+        headers.insert(LINK, HeaderValue::from_static("</x>; rel=\"last\""));
+        assert_eq!(next_link(&headers), None);
     }
 }

@@ -186,6 +186,24 @@ impl SnapshotWithFacts {
     }
 }
 
+/// What one endpoint's snapshots come to (Saved Evidence > Snapshots, before it is expanded).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SnapshotSummary {
+    pub hostname: String,
+    /// Every snapshot row of the endpoint, whatever its state.
+    pub snapshots: i64,
+    /// Its complete snapshots.
+    pub captures: i64,
+    /// How many are in each state (`queued`, `measuring`, `transferring`, `verifying`,
+    /// `complete`, `failed`); states with none are left out.
+    #[schema(example = json!({"complete": 2, "transferring": 1}))]
+    pub states: std::collections::BTreeMap<String, i64>,
+    /// The newest snapshot's id.
+    pub latest_id: i64,
+    /// When the newest snapshot was asked for (ms since the epoch).
+    pub latest_ms: i64,
+}
+
 /// What an ingest job came to.
 #[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct Ingest {
@@ -562,22 +580,94 @@ impl Catalog {
         .await?)
     }
 
-    /// Like [`Catalog::snapshots`], each with its endpoint's facts, for listings filtered by
-    /// computer groups in the same query.
-    pub async fn snapshots_with_facts(
+    /// One page of the snapshot listing, newest first (by id), each row with its endpoint's facts
+    /// for the caller's computer groups: of one endpoint or of all, only ids below `before`, at
+    /// most `limit` rows (`None`: every one).
+    pub async fn snapshots_page(
         &self,
         hostname: Option<&str>,
+        before: Option<i64>,
+        limit: Option<i64>,
     ) -> Result<Vec<SnapshotWithFacts>> {
+        // Two statements, not `?1 IS NULL OR ...`, so one endpoint's page reads its index.
+        let which = if hostname.is_some() {
+            "s.endpoint_id = (SELECT id FROM endpoints WHERE hostname = ?1)"
+        } else {
+            "?1 IS NULL"
+        };
         Ok(
             sqlx::query_as::<_, SnapshotWithFacts>(sqlx::AssertSqlSafe(format!(
                 "SELECT {SNAPSHOT_COLUMNS}, e.ips AS endpoint_ips, e.labels AS endpoint_labels
              FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
-             WHERE ?1 IS NULL OR e.hostname = ?1 ORDER BY e.hostname, s.created_ms DESC, s.id DESC"
+             WHERE {which} AND (?2 IS NULL OR s.id < ?2) ORDER BY s.id DESC LIMIT ?3"
             )))
             .bind(hostname)
+            .bind(before)
+            .bind(limit.unwrap_or(-1))
             .fetch_all(&self.pool)
             .await?,
         )
+    }
+
+    /// Endpoints that have snapshots, by hostname, after `after` (exclusive), at most `limit`,
+    /// with their facts for the caller's computer groups: `(id, hostname, ips, labels)`.
+    pub async fn snapshot_endpoints_page(
+        &self,
+        after: Option<&str>,
+        hostname: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, Vec<String>, Vec<String>)>> {
+        let rows: Vec<IdFactsRow> = sqlx::query_as(
+            "SELECT e.id, e.hostname, e.ips, e.labels FROM endpoints e
+             WHERE (?1 IS NULL OR e.hostname > ?1) AND (?2 IS NULL OR e.hostname = ?2)
+               AND EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = e.id)
+             ORDER BY e.hostname LIMIT ?3",
+        )
+        .bind(after)
+        .bind(hostname)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, h, ips, labels)| (id, h, ips.0, labels.0))
+            .collect())
+    }
+
+    /// Per endpoint (by id), what its snapshots come to: counts by state, the newest.
+    pub async fn snapshot_summaries(
+        &self,
+        endpoint_ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, SnapshotSummary>> {
+        let ids = serde_json::to_string(endpoint_ids).expect("integers serialize");
+        let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT s.endpoint_id, e.hostname, s.state, count(*), max(s.id), max(s.created_ms)
+             FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE s.endpoint_id IN (SELECT value FROM json_each(?1))
+             GROUP BY s.endpoint_id, s.state",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = std::collections::HashMap::<i64, SnapshotSummary>::new();
+        for (endpoint, hostname, state, n, latest_id, latest_ms) in rows {
+            let sum = out.entry(endpoint).or_insert_with(|| SnapshotSummary {
+                hostname,
+                snapshots: 0,
+                captures: 0,
+                states: Default::default(),
+                latest_id,
+                latest_ms,
+            });
+            sum.snapshots += n;
+            if state == SnapshotState::Complete.as_str() {
+                sum.captures += n;
+            }
+            sum.latest_id = sum.latest_id.max(latest_id);
+            sum.latest_ms = sum.latest_ms.max(latest_ms);
+            sum.states.insert(state, n);
+        }
+        Ok(out)
     }
 
     /// A complete snapshot with this content, if the store already holds one.
@@ -1586,6 +1676,14 @@ const SEARCH: &str = "WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR 
 
 /// An endpoint's hostname, addresses and labels as stored.
 type FactsRow = (
+    String,
+    sqlx::types::Json<Vec<String>>,
+    sqlx::types::Json<Vec<String>>,
+);
+
+/// An endpoint's id with its facts.
+type IdFactsRow = (
+    i64,
     String,
     sqlx::types::Json<Vec<String>>,
     sqlx::types::Json<Vec<String>>,

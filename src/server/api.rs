@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use snapq_core::access::Role;
 use snapq_core::agent_client::NotCallable;
-use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, now_ms};
+use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, SnapshotSummary, now_ms};
 use snapq_jobs::handlers::capture::CaptureArgs;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
@@ -76,6 +76,7 @@ pub fn routes() -> Vec<ApiRoute> {
         route(Method::GET, "/v1/endpoints/{host}", User, show_endpoint),
         route(Method::POST, "/v1/captures", User, capture),
         route(Method::GET, "/v1/snapshots", User, list_snapshots),
+        route(Method::GET, "/v1/snapshots/summary", User, snapshot_summary),
         route(Method::GET, "/v1/snapshots/{id}", User, show_snapshot),
         route(
             Method::GET,
@@ -120,6 +121,7 @@ pub fn route_list() -> Vec<(Method, &'static str)> {
     show_endpoint,
     capture,
     list_snapshots,
+    snapshot_summary,
     show_snapshot,
     download_snapshot,
     delete_snapshots,
@@ -409,72 +411,261 @@ pub(super) async fn enqueue_capture(
     })
 }
 
+// --- paged listings ------------------------------------------------------------------------
+//
+// `GET /v1/snapshots` and `GET /v1/snapshots/summary` page the same way: `limit` rows at most
+// (1 to `MAX_PAGE`; a larger one is served as `MAX_PAGE`; 0 is refused; without it, every row),
+// and when more rows follow, the answer carries `Link: <URL>; rel="next"` (RFC 8288), the URL of
+// the next page. Clients follow it until an answer has none.
+
+/// The most rows one page holds; a larger `limit` is served as this many.
+pub const MAX_PAGE: u32 = 1000;
+
+/// `limit` as asked: `None` for every row, else 1 to [`MAX_PAGE`].
+fn page_limit(limit: Option<u32>) -> Result<Option<usize>, ApiError> {
+    match limit {
+        None => Ok(None),
+        Some(0) => Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_PAGE} (a larger one is served as {MAX_PAGE}), or left out for every row"
+        ))),
+        Some(n) => Ok(Some(n.min(MAX_PAGE) as usize)),
+    }
+}
+
+/// A listing page as JSON, with the `Link` to the next page when there is one.
+fn paged<T: Serialize>(
+    body: T,
+    path: &str,
+    next: Option<Vec<(&str, String)>>,
+) -> Result<Response, ApiError> {
+    let mut response = Json(body).into_response();
+    if let Some(pairs) = next {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &pairs {
+            query.append_pair(k, v);
+        }
+        let link = format!("<{path}?{}>; rel=\"next\"", query.finish());
+        response.headers_mut().insert(
+            axum::http::header::LINK,
+            axum::http::HeaderValue::from_str(&link).map_err(ApiError::internal)?,
+        );
+    }
+    Ok(response)
+}
+
+/// The pairs of a next page's query: the caller's, with the cursor.
+fn next_pairs<'a>(
+    endpoint: &Option<String>,
+    limit: usize,
+    cursor: (&'a str, String),
+) -> Vec<(&'a str, String)> {
+    let mut pairs = Vec::new();
+    if let Some(host) = endpoint {
+        pairs.push(("endpoint", host.clone()));
+    }
+    pairs.push(("limit", limit.to_string()));
+    pairs.push(cursor);
+    pairs
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct SnapshotParams {
+    /// Only this endpoint's snapshots (404 outside the caller's computer groups).
     endpoint: Option<String>,
+    /// At most this many snapshots, newest first (1 to 1000; a larger limit is served as 1000).
+    /// Without it, every snapshot. When more follow, the answer has a `Link` header
+    /// (`rel="next"`) with the next page's URL.
+    #[param(minimum = 1, example = 50)]
+    limit: Option<u32>,
+    /// Only snapshots whose id is below this one: the cursor of the next page (the oldest id of
+    /// the page before; the `Link` header carries it).
+    before: Option<i64>,
 }
 
 /// Snapshots grouped by endpoint, each group with its number of captures.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotGroup {
     pub hostname: String,
+    /// The endpoint's complete snapshots (all of them, not only this page's).
     pub captures: usize,
     /// Each with its keep mark, as `GET /v1/snapshots/{id}` shows it.
     #[schema(value_type = Vec<SnapshotView>)]
     pub snapshots: Vec<serde_json::Value>,
 }
 
-/// Snapshots grouped by endpoint.
+/// Snapshots grouped by endpoint (by hostname), each group newest first. With `limit`, one page
+/// of the snapshots newest first (by id), grouped the same way; the `Link` header leads on.
 #[utoipa::path(
     get,
     path = "/v1/snapshots",
     params(SnapshotParams),
     responses(
-        (status = 200, description = "snapshots grouped by endpoint", body = [SnapshotGroup]),
+        (
+            status = 200,
+            description = "snapshots grouped by endpoint",
+            body = [SnapshotGroup],
+            headers(("Link" = String, description = "`<URL>; rel=\"next\"`: the next page, when more rows follow this one")),
+        ),
     ),
 )]
 async fn list_snapshots(
     access: Access,
     State(state): State<Arc<ServerState>>,
     Query(params): Query<SnapshotParams>,
-) -> Result<Json<Vec<SnapshotGroup>>, ApiError> {
+) -> Result<Response, ApiError> {
     if let Some(host) = &params.endpoint {
         // One endpoint's: outside the caller's groups it does not exist.
         access.endpoint(host, Role::Viewer).await?;
     }
     let sees = access.endpoint_filter()?;
-    let all = state
-        .catalog
-        .snapshots_with_facts(params.endpoint.as_deref())
-        .await
-        .map_err(ApiError::internal)?;
-    let visible: Vec<Snapshot> = all
-        .into_iter()
-        .filter(|row| sees(&row.facts()))
-        .map(|row| row.snapshot)
-        .collect();
-    let mut groups: Vec<SnapshotGroup> = Vec::new();
-    for view in with_keep_marks(&state, visible).await? {
-        let hostname = view.snapshot.hostname.clone();
-        let value = serde_json::to_value(&view).map_err(ApiError::internal)?;
-        match groups.last_mut() {
-            Some(g) if g.hostname == hostname => g.snapshots.push(value),
-            _ => groups.push(SnapshotGroup {
-                hostname,
-                captures: 0,
-                snapshots: vec![value],
-            }),
+    let limit = page_limit(params.limit)?;
+    // The rows the caller sees, newest first, read in growing chunks until one more than the
+    // page: a page of an operator's snapshots reads about a page, not the catalog.
+    let mut rows = Vec::new();
+    let (mut before, mut chunk) = (params.before, 64i64);
+    loop {
+        let want = limit.map(|l| chunk.max(l as i64 + 1));
+        let read = state
+            .catalog
+            .snapshots_page(params.endpoint.as_deref(), before, want)
+            .await
+            .map_err(ApiError::internal)?;
+        let fetched = read.len() as i64;
+        before = read.last().map(|r| r.snapshot.id).or(before);
+        rows.extend(read.into_iter().filter(|r| sees(&r.facts())));
+        match (limit, want) {
+            (Some(l), Some(w)) if rows.len() <= l && fetched == w => chunk = (w * 4).min(4096),
+            _ => break,
         }
     }
-    for g in &mut groups {
-        g.captures = g
-            .snapshots
-            .iter()
-            .filter(|s| s["state"] == "complete")
-            .count();
+    let more = limit.is_some_and(|l| rows.len() > l);
+    if let Some(l) = limit {
+        rows.truncate(l);
     }
-    Ok(Json(groups))
+    let next = more.then(|| {
+        let oldest = rows.last().expect("a full page").snapshot.id;
+        next_pairs(
+            &params.endpoint,
+            limit.expect("paged"),
+            ("before", oldest.to_string()),
+        )
+    });
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.snapshot.endpoint_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let summaries = state
+        .catalog
+        .snapshot_summaries(&ids)
+        .await
+        .map_err(ApiError::internal)?;
+    let snapshots: Vec<Snapshot> = rows.into_iter().map(|r| r.snapshot).collect();
+    let mut groups = std::collections::BTreeMap::<String, SnapshotGroup>::new();
+    for view in with_keep_marks(&state, snapshots).await? {
+        let snap = &view.snapshot;
+        let captures = summaries
+            .get(&snap.endpoint_id)
+            .map_or(0, |s| s.captures as usize);
+        let group = groups
+            .entry(snap.hostname.clone())
+            .or_insert_with(|| SnapshotGroup {
+                hostname: snap.hostname.clone(),
+                captures,
+                snapshots: Vec::new(),
+            });
+        group
+            .snapshots
+            .push(serde_json::to_value(&view).map_err(ApiError::internal)?);
+    }
+    let groups: Vec<SnapshotGroup> = groups.into_values().collect();
+    paged(groups, "/v1/snapshots", next)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SummaryParams {
+    /// Only this endpoint (404 outside the caller's computer groups).
+    endpoint: Option<String>,
+    /// At most this many endpoints, by hostname (1 to 1000; a larger limit is served as 1000).
+    /// Without it, every endpoint with snapshots. When more follow, the answer has a `Link`
+    /// header (`rel="next"`) with the next page's URL.
+    #[param(minimum = 1, example = 100)]
+    limit: Option<u32>,
+    /// Only endpoints whose hostname sorts after this one: the cursor of the next page (the last
+    /// hostname of the page before; the `Link` header carries it).
+    after: Option<String>,
+}
+
+/// Per endpoint with snapshots, what they come to (counts by state, the newest), by hostname:
+/// what Saved Evidence > Snapshots shows before an endpoint is expanded.
+#[utoipa::path(
+    get,
+    path = "/v1/snapshots/summary",
+    params(SummaryParams),
+    responses(
+        (
+            status = 200,
+            description = "one row per endpoint with snapshots the caller sees",
+            body = [SnapshotSummary],
+            headers(("Link" = String, description = "`<URL>; rel=\"next\"`: the next page, when more rows follow this one")),
+        ),
+    ),
+)]
+async fn snapshot_summary(
+    access: Access,
+    State(state): State<Arc<ServerState>>,
+    Query(params): Query<SummaryParams>,
+) -> Result<Response, ApiError> {
+    if let Some(host) = &params.endpoint {
+        access.endpoint(host, Role::Viewer).await?;
+    }
+    let sees = access.endpoint_filter()?;
+    let limit = page_limit(params.limit)?;
+    let want = limit.map_or(usize::MAX, |l| l + 1);
+    // Endpoints in hostname order, their facts read in growing chunks until one more than the
+    // page is visible.
+    let mut shown = Vec::new();
+    let (mut after, mut chunk) = (params.after.clone(), 256i64);
+    loop {
+        let read = state
+            .catalog
+            .snapshot_endpoints_page(after.as_deref(), params.endpoint.as_deref(), chunk)
+            .await
+            .map_err(ApiError::internal)?;
+        let fetched = read.len() as i64;
+        after = read.last().map(|r| r.1.clone()).or(after);
+        for (id, hostname, ips, labels) in read {
+            let facts = snapq_core::access::Facts {
+                hostname: &hostname,
+                ips: &ips,
+                labels: &labels,
+            };
+            if sees(&facts) && shown.len() < want {
+                shown.push((id, hostname));
+            }
+        }
+        if shown.len() >= want || fetched < chunk {
+            break;
+        }
+        chunk = (chunk * 4).min(4096);
+    }
+    let more = limit.is_some_and(|l| shown.len() > l);
+    if let Some(l) = limit {
+        shown.truncate(l);
+    }
+    let ids: Vec<i64> = shown.iter().map(|(id, _)| *id).collect();
+    let mut summaries = state
+        .catalog
+        .snapshot_summaries(&ids)
+        .await
+        .map_err(ApiError::internal)?;
+    // An endpoint whose last snapshot went between the two reads is left out.
+    let rows: Vec<SnapshotSummary> = ids.iter().filter_map(|id| summaries.remove(id)).collect();
+    let next = more.then(|| {
+        let last = shown.last().expect("a full page").1.clone();
+        next_pairs(&params.endpoint, limit.expect("paged"), ("after", last))
+    });
+    paged(rows, "/v1/snapshots/summary", next)
 }
 
 /// A snapshot as `GET /v1/snapshots/{id}` shows it: with its keep mark (a kept snapshot is never

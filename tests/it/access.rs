@@ -290,6 +290,7 @@ fn table() -> Vec<(&'static str, &'static str, [Expect; 8])> {
         ("GET", "/v1/endpoints/{host}", VIEW),
         ("POST", "/v1/captures", OPERATE),
         ("GET", "/v1/snapshots", EVERYONE),
+        ("GET", "/v1/snapshots/summary", EVERYONE),
         ("GET", "/v1/snapshots/{id}", VIEW),
         ("GET", "/v1/snapshots/{id}/file", VIEW),
         ("POST", "/v1/snapshots/delete", OPERATE),

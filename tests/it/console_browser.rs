@@ -274,6 +274,19 @@ async fn capture_asks_with_size_and_free_disk_and_the_snapshot_completes() {
         .await;
         let count = b.text(".snap-group[data-host=demo-03] .captures").await;
         assert_eq!(count, "1 capture(s)");
+        // Every endpoint's: listed with its count, collapsed; expanding one reads its snapshots.
+        b.click("#all-endpoints").await;
+        wait_gone(b, "tr.snapshot").await;
+        let count = b.text(".snap-group[data-host=demo-03] .captures").await;
+        assert_eq!(count, "1 capture(s)");
+        b.click(".snap-group[data-host=demo-03] button.expand")
+            .await;
+        b.wait_texts(
+            ".snap-group[data-host=demo-03] tr.snapshot td.state",
+            "its snapshot",
+            |t| t.len() == 1 && t[0].starts_with("complete"),
+        )
+        .await;
     })
     .await;
 }

@@ -15,6 +15,7 @@ mod ingest;
 mod live;
 mod openapi;
 mod operability;
+mod paging;
 mod recorder;
 mod server;
 mod support;

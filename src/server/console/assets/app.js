@@ -85,8 +85,8 @@ class ApiError extends Error {
   constructor(status, text) { super(text); this.status = status; }
 }
 
-/** Calls the API with the session cookie (and the CSRF token on changes). */
-async function api(method, path, body) {
+/** Calls the API with the session cookie (and the CSRF token on changes): the response and its JSON. */
+async function request(method, path, body) {
   const headers = { Accept: 'application/json' };
   if (method !== 'GET' && S.csrf) headers['X-CSRF-Token'] = S.csrf;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
@@ -102,7 +102,19 @@ async function api(method, path, body) {
     throw new ApiError(401, (data && data.error) || 'signed out');
   }
   if (!r.ok) throw new ApiError(r.status, (data && data.error) || r.statusText);
-  return data;
+  return { r, data };
+}
+
+/** Calls the API: the answer's JSON. */
+async function api(method, path, body) {
+  return (await request(method, path, body)).data;
+}
+
+/** A GET of a paged listing: its rows and the URL of the next page (`Link: <URL>; rel="next"`). */
+async function apiPage(path) {
+  const { r, data } = await request('GET', path);
+  const link = /<([^>]*)>\s*;\s*rel="next"/.exec(r.headers.get('Link') || '');
+  return { data, next: link ? link[1] : null };
 }
 
 function notFound(err) {
@@ -482,12 +494,24 @@ function watchExport(id, box) {
 
 // ---- Saved Evidence > Snapshots -----------------------------------------------------------------
 
+/**
+ * Endpoints with their number of captures, a page at a time (GET /v1/snapshots/summary); an
+ * endpoint's snapshots are read when it is expanded (GET /v1/snapshots?endpoint=...), newest
+ * first, a page at a time. `#/snapshots/HOST` shows that endpoint alone, expanded.
+ */
 async function snapshotsPage(openHost) {
-  const expanded = new Set(openHost ? [openHost] : []);
+  const ENDPOINTS_PAGE = 100;
+  const SNAPSHOTS_PAGE = 50;
   const list = h('div', { id: 'snapshot-groups' });
+  const moreEndpoints = h('button', {
+    id: 'more-endpoints', hidden: true,
+    onclick: () => loadEndpoints(moreEndpoints.dataset.next).catch((err) => message(err.message, 'error')),
+  }, 'More endpoints');
   const uploadStatus = h('div', { id: 'upload-status' });
   const file = h('input', { id: 'upload-file', type: 'file', accept: '.db' });
   const bar = h('progress', { id: 'upload-progress', max: 1, value: 0, hidden: true });
+  // hostname -> { summary, el, open, rows (loaded snapshots, newest first), next (URL of older ones) }
+  const groups = new Map();
 
   async function del(body, what) {
     if (!await confirmBox('Delete ' + what + '?', h('p', {}, 'This permanently removes ' + what + ' from the server.'))) return;
@@ -504,7 +528,9 @@ async function snapshotsPage(openHost) {
       await api('POST', '/v1/snapshots/' + s.id + (on ? '/keep' : '/unkeep'));
       message(on ? 'Keeping ' + what + ': schedules never prune it' : what + ' is no longer kept: a schedule\'s keep rule may prune it', 'ok');
     } catch (err) { message(err.message, 'error'); }
-    await refresh();
+    // The endpoint's summary does not change with a mark: read its snapshots again.
+    const g = groups.get(s.hostname);
+    if (g && g.open) await loadSnapshots(g, null).catch((err) => message(err.message, 'error'));
   }
   async function connect(id) {
     try {
@@ -512,34 +538,111 @@ async function snapshotsPage(openHost) {
       location.hash = '#/grid/' + c.id;
     } catch (err) { message(err.message, 'error'); }
   }
+  function snapshotRow(s) {
+    return h('tr', { className: 'snapshot', dataset: { id: s.id, state: s.state } },
+      h('td', {}, s.name || '(' + s.state + ')', s.kept ? h('span', {
+        className: 'kept', title: 'kept by ' + s.kept_by + ' since ' + when(s.kept_ms) + ': schedules never prune it',
+      }, 'kept') : null),
+      h('td', { className: 'state' }, s.state, s.error ? h('div', { className: 'error' }, s.error) : null),
+      h('td', {}, s.state === 'complete' || s.state === 'failed' ? '' : h('progress', {
+        className: 'snap-progress', max: s.bytes_total || 1, value: s.bytes_total ? s.bytes_done : 0,
+      }), s.bytes_total ? ' ' + bytes(s.bytes_done) + ' / ' + bytes(s.bytes_total) : ''),
+      h('td', {}, bytes(s.size)),
+      h('td', {}, s.origin),
+      h('td', {}, s.requested_by),
+      h('td', {}, when(s.created_ms)),
+      h('td', {}, s.state === 'complete' ? h('button', { className: 'open', onclick: () => connect(s.id) }, 'Connect') : null,
+        operator() ? h('button', { className: s.kept ? 'unkeep' : 'keep', onclick: () => keep(s, !s.kept) }, s.kept ? 'Unkeep' : 'Keep') : null,
+        operator() ? h('button', { className: 'delete danger', onclick: () => del({ ids: [s.id] }, 'snapshot ' + (s.name || s.id)) }, 'Delete') : null));
+  }
+  function states(sum) {
+    return Object.entries(sum.states).filter(([st]) => st !== 'complete').map(([st, n]) => n + ' ' + st).join(', ');
+  }
+  function draw(g) {
+    const sum = g.summary;
+    const el = h('div', { className: 'snap-group', dataset: { host: sum.hostname } },
+      h('div', { className: 'bar' },
+        h('button', { className: 'expand', onclick: () => toggle(g) }, (g.open ? '▾ ' : '▸ ') + sum.hostname),
+        h('span', { className: 'captures muted' }, sum.captures + ' capture(s)'),
+        h('span', { className: 'states muted' }, states(sum)),
+        h('span', { className: 'latest muted' }, 'latest ' + when(sum.latest_ms)),
+        operator() ? h('button', { className: 'delete-all danger', onclick: () => del({ endpoint: sum.hostname }, 'all snapshots of ' + sum.hostname) }, 'Delete all') : null),
+      g.open ? table(null, ['Name', 'State', 'Progress', 'Size', 'Origin', 'Requested by', 'Created', ''], g.rows.map(snapshotRow)) : null,
+      g.open && g.next ? h('button', { className: 'older', onclick: () => loadSnapshots(g, g.next) }, 'Older snapshots') : null);
+    if (g.el) g.el.replaceWith(el);
+    g.el = el;
+    return el;
+  }
+  /** Reads one endpoint's snapshots: its first page again (`url` null), or the older page at `url`. */
+  async function loadSnapshots(g, url) {
+    const first = '/v1/snapshots?endpoint=' + encodeURIComponent(g.summary.hostname) + '&limit=' + Math.max(SNAPSHOTS_PAGE, url ? 0 : g.rows.length);
+    const page = await apiPage(url || first);
+    const rows = page.data.length ? page.data[0].snapshots : [];
+    g.rows = url ? g.rows.concat(rows) : rows;
+    g.next = page.next;
+    draw(g);
+  }
+  async function toggle(g) {
+    g.open = !g.open;
+    if (g.open) await loadSnapshots(g, null).catch((err) => message(err.message, 'error'));
+    else draw(g);
+  }
+  const summaryUrl = (limit) => openHost
+    ? '/v1/snapshots/summary?endpoint=' + encodeURIComponent(openHost)
+    : '/v1/snapshots/summary?limit=' + limit;
+  const busy = (g) => g.rows.some((s) => s.state !== 'complete' && s.state !== 'failed');
+  function showMore(next) {
+    moreEndpoints.hidden = !next;
+    moreEndpoints.dataset.next = next || '';
+  }
+  /** Appends the next page of endpoints (the "More endpoints" button). */
+  async function loadEndpoints(url) {
+    const page = await apiPage(url);
+    for (const sum of page.data) {
+      if (groups.has(sum.hostname)) continue;
+      const g = { summary: sum, el: null, open: false, rows: [], next: null };
+      groups.set(sum.hostname, g);
+      list.append(draw(g));
+    }
+    showMore(page.next);
+  }
+  /**
+   * Reads the endpoints again, as many as are listed (at least a page), and the snapshots of
+   * the expanded ones whose endpoint changed or which are still in progress; redraws what changed.
+   */
   async function refresh() {
-    const groups = await api('GET', '/v1/snapshots');
-    list.replaceChildren(...groups.map((grp) => {
-      const open = expanded.has(grp.hostname);
-      const rows = open ? grp.snapshots.map((s) => h('tr', { className: 'snapshot', dataset: { id: s.id, state: s.state } },
-        h('td', {}, s.name || '(' + s.state + ')', s.kept ? h('span', {
-          className: 'kept', title: 'kept by ' + s.kept_by + ' since ' + when(s.kept_ms) + ': schedules never prune it',
-        }, 'kept') : null),
-        h('td', { className: 'state' }, s.state, s.error ? h('div', { className: 'error' }, s.error) : null),
-        h('td', {}, s.state === 'complete' || s.state === 'failed' ? '' : h('progress', {
-          className: 'snap-progress', max: s.bytes_total || 1, value: s.bytes_total ? s.bytes_done : 0,
-        }), s.bytes_total ? ' ' + bytes(s.bytes_done) + ' / ' + bytes(s.bytes_total) : ''),
-        h('td', {}, bytes(s.size)),
-        h('td', {}, s.origin),
-        h('td', {}, s.requested_by),
-        h('td', {}, when(s.created_ms)),
-        h('td', {}, s.state === 'complete' ? h('button', { className: 'open', onclick: () => connect(s.id) }, 'Connect') : null,
-          operator() ? h('button', { className: s.kept ? 'unkeep' : 'keep', onclick: () => keep(s, !s.kept) }, s.kept ? 'Unkeep' : 'Keep') : null,
-          operator() ? h('button', { className: 'delete danger', onclick: () => del({ ids: [s.id] }, 'snapshot ' + (s.name || s.id)) }, 'Delete') : null))) : [];
-      return h('div', { className: 'snap-group', dataset: { host: grp.hostname } },
-        h('div', { className: 'bar' },
-          h('button', { className: 'expand', onclick: () => { open ? expanded.delete(grp.hostname) : expanded.add(grp.hostname); refresh(); } },
-            (open ? '▾ ' : '▸ ') + grp.hostname),
-          h('span', { className: 'captures muted' }, grp.captures + ' capture(s)'),
-          operator() ? h('button', { className: 'delete-all danger', onclick: () => del({ endpoint: grp.hostname }, 'all snapshots of ' + grp.hostname) }, 'Delete all') : null),
-        open ? table(null, ['Name', 'State', 'Progress', 'Size', 'Origin', 'Requested by', 'Created', ''], rows) : null);
-    }));
-    if (!groups.length) list.append(h('p', { className: 'muted' }, 'No snapshots yet.'));
+    const lastShown = [...groups.keys()].sort().pop();
+    const fresh = [];
+    let next = null;
+    let url = summaryUrl(Math.min(1000, Math.max(ENDPOINTS_PAGE, groups.size)));
+    while (url) {
+      const page = await apiPage(url);
+      fresh.push(...page.data);
+      next = page.next;
+      const last = fresh.length ? fresh[fresh.length - 1].hostname : null;
+      url = next && lastShown !== undefined && last !== null && last < lastShown ? next : null;
+    }
+    const keep = new Set(fresh.map((sum) => sum.hostname));
+    for (const host of [...groups.keys()]) if (!keep.has(host)) groups.delete(host);
+    const reload = [];
+    for (const sum of fresh) {
+      const g = groups.get(sum.hostname);
+      if (!g) {
+        const added = { summary: sum, el: null, open: sum.hostname === openHost, rows: [], next: null };
+        groups.set(sum.hostname, added);
+        draw(added);
+        if (added.open) reload.push(added);
+        continue;
+      }
+      const changed = JSON.stringify(sum) !== JSON.stringify(g.summary);
+      g.summary = sum;
+      if (g.open && (changed || busy(g))) reload.push(g);
+      else if (changed) draw(g);
+    }
+    await Promise.all(reload.map((g) => loadSnapshots(g, null)));
+    list.replaceChildren(...fresh.map((sum) => groups.get(sum.hostname).el));
+    if (!fresh.length) list.append(h('p', { className: 'muted', id: 'no-snapshots' }, 'No snapshots yet.'));
+    showMore(next);
   }
   function upload(andConnect) {
     const f = file.files[0];
@@ -584,7 +687,8 @@ async function snapshotsPage(openHost) {
         h('button', { id: 'upload-connect', className: 'primary', onclick: () => upload(true) }, 'Upload & Connect')),
       bar, uploadStatus) : null,
     h('p', { id: 'message' }),
-    list);
+    openHost ? h('p', {}, h('a', { id: 'all-endpoints', href: '#/snapshots' }, 'All endpoints')) : null,
+    list, moreEndpoints);
   await refresh();
   every(1000, () => { if ($('#modal').hidden) refresh().catch(() => {}); });
 }
