@@ -581,8 +581,9 @@ async fn an_admin_manages_users_tokens_and_groups_reads_the_audit_and_watches_th
 
 // --- Admin actions, keep, time windows, a capture's progress, Queue and Fleet actions ----------
 
-/// Captures at this rate take seconds: long enough to watch, pause or cancel them.
-const SLOW_CAPTURES: [&str; 2] = ["--capture-rate-kib", "256"];
+/// Captures at this rate take seconds (a demo database of about 2.6 MiB: some 20 s): long
+/// enough to watch, pause or cancel them, also on a loaded machine.
+const SLOW_CAPTURES: [&str; 2] = ["--capture-rate-kib", "128"];
 
 /// Gives the bootstrap admin the console password [`PASSWORD`].
 async fn admin_password(server: &TestServer) {
