@@ -528,6 +528,9 @@ enum AuditCommand {
         /// Since a time: RFC 3339, epoch ms, or a duration ago (30m, 24h, 7d).
         #[arg(long, value_name = "TIME")]
         since: Option<String>,
+        /// Before a time (same forms as --since).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
         /// Only what this user did.
         #[arg(long)]
         user: Option<String>,
@@ -1501,11 +1504,19 @@ impl Cli {
                 ClientCommand::Access(match command {
                     AuditCommand::List {
                         since,
+                        until,
                         user,
                         action,
                         limit,
                     } => AccessCommand::AuditList {
-                        since_ms: since.as_deref().map(parse_since).transpose()?,
+                        since_ms: since
+                            .as_deref()
+                            .map(|t| parse_time_or_ago("--since", t))
+                            .transpose()?,
+                        until_ms: until
+                            .as_deref()
+                            .map(|t| parse_time_or_ago("--until", t))
+                            .transpose()?,
                         user,
                         action,
                         limit,
@@ -1872,8 +1883,8 @@ fn parse_duration(text: &str) -> anyhow::Result<u64> {
     }
 }
 
-/// `--since`: RFC 3339, epoch milliseconds, or a duration ago, as epoch milliseconds.
-fn parse_since(text: &str) -> anyhow::Result<i64> {
+/// `--since` and `--until`: RFC 3339, epoch milliseconds, or a duration ago, as epoch milliseconds.
+fn parse_time_or_ago(flag: &str, text: &str) -> anyhow::Result<i64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_millis());
     }
@@ -1883,7 +1894,7 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
     match parse_duration(text) {
         Ok(secs) => Ok(chrono::Utc::now().timestamp_millis() - (secs as i64) * 1000),
         Err(_) => Err(UsageError(format!(
-            "--since {text:?}: use RFC 3339 (2026-12-01T10:00:00Z), epoch ms, or a duration ago (24h)"
+            "{flag} {text:?}: use RFC 3339 (2026-12-01T10:00:00Z), epoch ms, or a duration ago (24h)"
         ))
         .into()),
     }

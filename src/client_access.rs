@@ -63,6 +63,7 @@ pub enum AccessCommand {
     },
     AuditList {
         since_ms: Option<i64>,
+        until_ms: Option<i64>,
         user: Option<String>,
         action: Option<String>,
         limit: u32,
@@ -364,6 +365,7 @@ pub async fn run(c: &Client, command: AccessCommand) -> anyhow::Result<()> {
         }
         A::AuditList {
             since_ms,
+            until_ms,
             user,
             action,
             limit,
@@ -371,6 +373,9 @@ pub async fn run(c: &Client, command: AccessCommand) -> anyhow::Result<()> {
             let mut path = format!("/v1/audit?limit={limit}");
             if let Some(s) = since_ms {
                 path += &format!("&since_ms={s}");
+            }
+            if let Some(u) = until_ms {
+                path += &format!("&until_ms={u}");
             }
             if let Some(u) = &user {
                 path += &format!("&user={}", enc(u));

@@ -1569,7 +1569,8 @@ impl Catalog {
     pub async fn audit_list(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
         Ok(sqlx::query_as::<_, AuditEntry>(
             "SELECT id, ts_ms, actor, action, target, result, detail FROM audit
-             WHERE (?1 IS NULL OR ts_ms >= ?1) AND (?2 IS NULL OR actor = ?2)
+             WHERE (?1 IS NULL OR ts_ms >= ?1) AND (?5 IS NULL OR ts_ms < ?5)
+               AND (?2 IS NULL OR actor = ?2)
                AND (?3 IS NULL OR action = ?3 OR substr(action, 1, length(?3) + 1) = ?3 || '.')
              ORDER BY ts_ms DESC, id DESC LIMIT ?4",
         )
@@ -1577,6 +1578,7 @@ impl Catalog {
         .bind(&filter.actor)
         .bind(&filter.action)
         .bind(i64::from(filter.limit.clamp(1, 10_000)))
+        .bind(filter.until_ms)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -1787,7 +1789,10 @@ pub struct AuditEntry {
 /// Which audit entries to list.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
+    /// Inclusive.
     pub since_ms: Option<i64>,
+    /// Exclusive.
+    pub until_ms: Option<i64>,
     pub actor: Option<String>,
     pub action: Option<String>,
     pub limit: u32,

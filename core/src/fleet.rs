@@ -681,6 +681,26 @@ impl Catalog {
         )
     }
 
+    /// The keep marks of these snapshots (those kept): snapshot id → (who, when in ms). One
+    /// statement for a whole listing.
+    pub async fn keep_marks(
+        &self,
+        ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, (String, i64)>> {
+        let ids = serde_json::to_string(ids).expect("ids serialize");
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT snapshot_id, kept_by, kept_ms FROM snapshot_keep
+             WHERE snapshot_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, by, ms)| (id, (by, ms)))
+            .collect())
+    }
+
     /// Complete snapshots of these endpoints that a keep rule prunes: beyond the newest
     /// `keep_last` per endpoint, or created before `older_than_ms`. Kept snapshots are neither
     /// pruned nor counted. (snapshot id, hostname).

@@ -702,8 +702,13 @@ async fn remove_group(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct AuditParams {
+    /// Entries at or after this time (epoch ms).
     since_ms: Option<i64>,
+    /// Entries before this time (epoch ms); after `since_ms`.
+    until_ms: Option<i64>,
+    /// Only what this user did.
     user: Option<String>,
+    /// An action (`user.add`) or a family of them (`user`).
     action: Option<String>,
     limit: Option<u32>,
 }
@@ -721,10 +726,18 @@ async fn audit_list(
     Query(params): Query<AuditParams>,
 ) -> Result<Response, ApiError> {
     access.require(Role::Admin)?;
+    if let (Some(since), Some(until)) = (params.since_ms, params.until_ms)
+        && until <= since
+    {
+        return Err(ApiError::bad_request(format!(
+            "empty time window: `until_ms` ({until}) must be after `since_ms` ({since}); `since_ms` is inclusive, `until_ms` exclusive"
+        )));
+    }
     let entries = state
         .catalog
         .audit_list(&AuditFilter {
             since_ms: params.since_ms,
+            until_ms: params.until_ms,
             actor: params.user,
             action: params.action,
             limit: params.limit.unwrap_or(100),

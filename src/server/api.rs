@@ -489,7 +489,8 @@ pub struct SnapshotGroup {
     pub hostname: String,
     /// The endpoint's complete snapshots (all of them, not only this page's).
     pub captures: usize,
-    #[schema(value_type = Vec<Snapshot>)]
+    /// Each with its keep mark, as `GET /v1/snapshots/{id}` shows it.
+    #[schema(value_type = Vec<SnapshotView>)]
     pub snapshots: Vec<serde_json::Value>,
 }
 
@@ -558,9 +559,10 @@ async fn list_snapshots(
         .snapshot_summaries(&ids)
         .await
         .map_err(ApiError::internal)?;
+    let snapshots: Vec<Snapshot> = rows.into_iter().map(|r| r.snapshot).collect();
     let mut groups = std::collections::BTreeMap::<String, SnapshotGroup>::new();
-    for row in rows {
-        let snap = row.snapshot;
+    for view in with_keep_marks(&state, snapshots).await? {
+        let snap = &view.snapshot;
         let captures = summaries
             .get(&snap.endpoint_id)
             .map_or(0, |s| s.captures as usize);
@@ -573,7 +575,7 @@ async fn list_snapshots(
             });
         group
             .snapshots
-            .push(serde_json::to_value(&snap).map_err(ApiError::internal)?);
+            .push(serde_json::to_value(&view).map_err(ApiError::internal)?);
     }
     let groups: Vec<SnapshotGroup> = groups.into_values().collect();
     paged(groups, "/v1/snapshots", next)
@@ -678,6 +680,37 @@ struct SnapshotView {
     kept_ms: Option<i64>,
 }
 
+impl SnapshotView {
+    fn new(snapshot: Snapshot, mark: Option<(String, i64)>) -> SnapshotView {
+        SnapshotView {
+            snapshot,
+            kept: mark.is_some(),
+            kept_by: mark.as_ref().map(|(by, _)| by.clone()),
+            kept_ms: mark.map(|(_, ms)| ms),
+        }
+    }
+}
+
+/// Snapshots with their keep marks, read in one statement (a listing shows the mark on each row).
+async fn with_keep_marks(
+    state: &ServerState,
+    snapshots: Vec<Snapshot>,
+) -> Result<Vec<SnapshotView>, ApiError> {
+    let ids: Vec<i64> = snapshots.iter().map(|s| s.id).collect();
+    let mut marks = state
+        .catalog
+        .keep_marks(&ids)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(snapshots
+        .into_iter()
+        .map(|s| {
+            let mark = marks.remove(&s.id);
+            SnapshotView::new(s, mark)
+        })
+        .collect())
+}
+
 /// One snapshot's catalog row, with its keep mark.
 #[utoipa::path(
     get,
@@ -694,12 +727,7 @@ async fn show_snapshot(
         .keep_mark(snap.id)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(SnapshotView {
-        snapshot: snap,
-        kept: mark.is_some(),
-        kept_by: mark.as_ref().map(|(by, _)| by.clone()),
-        kept_ms: mark.map(|(_, ms)| ms),
-    }))
+    Ok(Json(SnapshotView::new(snap, mark)))
 }
 
 /// `GET /v1/snapshots/{id}/file`: a complete snapshot's file, with `Range` for resuming.

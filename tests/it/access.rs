@@ -1074,6 +1074,16 @@ async fn users_tokens_and_groups_from_the_cli_scope_an_operator_and_are_audited(
             .iter()
             .all(|e| e["action"].as_str().unwrap().starts_with("user."))
     );
+    // A time window: everything above happened within the last hour, and an empty window is
+    // refused with why.
+    let older: Value = serde_json::from_str(&ok(
+        server.cli(&["audit", "list", "--until", "1h", "--json"])
+    ))
+    .unwrap();
+    assert_eq!(older, serde_json::json!([]));
+    let (code, _, err) = server.cli(&["audit", "list", "--since", "1h", "--until", "2h"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("must be after"), "{err}");
     let (code, _, err) = as_alice(&["audit", "list"]);
     assert_eq!(code, 1, "{err}");
 }

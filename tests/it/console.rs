@@ -379,3 +379,139 @@ async fn the_console_is_served_from_the_binary_with_security_headers() {
         .unwrap();
     assert_eq!(header(&status, "x-content-type-options"), "nosniff");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_pages_actions_are_refused_to_viewers_operators_and_posts_without_csrf() {
+    let server = TestServer::spawn();
+    for (name, glob) in [("team", "demo-*"), ("web", "web-*")] {
+        crate::access::admin(
+            &server,
+            "POST",
+            "/v1/groups",
+            Some(json!({ "name": name, "hostnames": [glob] })),
+        )
+        .await;
+    }
+    crate::access::admin(
+        &server,
+        "POST",
+        "/v1/users/admin/password",
+        Some(json!({ "password": PASSWORD })),
+    )
+    .await;
+    console_user(&server, "vw", "viewer", &["team"]).await;
+    console_user(&server, "op", "operator", &["team"]).await;
+    console_user(&server, "bob", "viewer", &["team"]).await;
+    let bobs_token = crate::access::admin(
+        &server,
+        "POST",
+        "/v1/tokens",
+        Some(json!({ "user": "bob", "label": "laptop" })),
+    )
+    .await["info"]["id"]
+        .as_i64()
+        .unwrap();
+    let bob = || async { server.get("/v1/users/bob").await.1 };
+    let before = bob().await;
+    // What the Admin page does, each aimed at bob.
+    let actions = [
+        (
+            "POST",
+            "/v1/users/bob/role".to_owned(),
+            Some(json!({ "role": "admin" })),
+        ),
+        (
+            "POST",
+            "/v1/users/bob/groups".into(),
+            Some(json!({ "group": "web" })),
+        ),
+        ("DELETE", "/v1/users/bob/groups/team".into(), None),
+        (
+            "POST",
+            "/v1/users/bob/password".into(),
+            Some(json!({ "password": "taken over, sorry" })),
+        ),
+        ("DELETE", "/v1/users/bob".into(), None),
+        (
+            "POST",
+            "/v1/tokens".into(),
+            Some(json!({ "user": "bob", "label": "mine now" })),
+        ),
+        ("DELETE", format!("/v1/tokens/{bobs_token}"), None),
+        (
+            "POST",
+            "/v1/users".into(),
+            Some(json!({ "name": "mallory", "role": "admin" })),
+        ),
+        (
+            "POST",
+            "/v1/groups".into(),
+            Some(json!({ "name": "all", "hostnames": ["*"] })),
+        ),
+        ("DELETE", "/v1/groups/web".into(), None),
+    ];
+    for user in ["vw", "op"] {
+        let session = sign_in(&server, user, PASSWORD).await.unwrap();
+        for (method, path, body) in &actions {
+            let (status, answer) = with_cookie(
+                &server,
+                &session.cookie,
+                Some(&session.csrf),
+                method,
+                path,
+                body.clone(),
+            )
+            .await;
+            // Someone else's token does not exist for a non-admin; everything else is the
+            // admin's to do.
+            let expected = if path.starts_with("/v1/tokens/") {
+                404
+            } else {
+                403
+            };
+            assert_eq!(status, expected, "{user} {method} {path}: {answer}");
+        }
+        for path in [
+            "/v1/users",
+            "/v1/groups",
+            "/v1/audit",
+            "/v1/tokens?user=bob",
+        ] {
+            let (status, answer) =
+                with_cookie(&server, &session.cookie, None, "GET", path, None).await;
+            assert_eq!(status, 403, "{user} GET {path}: {answer}");
+        }
+    }
+    // An admin's session without its CSRF token changes nothing either.
+    let session = sign_in(&server, "admin", PASSWORD).await.unwrap();
+    for (method, path, body) in &actions {
+        let (status, answer) =
+            with_cookie(&server, &session.cookie, None, method, path, body.clone()).await;
+        assert_eq!(status, 403, "admin without CSRF {method} {path}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("CSRF"),
+            "{answer}"
+        );
+    }
+    assert_eq!(bob().await, before, "bob is as he was");
+    let (_, users) = server.get("/v1/users").await;
+    assert!(!users.to_string().contains("mallory"), "{users}");
+    let (_, groups) = server.get("/v1/groups").await;
+    assert_eq!(groups.as_array().unwrap().len(), 2, "{groups}");
+    // With it, the admin's change is made (and bob's old password no longer works).
+    let (status, answer) = with_cookie(
+        &server,
+        &session.cookie,
+        Some(&session.csrf),
+        "POST",
+        "/v1/users/bob/password",
+        Some(json!({ "password": "a new one for bob" })),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        sign_in(&server, "bob", PASSWORD).await.err().unwrap().0,
+        401
+    );
+    sign_in(&server, "bob", "a new one for bob").await.unwrap();
+}

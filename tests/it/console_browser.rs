@@ -15,15 +15,22 @@ use crate::webdriver::{Browser, shots_dir, with_browser};
 /// `snapq serve --demo 3`, group `team` of the demo endpoints, operator `op` and viewer `vw`
 /// granted it, and `other-01` outside it.
 async fn world() -> TestServer {
+    world_with(&[]).await
+}
+
+/// [`world`] with more `snapq serve` flags.
+async fn world_with(flags: &[&str]) -> TestServer {
     // A wide online window: the demo endpoints heartbeat every 10 s.
-    let server = TestServer::spawn_with(&[
+    let mut args = vec![
         "--demo",
         "3",
         "--job-max-attempts",
         "1",
         "--online-window-secs",
         "60",
-    ]);
+    ];
+    args.extend(flags);
+    let server = TestServer::spawn_with(&args);
     register(&server, "other-01", "10.77.0.1").await;
     admin(
         &server,
@@ -41,9 +48,13 @@ async fn world() -> TestServer {
 }
 
 async fn sign_in(b: &Browser, server: &TestServer, user: &str) {
+    sign_in_with(b, server, user, PASSWORD).await;
+}
+
+async fn sign_in_with(b: &Browser, server: &TestServer, user: &str, password: &str) {
     b.goto(&server.url()).await;
     b.type_into("#username", user).await;
-    b.type_into("#password", PASSWORD).await;
+    b.type_into("#password", password).await;
     b.click("#signin-submit").await;
     b.wait_text("#whoami", user).await;
 }
@@ -564,6 +575,551 @@ async fn an_admin_manages_users_tokens_and_groups_reads_the_audit_and_watches_th
             )
             .await;
         assert_eq!(shown, json!(false));
+    })
+    .await;
+}
+
+// --- Admin actions, keep, time windows, a capture's progress, Queue and Fleet actions ----------
+
+/// Captures at this rate take seconds (a demo database of about 2.6 MiB: some 20 s): long
+/// enough to watch, pause or cancel them, also on a loaded machine.
+const SLOW_CAPTURES: [&str; 2] = ["--capture-rate-kib", "128"];
+
+/// Gives the bootstrap admin the console password [`PASSWORD`].
+async fn admin_password(server: &TestServer) {
+    admin(
+        server,
+        "POST",
+        "/v1/users/admin/password",
+        Some(json!({ "password": PASSWORD })),
+    )
+    .await;
+}
+
+/// Answers the confirmation whose title says `title`: yes or no.
+async fn confirm(b: &Browser, title: &str, yes: bool) {
+    b.wait_text("#modal-title", title).await;
+    b.click(if yes { "#confirm-yes" } else { "#confirm-no" })
+        .await;
+    wait_hidden(b, "#modal").await;
+}
+
+/// Waits until the element `css` is hidden.
+async fn wait_hidden(b: &Browser, css: &str) {
+    eventually(Duration::from_secs(10), css, || async {
+        let hidden = b
+            .execute(
+                "return document.querySelector(arguments[0]).hidden;",
+                json!([css]),
+            )
+            .await;
+        (hidden == json!(true)).then_some(())
+    })
+    .await;
+}
+
+/// The value of the form field `css`.
+async fn value(b: &Browser, css: &str) -> String {
+    let v = b
+        .execute(
+            "return document.querySelector(arguments[0]).value;",
+            json!([css]),
+        )
+        .await;
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+/// The texts of the cells matching `css` (read in one go, in the page).
+async fn texts(b: &Browser, css: &str) -> Vec<String> {
+    let texts = b
+        .execute(
+            "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent);",
+            json!([css]),
+        )
+        .await;
+    serde_json::from_value(texts).unwrap()
+}
+
+/// The user as the API shows them.
+async fn user(server: &TestServer, name: &str) -> serde_json::Value {
+    let (status, shown) = server.get(&format!("/v1/users/{name}")).await;
+    assert_eq!(status, 200, "{shown}");
+    shown["user"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_shows_a_live_progress_bar_in_saved_evidence_then_complete() {
+    let server = world_with(&SLOW_CAPTURES).await;
+    let queued = admin(
+        &server,
+        "POST",
+        "/v1/captures",
+        Some(json!({ "hosts": ["demo-01"] })),
+    )
+    .await;
+    let snap = queued[0]["snapshot_id"].as_i64().unwrap();
+    with_browser("capture_progress", async |b| {
+        sign_in(b, &server, "op").await;
+        b.goto(&format!("{}/#/snapshots/demo-01", server.url()))
+            .await;
+        let row = format!("tr.snapshot[data-id='{snap}']");
+        let bar = |row: String| async move {
+            let v = b
+                .execute(
+                    "const p = document.querySelector(arguments[0] + ' progress.snap-progress');
+                     return p ? [p.value, p.max, p.parentElement.textContent] : null;",
+                    json!([row]),
+                )
+                .await;
+            let (done, total) = (v[0].as_f64()?, v[1].as_f64()?);
+            (done > 0.0 && done < total).then(|| (done, v[2].as_str().unwrap_or("").to_owned()))
+        };
+        // Part way through the transfer: a bar and the bytes so far of the whole.
+        let (first, text) = eventually(Duration::from_secs(60), "the bar part way", || {
+            bar(row.clone())
+        })
+        .await;
+        assert!(text.contains(" / ") && text.contains("iB"), "{text}");
+        // It moves while the user watches.
+        eventually(Duration::from_secs(60), "the bar to move on", || async {
+            bar(row.clone())
+                .await
+                .and_then(|(done, _)| (done > first).then_some(()))
+        })
+        .await;
+        // And ends complete, without a bar.
+        eventually(Duration::from_secs(120), "complete", || async {
+            let state = texts(b, &format!("{row} td.state")).await;
+            state
+                .first()
+                .is_some_and(|s| s.starts_with("complete"))
+                .then_some(())
+        })
+        .await;
+        assert!(b.find_all(&format!("{row} progress")).await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_capture_is_cancelled_from_the_queue_page_after_a_confirmation() {
+    let server = world_with(&SLOW_CAPTURES).await;
+    let queued = admin(
+        &server,
+        "POST",
+        "/v1/captures",
+        Some(json!({ "hosts": ["demo-02"] })),
+    )
+    .await;
+    let job = queued[0]["job_id"].as_str().unwrap().to_owned();
+    with_browser("queue_cancel", async |b| {
+        sign_in(b, &server, "op").await;
+        b.click("#nav-queue").await;
+        let row = format!("tr.job[data-id='{job}']");
+        // No: the job goes on.
+        b.click(&format!("{row} button.cancel")).await;
+        confirm(b, &format!("Cancel job {job}?"), false).await;
+        b.wait(&format!("{row} button.cancel")).await;
+        let (_, j) = server.get(&format!("/v1/queue/jobs/{job}")).await;
+        assert_ne!(j["state"], "cancelled", "{j}");
+        // Yes: it ends cancelled, and may be retried.
+        b.click(&format!("{row} button.cancel")).await;
+        confirm(b, &format!("Cancel job {job}?"), true).await;
+        b.wait_text(&format!("{row} td.state"), "cancelled").await;
+        b.wait(&format!("{row} button.retry")).await;
+        assert!(b.find_all(&format!("{row} button.cancel")).await.is_empty());
+    })
+    .await;
+    let (_, j) = server.get(&format!("/v1/queue/jobs/{job}")).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    let (_, entries) = server.get("/v1/audit?action=queue.cancel").await;
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "op" && e["target"] == job.as_str() && e["result"] == "ok"),
+        "{entries}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_batch_is_paused_and_resumed_from_the_fleet_page() {
+    let server = world_with(&SLOW_CAPTURES).await;
+    let batch = admin(
+        &server,
+        "POST",
+        "/v1/fleet/batches",
+        Some(json!({ "group": "team", "max_concurrency": 1 })),
+    )
+    .await["batch_id"]
+        .as_i64()
+        .unwrap();
+    let state = || async {
+        let (_, b) = server.get(&format!("/v1/fleet/batches/{batch}")).await;
+        b["state"].as_str().unwrap_or_default().to_owned()
+    };
+    with_browser("fleet_pause_resume", async |b| {
+        sign_in(b, &server, "op").await;
+        b.click("#nav-fleet").await;
+        let row = format!("#batches tr.batch[data-id='{batch}']");
+        b.click(&format!("{row}[data-state=running] button.pause"))
+            .await;
+        b.wait_text("#message", &format!("Paused batch {batch}"))
+            .await;
+        b.wait(&format!("{row}[data-state=paused] button.resume"))
+            .await;
+        assert!(b.find_all(&format!("{row} button.pause")).await.is_empty());
+        assert_eq!(state().await, "paused");
+        b.click(&format!("{row} button.resume")).await;
+        b.wait_text("#message", &format!("Resumed batch {batch}"))
+            .await;
+        b.wait(&format!("{row}[data-state=running] button.pause"))
+            .await;
+        assert_eq!(state().await, "running");
+    })
+    .await;
+    let (_, entries) = server.get("/v1/audit?action=fleet").await;
+    for action in ["fleet.pause", "fleet.resume"] {
+        assert!(
+            entries
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["actor"] == "op" && e["action"] == action && e["result"] == "ok"),
+            "{action}: {entries}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_changes_a_role_grants_a_group_sets_a_password_and_removes_a_user() {
+    let server = world().await;
+    admin_password(&server).await;
+    admin(
+        &server,
+        "POST",
+        "/v1/groups",
+        Some(json!({ "name": "web", "hostnames": ["web-*"] })),
+    )
+    .await;
+    const NEW_PASSWORD: &str = "newbie's own secret";
+    with_browser("admin_users", async |b| {
+        sign_in(b, &server, "admin").await;
+        b.click("#nav-admin").await;
+        let vw = "#users tr.user[data-name=vw]";
+        // A role change asks first; No changes nothing.
+        b.click(&format!("{vw} select.role option[value=operator]"))
+            .await;
+        confirm(b, "Change the role of vw to operator?", false).await;
+        assert_eq!(value(b, &format!("{vw} select.role")).await, "viewer");
+        assert_eq!(user(&server, "vw").await["role"], "viewer");
+        b.click(&format!("{vw} select.role option[value=operator]"))
+            .await;
+        confirm(b, "Change the role of vw to operator?", true).await;
+        b.wait_text("#message", "vw is now operator").await;
+        assert_eq!(value(b, &format!("{vw} select.role")).await, "operator");
+        assert_eq!(user(&server, "vw").await["role"], "operator");
+        // Grant group web, then revoke it (after a confirmation).
+        b.click(&format!("{vw} select.grant-pick option[value=web]"))
+            .await;
+        b.click(&format!("{vw} button.grant")).await;
+        b.wait(&format!("{vw} .granted[data-group=web]")).await;
+        let mut groups: Vec<String> =
+            serde_json::from_value(user(&server, "vw").await["groups"].clone()).unwrap();
+        groups.sort();
+        assert_eq!(groups, ["team", "web"]);
+        b.click(&format!(
+            "{vw} .granted[data-group=web] button.revoke-group"
+        ))
+        .await;
+        confirm(b, "Revoke group web from vw?", true).await;
+        wait_gone(b, &format!("{vw} .granted[data-group=web]")).await;
+        assert_eq!(user(&server, "vw").await["groups"], json!(["team"]));
+        // A new user, with a password set here, signs in with it.
+        b.type_into("#new-user", "newbie").await;
+        b.click("#add-user").await;
+        let newbie = "#users tr.user[data-name=newbie]";
+        b.wait_text(&format!("{newbie} td.password"), "none").await;
+        b.click(&format!("{newbie} button.set-password")).await;
+        b.type_into("#new-password", NEW_PASSWORD).await;
+        b.type_into("#new-password-again", NEW_PASSWORD).await;
+        confirm(b, "Set the console password of newbie?", true).await;
+        b.wait_text("#message", "Password of newbie set").await;
+        b.wait_text(&format!("{newbie} td.password"), "set").await;
+        b.click("#signout").await;
+        b.wait("#signin").await;
+        sign_in_with(b, &server, "newbie", NEW_PASSWORD).await;
+        b.wait_text("#whoami", "newbie (viewer)").await;
+        b.click("#signout").await;
+        b.wait("#signin").await;
+        // Removing asks first; then the user is gone. Nobody removes themselves here.
+        sign_in(b, &server, "admin").await;
+        b.click("#nav-admin").await;
+        assert!(
+            b.find_all("#users tr.user[data-name=admin] button.remove-user")
+                .await
+                .is_empty()
+        );
+        b.click(&format!("{newbie} button.remove-user")).await;
+        confirm(b, "Remove user newbie?", true).await;
+        b.wait_text("#message", "Removed user newbie").await;
+        wait_gone(b, newbie).await;
+    })
+    .await;
+    let (status, _) = server.get("/v1/users/newbie").await;
+    assert_eq!(status, 404);
+    let signin = server
+        .client()
+        .post(format!("{}/v1/session", server.url()))
+        .json(&json!({ "username": "newbie", "password": NEW_PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signin.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_makes_a_token_for_another_user_and_filters_the_audit_where_hostile_text_stays_text()
+ {
+    let server = world().await;
+    admin_password(&server).await;
+    let whoami = |token: String| {
+        let server = &server;
+        async move {
+            let r = server
+                .client()
+                .get(format!("{}/v1/whoami", server.url()))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let hostile = "\"><img src=x onerror=alert(1)>";
+    let label = "<script>alert(1)</script>";
+    with_browser("admin_tokens_audit", async |b| {
+        sign_in(b, &server, "admin").await;
+        b.click("#nav-admin").await;
+        // A token for op, with a hostile label: shown once, and it stands for op.
+        b.click("#token-user option[value=op]").await;
+        b.type_into("#token-label", label).await;
+        b.click("#create-token").await;
+        b.wait_text("#token-once", "for op").await;
+        let made = b.text("#new-token").await;
+        assert!(made.starts_with("snapq_"), "{made}");
+        let (status, me) = whoami(made.clone()).await;
+        assert_eq!((status, &me["user"]), (200, &json!("op")), "{me}");
+        let row = "#tokens tr.token[data-user=op]";
+        assert!(
+            texts(b, &format!("{row} td"))
+                .await
+                .contains(&label.to_owned())
+        );
+        // Revoking asks first; then the token stops working, and is no longer on show.
+        b.click(&format!("{row} button.revoke")).await;
+        confirm(b, "Revoke token", true).await;
+        b.wait_text("#message", "Revoked token").await;
+        assert!(b.find_all("#new-token").await.is_empty());
+        assert_eq!(whoami(made).await.0, 401);
+        // A hostile user or group name is refused; the refusal and its audit entry are text.
+        b.type_into("#new-user", hostile).await;
+        b.click("#add-user").await;
+        let refused = b.wait_text("#message.error", "must start with").await;
+        assert!(refused.contains("<img src=x"), "{refused}");
+        b.type_into("#group-name", hostile).await;
+        b.click("#add-group").await;
+        b.wait_text("#message.error", "group name").await;
+        b.click("#audit-apply").await;
+        b.wait_texts("#audit tr.audit td.cell", "the refusals", |t| {
+            t.iter().filter(|c| c.as_str() == hostile).count() == 2
+        })
+        .await;
+        assert!(b.find_all("#main img, #main script").await.is_empty());
+        assert_eq!(b.alert_text().await, None, "a dialog opened");
+        // Filters: an action family; a user who did none of it; time windows.
+        let actions = "#audit tr.audit td:nth-child(3)";
+        b.type_into("#audit-action", "token").await;
+        b.click("#audit-apply").await;
+        let found = b
+            .wait_texts(actions, "token actions only", |t| {
+                t.iter().all(|a| a.starts_with("token."))
+                    && ["token.create", "token.revoke"]
+                        .iter()
+                        .all(|a| t.iter().any(|x| x == a))
+            })
+            .await;
+        b.type_into("#audit-user", "op").await;
+        b.click("#audit-apply").await;
+        b.wait_text("#audit-status", "0 entries").await;
+        assert!(b.find_all("#audit tr.audit").await.is_empty());
+        b.clear("#audit-user").await;
+        b.type_into("#audit-since", "2000-01-01 00:00:00Z").await;
+        b.type_into("#audit-until", "2100-01-01 00:00:00Z").await;
+        b.click("#audit-apply").await;
+        b.wait_texts(actions, "all of them in the window", |t| t == found)
+            .await;
+        b.clear("#audit-until").await;
+        b.type_into("#audit-until", "2000-01-02 00:00:00Z").await;
+        b.click("#audit-apply").await;
+        b.wait_text("#audit-status", "0 entries").await;
+        // An empty window says so, and shows no entries.
+        b.clear("#audit-since").await;
+        b.type_into("#audit-since", "2000-01-03 00:00:00Z").await;
+        b.click("#audit-apply").await;
+        let said = b
+            .wait_text("#audit-status.error", "Empty time window")
+            .await;
+        assert!(
+            said.contains(
+                "Until (2000-01-02 00:00:00Z) must be later than Since (2000-01-03 00:00:00Z)"
+            ),
+            "{said}"
+        );
+        assert!(b.find_all("#audit tr.audit").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_and_viewers_get_no_admin_page_and_no_admin_buttons() {
+    let server = world().await;
+    for user in ["op", "vw"] {
+        with_browser(&format!("no_admin_page_{user}"), async |b| {
+            sign_in(b, &server, user).await;
+            let shown = b
+                .execute(
+                    "return !document.querySelector('#nav-admin').hidden;",
+                    json!([]),
+                )
+                .await;
+            assert_eq!(shown, json!(false));
+            b.goto(&format!("{}/#/admin", server.url())).await;
+            let said = b.wait_text("#page-error", "admin").await;
+            assert!(said.contains("role"), "{said}");
+            assert!(
+                b.find_all(
+                    "#users, #tokens, #audit, button.remove-user, select.role, #create-token"
+                )
+                .await
+                .is_empty()
+            );
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_and_unkeep_mark_a_snapshot_row_and_viewers_see_the_mark_only() {
+    let server = world().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, _) = crate::access::ingested(&server, tmp.path(), "demo-03").await;
+    let kept = || async {
+        let (_, s) = server.get(&format!("/v1/snapshots/{snap}")).await;
+        s
+    };
+    let row = format!("tr.snapshot[data-id='{snap}']");
+    with_browser("keep_unkeep", async |b| {
+        sign_in(b, &server, "op").await;
+        b.goto(&format!("{}/#/snapshots/demo-03", server.url()))
+            .await;
+        assert!(b.find_all(&format!("{row} .kept")).await.is_empty());
+        b.click(&format!("{row} button.keep")).await;
+        b.wait_text(&format!("{row} .kept"), "kept").await;
+        b.wait_text("#message", "schedules never prune it").await;
+        let s = kept().await;
+        assert_eq!(
+            (&s["kept"], &s["kept_by"]),
+            (&json!(true), &json!("op")),
+            "{s}"
+        );
+        b.click(&format!("{row} button.unkeep")).await;
+        wait_gone(b, &format!("{row} .kept")).await;
+        b.wait(&format!("{row} button.keep")).await;
+        assert_eq!(kept().await["kept"], false);
+    })
+    .await;
+    admin(&server, "POST", &format!("/v1/snapshots/{snap}/keep"), None).await;
+    with_browser("keep_viewer", async |b| {
+        sign_in(b, &server, "vw").await;
+        b.goto(&format!("{}/#/snapshots/demo-03", server.url()))
+            .await;
+        b.wait_text(&format!("{row} .kept"), "kept").await;
+        assert!(b.find_all("button.keep, button.unkeep").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn since_and_until_narrow_the_events_grid_and_its_export_and_an_empty_window_is_refused() {
+    let server = world().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (snap, _) = crate::access::ingested(&server, tmp.path(), "demo-02").await;
+    let id = admin(
+        &server,
+        "POST",
+        &format!("/v1/snapshots/{snap}/connect"),
+        None,
+    )
+    .await["id"]
+        .as_i64()
+        .unwrap();
+    with_browser("time_window", async |b| {
+        sign_in(b, &server, "op").await;
+        b.goto(&format!("{}/#/grid/{id}", server.url())).await;
+        b.wait("#events tr.event").await;
+        // Newest first: a window from the 10th row's time up to (not including) the 3rd's.
+        let all = column(b, "ts").await;
+        assert!(all.len() > 10, "{all:?}");
+        let (since, until) = (all[9].clone(), all[2].clone());
+        let inside: Vec<&String> = all.iter().filter(|t| **t >= since && **t < until).collect();
+        assert!(!inside.is_empty() && inside.len() < all.len(), "{all:?}");
+        b.type_into("#since", &since).await;
+        b.type_into("#until", &until).await;
+        b.click("#apply").await;
+        let shown = eventually(Duration::from_secs(30), "the window", || async {
+            let now = column(b, "ts").await;
+            (now.len() == inside.len()).then_some(now)
+        })
+        .await;
+        assert!(shown.iter().all(|t| *t >= since && *t < until), "{shown:?}");
+        b.wait_text("#page-info", &format!("{} rows", inside.len()))
+            .await;
+        // The export takes the same window.
+        b.click("#export").await;
+        b.wait("#export-download").await;
+        let csv = b
+            .execute(
+                "const r = await fetch(document.querySelector('#export-download').href); return await r.text();",
+                json!([]),
+            )
+            .await;
+        let csv = csv.as_str().unwrap();
+        assert_eq!(csv.lines().count(), 1 + inside.len(), "{csv}");
+        // Until before since: the grid says why and shows no rows.
+        b.clear("#since").await;
+        b.clear("#until").await;
+        b.type_into("#since", &until).await;
+        b.type_into("#until", &since).await;
+        b.click("#apply").await;
+        let said = b.wait_text("#message.error", "Empty time window").await;
+        assert!(said.contains("must be later than Since"), "{said}");
+        wait_gone(b, "#events tr.event").await;
+        // A time it cannot read says what to type.
+        b.clear("#until").await;
+        b.type_into("#until", "last tuesday").await;
+        b.click("#apply").await;
+        b.wait_text("#message.error", "is not a time").await;
+        // Cleared, the window is gone.
+        b.clear("#since").await;
+        b.clear("#until").await;
+        b.click("#apply").await;
+        b.wait_text("#page-info", &format!("{} rows", all.len()))
+            .await;
     })
     .await;
 }

@@ -1063,6 +1063,10 @@ async fn a_keep_rule_prunes_older_snapshots_through_audited_delete_jobs_but_neve
         after["keep-01"].iter().any(|s| s["id"] == kept),
         "{after:?}"
     );
+    // The listing marks the kept one, and only it.
+    for s in after.values().flatten() {
+        assert_eq!(s["kept"], s["id"] == kept, "{s}");
+    }
     let audit = cli_json(&server, &["audit", "list", "--action", "retention"]);
     assert!(!audit.as_array().unwrap().is_empty(), "{audit}");
     let audit = cli_json(&server, &["audit", "list", "--action", "snapshot.delete"]);

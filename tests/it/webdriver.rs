@@ -235,9 +235,22 @@ impl Browser {
             .unwrap()
     }
 
+    /// Clicks the first `css` element once there is one. Pages that refresh on a timer draw
+    /// their rows again, so an element replaced between the find and the click is looked up
+    /// again.
     pub async fn click(&self, css: &str) {
-        let el = self.wait(css).await;
-        self.click_el(&el).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let el = self.wait(css).await;
+            match self
+                .try_cmd("POST", &format!("/element/{}/click", el.0), json!({}))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) if e["error"] == "stale element reference" && Instant::now() < deadline => {}
+                Err(e) => panic!("WebDriver click on {css:?}: {e}"),
+            }
+        }
     }
 
     pub async fn click_el(&self, el: &El) {

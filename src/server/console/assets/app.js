@@ -47,6 +47,27 @@ function when(ms) {
   return isNaN(d) ? String(ms) : d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 }
 
+/** A time as a user types it: as the console shows times (2026-12-02 05:49:49Z), RFC 3339 or
+ * epoch milliseconds; '' is no time (null). Throws a message that says what to type. */
+function timeInput(what, text) {
+  const t = text.trim();
+  if (!t) return null;
+  const ms = /^\d+$/.test(t) ? Number(t) : Date.parse(t.replace(' ', 'T'));
+  if (isNaN(ms)) throw new Error(what + ' "' + t + '" is not a time: give one as 2026-12-02 05:49:49Z (RFC 3339) or epoch milliseconds');
+  return ms;
+}
+
+/** A time window from two inputs: { since, until } in epoch ms (either may be null). An empty
+ * window (until not after since) is an error that says so, before anything is asked. */
+function timeWindow(sinceText, untilText) {
+  const since = timeInput('Since', sinceText);
+  const until = timeInput('Until', untilText);
+  if (since !== null && until !== null && until <= since) {
+    throw new Error('Empty time window: Until (' + when(until) + ') must be later than Since (' + when(since) + ')');
+  }
+  return { since, until };
+}
+
 function operator() { return S.me && (S.me.role === 'operator' || S.me.role === 'admin'); }
 function admin() { return S.me && S.me.role === 'admin'; }
 
@@ -269,7 +290,7 @@ const OPS = ['co', 'eq', 'ne', 'gt', 'gte', 'lt', 'lte', 'nc', 'sw', 'ew', 'isem
 async function gridPage(id) {
   const conn = await api('GET', '/v1/connections/' + encodeURIComponent(id));
   const live = conn.target.kind !== 'snapshot';
-  const g = { type: 'process', sort: '-ts', cursors: [null], page: 0, filters: [], any: false, rows: [] };
+  const g = { type: 'process', sort: '-ts', cursors: [null], page: 0, filters: [], any: false, rows: [], since: null, until: null };
   const head = h('h2', {}, conn.endpoint, ' ', h('span', { className: 'muted' },
     live ? '(live connection ' + conn.id + ')' : '(snapshot ' + conn.target.id + ')'));
   if (conn.status !== 'active') {
@@ -313,6 +334,8 @@ async function gridPage(id) {
     q.set('limit', '50');
     for (const f of g.filters) q.append('where', (f.field + ' ' + f.op + ' ' + (f.op === 'isempty' ? '' : f.value)).trim());
     if (g.any) q.set('any', 'true');
+    if (g.since !== null) q.set('since', String(g.since));
+    if (g.until !== null) q.set('until', String(g.until));
     return q;
   }
   async function load() {
@@ -322,7 +345,7 @@ async function gridPage(id) {
     let data;
     try {
       data = await api('GET', '/v1/connections/' + conn.id + '/events?' + q);
-    } catch (err) { message(err.message, 'error'); return; }
+    } catch (err) { refused(err.message); return; }
     message('');
     g.rows = data.events;
     g.cursors[g.page + 1] = data.next_cursor;
@@ -345,6 +368,21 @@ async function gridPage(id) {
     if (g.filters.length === 0) drawFilters();
   }
   function reset() { g.page = 0; g.cursors = [null]; load(); }
+  /** An error in place of the rows: no rows of an earlier query stay on show under it. */
+  function refused(text) {
+    message(text, 'error');
+    g.rows = [];
+    tbody.replaceChildren();
+    pageInfo.textContent = '';
+    $('#next').disabled = true;
+  }
+  /** Apply: the filters as they are, and the time window typed in Since and Until. */
+  function apply() {
+    try {
+      Object.assign(g, timeWindow($('#since').value, $('#until').value));
+    } catch (err) { refused(err.message); return; }
+    reset();
+  }
   const selectedRefs = () => [...tbody.querySelectorAll('input.select-event:checked')].map((c) => c.value);
 
   async function tree() {
@@ -374,6 +412,7 @@ async function gridPage(id) {
       const made = await api('POST', '/v1/exports', {
         connection: String(conn.id), format: $('#export-format').value, types: [g.type],
         where: p.getAll('where'), any: g.any, sort: g.sort,
+        since: p.get('since') || undefined, until: p.get('until') || undefined,
       });
       watchExport(made.id, exportStatus);
     } catch (err) { message(err.message, 'error'); }
@@ -404,7 +443,9 @@ async function gridPage(id) {
         h('button', { id: 'add-filter', onclick: () => { g.filters.push({ field: fieldsOf().includes('cmdline') ? 'cmdline' : 'id', op: 'co', value: '' }); drawFilters(); } }, '+ Condition'),
         h('label', {}, 'Match ', h('select', { id: 'match', onchange: (e) => { g.any = e.target.value === 'any'; } },
           h('option', { value: 'all' }, 'all'), h('option', { value: 'any' }, 'any')), ' conditions'),
-        h('button', { id: 'apply', className: 'primary', onclick: reset }, 'Apply'))),
+        h('label', {}, 'Since ', h('input', { id: 'since', className: 'time', placeholder: '2026-12-02 05:00:00Z', title: 'Events at or after this time (UTC as shown in the grid, RFC 3339 or epoch ms)' })),
+        h('label', {}, 'Until ', h('input', { id: 'until', className: 'time', placeholder: '2026-12-02 06:00:00Z', title: 'Events before this time (UTC as shown in the grid, RFC 3339 or epoch ms)' })),
+        h('button', { id: 'apply', className: 'primary', onclick: apply }, 'Apply'))),
     h('div', { className: 'bar' },
       h('button', { id: 'prev', onclick: () => { g.page--; load(); } }, '‹ Previous'),
       h('button', { id: 'next', onclick: () => { g.page++; load(); } }, 'Next ›'), pageInfo,
@@ -480,6 +521,17 @@ async function snapshotsPage(openHost) {
     } catch (err) { message(err.message, 'error'); }
     await refresh();
   }
+  /** Keep (a retention hold: no schedule prunes it) or let go of a snapshot. */
+  async function keep(s, on) {
+    const what = s.name || 'snapshot ' + s.id;
+    try {
+      await api('POST', '/v1/snapshots/' + s.id + (on ? '/keep' : '/unkeep'));
+      message(on ? 'Keeping ' + what + ': schedules never prune it' : what + ' is no longer kept: a schedule\'s keep rule may prune it', 'ok');
+    } catch (err) { message(err.message, 'error'); }
+    // The endpoint's summary does not change with a mark: read its snapshots again.
+    const g = groups.get(s.hostname);
+    if (g && g.open) await loadSnapshots(g, null).catch((err) => message(err.message, 'error'));
+  }
   async function connect(id) {
     try {
       const c = await api('POST', '/v1/snapshots/' + id + '/connect');
@@ -488,7 +540,9 @@ async function snapshotsPage(openHost) {
   }
   function snapshotRow(s) {
     return h('tr', { className: 'snapshot', dataset: { id: s.id, state: s.state } },
-      h('td', {}, s.name || '(' + s.state + ')'),
+      h('td', {}, s.name || '(' + s.state + ')', s.kept ? h('span', {
+        className: 'kept', title: 'kept by ' + s.kept_by + ' since ' + when(s.kept_ms) + ': schedules never prune it',
+      }, 'kept') : null),
       h('td', { className: 'state' }, s.state, s.error ? h('div', { className: 'error' }, s.error) : null),
       h('td', {}, s.state === 'complete' || s.state === 'failed' ? '' : h('progress', {
         className: 'snap-progress', max: s.bytes_total || 1, value: s.bytes_total ? s.bytes_done : 0,
@@ -498,6 +552,7 @@ async function snapshotsPage(openHost) {
       h('td', {}, s.requested_by),
       h('td', {}, when(s.created_ms)),
       h('td', {}, s.state === 'complete' ? h('button', { className: 'open', onclick: () => connect(s.id) }, 'Connect') : null,
+        operator() ? h('button', { className: s.kept ? 'unkeep' : 'keep', onclick: () => keep(s, !s.kept) }, s.kept ? 'Unkeep' : 'Keep') : null,
         operator() ? h('button', { className: 'delete danger', onclick: () => del({ ids: [s.id] }, 'snapshot ' + (s.name || s.id)) }, 'Delete') : null));
   }
   function states(sum) {
@@ -698,6 +753,8 @@ async function queuePage() {
   const stateSel = h('select', { id: 'job-state', onchange: () => refresh() },
     ['', 'pending', 'running', 'retrying', 'done', 'failed', 'cancelled'].map((s) => h('option', { value: s }, s || 'all states')));
   const act = (verb, id) => async () => {
+    if (verb === 'cancel' && !await confirmBox('Cancel job ' + id + '?',
+      h('p', {}, 'It stops now and is not tried again; Retry runs it again later.'))) return;
     try { await api('POST', '/v1/queue/jobs/' + encodeURIComponent(id) + '/' + verb); message(verb + ' ' + id, 'ok'); } catch (err) { message(err.message, 'error'); }
     await refresh();
   };
@@ -724,84 +781,203 @@ async function queuePage() {
 }
 
 async function fleetPage() {
-  const [batches, schedules] = await Promise.all([api('GET', '/v1/fleet/batches'), api('GET', '/v1/schedules')]);
   const cell = (v) => h('td', {}, v === null || v === undefined ? '' : String(v));
+  const batchRows = h('tbody');
+  const scheduleRows = h('tbody');
   const items = h('div', { id: 'batch-items' });
+  let shown = null; // the batch whose outcomes are on show
   async function outcomes(id) {
+    shown = id;
     const b = await api('GET', '/v1/fleet/batches/' + id);
     items.replaceChildren(h('h3', {}, 'Batch ' + id + ': per-endpoint outcomes'),
       table('batch-outcomes', ['Endpoint', 'State', 'Snapshot', 'Bytes', 'Error'], (b.items || []).map((i) => h('tr', { className: 'item' },
         cell(i.hostname), cell(i.state), h('td', {}, i.snapshot_id ? h('a', { href: '#/snapshot/' + i.snapshot_id }, String(i.snapshot_id)) : ''),
         h('td', {}, bytes(i.bytes)), cell(i.error)))));
   }
-  const act = (path) => async () => {
-    try { await api('POST', path); route(); } catch (err) { message(err.message, 'error'); }
+  const act = (id, verb, done) => async () => {
+    if (verb === 'cancel' && !await confirmBox('Cancel batch ' + id + '?',
+      h('p', {}, 'Its captures that have not started never will; the batch ends cancelled.'))) return;
+    try {
+      await api('POST', '/v1/fleet/batches/' + id + '/' + verb);
+      message(done + ' batch ' + id, 'ok');
+    } catch (err) { message(err.message, 'error'); }
+    await refresh();
   };
+  async function refresh() {
+    const [batches, schedules] = await Promise.all([api('GET', '/v1/fleet/batches'), api('GET', '/v1/schedules')]);
+    batchRows.replaceChildren(...batches.map((x) => {
+      const t = x.totals;
+      const finished = t.done + t.failed + t.skipped;
+      const live = x.state === 'running' || x.state === 'paused';
+      return h('tr', { className: 'batch', dataset: { id: x.id, state: x.state } },
+        h('td', {}, h('a', { href: '#/fleet', className: 'batch-link', onclick: (e) => { e.preventDefault(); outcomes(x.id); } }, String(x.id))),
+        cell(x.group_name), cell(x.schedule_name), h('td', { className: 'state' }, x.state),
+        h('td', {}, h('progress', { max: t.total || 1, value: finished })),
+        cell(t.total), cell(t.queued), cell(t.running), cell(t.done), cell(t.failed), cell(t.skipped), h('td', {}, bytes(t.bytes)), cell(x.reason),
+        h('td', {}, operator() && x.state === 'running' ? h('button', { className: 'pause', onclick: act(x.id, 'pause', 'Paused') }, 'Pause') : null,
+          operator() && x.state === 'paused' ? h('button', { className: 'resume', onclick: act(x.id, 'resume', 'Resumed') }, 'Resume') : null,
+          operator() && live ? h('button', { className: 'cancel danger', onclick: act(x.id, 'cancel', 'Cancelling') }, 'Cancel') : null));
+    }));
+    scheduleRows.replaceChildren(...schedules.map((x) => h('tr', { className: 'schedule', dataset: { name: x.name } }, cell(x.name), cell(x.group_name), cell(x.cron), cell(x.tz),
+      cell(x.paused ? '(paused)' : x.next_run_utc), cell(x.last_batch ? x.last_batch.id + ' ' + x.last_batch.state : ''),
+      cell([x.keep_last ? 'last ' + x.keep_last : '', x.keep_days ? x.keep_days + ' days' : ''].filter(Boolean).join(', ')),
+      cell(x.paused ? 'yes' : 'no'))));
+    if (shown !== null) await outcomes(shown);
+  }
+  const head = (cols) => h('thead', {}, h('tr', {}, cols.map((c) => h('th', {}, c))));
   show(h('h2', {}, 'Fleet'), h('p', { id: 'message' }),
     h('h3', {}, 'Batches'),
-    table('batches', ['Id', 'Group', 'Schedule', 'State', 'Progress', 'Total', 'Queued', 'Running', 'Done', 'Failed', 'Skipped', 'Bytes', 'Reason', ''],
-      batches.map((x) => {
-        const t = x.totals;
-        const finished = t.done + t.failed + t.skipped;
-        return h('tr', { className: 'batch', dataset: { id: x.id, state: x.state } },
-          h('td', {}, h('a', { href: '#/fleet', className: 'batch-link', onclick: (e) => { e.preventDefault(); outcomes(x.id); } }, String(x.id))),
-          cell(x.group_name), cell(x.schedule_name), cell(x.state),
-          h('td', {}, h('progress', { max: t.total || 1, value: finished })),
-          cell(t.total), cell(t.queued), cell(t.running), cell(t.done), cell(t.failed), cell(t.skipped), h('td', {}, bytes(t.bytes)), cell(x.reason),
-          h('td', {}, operator() && x.state === 'running' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/pause') }, 'Pause') : null,
-            operator() && x.state === 'paused' ? h('button', { onclick: act('/v1/fleet/batches/' + x.id + '/resume') }, 'Resume') : null));
-      })),
+    h('table', { id: 'batches' }, head(['Id', 'Group', 'Schedule', 'State', 'Progress', 'Total', 'Queued', 'Running', 'Done', 'Failed', 'Skipped', 'Bytes', 'Reason', '']), batchRows),
     items,
     h('h3', {}, 'Schedules'),
-    table('schedules', ['Name', 'Group', 'Cron', 'Time zone', 'Next run', 'Last batch', 'Keep', 'Paused'],
-      schedules.map((x) => h('tr', { className: 'schedule', dataset: { name: x.name } }, cell(x.name), cell(x.group_name), cell(x.cron), cell(x.tz),
-        cell(x.paused ? '(paused)' : x.next_run_utc), cell(x.last_batch ? x.last_batch.id + ' ' + x.last_batch.state : ''),
-        cell([x.keep_last ? 'last ' + x.keep_last : '', x.keep_days ? x.keep_days + ' days' : ''].filter(Boolean).join(', ')),
-        cell(x.paused ? 'yes' : 'no')))));
+    h('table', { id: 'schedules' }, head(['Name', 'Group', 'Cron', 'Time zone', 'Next run', 'Last batch', 'Keep', 'Paused']), scheduleRows));
+  await refresh();
+  every(2000, () => { if ($('#modal').hidden) refresh().catch(() => {}); });
 }
 
 // ---- Admin ------------------------------------------------------------------------------------------
 
+const ROLES = ['viewer', 'operator', 'admin'];
+const ROLE_NOTE = {
+  viewer: 'A viewer finds endpoints and reads snapshots, evidence and the queue of their groups.',
+  operator: 'An operator also connects, captures, uploads, exports, deletes and runs fleet batches in their groups.',
+  admin: 'An admin sees every endpoint and also manages users, tokens, groups and enrollment, and reads the audit log.',
+};
+/** The audit filters as last applied: they outlive the page being drawn again after a change. */
+const AUDIT = { user: '', action: '', since: '', until: '' };
+const AUDIT_LIMIT = 200;
+
 async function adminPage() {
-  const [users, tokens, groups, audit] = await Promise.all([
-    api('GET', '/v1/users'), api('GET', '/v1/tokens'), api('GET', '/v1/groups'), api('GET', '/v1/audit?limit=100'),
-  ]);
-  const once = h('div', { id: 'token-once' });
-  const newUser = h('input', { id: 'new-user', placeholder: 'username' });
-  const newRole = h('select', { id: 'new-role' }, ['viewer', 'operator', 'admin'].map((r) => h('option', { value: r }, r)));
-  const newLabel = h('input', { id: 'token-label', placeholder: 'label' });
+  const [users, tokens, groups] = await Promise.all([api('GET', '/v1/users'), api('GET', '/v1/tokens'), api('GET', '/v1/groups')]);
+  const enc = encodeURIComponent;
   const cell = (v) => h('td', {}, v === null || v === undefined ? '' : Array.isArray(v) ? v.join(', ') : String(v));
+  /** Makes a change; on success draws the page again (the lists as they are now) and says so. */
+  async function change(fn, done) {
+    try { await fn(); } catch (err) { message(err.message, 'error'); return false; }
+    await page(adminPage);
+    message(done, 'ok');
+    return true;
+  }
+
+  function userRow(u) {
+    const self = u.name === S.me.user;
+    const role = h('select', { className: 'role', title: 'Change the role', onchange: async () => {
+      const to = role.value;
+      if (!await confirmBox('Change the role of ' + u.name + ' to ' + to + '?',
+        h('p', {}, u.name + ' is ' + u.role + ' now. ' + ROLE_NOTE[to]))) { role.value = u.role; return; }
+      if (!await change(() => api('POST', '/v1/users/' + enc(u.name) + '/role', { role: to }), u.name + ' is now ' + to)) role.value = u.role;
+    } }, ROLES.map((r) => h('option', { value: r, selected: r === u.role }, r)));
+    const granted = u.groups.map((g) => h('span', { className: 'granted', dataset: { group: g } }, g,
+      h('button', { className: 'revoke-group', title: 'Revoke ' + g, onclick: async () => {
+        if (!await confirmBox('Revoke group ' + g + ' from ' + u.name + '?',
+          h('p', {}, u.name + ' no longer sees the endpoints of ' + g + ' (unless another group has them).'))) return;
+        await change(() => api('DELETE', '/v1/users/' + enc(u.name) + '/groups/' + enc(g)), 'Revoked ' + g + ' from ' + u.name);
+      } }, '✕')));
+    const grantable = groups.map((g) => g.name).filter((n) => !u.groups.includes(n));
+    const pick = grantable.length ? h('select', { className: 'grant-pick' }, grantable.map((n) => h('option', { value: n }, n))) : null;
+    const grant = pick ? h('button', { className: 'grant', onclick: () => change(
+      () => api('POST', '/v1/users/' + enc(u.name) + '/groups', { group: pick.value }), 'Granted ' + pick.value + ' to ' + u.name) }, 'Grant') : null;
+    const setPassword = h('button', { className: 'set-password', onclick: async () => {
+      const pw = h('input', { id: 'new-password', type: 'password', autocomplete: 'new-password' });
+      const again = h('input', { id: 'new-password-again', type: 'password', autocomplete: 'new-password' });
+      if (!await confirmBox('Set the console password of ' + u.name + '?',
+        h('p', {}, h('label', {}, 'New password ', pw)), h('p', {}, h('label', {}, 'Once more ', again)),
+        h('p', { className: 'muted' }, '8 to 1024 characters; ' + u.name + ' signs in with it from now on.'))) return;
+      if (pw.value !== again.value) return message('The two passwords differ; the password of ' + u.name + ' was not changed', 'error');
+      await change(() => api('POST', '/v1/users/' + enc(u.name) + '/password', { password: pw.value }), 'Password of ' + u.name + ' set');
+    } }, 'Set password');
+    const remove = self ? null : h('button', { className: 'remove-user danger', onclick: async () => {
+      if (!await confirmBox('Remove user ' + u.name + '?',
+        h('p', {}, 'Their ' + u.tokens + ' token(s) stop working and they can no longer sign in. The audit log keeps what they did.'))) return;
+      await change(() => api('DELETE', '/v1/users/' + enc(u.name)), 'Removed user ' + u.name);
+    } }, 'Remove');
+    return h('tr', { className: 'user', dataset: { name: u.name } },
+      h('td', { className: 'name' }, u.name, self ? h('span', { className: 'muted' }, ' (you)') : null),
+      h('td', {}, role),
+      h('td', { className: 'groups' }, granted, pick, grant),
+      h('td', { className: 'password' }, u.has_password ? 'set ' : 'none ', setPassword),
+      cell(u.tokens), h('td', {}, remove));
+  }
+
+  const newUser = h('input', { id: 'new-user', placeholder: 'username' });
+  const newRole = h('select', { id: 'new-role' }, ROLES.map((r) => h('option', { value: r }, r)));
+  const tokenUser = h('select', { id: 'token-user' }, users.map((u) => h('option', { value: u.name, selected: u.name === S.me.user }, u.name)));
+  const tokenLabel = h('input', { id: 'token-label', placeholder: 'label' });
+  const tokenExpiry = h('select', { id: 'token-expires' }, [['', 'never expires'], [30, '30 days'], [90, '90 days'], [365, '1 year']]
+    .map(([days, text]) => h('option', { value: String(days) }, text)));
+  async function createToken() {
+    let t;
+    try {
+      t = await api('POST', '/v1/tokens', {
+        user: tokenUser.value, label: tokenLabel.value || null,
+        expires_in_secs: tokenExpiry.value ? Number(tokenExpiry.value) * 86400 : undefined,
+      });
+    } catch (err) { return message(err.message, 'error'); }
+    await page(adminPage);
+    $('#token-once').replaceChildren(h('p', {}, 'Token ' + t.info.prefix + '… for ' + t.info.user + ' made; copy it now, it is shown this once:'),
+      h('div', { className: 'token-once', id: 'new-token' }, t.token));
+  }
+
+  const auditRows = h('tbody');
+  const auditStatus = h('p', { id: 'audit-status', className: 'muted' });
+  const auditInput = (key, placeholder, title) => h('input', { id: 'audit-' + key, value: AUDIT[key], placeholder, title });
+  const auditUser = auditInput('user', 'user', 'Only what this user did');
+  const auditAction = auditInput('action', 'action (user, token.create)', 'An action, or a family of them: user matches user.add, user.role, …');
+  const auditSince = auditInput('since', 'since 2026-12-02 05:00:00Z', 'Entries at or after this time (UTC as shown, RFC 3339 or epoch ms)');
+  const auditUntil = auditInput('until', 'until 2026-12-02 06:00:00Z', 'Entries before this time (UTC as shown, RFC 3339 or epoch ms)');
+  async function loadAudit() {
+    const refused = (text) => { auditRows.replaceChildren(); auditStatus.textContent = text; auditStatus.className = 'error'; };
+    let w;
+    try { w = timeWindow(auditSince.value, auditUntil.value); } catch (err) { return refused(err.message); }
+    Object.assign(AUDIT, { user: auditUser.value.trim(), action: auditAction.value.trim(), since: auditSince.value, until: auditUntil.value });
+    const q = new URLSearchParams({ limit: String(AUDIT_LIMIT) });
+    if (AUDIT.user) q.set('user', AUDIT.user);
+    if (AUDIT.action) q.set('action', AUDIT.action);
+    if (w.since !== null) q.set('since_ms', String(w.since));
+    if (w.until !== null) q.set('until_ms', String(w.until));
+    let entries;
+    try { entries = await api('GET', '/v1/audit?' + q); } catch (err) { return refused(err.message); }
+    auditRows.replaceChildren(...entries.map((a) => h('tr', { className: 'audit', dataset: { action: a.action } },
+      h('td', {}, when(a.ts_ms)), cell(a.actor), cell(a.action), h('td', { className: 'cell' }, a.target), cell(a.result), h('td', { className: 'cell' }, a.detail || ''))));
+    auditStatus.className = 'muted';
+    auditStatus.textContent = entries.length === AUDIT_LIMIT ? 'the newest ' + AUDIT_LIMIT + ' entries; narrow the filters for older ones' : entries.length + ' entries';
+  }
+
   show(h('h2', {}, 'Admin'), h('p', { id: 'message' }),
     h('h3', {}, 'Users'),
-    h('div', { className: 'bar' }, newUser, newRole, h('button', { id: 'add-user', onclick: async () => {
-      try { await api('POST', '/v1/users', { name: newUser.value, role: newRole.value }); route(); } catch (err) { message(err.message, 'error'); }
-    } }, 'Add user')),
-    table('users', ['Name', 'Role', 'Groups', 'Password'], users.map((u) => h('tr', { className: 'user', dataset: { name: u.name } }, cell(u.name), cell(u.role), cell(u.groups), cell(u.has_password ? 'set' : 'none')))),
+    h('div', { className: 'bar' }, newUser, newRole, h('button', { id: 'add-user', onclick: () => change(
+      () => api('POST', '/v1/users', { name: newUser.value, role: newRole.value }), 'Added user ' + newUser.value + ' (' + newRole.value + '); give them a password to sign in') }, 'Add user')),
+    table('users', ['Name', 'Role', 'Groups', 'Password', 'Tokens', ''], users.map(userRow)),
     h('h3', {}, 'Tokens'),
-    h('div', { className: 'bar' }, newLabel, h('button', { id: 'create-token', onclick: async () => {
-      try {
-        const t = await api('POST', '/v1/tokens', { label: newLabel.value || null });
-        once.replaceChildren(h('p', {}, 'Token ' + t.info.prefix + '… made; copy it now, it is shown this once:'), h('div', { className: 'token-once', id: 'new-token' }, t.token));
-      } catch (err) { message(err.message, 'error'); }
-    } }, 'Create token')), once,
-    table('tokens', ['Id', 'User', 'Label', 'Prefix', 'Created', 'Expires', 'Revoked', ''], tokens.map((t) => h('tr', { className: 'token' },
+    h('div', { className: 'bar' }, h('label', {}, 'for ', tokenUser), tokenLabel, tokenExpiry,
+      h('button', { id: 'create-token', onclick: createToken }, 'Create token')),
+    h('div', { id: 'token-once' }),
+    table('tokens', ['Id', 'User', 'Label', 'Prefix', 'Created', 'Expires', 'Revoked', ''], tokens.map((t) => h('tr', { className: 'token', dataset: { id: t.id, user: t.user } },
       cell(t.id), cell(t.user), cell(t.label), cell(t.prefix), h('td', {}, when(t.created_ms)), h('td', {}, when(t.expires_ms)), h('td', {}, when(t.revoked_ms)),
       h('td', {}, t.revoked_ms || t.bootstrap ? null : h('button', { className: 'revoke danger', onclick: async () => {
-        if (!await confirmBox('Revoke token ' + t.prefix + '…?', h('p', {}, 'Whatever uses it stops working at once.'))) return;
-        try { await api('DELETE', '/v1/tokens/' + t.id); route(); } catch (err) { message(err.message, 'error'); }
+        if (!await confirmBox('Revoke token ' + t.prefix + '… of ' + t.user + '?', h('p', {}, 'Whatever uses it stops working at once.'))) return;
+        await change(() => api('DELETE', '/v1/tokens/' + t.id), 'Revoked token ' + t.prefix + '…');
       } }, 'Revoke'))))),
     h('h3', {}, 'Computer groups'),
     h('div', { className: 'bar' }, h('input', { id: 'group-name', placeholder: 'group name' }),
       h('input', { id: 'group-hosts', placeholder: 'hostname globs, comma-separated (web-*)' }),
-      h('button', { id: 'add-group', onclick: async () => {
+      h('button', { id: 'add-group', onclick: () => {
+        const name = $('#group-name').value;
         const hostnames = $('#group-hosts').value.split(',').map((x) => x.trim()).filter(Boolean);
-        try { await api('POST', '/v1/groups', { name: $('#group-name').value, hostnames }); route(); } catch (err) { message(err.message, 'error'); }
+        change(() => api('POST', '/v1/groups', { name, hostnames }), 'Added group ' + name);
       } }, 'Add group')),
-    table('groups', ['Name', 'Hostnames', 'CIDRs', 'Labels', 'Members', 'Endpoints now', 'Users'], groups.map((g) => h('tr', { className: 'group' },
-      cell(g.name), cell(g.hostnames), cell(g.cidrs), cell(g.labels), cell(g.members), cell(g.member_count), cell(g.users)))),
+    table('groups', ['Name', 'Hostnames', 'CIDRs', 'Labels', 'Members', 'Endpoints now', 'Users', ''], groups.map((g) => h('tr', { className: 'group', dataset: { name: g.name } },
+      cell(g.name), cell(g.hostnames), cell(g.cidrs), cell(g.labels), cell(g.members), cell(g.member_count), cell(g.users),
+      h('td', {}, h('button', { className: 'remove-group danger', onclick: async () => {
+        if (!await confirmBox('Remove group ' + g.name + '?', h('p', {}, 'Users granted it lose the endpoints it gave them.'))) return;
+        await change(() => api('DELETE', '/v1/groups/' + enc(g.name)), 'Removed group ' + g.name);
+      } }, 'Remove'))))),
     h('h3', {}, 'Audit log'),
-    table('audit', ['When', 'Who', 'What', 'Target', 'Result', 'Detail'], audit.map((a) => h('tr', { className: 'audit' },
-      h('td', {}, when(a.ts_ms)), cell(a.actor), cell(a.action), cell(a.target), cell(a.result), cell(a.detail)))));
+    h('form', { id: 'audit-filters', className: 'bar', onsubmit: (e) => { e.preventDefault(); loadAudit(); } },
+      auditUser, auditAction, auditSince, auditUntil, h('button', { id: 'audit-apply', type: 'submit', className: 'primary' }, 'Apply')),
+    auditStatus,
+    h('table', { id: 'audit' }, h('thead', {}, h('tr', {}, ['When', 'Who', 'What', 'Target', 'Result', 'Detail'].map((c) => h('th', {}, c)))), auditRows));
+  await loadAudit();
 }
 
 // ---- routing ------------------------------------------------------------------------------------
