@@ -585,6 +585,10 @@ async fn an_admin_manages_users_tokens_and_groups_reads_the_audit_and_watches_th
 /// enough to watch, pause or cancel them, also on a loaded machine.
 const SLOW_CAPTURES: [&str; 2] = ["--capture-rate-kib", "128"];
 
+/// For watching a bar part way: some 80 s per capture, since starting a browser and signing in can
+/// take much of 20 s on a loaded machine (the bar was once missed, the capture already complete).
+const SLOWER_CAPTURES: [&str; 2] = ["--capture-rate-kib", "32"];
+
 /// Gives the bootstrap admin the console password [`PASSWORD`].
 async fn admin_password(server: &TestServer) {
     admin(
@@ -649,7 +653,7 @@ async fn user(server: &TestServer, name: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_capture_shows_a_live_progress_bar_in_saved_evidence_then_complete() {
-    let server = world_with(&SLOW_CAPTURES).await;
+    let server = world_with(&SLOWER_CAPTURES).await;
     let queued = admin(
         &server,
         "POST",
@@ -688,7 +692,7 @@ async fn a_capture_shows_a_live_progress_bar_in_saved_evidence_then_complete() {
         })
         .await;
         // And ends complete, without a bar.
-        eventually(Duration::from_secs(120), "complete", || async {
+        eventually(Duration::from_secs(300), "complete", || async {
             let state = texts(b, &format!("{row} td.state")).await;
             state
                 .first()

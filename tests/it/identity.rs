@@ -169,12 +169,24 @@ async fn an_agent_presenting_another_certificate_fails_captures_with_a_reason_to
     // Re-keyed, the agent enrolls again with its new certificate and captures work.
     let (code, out, err) = server.cli(&["endpoints", "rekey", "web-01", "--yes"]);
     assert_eq!(code, 0, "{out}{err}");
-    eventually(
+    let enrolled = eventually(
         Duration::from_secs(20),
         "the agent to enroll again",
         || async {
-            (shown(&server, "web-01").await["endpoint"]["cert_sha256"] == agent.cert_sha256())
-                .then_some(())
+            let endpoint = shown(&server, "web-01").await["endpoint"].clone();
+            (endpoint["cert_sha256"] == agent.cert_sha256())
+                .then(|| endpoint["last_seen_ms"].as_i64())
+        },
+    )
+    .await;
+    // The agent keeps its new credential when the answer to that heartbeat arrives; a later
+    // heartbeat (which must carry it) shows it has.
+    eventually(
+        Duration::from_secs(20),
+        "a heartbeat with the new credential",
+        || async {
+            let seen = shown(&server, "web-01").await["endpoint"]["last_seen_ms"].as_i64();
+            (seen > enrolled).then_some(())
         },
     )
     .await;
