@@ -797,18 +797,19 @@ impl Catalog {
         Ok(n == 1)
     }
 
-    /// At start-up: captures whose row was created but whose job never was (the server died in
-    /// between) can never progress; they fail with a reason. Returns how many.
-    pub async fn fail_unqueued_captures(&self) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE snapshots SET state = 'failed', completed_ms = ?1,
-                error = 'the server stopped before the capture was queued; capture again'
-             WHERE state = 'queued' AND job_id IS NULL AND origin = 'capture'",
+    /// At start-up: captures whose row was created but not linked to its job (the server stopped
+    /// in between; the job may or may not exist), except a fleet batch's, which its fleet job
+    /// finishes: (snapshot id, the endpoint's hostname if it is still known, requested by).
+    pub async fn unqueued_captures(&self) -> Result<Vec<(i64, Option<String>, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT s.id, e.hostname, s.requested_by
+             FROM snapshots s LEFT JOIN endpoints e ON e.id = s.endpoint_id
+             WHERE s.state = 'queued' AND s.job_id IS NULL AND s.origin = 'capture'
+               AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.snapshot_id = s.id)
+             ORDER BY s.id",
         )
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Ends a still `pending` ingest as `failed` (its job ended dead or cancelled without

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use snapq_core::access::Role;
 use snapq_core::agent_client::NotCallable;
 use snapq_core::catalog::{Endpoint, Ingest, Origin, Snapshot, SnapshotSummary, now_ms};
-use snapq_jobs::handlers::capture::CaptureArgs;
+use snapq_jobs::handlers::capture;
 use snapq_jobs::handlers::delete::DeleteArgs;
 use snapq_jobs::handlers::ingest::IngestArgs;
 use snapq_jobs::{
@@ -380,21 +380,16 @@ pub(super) async fn enqueue_capture(
         .create_snapshot(endpoint.id, Origin::Capture, caller)
         .await
         .map_err(ApiError::internal)?;
-    let job_id = state
-        .queue
-        .push(&CaptureArgs { snapshot_id }, caller)
-        .await
-        .map_err(ApiError::internal)?;
-    state
-        .catalog
-        .set_job_target(job_id.as_str(), &endpoint.hostname)
-        .await
-        .map_err(ApiError::internal)?;
-    state
-        .catalog
-        .set_snapshot_job(snapshot_id, job_id.as_str())
-        .await
-        .map_err(ApiError::internal)?;
+    let job_id = capture::enqueue(
+        &state.queue,
+        &state.catalog,
+        snapshot_id,
+        &endpoint.hostname,
+        caller,
+        capture::job_key(snapshot_id),
+    )
+    .await
+    .map_err(ApiError::internal)?;
     state
         .audit(
             caller,

@@ -240,7 +240,7 @@ impl Server {
         });
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
-        catalog.fail_unqueued_captures().await?;
+        queue_unlinked_captures(&queue, &catalog).await?;
         export::remove_abandoned_partials(&layout);
         spawn_workers(&queue, &services, &config).await?;
         recover_spool(&queue, &catalog, &dir.join("incoming"))
@@ -572,6 +572,26 @@ pub(crate) async fn enqueue_spooled(
         queue.retry(&enqueued.id).await?;
     }
     Ok(enqueued.id)
+}
+
+/// Start-up: a capture whose row was written but not linked to its job (the server stopped in
+/// between, with or without the job queued) is queued under its key, which finds the job if it
+/// was; the request that asked for it is carried out. One whose endpoint was forgotten since
+/// fails with that reason.
+async fn queue_unlinked_captures(queue: &Queue, catalog: &Catalog) -> anyhow::Result<()> {
+    for (snapshot_id, hostname, requested_by) in catalog.unqueued_captures().await? {
+        let Some(hostname) = hostname else {
+            let reason = "the server stopped before the capture was queued, and its endpoint was forgotten since";
+            catalog.fail_snapshot(snapshot_id, reason).await?;
+            continue;
+        };
+        let key = handlers::capture::job_key(snapshot_id);
+        let job = handlers::capture::enqueue(queue, catalog, snapshot_id, &hostname, &requested_by, key)
+            .await
+            .map_err(|e| anyhow::anyhow!("queueing the capture of snapshot {snapshot_id}: {e}"))?;
+        tracing::info!(snapshot_id, %hostname, job = %job, "queued a capture the server stopped before linking to its job");
+    }
+    Ok(())
 }
 
 /// Files spooled completely by an earlier run whose ingest may never have been queued (the

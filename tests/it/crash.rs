@@ -426,3 +426,57 @@ async fn a_watched_file_whose_ingest_died_is_tried_again_after_a_restart() {
     .await;
     assert!(!watch.join(&name).exists());
 }
+
+/// A capture asked for just before the server was killed: its row written, its job queued or
+/// not yet, the row not yet linked to its job (the request never got its answer). After the
+/// restart the capture is carried out: a queued job is found again under its key, never queued
+/// twice, and a row without a job gets one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capture_killed_between_its_row_and_its_job_is_carried_out_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let flags = ["--job-retry-base-ms", "300", "--job-max-attempts", "50"];
+    let mut server = TestServer::spawn_in(&data, &flags);
+    let _agent = crate::support::TestAgent::spawn_with(crate::support::AgentOptions {
+        hostname: "web-01".into(),
+        prefill: 2_000,
+        extra: server.enroll_args(),
+        ..Default::default()
+    });
+    server.wait_online("web-01").await;
+    // A capture whose job exists and keeps retrying: its endpoint does not answer.
+    register_unreachable(&server, "web-09").await;
+    let (queued, job) = queue_capture(&server, "web-09").await;
+
+    let listen = server.addr.to_string();
+    server.kill();
+    let catalog = rusqlite::Connection::open(data.join("catalog.db")).unwrap();
+    catalog
+        .execute(
+            "UPDATE snapshots SET state = 'queued', job_id = NULL WHERE id = ?1",
+            [queued],
+        )
+        .unwrap();
+    let row_only: i64 = catalog
+        .query_row(
+            "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
+             SELECT id, 'queued', 'capture', 'admin', 1 FROM endpoints WHERE hostname = 'web-01'
+             RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(catalog);
+    let mut args = vec!["--listen", listen.as_str()];
+    args.extend(flags);
+    let server = TestServer::spawn_in(&data, &args);
+
+    let snap = server.wait_snapshot(row_only, Duration::from_secs(60)).await;
+    assert_eq!(snap["state"], "complete", "{snap}");
+    let (_, snap) = server.get(&format!("/v1/snapshots/{queued}")).await;
+    assert_eq!(snap["job_id"], job.as_str(), "{snap}");
+    assert_ne!(snap["state"], "failed", "{snap}");
+    let (_, jobs) = server.get("/v1/queue/jobs?kind=capture").await;
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "one job per capture: {jobs:?}");
+}

@@ -16,9 +16,20 @@ use crate::support::{BIN, TestServer, eventually, files_under};
 /// picked for port 0 at the first start, reused the moment the killed process has released it
 /// (the server's listener sets SO_REUSEADDR, so its connections in TIME_WAIT do not block it).
 fn crash_and_restart_in_place(server: &mut TestServer, extra: &[&str]) {
+    crash_and_restart_in_place_after(server, extra, |_| {});
+}
+
+/// The same, with `while_down` run on the data directory between the kill and the start (to
+/// leave the catalog as a kill at a precise moment would).
+fn crash_and_restart_in_place_after(
+    server: &mut TestServer,
+    extra: &[&str],
+    while_down: impl FnOnce(&Path),
+) {
     let listen = server.addr.to_string();
     let data = server.data_dir.clone();
     server.kill();
+    while_down(&data);
     let mut args = vec!["--listen", listen.as_str()];
     args.extend(extra);
     *server = TestServer::spawn_in(&data, &args);
@@ -501,6 +512,69 @@ async fn a_server_killed_mid_batch_finishes_it_after_restart_capturing_each_endp
         .filter(|p| p.to_string_lossy().ends_with(".partial"))
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
+}
+
+/// The narrowest crash window of a batch: an item's snapshot row and running state are written
+/// (one transaction) and the server is killed before its capture job is queued. After the restart
+/// the batch queues that capture under the item's key and completes: no failure, one snapshot
+/// per endpoint. (Made deterministic by writing that moment's catalog while the server is down.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_item_killed_between_its_snapshot_row_and_its_capture_job_is_captured_after_a_restart()
+ {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let flags = ["--capture-rate-kib", "256", "--job-retry-base-ms", "200"];
+    let mut server = TestServer::spawn_in(&data, &flags);
+    let _fleet = fleet_sim(
+        &server,
+        &tmp.path().join("fleet"),
+        "gap",
+        2,
+        &["--db-mib", "3"],
+    );
+    wait_all_online(&server, "gap", 2).await;
+    add_group(&server, "gap", "gap-*");
+    // One capture at a time, each ~12 s at 256 KiB/s: the second endpoint waits its turn.
+    let id = start_batch(&server, "gap", &["--max-concurrency", "1"]);
+    let waiting = eventually(Duration::from_secs(60), "one capture running, one waiting", || async {
+        let b = batch(&server, id).await;
+        if b["totals"]["running"] != 1 || b["totals"]["queued"] != 1 {
+            return None;
+        }
+        let item = b["items"].as_array()?.iter().find(|i| i["state"] == "queued")?;
+        Some(item["hostname"].as_str()?.to_owned())
+    })
+    .await;
+    let mut dispatched = 0i64;
+    crash_and_restart_in_place_after(&mut server, &flags, |data| {
+        let catalog = rusqlite::Connection::open(data.join("catalog.db")).unwrap();
+        dispatched = catalog
+            .query_row(
+                "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
+                 SELECT id, 'queued', 'capture', 'admin', 1 FROM endpoints WHERE hostname = ?1
+                 RETURNING id",
+                [&waiting],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let changed = catalog
+            .execute(
+                "UPDATE batch_items SET state = 'running', snapshot_id = ?1
+                 WHERE batch_id = ?2 AND hostname = ?3 AND state = 'queued'",
+                rusqlite::params![dispatched, id, waiting],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{waiting} was still waiting when the server was killed");
+    });
+    let b = wait_batch_end(&server, id, Duration::from_secs(180)).await;
+    assert_eq!(b["state"], "complete", "{b}");
+    assert_eq!(b["totals"]["done"], 2, "{b}");
+    let (_, snap) = server.get(&format!("/v1/snapshots/{dispatched}")).await;
+    assert_eq!(snap["state"], "complete", "the dispatched row is the one captured: {snap}");
+    let (_, groups) = server.get("/v1/snapshots").await;
+    for g in groups.as_array().unwrap() {
+        assert_eq!(g["snapshots"].as_array().unwrap().len(), 1, "{g}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -24,7 +24,7 @@ use snapq_core::wire::{Staged, StagedState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Services;
-use crate::{JobArgs, JobContext, JobError, JobKind, ResultExt};
+use crate::{EnqueueOptions, JobArgs, JobContext, JobError, JobId, JobKind, Queue, ResultExt};
 
 /// Capture into the catalog row `snapshot_id` (created `queued` by whoever enqueued the job).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,6 +34,50 @@ pub struct CaptureArgs {
 
 impl JobArgs for CaptureArgs {
     const KIND: JobKind = JobKind::Capture;
+}
+
+/// The idempotency key of the capture job of snapshot row `snapshot_id`, when no caller names a
+/// finer one (a fleet batch does).
+pub fn job_key(snapshot_id: i64) -> String {
+    format!("capture:{snapshot_id}")
+}
+
+/// Queues the capture of the `queued` snapshot row `snapshot_id` under the idempotency `key` and
+/// links the job to the row and to its endpoint (for scoping). Called again with the same key
+/// after a crash anywhere in between, it finds the same job and finishes the links: that is how
+/// the server's start-up and a fleet batch make sure a capture whose row exists is never lost
+/// and never queued twice.
+pub async fn enqueue(
+    queue: &Queue,
+    catalog: &snapq_core::catalog::Catalog,
+    snapshot_id: i64,
+    hostname: &str,
+    requested_by: &str,
+    key: String,
+) -> Result<JobId, JobError> {
+    let options = EnqueueOptions {
+        idempotency_key: Some(key),
+        ..EnqueueOptions::default()
+    };
+    let job = queue
+        .enqueue_with(
+            JobKind::Capture,
+            &CaptureArgs { snapshot_id },
+            requested_by,
+            &options,
+        )
+        .await
+        .transient()?
+        .id;
+    catalog
+        .set_job_target(job.as_str(), hostname)
+        .await
+        .transient()?;
+    catalog
+        .set_snapshot_job(snapshot_id, job.as_str())
+        .await
+        .transient()?;
+    Ok(job)
 }
 
 /// How many downloaded bytes are handed to the kernel's writeback at a time, so the fsync before

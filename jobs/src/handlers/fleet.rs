@@ -22,7 +22,6 @@ use snapq_core::fleet::{Batch, BatchTotals, item, state};
 use snapq_core::schedule::FailureLimit;
 
 use super::Services;
-use super::capture::CaptureArgs;
 use super::delete::DeleteArgs;
 use crate::{EnqueueOptions, JobArgs, JobContext, JobError, JobId, JobKind, ResultExt};
 
@@ -389,29 +388,18 @@ async fn enqueue_capture(
     hostname: &str,
     snapshot_id: i64,
 ) -> Result<(), JobError> {
-    let options = EnqueueOptions {
-        idempotency_key: Some(capture_key(batch.id, endpoint_id, snapshot_id)),
-        ..EnqueueOptions::default()
-    };
-    let enqueued = svc
-        .queue
-        .enqueue_with(
-            JobKind::Capture,
-            &CaptureArgs { snapshot_id },
-            &batch.requested_by,
-            &options,
-        )
-        .await
-        .transient()?;
-    let job = enqueued.id.as_str();
-    let catalog = &svc.catalog;
-    catalog.set_job_target(job, hostname).await.transient()?;
-    catalog
-        .set_snapshot_job(snapshot_id, job)
-        .await
-        .transient()?;
-    catalog
-        .set_item_job(batch.id, endpoint_id, job)
+    let key = capture_key(batch.id, endpoint_id, snapshot_id);
+    let job = super::capture::enqueue(
+        &svc.queue,
+        &svc.catalog,
+        snapshot_id,
+        hostname,
+        &batch.requested_by,
+        key,
+    )
+    .await?;
+    svc.catalog
+        .set_item_job(batch.id, endpoint_id, job.as_str())
         .await
         .transient()?;
     Ok(())
