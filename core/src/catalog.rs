@@ -9,15 +9,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
+use sqlx::FromRow;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
 
 use crate::access::{self, Facts, GroupRules, Role};
 use crate::verify::{self, Verified};
 
+pub(crate) mod db;
 mod evidence;
 mod exports;
 mod sessions;
+
+use db::{Pool, Tx, run, run_tx};
 
 pub use evidence::{Evidence, NewEvidence};
 pub use exports::{Export, ExportState, NewExport};
@@ -289,8 +292,11 @@ pub struct MetricCounts {
 
 #[derive(Clone)]
 pub struct Catalog {
-    pool: SqlitePool,
+    pub(crate) pool: Pool,
 }
+
+/// The key of the PostgreSQL advisory lock [`Catalog::write_tx`] holds ("snapq-ca" in ASCII).
+const WRITE_LOCK: i64 = 0x736e_6170_712d_6361;
 
 impl Catalog {
     /// Opens (creating) `catalog.db` and brings its schema up to date. A file that exists but is not
@@ -322,18 +328,54 @@ impl Catalog {
             return Err(unusable(check));
         }
         sqlx::migrate!("../migrations").run(&pool).await?;
-        Ok(Catalog { pool })
+        Ok(Catalog {
+            pool: Pool::Sqlite(pool),
+        })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// Connects to the catalog in PostgreSQL at `url` (its tables in the connection's
+    /// `search_path`) and brings its schema up to date; several server nodes share it. Migrations
+    /// run under PostgreSQL's migration lock, so nodes starting together apply them once; a
+    /// database migrated by a newer snapq is refused.
+    pub async fn connect_postgres(url: &str) -> Result<Catalog> {
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        Ok(Catalog {
+            pool: Pool::Postgres(pool),
+        })
     }
 
-    /// A transaction that takes the write lock when it begins. A deferred one that reads before
-    /// it writes fails at once with "database is locked" (SQLITE_BUSY, or BUSY_SNAPSHOT in WAL
-    /// mode: the busy timeout does not apply) when another connection writes in between.
-    pub async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Which engine holds the catalog: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A transaction that writes alone, as on SQLite where it takes the write lock when it begins
+    /// (a deferred one that reads before it writes fails at once with "database is locked" when
+    /// another connection writes in between; the busy timeout does not apply). On PostgreSQL a
+    /// transaction-scoped advisory lock gives the same: the check-then-write sequences these
+    /// transactions hold (enrollment, the last admin, a batch item's dispatch) run one at a time
+    /// across every node.
+    pub async fn write_tx(&self) -> Result<Tx> {
+        Ok(match &self.pool {
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Tx::Postgres(tx)
+            }
+        })
     }
 
     // --- endpoints -------------------------------------------------------------------------
@@ -344,7 +386,9 @@ impl Catalog {
     /// The endpoint is not seen (online) until a heartbeat proves the agent kept its credential.
     pub async fn enroll(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         let now = now_ms();
-        Ok(sqlx::query_as::<_, Endpoint>(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Endpoint>(
             "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, last_seen_ms,
                 created_ms, cert_sha256, identity_nonce, enrolled_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?7)
@@ -355,52 +399,39 @@ impl Catalog {
                 enrolled_ms = excluded.enrolled_ms
              WHERE endpoints.identity_nonce IS NULL
              RETURNING *",
-        )
-        .bind(&hb.hostname)
-        .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
-        .bind(&hb.os)
-        .bind(&hb.agent_version)
-        .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
-        .bind(&hb.api_url)
-        .bind(now)
-        .bind(&hb.cert_sha256)
-        .bind(nonce)
-        .fetch_optional(&self.pool)
-        .await?)
+        ).bind(&hb.hostname).bind(serde_json::to_string(&hb.ips).expect("strings serialize")).bind(&hb.os).bind(&hb.agent_version).bind(serde_json::to_string(&hb.labels).expect("strings serialize")).bind(&hb.api_url).bind(now).bind(&hb.cert_sha256).bind(nonce),
+fetch_optional
+)?)
     }
 
     /// Records a heartbeat of an enrolled agent whose credential the caller checked against
     /// `nonce`: its facts and address, never its pinned certificate. `None` if the endpoint was
     /// re-keyed or forgotten meanwhile.
     pub async fn heartbeat(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
-        Ok(sqlx::query_as::<_, Endpoint>(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Endpoint>(
             "UPDATE endpoints SET ips = ?2, os = ?3, agent_version = ?4, labels = ?5, api_url = ?6,
                 last_seen_ms = ?7
              WHERE hostname = ?1 AND identity_nonce = ?8
              RETURNING *",
-        )
-        .bind(&hb.hostname)
-        .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
-        .bind(&hb.os)
-        .bind(&hb.agent_version)
-        .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
-        .bind(&hb.api_url)
-        .bind(now_ms())
-        .bind(nonce)
-        .fetch_optional(&self.pool)
-        .await?)
+        ).bind(&hb.hostname).bind(serde_json::to_string(&hb.ips).expect("strings serialize")).bind(&hb.os).bind(&hb.agent_version).bind(serde_json::to_string(&hb.labels).expect("strings serialize")).bind(&hb.api_url).bind(now_ms()).bind(nonce),
+fetch_optional
+)?)
     }
 
     /// Unbinds `hostname` from its agent so that the next enrollment binds it anew (a reimaged
     /// machine, a replaced certificate); the old credential stops working. `false` if unknown.
     pub async fn rekey_endpoint(&self, hostname: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL
              WHERE hostname = ?1",
-        )
-        .bind(hostname)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(hostname),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -408,65 +439,69 @@ impl Catalog {
     /// snapshots still belong to it (they stay, under an offline endpoint). `false` if unknown.
     pub async fn forget_endpoint(&self, hostname: &str) -> Result<bool> {
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query(
+        let done = run_tx!(
+&mut tx,
+sqlx::query(
             "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL,
                 api_url = NULL, last_seen_ms = NULL
              WHERE hostname = ?1",
-        )
-        .bind(hostname)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM endpoints WHERE hostname = ?1
+        ).bind(hostname),
+execute
+)?;
+        run_tx!(
+            &mut tx,
+            sqlx::query(
+                "DELETE FROM endpoints WHERE hostname = ?1
              AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = endpoints.id)",
-        )
-        .bind(hostname)
-        .execute(&mut *tx)
-        .await?;
+            )
+            .bind(hostname),
+            execute
+        )?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
     /// The endpoint of `hostname`, creating an offline one (known only from its snapshots) if new.
     pub async fn ensure_endpoint(&self, hostname: &str) -> Result<Endpoint> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "INSERT INTO endpoints (hostname, created_ms) VALUES (?1, ?2) ON CONFLICT (hostname) DO NOTHING",
-        )
-        .bind(hostname)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(hostname).bind(now_ms()),
+execute
+)?;
         self.endpoint(hostname)
             .await?
             .ok_or_else(|| CatalogError::NotFound(format!("endpoint {hostname}")))
     }
 
     pub async fn endpoint(&self, hostname: &str) -> Result<Option<Endpoint>> {
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query_as::<_, Endpoint>("SELECT * FROM endpoints WHERE hostname = ?1")
-                .bind(hostname)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+                .bind(hostname),
+            fetch_optional
+        )?)
     }
 
     pub async fn endpoint_by_id(&self, id: i64) -> Result<Option<Endpoint>> {
-        Ok(
-            sqlx::query_as::<_, Endpoint>("SELECT * FROM endpoints WHERE id = ?1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Endpoint>("SELECT * FROM endpoints WHERE id = ?1").bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Endpoints whose hostname or an IP contains `text` (all when empty), prefix matches first.
     pub async fn search_endpoints(&self, text: &str) -> Result<Vec<Endpoint>> {
-        Ok(sqlx::query_as::<_, Endpoint>(sqlx::AssertSqlSafe(format!(
-            "SELECT * FROM endpoints {SEARCH}"
-        )))
-        .bind(text)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Endpoint>(sqlx::AssertSqlSafe(format!(
+                "SELECT * FROM endpoints {SEARCH}"
+            )))
+            .bind(text),
+            fetch_all
+        )?)
     }
 
     /// The hostname, addresses and labels (what computer groups match against) of rows
@@ -478,41 +513,49 @@ impl Catalog {
         offset: i64,
         limit: i64,
     ) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
-        let rows: Vec<FactsRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT hostname, ips, labels FROM endpoints {SEARCH} LIMIT ?2 OFFSET ?3"
-        )))
-        .bind(text)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<FactsRow> = run!(
+            &self.pool,
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT hostname, ips, labels FROM endpoints {SEARCH} LIMIT ?2 OFFSET ?3"
+            )))
+            .bind(text)
+            .bind(limit)
+            .bind(offset),
+            fetch_all
+        )?;
         Ok(unpack_facts(rows))
     }
 
     /// What `/metrics` reads from the catalog at scrape time, in one pass of aggregates.
     /// `online_since_ms`: an endpoint heard from after it (with an API address) counts online.
     pub async fn metric_counts(&self, online_since_ms: i64) -> Result<MetricCounts> {
-        let (endpoints, online): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*),
-                    COALESCE(SUM(last_seen_ms > ?1 AND api_url IS NOT NULL), 0)
+        let (endpoints, online): (i64, i64) = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT COUNT(*),
+                    COUNT(*) FILTER (WHERE last_seen_ms > ?1 AND api_url IS NOT NULL)
              FROM endpoints",
-        )
-        .bind(online_since_ms)
-        .fetch_one(&self.pool)
-        .await?;
-        let snapshots: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM snapshots GROUP BY state",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let connections: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, COUNT(*) FROM connections GROUP BY status")
-                .fetch_all(&self.pool)
-                .await?;
-        let quarantined: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM ingests WHERE state = 'quarantined'")
-                .fetch_one(&self.pool)
-                .await?;
+            )
+            .bind(online_since_ms),
+            fetch_one
+        )?;
+        let snapshots: Vec<(String, i64, i64)> = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT state, COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM snapshots GROUP BY state",
+            ),
+            fetch_all
+        )?;
+        let connections: Vec<(String, i64)> = run!(
+            &self.pool,
+            sqlx::query_as("SELECT status, COUNT(*) FROM connections GROUP BY status"),
+            fetch_all
+        )?;
+        let quarantined: i64 = run!(
+            &self.pool,
+            sqlx::query_scalar("SELECT COUNT(*) FROM ingests WHERE state = 'quarantined'"),
+            fetch_one
+        )?;
         Ok(MetricCounts {
             endpoints,
             online,
@@ -524,9 +567,11 @@ impl Catalog {
 
     /// Every endpoint's hostname, addresses and labels: what computer groups match against.
     pub async fn endpoint_facts(&self) -> Result<Vec<(String, Vec<String>, Vec<String>)>> {
-        let rows: Vec<FactsRow> = sqlx::query_as("SELECT hostname, ips, labels FROM endpoints")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<FactsRow> = run!(
+            &self.pool,
+            sqlx::query_as("SELECT hostname, ips, labels FROM endpoints"),
+            fetch_all
+        )?;
         Ok(unpack_facts(rows))
     }
 
@@ -539,45 +584,52 @@ impl Catalog {
         origin: Origin,
         requested_by: &str,
     ) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
              VALUES (?1, 'queued', ?2, ?3, ?4) RETURNING id",
-        )
-        .bind(endpoint_id)
-        .bind(origin.as_str())
-        .bind(requested_by)
-        .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?)
+            )
+            .bind(endpoint_id)
+            .bind(origin.as_str())
+            .bind(requested_by)
+            .bind(now_ms()),
+            fetch_one
+        )?)
     }
 
     pub async fn set_snapshot_job(&self, id: i64, job_id: &str) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET job_id = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE snapshots SET job_id = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(job_id),
+            execute
+        )?;
         Ok(())
     }
 
     pub async fn snapshot(&self, id: i64) -> Result<Option<Snapshot>> {
-        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        ))).bind(id),
+fetch_optional
+)?)
     }
 
     /// Snapshots, newest first, optionally of one endpoint.
     pub async fn snapshots(&self, hostname: Option<&str>) -> Result<Vec<Snapshot>> {
-        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
              WHERE ?1 IS NULL OR e.hostname = ?1 ORDER BY e.hostname, s.created_ms DESC, s.id DESC"
         )))
-        .bind(hostname)
-        .fetch_all(&self.pool)
-        .await?)
+            .bind(hostname),
+            fetch_all
+        )?)
     }
 
     /// One page of the snapshot listing, newest first (by id), each row with its endpoint's facts
@@ -595,7 +647,8 @@ impl Catalog {
         } else {
             "?1 IS NULL"
         };
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query_as::<_, SnapshotWithFacts>(sqlx::AssertSqlSafe(format!(
                 "SELECT {SNAPSHOT_COLUMNS}, e.ips AS endpoint_ips, e.labels AS endpoint_labels
              FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
@@ -603,10 +656,9 @@ impl Catalog {
             )))
             .bind(hostname)
             .bind(before)
-            .bind(limit.unwrap_or(-1))
-            .fetch_all(&self.pool)
-            .await?,
-        )
+            .bind(limit.unwrap_or(i64::MAX)),
+            fetch_all
+        )?)
     }
 
     /// Endpoints that have snapshots, by hostname, after `after` (exclusive), at most `limit`,
@@ -617,17 +669,19 @@ impl Catalog {
         hostname: Option<&str>,
         limit: i64,
     ) -> Result<Vec<(i64, String, Vec<String>, Vec<String>)>> {
-        let rows: Vec<IdFactsRow> = sqlx::query_as(
-            "SELECT e.id, e.hostname, e.ips, e.labels FROM endpoints e
+        let rows: Vec<IdFactsRow> = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT e.id, e.hostname, e.ips, e.labels FROM endpoints e
              WHERE (?1 IS NULL OR e.hostname > ?1) AND (?2 IS NULL OR e.hostname = ?2)
                AND EXISTS (SELECT 1 FROM snapshots s WHERE s.endpoint_id = e.id)
              ORDER BY e.hostname LIMIT ?3",
-        )
-        .bind(after)
-        .bind(hostname)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+            )
+            .bind(after)
+            .bind(hostname)
+            .bind(limit),
+            fetch_all
+        )?;
         Ok(rows
             .into_iter()
             .map(|(id, h, ips, labels)| (id, h, ips.0, labels.0))
@@ -640,15 +694,17 @@ impl Catalog {
         endpoint_ids: &[i64],
     ) -> Result<std::collections::HashMap<i64, SnapshotSummary>> {
         let ids = serde_json::to_string(endpoint_ids).expect("integers serialize");
-        let rows: Vec<(i64, String, String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT s.endpoint_id, e.hostname, s.state, count(*), max(s.id), max(s.created_ms)
+        let rows: Vec<(i64, String, String, i64, i64, i64)> = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT s.endpoint_id, e.hostname, s.state, count(*), max(s.id), max(s.created_ms)
              FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
-             WHERE s.endpoint_id IN (SELECT value FROM json_each(?1))
-             GROUP BY s.endpoint_id, s.state",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+             WHERE s.endpoint_id IN (SELECT CAST(value AS BIGINT) FROM json_each(?1))
+             GROUP BY s.endpoint_id, e.hostname, s.state",
+            )
+            .bind(ids),
+            fetch_all
+        )?;
         let mut out = std::collections::HashMap::<i64, SnapshotSummary>::new();
         for (endpoint, hostname, state, n, latest_id, latest_ms) in rows {
             let sum = out.entry(endpoint).or_insert_with(|| SnapshotSummary {
@@ -672,21 +728,25 @@ impl Catalog {
 
     /// A complete snapshot with this content, if the store already holds one.
     pub async fn complete_snapshot_by_sha256(&self, sha256: &str) -> Result<Option<Snapshot>> {
-        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
              WHERE s.sha256 = ?1 AND s.state = 'complete' ORDER BY s.id LIMIT 1"
         )))
-        .bind(sha256)
-        .fetch_optional(&self.pool)
-        .await?)
+            .bind(sha256),
+            fetch_optional
+        )?)
     }
 
     pub async fn set_snapshot_state(&self, id: i64, state: SnapshotState) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET state = ?2, error = NULL WHERE id = ?1")
-            .bind(id)
-            .bind(state.as_str())
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE snapshots SET state = ?2, error = NULL WHERE id = ?1")
+                .bind(id)
+                .bind(state.as_str()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -698,46 +758,50 @@ impl Catalog {
         name: &str,
         size: i64,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE snapshots SET staged_id = ?2, name = ?3, bytes_total = ?4, sha256 = NULL, bytes_done = 0
              WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(staged_id)
-        .bind(name)
-        .bind(size)
-        .execute(&self.pool)
-        .await?;
+        ).bind(id).bind(staged_id).bind(name).bind(size),
+execute
+)?;
         Ok(())
     }
 
     /// Records the sha256 a capture received and the agent confirmed, before the file is renamed
     /// into the store: after a crash, a stored file is checked against it instead of refetched.
     pub async fn set_snapshot_sha256(&self, id: i64, sha256: &str) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET sha256 = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(sha256)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE snapshots SET sha256 = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(sha256),
+            execute
+        )?;
         Ok(())
     }
 
     /// Forgets the staged copy a capture was downloading, so its next attempt stages a new one.
     pub async fn clear_snapshot_staged(&self, id: i64) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET staged_id = NULL, bytes_done = 0 WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE snapshots SET staged_id = NULL, bytes_done = 0 WHERE id = ?1")
+                .bind(id),
+            execute
+        )?;
         Ok(())
     }
 
     pub async fn set_snapshot_progress(&self, id: i64, done: i64, total: i64) -> Result<()> {
-        sqlx::query("UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3 WHERE id = ?1")
-            .bind(id)
-            .bind(done)
-            .bind(total)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3 WHERE id = ?1")
+                .bind(id)
+                .bind(done)
+                .bind(total),
+            execute
+        )?;
         Ok(())
     }
 
@@ -750,49 +814,44 @@ impl Catalog {
         sha256: &str,
         verified: &Verified,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE snapshots SET state = 'complete', name = ?2, size = ?3, sha256 = ?4, events = ?5,
                 oldest_ts = ?6, newest_ts = ?7, bytes_done = ?3, bytes_total = ?3, error = NULL,
                 completed_ms = ?8
              WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(size)
-        .bind(sha256)
-        .bind(verified.events as i64)
-        .bind(verified.oldest_ts)
-        .bind(verified.newest_ts)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(id).bind(name).bind(size).bind(sha256).bind(verified.events as i64).bind(verified.oldest_ts).bind(verified.newest_ts).bind(now_ms()),
+execute
+)?;
         Ok(())
     }
 
     pub async fn fail_snapshot(&self, id: i64, reason: &str) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(id).bind(reason).bind(now_ms()),
+execute
+)?;
         Ok(())
     }
 
     /// Fails a snapshot that is not finished yet (its job ended dead or cancelled); a complete
     /// or already failed one is left as it is. `true` if this call failed it.
     pub async fn fail_unfinished_snapshot(&self, id: i64, reason: &str) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3
+        let n = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3
              WHERE id = ?1 AND state NOT IN ('complete', 'failed')",
-        )
-        .bind(id)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?
+            )
+            .bind(id)
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?
         .rows_affected();
         Ok(n == 1)
     }
@@ -801,29 +860,33 @@ impl Catalog {
     /// in between; the job may or may not exist), except a fleet batch's, which its fleet job
     /// finishes: (snapshot id, the endpoint's hostname if it is still known, requested by).
     pub async fn unqueued_captures(&self) -> Result<Vec<(i64, Option<String>, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT s.id, e.hostname, s.requested_by
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT s.id, e.hostname, s.requested_by
              FROM snapshots s LEFT JOIN endpoints e ON e.id = s.endpoint_id
              WHERE s.state = 'queued' AND s.job_id IS NULL AND s.origin = 'capture'
                AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.snapshot_id = s.id)
              ORDER BY s.id",
-        )
-        .fetch_all(&self.pool)
-        .await?)
+            ),
+            fetch_all
+        )?)
     }
 
     /// Ends a still `pending` ingest as `failed` (its job ended dead or cancelled without
     /// storing, finding a duplicate or quarantining). `true` if this call ended it.
     pub async fn fail_pending_ingest(&self, job_id: &str, reason: &str) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE ingests SET state = 'failed', reason = ?2, finished_ms = ?3
+        let n = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE ingests SET state = 'failed', reason = ?2, finished_ms = ?3
              WHERE job_id = ?1 AND state = 'pending'",
-        )
-        .bind(job_id)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?
+            )
+            .bind(job_id)
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?
         .rows_affected();
         Ok(n == 1)
     }
@@ -831,11 +894,11 @@ impl Catalog {
     /// Removes a snapshot's row; `false` if there was none (deleting twice is not an error).
     /// `RETURNING` tells exactly whether this call removed it, also when two race.
     pub async fn delete_snapshot(&self, id: i64) -> Result<bool> {
-        let deleted: Option<i64> =
-            sqlx::query_scalar("DELETE FROM snapshots WHERE id = ?1 RETURNING id")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let deleted: Option<i64> = run!(
+            &self.pool,
+            sqlx::query_scalar("DELETE FROM snapshots WHERE id = ?1 RETURNING id").bind(id),
+            fetch_optional
+        )?;
         Ok(deleted.is_some())
     }
 
@@ -853,34 +916,26 @@ impl Catalog {
         requested_by: &str,
     ) -> Result<i64> {
         let now = now_ms();
-        Ok(sqlx::query_scalar(
+        Ok(run!(
+&self.pool,
+sqlx::query_scalar(
             "INSERT INTO snapshots (endpoint_id, name, state, origin, size, sha256, events, oldest_ts,
                 newest_ts, bytes_done, bytes_total, job_id, requested_by, created_ms, completed_ms)
              VALUES (?1, ?2, 'complete', ?3, ?4, ?5, ?6, ?7, ?8, ?4, ?4, ?9, ?10, ?11, ?11)
              RETURNING id",
-        )
-        .bind(endpoint_id)
-        .bind(name)
-        .bind(origin.as_str())
-        .bind(size)
-        .bind(sha256)
-        .bind(verified.events as i64)
-        .bind(verified.oldest_ts)
-        .bind(verified.newest_ts)
-        .bind(job_id)
-        .bind(requested_by)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?)
+        ).bind(endpoint_id).bind(name).bind(origin.as_str()).bind(size).bind(sha256).bind(verified.events as i64).bind(verified.oldest_ts).bind(verified.newest_ts).bind(job_id).bind(requested_by).bind(now),
+fetch_one
+)?)
     }
 
     pub async fn snapshot_by_name(&self, name: &str) -> Result<Option<Snapshot>> {
-        Ok(sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.name = ?1"
-        )))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?)
+        ))).bind(name),
+fetch_optional
+)?)
     }
 
     // --- ingests -----------------------------------------------------------------------------
@@ -893,19 +948,16 @@ impl Catalog {
         original_name: &str,
         requested_by: &str,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
              VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
              ON CONFLICT (job_id) DO UPDATE SET state = 'pending', reason = NULL, finished_ms = NULL
              WHERE state = 'failed'",
-        )
-        .bind(job_id)
-        .bind(origin.as_str())
-        .bind(original_name)
-        .bind(requested_by)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(job_id).bind(origin.as_str()).bind(original_name).bind(requested_by).bind(now_ms()),
+execute
+)?;
         Ok(())
     }
 
@@ -918,16 +970,13 @@ impl Catalog {
         snapshot_id: Option<i64>,
         reason: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE ingests SET state = ?2, snapshot_id = ?3, reason = ?4, finished_ms = ?5 WHERE job_id = ?1",
-        )
-        .bind(job_id)
-        .bind(state)
-        .bind(snapshot_id)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(job_id).bind(state).bind(snapshot_id).bind(reason).bind(now_ms()),
+execute
+)?;
         Ok(())
     }
 
@@ -939,50 +988,50 @@ impl Catalog {
         reason: &str,
         path: Option<&Path>,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE ingests SET state = 'quarantined', reason = ?2, quarantine_path = ?3, finished_ms = ?4
              WHERE job_id = ?1",
-        )
-        .bind(job_id)
-        .bind(reason)
-        .bind(path.map(|p| p.to_string_lossy().into_owned()))
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(job_id).bind(reason).bind(path.map(|p| p.to_string_lossy().into_owned())).bind(now_ms()),
+execute
+)?;
         Ok(())
     }
 
     /// Closes a quarantine entry whose file left quarantine: `retried`, `deleted` or `expired`.
     /// Returns whether it was still open.
     pub async fn close_quarantine(&self, job_id: &str, state: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE ingests SET state = ?2 WHERE job_id = ?1 AND state = 'quarantined'",
-        )
-        .bind(job_id)
-        .bind(state)
-        .execute(&self.pool)
-        .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE ingests SET state = ?2 WHERE job_id = ?1 AND state = 'quarantined'",
+            )
+            .bind(job_id)
+            .bind(state),
+            execute
+        )?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Open quarantine entries, newest first; `before_ms` limits them to older ones (retention).
     pub async fn quarantined(&self, before_ms: Option<i64>) -> Result<Vec<Ingest>> {
-        Ok(sqlx::query_as::<_, Ingest>(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Ingest>(
             "SELECT * FROM ingests WHERE state = 'quarantined' AND (?1 IS NULL OR finished_ms < ?1)
              ORDER BY finished_ms DESC",
-        )
-        .bind(before_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        ).bind(before_ms),
+fetch_all
+)?)
     }
 
     pub async fn ingest(&self, job_id: &str) -> Result<Option<Ingest>> {
-        Ok(
-            sqlx::query_as::<_, Ingest>("SELECT * FROM ingests WHERE job_id = ?1")
-                .bind(job_id)
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Ingest>("SELECT * FROM ingests WHERE job_id = ?1").bind(job_id),
+            fetch_optional
+        )?)
     }
 
     // --- users ---------------------------------------------------------------------------------
@@ -991,15 +1040,17 @@ impl Catalog {
     pub async fn add_user(&self, name: &str, role: Role, groups: &[String]) -> Result<UserInfo> {
         access::validate_name("user", name)?;
         let mut tx = self.write_tx().await?;
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3)
+        let inserted: Option<i64> = run_tx!(
+            &mut tx,
+            sqlx::query_scalar(
+                "INSERT INTO users (name, role, created_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO NOTHING RETURNING id",
-        )
-        .bind(name)
-        .bind(role.as_str())
-        .bind(now_ms())
-        .fetch_optional(&mut *tx)
-        .await?;
+            )
+            .bind(name)
+            .bind(role.as_str())
+            .bind(now_ms()),
+            fetch_optional
+        )?;
         let Some(user_id) = inserted else {
             return Err(CatalogError::Conflict(format!(
                 "user {name} exists; `snapq users set-role` or `users grant` change it"
@@ -1016,20 +1067,22 @@ impl Catalog {
 
     /// Every user with their groups and number of usable tokens, by name.
     pub async fn users(&self) -> Result<Vec<UserInfo>> {
-        let rows: Vec<UserRow> = sqlx::query_as(USER_SELECT)
-            .bind(Option::<&str>::None)
-            .bind(now_ms())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<UserRow> = run!(
+            &self.pool,
+            sqlx::query_as(USER_SELECT)
+                .bind(Option::<&str>::None)
+                .bind(now_ms()),
+            fetch_all
+        )?;
         rows.into_iter().map(UserRow::into_info).collect()
     }
 
     pub async fn user(&self, name: &str) -> Result<Option<UserInfo>> {
-        let row: Option<UserRow> = sqlx::query_as(USER_SELECT)
-            .bind(Some(name))
-            .bind(now_ms())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<UserRow> = run!(
+            &self.pool,
+            sqlx::query_as(USER_SELECT).bind(Some(name)).bind(now_ms()),
+            fetch_optional
+        )?;
         row.map(UserRow::into_info).transpose()
     }
 
@@ -1043,30 +1096,33 @@ impl Catalog {
     /// Removes a user; their tokens stay as revoked rows so a later use is told why it fails.
     pub async fn remove_user(&self, name: &str) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let bootstrap: Option<i64> = sqlx::query_scalar(
-            "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
-             WHERE u.name = ?1 AND t.bootstrap = 1 AND t.revoked_ms IS NULL",
-        )
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let bootstrap: Option<i64> = run_tx!(
+            &mut tx,
+            sqlx::query_scalar(
+                "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
+             WHERE u.name = ?1 AND t.bootstrap AND t.revoked_ms IS NULL",
+            )
+            .bind(name),
+            fetch_optional
+        )?;
         if bootstrap.unwrap_or(0) > 0 {
             return Err(CatalogError::Conflict(format!(
                 "{name} holds the data directory's admin.token and cannot be removed"
             )));
         }
-        sqlx::query(
+        run_tx!(
+&mut tx,
+sqlx::query(
             "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'its user ' || ?1 || ' was removed'
              WHERE user_id = (SELECT id FROM users WHERE name = ?1) AND revoked_ms IS NULL",
-        )
-        .bind(name)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        let removed = sqlx::query("DELETE FROM users WHERE name = ?1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
+        ).bind(name).bind(now_ms()),
+execute
+)?;
+        let removed = run_tx!(
+            &mut tx,
+            sqlx::query("DELETE FROM users WHERE name = ?1").bind(name),
+            execute
+        )?;
         if removed.rows_affected() == 0 {
             return Err(Self::unknown_user(name));
         }
@@ -1080,11 +1136,13 @@ impl Catalog {
                 "{name} holds the data directory's admin.token and stays an admin"
             )));
         }
-        let done = sqlx::query("UPDATE users SET role = ?2 WHERE name = ?1")
-            .bind(name)
-            .bind(role.as_str())
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("UPDATE users SET role = ?2 WHERE name = ?1")
+                .bind(name)
+                .bind(role.as_str()),
+            execute
+        )?;
         if done.rows_affected() == 0 {
             return Err(Self::unknown_user(name));
         }
@@ -1092,24 +1150,27 @@ impl Catalog {
     }
 
     async fn holds_bootstrap(&self, name: &str) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
-             WHERE u.name = ?1 AND t.bootstrap = 1 AND t.revoked_ms IS NULL",
-        )
-        .bind(name)
-        .fetch_one(&self.pool)
-        .await?;
+        let n: i64 = run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "SELECT count(*) FROM tokens t JOIN users u ON u.id = t.user_id
+             WHERE u.name = ?1 AND t.bootstrap AND t.revoked_ms IS NULL",
+            )
+            .bind(name),
+            fetch_one
+        )?;
         Ok(n > 0)
     }
 
     /// Grants `group` to user `name`; granting twice is not an error.
     pub async fn grant(&self, name: &str, group: &str) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let user_id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE name = ?1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| Self::unknown_user(name))?;
+        let user_id: i64 = run_tx!(
+            &mut tx,
+            sqlx::query_scalar("SELECT id FROM users WHERE name = ?1").bind(name),
+            fetch_optional
+        )?
+        .ok_or_else(|| Self::unknown_user(name))?;
         grant_in(&mut tx, user_id, group).await?;
         tx.commit().await?;
         Ok(())
@@ -1120,25 +1181,29 @@ impl Catalog {
         if self.user(name).await?.is_none() {
             return Err(Self::unknown_user(name));
         }
-        let done = sqlx::query(
-            "DELETE FROM user_groups
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "DELETE FROM user_groups
              WHERE user_id = (SELECT id FROM users WHERE name = ?1)
                AND group_id = (SELECT id FROM computer_groups WHERE name = ?2)",
-        )
-        .bind(name)
-        .bind(group)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(name)
+            .bind(group),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 
     /// Stores the argon2id PHC string of user `name`'s console password.
     pub async fn set_password_hash(&self, name: &str, phc: &str) -> Result<()> {
-        let done = sqlx::query("UPDATE users SET password_hash = ?2 WHERE name = ?1")
-            .bind(name)
-            .bind(phc)
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("UPDATE users SET password_hash = ?2 WHERE name = ?1")
+                .bind(name)
+                .bind(phc),
+            execute
+        )?;
         if done.rows_affected() == 0 {
             return Err(Self::unknown_user(name));
         }
@@ -1147,13 +1212,12 @@ impl Catalog {
 
     /// The argon2id PHC string of user `name`'s password, if one is set.
     pub async fn password_hash(&self, name: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT password_hash FROM users WHERE name = ?1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten(),
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_scalar("SELECT password_hash FROM users WHERE name = ?1").bind(name),
+            fetch_optional
+        )?
+        .flatten())
     }
 
     // --- tokens --------------------------------------------------------------------------------
@@ -1163,33 +1227,36 @@ impl Catalog {
     pub async fn ensure_bootstrap_token(&self, token_sha256: &str, prefix: &str) -> Result<u64> {
         let now = now_ms();
         let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO users (name, role, created_ms) VALUES ('admin', 'admin', ?1)
+        run_tx!(
+            &mut tx,
+            sqlx::query(
+                "INSERT INTO users (name, role, created_ms) VALUES ('admin', 'admin', ?1)
              ON CONFLICT (name) DO UPDATE SET role = 'admin'",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let revoked = sqlx::query(
-            "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'admin.token was replaced'
-             WHERE bootstrap = 1 AND revoked_ms IS NULL AND token_sha256 <> ?1",
-        )
-        .bind(token_sha256)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
+            )
+            .bind(now),
+            execute
+        )?;
+        let revoked = run_tx!(
+            &mut tx,
+            sqlx::query(
+                "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'admin.token was replaced'
+             WHERE bootstrap AND revoked_ms IS NULL AND token_sha256 <> ?1",
+            )
+            .bind(token_sha256)
+            .bind(now),
+            execute
+        )?
         .rows_affected();
-        sqlx::query(
+        run_tx!(
+&mut tx,
+sqlx::query(
             "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, bootstrap, created_ms)
-             SELECT id, name, 'admin.token', ?2, ?1, 1, ?3 FROM users WHERE name = 'admin'
+             SELECT id, name, 'admin.token', ?2, ?1, TRUE, ?3 FROM users WHERE name = 'admin'
              ON CONFLICT (token_sha256) DO UPDATE SET revoked_ms = NULL, revoked_reason = NULL,
-                bootstrap = 1, user_id = excluded.user_id, user_name = excluded.user_name",
-        )
-        .bind(token_sha256)
-        .bind(prefix)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+                bootstrap = TRUE, user_id = excluded.user_id, user_name = excluded.user_name",
+        ).bind(token_sha256).bind(prefix).bind(now),
+execute
+)?;
         tx.commit().await?;
         Ok(revoked)
     }
@@ -1210,18 +1277,14 @@ impl Catalog {
                 "a token label is at most 200 characters without control characters".into(),
             ));
         }
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<i64> = run!(
+&self.pool,
+sqlx::query_scalar(
             "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, created_ms, expires_ms)
              SELECT id, name, ?2, ?3, ?4, ?5, ?6 FROM users WHERE name = ?1 RETURNING id",
-        )
-        .bind(user)
-        .bind(label)
-        .bind(prefix)
-        .bind(token_sha256)
-        .bind(now_ms())
-        .bind(expires_ms)
-        .fetch_optional(&self.pool)
-        .await?;
+        ).bind(user).bind(label).bind(prefix).bind(token_sha256).bind(now_ms()).bind(expires_ms),
+fetch_optional
+)?;
         let id = id.ok_or_else(|| Self::unknown_user(user))?;
         self.token(id)
             .await?
@@ -1230,37 +1293,40 @@ impl Catalog {
 
     /// Tokens, newest first: all, or one user's.
     pub async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenInfo>> {
-        Ok(sqlx::query_as::<_, TokenInfo>(
-            "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, TokenInfo>(
+                "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
                     expires_ms, revoked_ms, revoked_reason
              FROM tokens WHERE ?1 IS NULL OR user_name = ?1 ORDER BY id DESC",
-        )
-        .bind(user)
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .bind(user),
+            fetch_all
+        )?)
     }
 
     pub async fn token(&self, id: i64) -> Result<Option<TokenInfo>> {
-        Ok(sqlx::query_as::<_, TokenInfo>(
-            "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, TokenInfo>(
+                "SELECT id, user_name AS user, label, prefix, bootstrap, created_ms, last_used_ms,
                     expires_ms, revoked_ms, revoked_reason
              FROM tokens WHERE id = ?1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+            )
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Revokes token `id`; `false` if it was already revoked.
     pub async fn revoke_token(&self, id: i64, reason: &str) -> Result<bool> {
-        let done = sqlx::query(
+        let done = run!(
+&self.pool,
+sqlx::query(
             "UPDATE tokens SET revoked_ms = ?2, revoked_reason = ?3 WHERE id = ?1 AND revoked_ms IS NULL",
-        )
-        .bind(id)
-        .bind(now_ms())
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
+        ).bind(id).bind(now_ms()).bind(reason),
+execute
+)?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1270,7 +1336,9 @@ impl Catalog {
         &self,
         token_sha256: &str,
     ) -> Result<std::result::Result<Principal, TokenRefusal>> {
-        let row: Option<AuthRow> = sqlx::query_as(
+        let row: Option<AuthRow> = run!(
+&self.pool,
+sqlx::query_as(
             "SELECT t.id, t.user_name, t.expires_ms, t.revoked_ms, t.revoked_reason, t.last_used_ms,
                     u.role,
                     (SELECT json_group_array(json_object('hostnames', json(g.hostnames),
@@ -1279,10 +1347,9 @@ impl Catalog {
                      WHERE ug.user_id = u.id) AS groups
              FROM tokens t LEFT JOIN users u ON u.id = t.user_id
              WHERE t.token_sha256 = ?1",
-        )
-        .bind(token_sha256)
-        .fetch_optional(&self.pool)
-        .await?;
+        ).bind(token_sha256),
+fetch_optional
+)?;
         let Some(row) = row else {
             return Ok(Err(TokenRefusal::Unknown));
         };
@@ -1304,11 +1371,13 @@ impl Catalog {
             return Ok(Err(TokenRefusal::Expired { when }));
         }
         if row.last_used_ms.is_none_or(|t| now - t > 60_000) {
-            sqlx::query("UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1")
-                .bind(row.id)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
+            run!(
+                &self.pool,
+                sqlx::query("UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1")
+                    .bind(row.id)
+                    .bind(now),
+                execute
+            )?;
         }
         Ok(Ok(Principal {
             token_id: row.id,
@@ -1325,18 +1394,20 @@ impl Catalog {
         access::validate_name("group", name)?;
         rules.validate()?;
         let json = |v: &Vec<String>| serde_json::to_string(v).expect("strings serialize");
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO computer_groups (name, hostnames, cidrs, labels, members, created_ms)
+        let inserted: Option<i64> = run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "INSERT INTO computer_groups (name, hostnames, cidrs, labels, members, created_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING RETURNING id",
-        )
-        .bind(name)
-        .bind(json(&rules.hostnames))
-        .bind(json(&rules.cidrs))
-        .bind(json(&rules.labels))
-        .bind(json(&rules.members))
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
+            )
+            .bind(name)
+            .bind(json(&rules.hostnames))
+            .bind(json(&rules.cidrs))
+            .bind(json(&rules.labels))
+            .bind(json(&rules.members))
+            .bind(now_ms()),
+            fetch_optional
+        )?;
         if inserted.is_none() {
             return Err(CatalogError::Conflict(format!(
                 "group {name} exists; remove it first to redefine it"
@@ -1349,27 +1420,30 @@ impl Catalog {
 
     /// Every group by name, with the users granted it.
     pub async fn groups(&self) -> Result<Vec<Group>> {
-        let rows: Vec<GroupRow> = sqlx::query_as(GROUP_SELECT)
-            .bind(Option::<&str>::None)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<GroupRow> = run!(
+            &self.pool,
+            sqlx::query_as(GROUP_SELECT).bind(Option::<&str>::None),
+            fetch_all
+        )?;
         rows.into_iter().map(GroupRow::into_group).collect()
     }
 
     pub async fn group(&self, name: &str) -> Result<Option<Group>> {
-        let row: Option<GroupRow> = sqlx::query_as(GROUP_SELECT)
-            .bind(Some(name))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<GroupRow> = run!(
+            &self.pool,
+            sqlx::query_as(GROUP_SELECT).bind(Some(name)),
+            fetch_optional
+        )?;
         row.map(GroupRow::into_group).transpose()
     }
 
     /// Removes a group and every grant of it.
     pub async fn remove_group(&self, name: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM computer_groups WHERE name = ?1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("DELETE FROM computer_groups WHERE name = ?1").bind(name),
+            execute
+        )?;
         if done.rows_affected() == 0 {
             return Err(CatalogError::NotFound(format!(
                 "no group named {:?}; `snapq groups list` shows them",
@@ -1394,14 +1468,16 @@ impl Catalog {
 
     /// Remembers which endpoint a job belongs to, for scoping.
     pub async fn set_job_target(&self, job_id: &str, hostname: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO job_targets (job_id, hostname) VALUES (?1, ?2)
+        run!(
+            &self.pool,
+            sqlx::query(
+                "INSERT INTO job_targets (job_id, hostname) VALUES (?1, ?2)
              ON CONFLICT (job_id) DO UPDATE SET hostname = excluded.hostname",
-        )
-        .bind(job_id)
-        .bind(hostname)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(job_id)
+            .bind(hostname),
+            execute
+        )?;
         Ok(())
     }
 
@@ -1411,12 +1487,13 @@ impl Catalog {
         job_ids: &[&str],
     ) -> Result<std::collections::HashMap<String, String>> {
         let ids = serde_json::to_string(job_ids).expect("strings serialize");
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String)> = run!(
+&self.pool,
+sqlx::query_as(
             "SELECT job_id, hostname FROM job_targets WHERE job_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        ).bind(ids),
+fetch_all
+)?;
         Ok(rows.into_iter().collect())
     }
 
@@ -1433,8 +1510,10 @@ impl Catalog {
         attempt: &ConnectionAttempt,
     ) -> Result<i64> {
         let now = now_ms();
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO connections (endpoint_id, target, address, status, reason, since_ms,
+        let id: i64 = run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "INSERT INTO connections (endpoint_id, target, address, status, reason, since_ms,
                 last_activity_ms, created_ms, created_by, db_bytes, events, oldest_ts, newest_ts)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (target) DO UPDATE SET endpoint_id = excluded.endpoint_id,
@@ -1446,47 +1525,47 @@ impl Catalog {
                 oldest_ts = coalesce(excluded.oldest_ts, oldest_ts),
                 newest_ts = coalesce(excluded.newest_ts, newest_ts)
              RETURNING id",
-        )
-        .bind(endpoint_id)
-        .bind(target)
-        .bind(&attempt.address)
-        .bind(&attempt.status)
-        .bind(&attempt.reason)
-        .bind(now)
-        .bind(created_by)
-        .bind(attempt.db_bytes)
-        .bind(attempt.events)
-        .bind(attempt.oldest_ts)
-        .bind(attempt.newest_ts)
-        .fetch_one(&self.pool)
-        .await?;
+            )
+            .bind(endpoint_id)
+            .bind(target)
+            .bind(&attempt.address)
+            .bind(&attempt.status)
+            .bind(&attempt.reason)
+            .bind(now)
+            .bind(created_by)
+            .bind(attempt.db_bytes)
+            .bind(attempt.events)
+            .bind(attempt.oldest_ts)
+            .bind(attempt.newest_ts),
+            fetch_one
+        )?;
         Ok(id)
     }
 
     /// Connection `id` with its endpoint's facts (closed ones too).
     pub async fn connection(&self, id: i64) -> Result<Option<ConnectionRow>> {
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query_as::<_, ConnectionRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {CONNECTION_COLUMNS} FROM connections c JOIN endpoints e ON e.id = c.endpoint_id
              WHERE c.id = ?1"
         )))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?,
-        )
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Connections not closed, or only those with `status`, oldest first.
     pub async fn connections(&self, status: Option<&str>) -> Result<Vec<ConnectionRow>> {
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query_as::<_, ConnectionRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {CONNECTION_COLUMNS} FROM connections c JOIN endpoints e ON e.id = c.endpoint_id
              WHERE (?1 IS NULL AND c.status <> 'closed') OR c.status = ?1 ORDER BY c.id"
         )))
-            .bind(status)
-            .fetch_all(&self.pool)
-            .await?,
-        )
+            .bind(status),
+            fetch_all
+        )?)
     }
 
     /// Sets a connection's status (and since when, if it changed) and reason.
@@ -1496,44 +1575,49 @@ impl Catalog {
         status: &str,
         reason: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE connections SET since_ms = CASE WHEN status = ?2 THEN since_ms ELSE ?4 END,
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE connections SET since_ms = CASE WHEN status = ?2 THEN since_ms ELSE ?4 END,
                 status = ?2, reason = ?3 WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(status)
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(id)
+            .bind(status)
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
     /// Records use of an active connection now. False when it is no longer active (a query that
     /// raced a time-out or a close).
     pub async fn touch_connection(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query(
+        let done =
+            run!(
+&self.pool,
+sqlx::query(
             "UPDATE connections SET last_activity_ms = ?2 WHERE id = ?1 AND status = 'active'",
-        )
-        .bind(id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        ).bind(id).bind(now_ms()),
+execute
+)?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Times out the active connections unused for `idle_ms`; returns how many.
     pub async fn time_out_connections(&self, idle_ms: i64, reason: &str) -> Result<u64> {
         let now = now_ms();
-        let done = sqlx::query(
-            "UPDATE connections SET status = 'timed_out', reason = ?3, since_ms = ?1
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE connections SET status = 'timed_out', reason = ?3, since_ms = ?1
              WHERE status = 'active' AND last_activity_ms < ?1 - ?2",
-        )
-        .bind(now)
-        .bind(idle_ms)
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(now)
+            .bind(idle_ms)
+            .bind(reason),
+            execute
+        )?;
         Ok(done.rows_affected())
     }
 
@@ -1551,63 +1635,60 @@ impl Catalog {
         result: &str,
         detail: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "INSERT INTO audit (ts_ms, actor, action, target, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(now_ms())
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(result)
-        .bind(detail)
-        .execute(&self.pool)
-        .await?;
+        ).bind(now_ms()).bind(actor).bind(action).bind(target).bind(result).bind(detail),
+execute
+)?;
         Ok(())
     }
 
     /// Audit entries, newest first. `action` matches exactly or as a prefix before a dot
     /// (`user` finds `user.add` and `user.remove`).
     pub async fn audit_list(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        Ok(sqlx::query_as::<_, AuditEntry>(
-            "SELECT id, ts_ms, actor, action, target, result, detail FROM audit
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, AuditEntry>(
+                "SELECT id, ts_ms, actor, action, target, result, detail FROM audit
              WHERE (?1 IS NULL OR ts_ms >= ?1) AND (?5 IS NULL OR ts_ms < ?5)
                AND (?2 IS NULL OR actor = ?2)
                AND (?3 IS NULL OR action = ?3 OR substr(action, 1, length(?3) + 1) = ?3 || '.')
              ORDER BY ts_ms DESC, id DESC LIMIT ?4",
-        )
-        .bind(filter.since_ms)
-        .bind(&filter.actor)
-        .bind(&filter.action)
-        .bind(i64::from(filter.limit.clamp(1, 10_000)))
-        .bind(filter.until_ms)
-        .fetch_all(&self.pool)
-        .await?)
+            )
+            .bind(filter.since_ms)
+            .bind(&filter.actor)
+            .bind(&filter.action)
+            .bind(i64::from(filter.limit.clamp(1, 10_000)))
+            .bind(filter.until_ms),
+            fetch_all
+        )?)
     }
 }
 
 /// Grants a group inside a transaction.
-async fn grant_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    user_id: i64,
-    group: &str,
-) -> Result<()> {
-    let group_id: i64 = sqlx::query_scalar("SELECT id FROM computer_groups WHERE name = ?1")
-        .bind(group)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| {
-            CatalogError::NotFound(format!(
-                "no group named {:?}; `snapq groups add` makes one",
-                group.chars().take(64).collect::<String>()
-            ))
-        })?;
-    sqlx::query(
-        "INSERT INTO user_groups (user_id, group_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(group_id)
-    .execute(&mut **tx)
-    .await?;
+async fn grant_in(tx: &mut Tx, user_id: i64, group: &str) -> Result<()> {
+    let group_id: i64 = run_tx!(
+        tx,
+        sqlx::query_scalar("SELECT id FROM computer_groups WHERE name = ?1").bind(group),
+        fetch_optional
+    )?
+    .ok_or_else(|| {
+        CatalogError::NotFound(format!(
+            "no group named {:?}; `snapq groups add` makes one",
+            group.chars().take(64).collect::<String>()
+        ))
+    })?;
+    run_tx!(
+        tx,
+        sqlx::query(
+            "INSERT INTO user_groups (user_id, group_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(group_id),
+        execute
+    )?;
     Ok(())
 }
 

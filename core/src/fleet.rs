@@ -13,6 +13,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
+use crate::catalog::db::{run, run_tx};
 use crate::catalog::{Catalog, Origin, Result, now_ms};
 
 /// A batch's life: `running` (or `paused`) until it ends `complete`, `complete_with_failures`,
@@ -168,56 +169,52 @@ impl Catalog {
         };
         let now = now_ms();
         let finished = state::is_finished(state).then_some(now);
-        Ok(sqlx::query_scalar(
+        Ok(run!(
+&self.pool,
+sqlx::query_scalar(
             "INSERT INTO batches (group_name, schedule_id, schedule_name, tick_ms, state, reason,
                  max_concurrency, expire_at_ms, failure_limit, requested_by, created_ms, finished_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (schedule_id, tick_ms) DO NOTHING RETURNING id",
-        )
-        .bind(&new.group_name)
-        .bind(schedule_id)
-        .bind(schedule_name)
-        .bind(tick_ms)
-        .bind(state)
-        .bind(reason)
-        .bind(new.max_concurrency as i64)
-        .bind(new.expire_at_ms)
-        .bind(&new.failure_limit)
-        .bind(&new.requested_by)
-        .bind(now)
-        .bind(finished)
-        .fetch_optional(self.pool())
-        .await?)
+        ).bind(&new.group_name).bind(schedule_id).bind(schedule_name).bind(tick_ms).bind(state).bind(reason).bind(new.max_concurrency as i64).bind(new.expire_at_ms).bind(&new.failure_limit).bind(&new.requested_by).bind(now).bind(finished),
+fetch_optional
+)?)
     }
 
     pub async fn set_batch_job(&self, id: i64, job_id: &str) -> Result<()> {
-        sqlx::query("UPDATE batches SET job_id = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(job_id)
-            .execute(self.pool())
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE batches SET job_id = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(job_id),
+            execute
+        )?;
         Ok(())
     }
 
     pub async fn batch(&self, id: i64) -> Result<Option<Batch>> {
-        Ok(sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+                "SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?1"
+            )))
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Batches, newest first; only unfinished ones with `active`.
     pub async fn batches(&self, active: bool, limit: u32) -> Result<Vec<Batch>> {
-        Ok(sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+                "SELECT {BATCH_COLUMNS} FROM batches
              WHERE NOT ?1 OR state IN ('running', 'paused') ORDER BY id DESC LIMIT ?2"
-        )))
-        .bind(active)
-        .bind(limit as i64)
-        .fetch_all(self.pool())
-        .await?)
+            )))
+            .bind(active)
+            .bind(limit as i64),
+            fetch_all
+        )?)
     }
 
     /// The newest batch of a schedule, and its newest unfinished one.
@@ -225,51 +222,58 @@ impl Catalog {
         &self,
         schedule_id: i64,
     ) -> Result<(Option<Batch>, Option<Batch>)> {
-        let last = sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+        let last = run!(
+&self.pool,
+sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1 ORDER BY id DESC LIMIT 1"
-        )))
-        .bind(schedule_id)
-        .fetch_optional(self.pool())
-        .await?;
-        let running = sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1
+        ))).bind(schedule_id),
+fetch_optional
+)?;
+        let running = run!(
+            &self.pool,
+            sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+                "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1
              AND state IN ('running', 'paused') ORDER BY id DESC LIMIT 1"
-        )))
-        .bind(schedule_id)
-        .fetch_optional(self.pool())
-        .await?;
+            )))
+            .bind(schedule_id),
+            fetch_optional
+        )?;
         Ok((last, running))
     }
 
     /// A schedule's batches, newest first.
     pub async fn batches_of_schedule(&self, schedule_id: i64, limit: u32) -> Result<Vec<Batch>> {
-        Ok(sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1 ORDER BY id DESC LIMIT ?2"
-        )))
-        .bind(schedule_id)
-        .bind(limit as i64)
-        .fetch_all(self.pool())
-        .await?)
+        ))).bind(schedule_id).bind(limit as i64),
+fetch_all
+)?)
     }
 
     pub async fn batch_items(&self, batch_id: i64) -> Result<Vec<BatchItem>> {
-        Ok(sqlx::query_as::<_, BatchItem>(
-            "SELECT batch_id, endpoint_id, hostname, state, snapshot_id, job_id, error, bytes
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, BatchItem>(
+                "SELECT batch_id, endpoint_id, hostname, state, snapshot_id, job_id, error, bytes
              FROM batch_items WHERE batch_id = ?1 ORDER BY hostname",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     pub async fn batch_totals(&self, batch_id: i64) -> Result<BatchTotals> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT state, COUNT(*), COALESCE(SUM(bytes), 0) FROM batch_items
+        let rows: Vec<(String, i64, i64)> = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT state, COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM batch_items
              WHERE batch_id = ?1 GROUP BY state",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?;
+            )
+            .bind(batch_id),
+            fetch_all
+        )?;
         let mut t = BatchTotals::default();
         for (state, n, bytes) in rows {
             let n = n.max(0) as u64;
@@ -289,102 +293,114 @@ impl Catalog {
     /// Fixes the batch's endpoints (once: a second call after a crash changes nothing).
     pub async fn resolve_batch(&self, batch_id: i64, endpoints: &[(i64, String)]) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let resolved: bool = sqlx::query_scalar("SELECT resolved FROM batches WHERE id = ?1")
-            .bind(batch_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let resolved: bool = run_tx!(
+            &mut tx,
+            sqlx::query_scalar("SELECT resolved FROM batches WHERE id = ?1").bind(batch_id),
+            fetch_one
+        )?;
         if resolved {
             return Ok(());
         }
         for (id, hostname) in endpoints {
-            sqlx::query(
-                "INSERT OR IGNORE INTO batch_items (batch_id, endpoint_id, hostname, state)
+            run_tx!(
+                &mut tx,
+                sqlx::query(
+                    "INSERT OR IGNORE INTO batch_items (batch_id, endpoint_id, hostname, state)
                  VALUES (?1, ?2, ?3, 'queued')",
-            )
-            .bind(batch_id)
-            .bind(id)
-            .bind(hostname)
-            .execute(&mut *tx)
-            .await?;
+                )
+                .bind(batch_id)
+                .bind(id)
+                .bind(hostname),
+                execute
+            )?;
         }
-        sqlx::query("UPDATE batches SET resolved = 1 WHERE id = ?1")
-            .bind(batch_id)
-            .execute(&mut *tx)
-            .await?;
+        run_tx!(
+            &mut tx,
+            sqlx::query("UPDATE batches SET resolved = TRUE WHERE id = ?1").bind(batch_id),
+            execute
+        )?;
         tx.commit().await?;
         Ok(())
     }
 
     /// The batch's queued items with their endpoint's liveness now, by hostname.
     pub async fn queued_items(&self, batch_id: i64) -> Result<Vec<QueuedItem>> {
-        Ok(sqlx::query_as::<_, QueuedItem>(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, QueuedItem>(
             "SELECT i.endpoint_id, i.hostname, e.last_seen_ms, e.api_url, e.id IS NOT NULL AS known,
                     i.error
              FROM batch_items i LEFT JOIN endpoints e ON e.id = i.endpoint_id
              WHERE i.batch_id = ?1 AND i.state = 'queued' ORDER BY i.hostname",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+        ).bind(batch_id),
+fetch_all
+)?)
     }
 
     /// Running items whose snapshot finished (complete or failed).
     pub async fn settled_items(&self, batch_id: i64) -> Result<Vec<SettledItem>> {
-        Ok(sqlx::query_as::<_, SettledItem>(
+        Ok(run!(
+&self.pool,
+sqlx::query_as::<_, SettledItem>(
             "SELECT i.endpoint_id, s.state AS snapshot_state, s.size, s.error, e.last_seen_ms, e.api_url
              FROM batch_items i JOIN snapshots s ON s.id = i.snapshot_id
              LEFT JOIN endpoints e ON e.id = i.endpoint_id
              WHERE i.batch_id = ?1 AND i.state = 'running' AND s.state IN ('complete', 'failed')",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+        ).bind(batch_id),
+fetch_all
+)?)
     }
 
     /// Running items whose snapshot row is gone (deleted while captured).
     pub async fn orphaned_items(&self, batch_id: i64) -> Result<Vec<i64>> {
-        Ok(sqlx::query_scalar(
+        Ok(run!(
+&self.pool,
+sqlx::query_scalar(
             "SELECT i.endpoint_id FROM batch_items i LEFT JOIN snapshots s ON s.id = i.snapshot_id
              WHERE i.batch_id = ?1 AND i.state = 'running' AND s.id IS NULL",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+        ).bind(batch_id),
+fetch_all
+)?)
     }
 
     /// Running items without their capture job id yet (a crash between dispatch and enqueue):
     /// (endpoint id, hostname, snapshot id).
     pub async fn items_without_job(&self, batch_id: i64) -> Result<Vec<(i64, String, i64)>> {
-        Ok(sqlx::query_as(
+        Ok(run!(
+&self.pool,
+sqlx::query_as(
             "SELECT endpoint_id, hostname, snapshot_id FROM batch_items
              WHERE batch_id = ?1 AND state = 'running' AND job_id IS NULL AND snapshot_id IS NOT NULL",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+        ).bind(batch_id),
+fetch_all
+)?)
     }
 
     /// Running items' capture jobs.
     pub async fn running_item_jobs(&self, batch_id: i64) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT job_id FROM batch_items WHERE batch_id = ?1 AND state = 'running'
+        Ok(run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "SELECT job_id FROM batch_items WHERE batch_id = ?1 AND state = 'running'
              AND job_id IS NOT NULL",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Every job of a batch: its fleet job and its items' capture jobs.
     pub async fn batch_job_ids(&self, batch_id: i64) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT job_id FROM batches WHERE id = ?1 AND job_id IS NOT NULL
+        Ok(run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "SELECT job_id FROM batches WHERE id = ?1 AND job_id IS NOT NULL
              UNION ALL
              SELECT job_id FROM batch_items WHERE batch_id = ?1 AND job_id IS NOT NULL",
-        )
-        .bind(batch_id)
-        .fetch_all(self.pool())
-        .await?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Creates the item's snapshot row and marks it running, in one transaction: the snapshot
@@ -396,46 +412,54 @@ impl Catalog {
         requested_by: &str,
     ) -> Result<Option<i64>> {
         let mut tx = self.write_tx().await?;
-        let queued: Option<String> = sqlx::query_scalar(
+        let queued: Option<String> = run_tx!(
+&mut tx,
+sqlx::query_scalar(
             "SELECT state FROM batch_items WHERE batch_id = ?1 AND endpoint_id = ?2 AND state = 'queued'",
-        )
-        .bind(batch_id)
-        .bind(endpoint_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        ).bind(batch_id).bind(endpoint_id),
+fetch_optional
+)?;
         if queued.is_none() {
             return Ok(None);
         }
-        let snapshot_id: i64 = sqlx::query_scalar(
-            "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
+        let snapshot_id: i64 = run_tx!(
+            &mut tx,
+            sqlx::query_scalar(
+                "INSERT INTO snapshots (endpoint_id, state, origin, requested_by, created_ms)
              VALUES (?1, 'queued', ?2, ?3, ?4) RETURNING id",
-        )
-        .bind(endpoint_id)
-        .bind(Origin::Capture.as_str())
-        .bind(requested_by)
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE batch_items SET state = 'running', snapshot_id = ?3
+            )
+            .bind(endpoint_id)
+            .bind(Origin::Capture.as_str())
+            .bind(requested_by)
+            .bind(now_ms()),
+            fetch_one
+        )?;
+        run_tx!(
+            &mut tx,
+            sqlx::query(
+                "UPDATE batch_items SET state = 'running', snapshot_id = ?3
              WHERE batch_id = ?1 AND endpoint_id = ?2",
-        )
-        .bind(batch_id)
-        .bind(endpoint_id)
-        .bind(snapshot_id)
-        .execute(&mut *tx)
-        .await?;
+            )
+            .bind(batch_id)
+            .bind(endpoint_id)
+            .bind(snapshot_id),
+            execute
+        )?;
         tx.commit().await?;
         Ok(Some(snapshot_id))
     }
 
     pub async fn set_item_job(&self, batch_id: i64, endpoint_id: i64, job_id: &str) -> Result<()> {
-        sqlx::query("UPDATE batch_items SET job_id = ?3 WHERE batch_id = ?1 AND endpoint_id = ?2")
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE batch_items SET job_id = ?3 WHERE batch_id = ?1 AND endpoint_id = ?2"
+            )
             .bind(batch_id)
             .bind(endpoint_id)
-            .bind(job_id)
-            .execute(self.pool())
-            .await?;
+            .bind(job_id),
+            execute
+        )?;
         Ok(())
     }
 
@@ -448,45 +472,48 @@ impl Catalog {
         error: Option<&str>,
         bytes: Option<i64>,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE batch_items SET state = ?3, error = ?4, bytes = ?5
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE batch_items SET state = ?3, error = ?4, bytes = ?5
              WHERE batch_id = ?1 AND endpoint_id = ?2 AND state IN ('queued', 'running')",
-        )
-        .bind(batch_id)
-        .bind(endpoint_id)
-        .bind(state)
-        .bind(error)
-        .bind(bytes)
-        .execute(self.pool())
-        .await?;
+            )
+            .bind(batch_id)
+            .bind(endpoint_id)
+            .bind(state)
+            .bind(error)
+            .bind(bytes),
+            execute
+        )?;
         Ok(())
     }
 
     /// Puts a running item whose capture failed back to queued (its endpoint went offline): it
     /// waits for the endpoint like any queued one, and `note` says what happened meanwhile.
     pub async fn requeue_item(&self, batch_id: i64, endpoint_id: i64, note: &str) -> Result<()> {
-        sqlx::query(
+        run!(
+&self.pool,
+sqlx::query(
             "UPDATE batch_items SET state = 'queued', snapshot_id = NULL, job_id = NULL, error = ?3
              WHERE batch_id = ?1 AND endpoint_id = ?2 AND state = 'running'",
-        )
-        .bind(batch_id)
-        .bind(endpoint_id)
-        .bind(note)
-        .execute(self.pool())
-        .await?;
+        ).bind(batch_id).bind(endpoint_id).bind(note),
+execute
+)?;
         Ok(())
     }
 
     /// Skips every queued item of the batch with `reason`; how many.
     pub async fn skip_queued_items(&self, batch_id: i64, reason: &str) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE batch_items SET state = 'skipped', error = ?2
+        Ok(run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE batch_items SET state = 'skipped', error = ?2
              WHERE batch_id = ?1 AND state = 'queued'",
-        )
-        .bind(batch_id)
-        .bind(reason)
-        .execute(self.pool())
-        .await?
+            )
+            .bind(batch_id)
+            .bind(reason),
+            execute
+        )?
         .rows_affected())
     }
 
@@ -500,58 +527,59 @@ impl Catalog {
     ) -> Result<bool> {
         let from = serde_json::to_string(from).expect("strings serialize");
         let finished = state::is_finished(to).then(now_ms);
-        Ok(sqlx::query(
+        Ok(run!(
+&self.pool,
+sqlx::query(
             "UPDATE batches SET state = ?3, reason = ?4, finished_ms = COALESCE(?5, finished_ms)
              WHERE id = ?1 AND state IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(id)
-        .bind(from)
-        .bind(to)
-        .bind(reason)
-        .bind(finished)
-        .execute(self.pool())
-        .await?
+        ).bind(id).bind(from).bind(to).bind(reason).bind(finished),
+execute
+)?
         .rows_affected()
             == 1)
     }
 
     /// Resumes a paused batch: the failure limit counts the failures from now on.
     pub async fn resume_batch(&self, id: i64) -> Result<bool> {
-        Ok(sqlx::query(
+        Ok(run!(
+&self.pool,
+sqlx::query(
             "UPDATE batches SET state = 'running', reason = NULL,
                  failure_base = (SELECT COUNT(*) FROM batch_items WHERE batch_id = ?1 AND state = 'failed')
              WHERE id = ?1 AND state = 'paused'",
-        )
-        .bind(id)
-        .execute(self.pool())
-        .await?
+        ).bind(id),
+execute
+)?
         .rows_affected()
             == 1)
     }
 
     /// Records the end state decided while captures still run (`cancelled`, `expired`).
     pub async fn set_batch_stop(&self, id: i64, stop_state: &str, reason: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE batches SET stop_state = COALESCE(stop_state, ?2),
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE batches SET stop_state = COALESCE(stop_state, ?2),
                  reason = CASE WHEN stop_state IS NULL THEN ?3 ELSE reason END
              WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(stop_state)
-        .bind(reason)
-        .execute(self.pool())
-        .await?;
+            )
+            .bind(id)
+            .bind(stop_state)
+            .bind(reason),
+            execute
+        )?;
         Ok(())
     }
 
     /// A user asked to cancel a batch; false when it already ended.
     pub async fn request_batch_cancel(&self, id: i64) -> Result<bool> {
-        Ok(sqlx::query(
-            "UPDATE batches SET cancel_requested = 1 WHERE id = ?1 AND state IN ('running', 'paused')",
-        )
-        .bind(id)
-        .execute(self.pool())
-        .await?
+        Ok(run!(
+&self.pool,
+sqlx::query(
+            "UPDATE batches SET cancel_requested = TRUE WHERE id = ?1 AND state IN ('running', 'paused')",
+        ).bind(id),
+execute
+)?
         .rows_affected()
             == 1)
     }
@@ -559,25 +587,27 @@ impl Catalog {
     // --- schedules -----------------------------------------------------------------------------
 
     pub async fn add_schedule(&self, s: &Schedule) -> Result<Option<Schedule>> {
-        let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO schedules (name, cron, tz, group_name, max_concurrency, expire_secs,
+        let id: Option<i64> = run!(
+            &self.pool,
+            sqlx::query_scalar(
+                "INSERT INTO schedules (name, cron, tz, group_name, max_concurrency, expire_secs,
                  failure_limit, keep_last, keep_days, paused, created_by, created_ms, last_tick_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11, ?11)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, FALSE, ?10, ?11, ?11)
              ON CONFLICT (name) DO NOTHING RETURNING id",
-        )
-        .bind(&s.name)
-        .bind(&s.cron)
-        .bind(&s.tz)
-        .bind(&s.group_name)
-        .bind(s.max_concurrency)
-        .bind(s.expire_secs)
-        .bind(&s.failure_limit)
-        .bind(s.keep_last)
-        .bind(s.keep_days)
-        .bind(&s.created_by)
-        .bind(now_ms())
-        .fetch_optional(self.pool())
-        .await?;
+            )
+            .bind(&s.name)
+            .bind(&s.cron)
+            .bind(&s.tz)
+            .bind(&s.group_name)
+            .bind(s.max_concurrency)
+            .bind(s.expire_secs)
+            .bind(&s.failure_limit)
+            .bind(s.keep_last)
+            .bind(s.keep_days)
+            .bind(&s.created_by)
+            .bind(now_ms()),
+            fetch_optional
+        )?;
         match id {
             Some(_) => self.schedule(&s.name).await,
             None => Ok(None),
@@ -585,61 +615,61 @@ impl Catalog {
     }
 
     pub async fn schedules(&self) -> Result<Vec<Schedule>> {
-        Ok(
-            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules ORDER BY name")
-                .fetch_all(self.pool())
-                .await?,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules ORDER BY name"),
+            fetch_all
+        )?)
     }
 
     pub async fn schedule(&self, name: &str) -> Result<Option<Schedule>> {
-        Ok(
-            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules WHERE name = ?1")
-                .bind(name)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules WHERE name = ?1").bind(name),
+            fetch_optional
+        )?)
     }
 
     pub async fn schedule_by_id(&self, id: i64) -> Result<Option<Schedule>> {
-        Ok(
-            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules WHERE id = ?1")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Schedule>("SELECT * FROM schedules WHERE id = ?1").bind(id),
+            fetch_optional
+        )?)
     }
 
     pub async fn remove_schedule(&self, name: &str) -> Result<bool> {
-        Ok(sqlx::query("DELETE FROM schedules WHERE name = ?1")
-            .bind(name)
-            .execute(self.pool())
-            .await?
-            .rows_affected()
+        Ok(run!(
+            &self.pool,
+            sqlx::query("DELETE FROM schedules WHERE name = ?1").bind(name),
+            execute
+        )?
+        .rows_affected()
             == 1)
     }
 
     pub async fn set_schedule_paused(&self, name: &str, paused: bool) -> Result<bool> {
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query("UPDATE schedules SET paused = ?2 WHERE name = ?1")
                 .bind(name)
-                .bind(paused)
-                .execute(self.pool())
-                .await?
-                .rows_affected()
-                == 1,
-        )
+                .bind(paused),
+            execute
+        )?
+        .rows_affected()
+            == 1)
     }
 
     /// Marks ticks up to `tick_ms` handled (never moves back).
     pub async fn set_schedule_tick(&self, id: i64, tick_ms: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE schedules SET last_tick_ms = MAX(COALESCE(last_tick_ms, 0), ?2) WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(tick_ms)
-        .execute(self.pool())
-        .await?;
+        run!(
+&self.pool,
+sqlx::query(
+            "UPDATE schedules SET last_tick_ms = CASE WHEN last_tick_ms > ?2 THEN last_tick_ms ELSE ?2 END
+             WHERE id = ?1",
+        ).bind(id).bind(tick_ms),
+execute
+)?;
         Ok(())
     }
 
@@ -647,38 +677,39 @@ impl Catalog {
 
     /// Marks a snapshot never to be pruned; false if it already was.
     pub async fn keep_snapshot(&self, id: i64, by: &str) -> Result<bool> {
-        Ok(sqlx::query(
-            "INSERT INTO snapshot_keep (snapshot_id, kept_by, kept_ms) VALUES (?1, ?2, ?3)
+        Ok(run!(
+            &self.pool,
+            sqlx::query(
+                "INSERT INTO snapshot_keep (snapshot_id, kept_by, kept_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT (snapshot_id) DO NOTHING",
-        )
-        .bind(id)
-        .bind(by)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?
+            )
+            .bind(id)
+            .bind(by)
+            .bind(now_ms()),
+            execute
+        )?
         .rows_affected()
             == 1)
     }
 
     pub async fn unkeep_snapshot(&self, id: i64) -> Result<bool> {
-        Ok(
-            sqlx::query("DELETE FROM snapshot_keep WHERE snapshot_id = ?1")
-                .bind(id)
-                .execute(self.pool())
-                .await?
-                .rows_affected()
-                == 1,
-        )
+        Ok(run!(
+            &self.pool,
+            sqlx::query("DELETE FROM snapshot_keep WHERE snapshot_id = ?1").bind(id),
+            execute
+        )?
+        .rows_affected()
+            == 1)
     }
 
     /// Who marked a snapshot to keep and when (ms), if it is kept.
     pub async fn keep_mark(&self, id: i64) -> Result<Option<(String, i64)>> {
-        Ok(
+        Ok(run!(
+            &self.pool,
             sqlx::query_as("SELECT kept_by, kept_ms FROM snapshot_keep WHERE snapshot_id = ?1")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
-        )
+                .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// The keep marks of these snapshots (those kept): snapshot id → (who, when in ms). One
@@ -688,13 +719,15 @@ impl Catalog {
         ids: &[i64],
     ) -> Result<std::collections::HashMap<i64, (String, i64)>> {
         let ids = serde_json::to_string(ids).expect("ids serialize");
-        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT snapshot_id, kept_by, kept_ms FROM snapshot_keep
-             WHERE snapshot_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(ids)
-        .fetch_all(self.pool())
-        .await?;
+        let rows: Vec<(i64, String, i64)> = run!(
+            &self.pool,
+            sqlx::query_as(
+                "SELECT snapshot_id, kept_by, kept_ms FROM snapshot_keep
+             WHERE snapshot_id IN (SELECT CAST(value AS BIGINT) FROM json_each(?1))",
+            )
+            .bind(ids),
+            fetch_all
+        )?;
         Ok(rows
             .into_iter()
             .map(|(id, by, ms)| (id, (by, ms)))
@@ -711,20 +744,19 @@ impl Catalog {
         older_than_ms: Option<i64>,
     ) -> Result<Vec<(i64, String)>> {
         let hosts = serde_json::to_string(hostnames).expect("strings serialize");
-        Ok(sqlx::query_as(
+        Ok(run!(
+&self.pool,
+sqlx::query_as(
             "SELECT id, hostname FROM (
                  SELECT s.id, e.hostname, s.created_ms,
                         ROW_NUMBER() OVER (PARTITION BY s.endpoint_id ORDER BY s.created_ms DESC, s.id DESC) AS rn
                  FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
                  WHERE s.state = 'complete' AND e.hostname IN (SELECT value FROM json_each(?1))
-                   AND s.id NOT IN (SELECT snapshot_id FROM snapshot_keep))
+                   AND s.id NOT IN (SELECT snapshot_id FROM snapshot_keep)) AS ranked
              WHERE (?2 IS NOT NULL AND rn > ?2) OR (?3 IS NOT NULL AND created_ms < ?3)
              ORDER BY id",
-        )
-        .bind(hosts)
-        .bind(keep_last)
-        .bind(older_than_ms)
-        .fetch_all(self.pool())
-        .await?)
+        ).bind(hosts).bind(keep_last).bind(older_than_ms),
+fetch_all
+)?)
     }
 }

@@ -146,7 +146,9 @@ fn start_cluster() -> Result<String, String> {
     )?;
     STOP.set((pg_ctl, data, as_root)).ok();
     unsafe { libc::atexit(stop_cluster) };
-    Ok(format!("postgres://postgres@localhost/postgres?host={root_s}"))
+    Ok(format!(
+        "postgres://postgres@localhost/postgres?host={root_s}"
+    ))
 }
 
 static STOP: OnceLock<(PathBuf, PathBuf, bool)> = OnceLock::new();

@@ -5,6 +5,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
+use super::db::{run, run_tx};
 use super::{Catalog, Result, now_ms};
 
 /// One saved event.
@@ -52,24 +53,15 @@ impl Catalog {
         let now = now_ms();
         let mut ids = Vec::with_capacity(items.len());
         for item in items {
-            let id: i64 = sqlx::query_scalar(
+            let id: i64 = run_tx!(
+&mut tx,
+sqlx::query_scalar(
                 "INSERT INTO evidence (hostname, event_type, event_id, event_ts, event, source_kind,
                      source_id, connection_id, saved_by, saved_ms, note)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
-            )
-            .bind(&item.hostname)
-            .bind(&item.event_type)
-            .bind(item.event_id)
-            .bind(item.event_ts)
-            .bind(item.event.to_string())
-            .bind(&item.source_kind)
-            .bind(&item.source_id)
-            .bind(&item.connection_id)
-            .bind(saved_by)
-            .bind(now)
-            .bind(&item.note)
-            .fetch_one(&mut *tx)
-            .await?;
+            ).bind(&item.hostname).bind(&item.event_type).bind(item.event_id).bind(item.event_ts).bind(item.event.to_string()).bind(&item.source_kind).bind(&item.source_id).bind(&item.connection_id).bind(saved_by).bind(now).bind(&item.note),
+fetch_one
+)?;
             ids.push(id);
         }
         tx.commit().await?;
@@ -78,13 +70,15 @@ impl Catalog {
 
     /// Evidence, newest first, optionally of one endpoint.
     pub async fn evidence_list(&self, hostname: Option<&str>) -> Result<Vec<Evidence>> {
-        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM evidence WHERE ?1 IS NULL OR hostname = ?1
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM evidence WHERE ?1 IS NULL OR hostname = ?1
              ORDER BY saved_ms DESC, id DESC"
-        )))
-        .bind(hostname)
-        .fetch_all(&self.pool)
-        .await?)
+            )))
+            .bind(hostname),
+            fetch_all
+        )?)
     }
 
     /// Up to `limit` evidence rows of these endpoints with ids above `after`, by id: how an
@@ -96,33 +90,38 @@ impl Catalog {
         limit: u32,
     ) -> Result<Vec<Evidence>> {
         let hosts = serde_json::to_string(hostnames).expect("strings serialize");
-        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM evidence
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM evidence
              WHERE id > ?1 AND hostname IN (SELECT value FROM json_each(?2))
              ORDER BY id LIMIT ?3"
-        )))
-        .bind(after)
-        .bind(hosts)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+            )))
+            .bind(after)
+            .bind(hosts)
+            .bind(i64::from(limit)),
+            fetch_all
+        )?)
     }
 
     pub async fn evidence(&self, id: i64) -> Result<Option<Evidence>> {
-        Ok(sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM evidence WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Evidence>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM evidence WHERE id = ?1"
+            )))
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Deletes one evidence item; false if it was already gone.
     pub async fn delete_evidence(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM evidence WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("DELETE FROM evidence WHERE id = ?1").bind(id),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 }

@@ -4,6 +4,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
+use super::db::run;
 use super::{Catalog, Result, now_ms};
 
 /// An export's life: `queued → running → complete`, or `failed` / `cancelled` (no file).
@@ -65,47 +66,49 @@ const COLUMNS: &str = "id, job_id, hostname, source, format, filters, state, row
 
 impl Catalog {
     pub async fn create_export(&self, new: &NewExport) -> Result<i64> {
-        Ok(sqlx::query_scalar(
+        Ok(run!(
+&self.pool,
+sqlx::query_scalar(
             "INSERT INTO exports (hostname, source, format, filters, state, requested_by, created_ms)
              VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6) RETURNING id",
-        )
-        .bind(&new.hostname)
-        .bind(new.source.to_string())
-        .bind(&new.format)
-        .bind(new.filters.to_string())
-        .bind(&new.requested_by)
-        .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?)
+        ).bind(&new.hostname).bind(new.source.to_string()).bind(&new.format).bind(new.filters.to_string()).bind(&new.requested_by).bind(now_ms()),
+fetch_one
+)?)
     }
 
     pub async fn set_export_job(&self, id: i64, job_id: &str) -> Result<()> {
-        sqlx::query("UPDATE exports SET job_id = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE exports SET job_id = ?2 WHERE id = ?1")
+                .bind(id)
+                .bind(job_id),
+            execute
+        )?;
         Ok(())
     }
 
     /// An attempt starts (again): no file, no error, no rows yet.
     pub async fn start_export(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE exports SET state = 'running', rows = 0, bytes = NULL, file_name = NULL,
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE exports SET state = 'running', rows = 0, bytes = NULL, file_name = NULL,
                  error = NULL, finished_ms = NULL WHERE id = ?1",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(id),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 
     pub async fn set_export_rows(&self, id: i64, rows: u64) -> Result<()> {
-        sqlx::query("UPDATE exports SET rows = ?2 WHERE id = ?1 AND state = 'running'")
-            .bind(id)
-            .bind(rows as i64)
-            .execute(&self.pool)
-            .await?;
+        run!(
+            &self.pool,
+            sqlx::query("UPDATE exports SET rows = ?2 WHERE id = ?1 AND state = 'running'")
+                .bind(id)
+                .bind(rows as i64),
+            execute
+        )?;
         Ok(())
     }
 
@@ -116,17 +119,19 @@ impl Catalog {
         bytes: u64,
         file_name: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE exports SET state = 'complete', rows = ?2, bytes = ?3, file_name = ?4,
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE exports SET state = 'complete', rows = ?2, bytes = ?3, file_name = ?4,
                  error = NULL, finished_ms = ?5 WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(rows as i64)
-        .bind(bytes as i64)
-        .bind(file_name)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(id)
+            .bind(rows as i64)
+            .bind(bytes as i64)
+            .bind(file_name)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -138,52 +143,61 @@ impl Catalog {
         state: ExportState,
         reason: &str,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE exports SET state = ?2, error = ?3, finished_ms = ?4
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE exports SET state = ?2, error = ?3, finished_ms = ?4
              WHERE id = ?1 AND state IN ('queued', 'running')",
-        )
-        .bind(id)
-        .bind(state.as_str())
-        .bind(reason)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(id)
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 
     pub async fn export(&self, id: i64) -> Result<Option<Export>> {
-        Ok(sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM exports WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM exports WHERE id = ?1"
+            )))
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Every export, newest first.
     pub async fn exports(&self) -> Result<Vec<Export>> {
-        Ok(sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM exports ORDER BY created_ms DESC, id DESC"
-        )))
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM exports ORDER BY created_ms DESC, id DESC"
+            ))),
+            fetch_all
+        )?)
     }
 
     /// Exports that finished before `cutoff_ms` (retention).
     pub async fn exports_finished_before(&self, cutoff_ms: i64) -> Result<Vec<Export>> {
-        Ok(sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM exports WHERE finished_ms IS NOT NULL AND finished_ms < ?1"
-        )))
-        .bind(cutoff_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(run!(
+            &self.pool,
+            sqlx::query_as::<_, Export>(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM exports WHERE finished_ms IS NOT NULL AND finished_ms < ?1"
+            )))
+            .bind(cutoff_ms),
+            fetch_all
+        )?)
     }
 
     pub async fn delete_export(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM exports WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("DELETE FROM exports WHERE id = ?1").bind(id),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 }

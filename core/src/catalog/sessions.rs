@@ -4,6 +4,7 @@
 
 use sqlx::FromRow;
 
+use super::db::run;
 use super::{Catalog, CatalogError, Principal, Result, now_ms};
 
 #[derive(FromRow)]
@@ -26,20 +27,19 @@ impl Catalog {
         expires_ms: i64,
     ) -> Result<Option<i64>> {
         let now = now_ms();
-        sqlx::query("DELETE FROM console_sessions WHERE expires_ms <= ?1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        let id: Option<i64> = sqlx::query_scalar(
+        run!(
+            &self.pool,
+            sqlx::query("DELETE FROM console_sessions WHERE expires_ms <= ?1").bind(now),
+            execute
+        )?;
+        let id: Option<i64> = run!(
+&self.pool,
+sqlx::query_scalar(
             "INSERT INTO console_sessions (secret_sha256, user_id, created_ms, last_seen_ms, expires_ms)
              SELECT ?2, id, ?3, ?3, ?4 FROM users WHERE name = ?1 RETURNING id",
-        )
-        .bind(name)
-        .bind(secret_sha256)
-        .bind(now)
-        .bind(expires_ms)
-        .fetch_optional(&self.pool)
-        .await?;
+        ).bind(name).bind(secret_sha256).bind(now).bind(expires_ms),
+fetch_optional
+)?;
         Ok(id)
     }
 
@@ -51,7 +51,9 @@ impl Catalog {
         secret_sha256: &str,
         idle_ms: i64,
     ) -> Result<Option<(i64, Principal)>> {
-        let row: Option<SessionRow> = sqlx::query_as(
+        let row: Option<SessionRow> = run!(
+&self.pool,
+sqlx::query_as(
             "SELECT s.id, s.last_seen_ms, s.expires_ms, u.name AS user_name, u.role,
                     (SELECT json_group_array(json_object('hostnames', json(g.hostnames),
                             'cidrs', json(g.cidrs), 'labels', json(g.labels), 'members', json(g.members)))
@@ -59,27 +61,29 @@ impl Catalog {
                      WHERE ug.user_id = u.id) AS groups
              FROM console_sessions s JOIN users u ON u.id = s.user_id
              WHERE s.secret_sha256 = ?1",
-        )
-        .bind(secret_sha256)
-        .fetch_optional(&self.pool)
-        .await?;
+        ).bind(secret_sha256),
+fetch_optional
+)?;
         let Some(row) = row else {
             return Ok(None);
         };
         let now = now_ms();
         if row.expires_ms <= now || now - row.last_seen_ms > idle_ms {
-            sqlx::query("DELETE FROM console_sessions WHERE id = ?1")
-                .bind(row.id)
-                .execute(&self.pool)
-                .await?;
+            run!(
+                &self.pool,
+                sqlx::query("DELETE FROM console_sessions WHERE id = ?1").bind(row.id),
+                execute
+            )?;
             return Ok(None);
         }
         if now - row.last_seen_ms > 10_000 {
-            sqlx::query("UPDATE console_sessions SET last_seen_ms = ?2 WHERE id = ?1")
-                .bind(row.id)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
+            run!(
+                &self.pool,
+                sqlx::query("UPDATE console_sessions SET last_seen_ms = ?2 WHERE id = ?1")
+                    .bind(row.id)
+                    .bind(now),
+                execute
+            )?;
         }
         Ok(Some((
             row.id,
@@ -95,10 +99,12 @@ impl Catalog {
 
     /// Ends the session with this secret (sign-out); whether there was one.
     pub async fn end_session(&self, secret_sha256: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM console_sessions WHERE secret_sha256 = ?1")
-            .bind(secret_sha256)
-            .execute(&self.pool)
-            .await?;
+        let done = run!(
+            &self.pool,
+            sqlx::query("DELETE FROM console_sessions WHERE secret_sha256 = ?1")
+                .bind(secret_sha256),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 }
