@@ -792,6 +792,11 @@ struct ServeArgs {
     /// Address and port of the API [default: 0.0.0.0:17443]
     #[arg(long, env = "SNAPQ_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Keep the catalog in this PostgreSQL database (postgres://USER@HOST:PORT/DB) instead of
+    /// catalog.db in the data directory, so several server nodes can share it [default: SQLite
+    /// in the data directory]
+    #[arg(long, value_name = "URL", env = "SNAPQ_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// Also serve Prometheus metrics at http://ADDR/metrics, plain HTTP without a token: bind it
     /// to loopback or a monitoring network [default: off; admins can always scrape
     /// https://LISTEN/metrics with their token]
@@ -861,6 +866,7 @@ struct ServeArgs {
 struct ServeFile {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    database: Option<String>,
     metrics_listen: Option<SocketAddr>,
     demo: Option<u32>,
     capture_reserve_mib: Option<u64>,
@@ -1580,6 +1586,9 @@ impl ServeArgs {
         let mut config = ServeConfig::with_data_dir(data_dir);
         if let Some(listen) = self.listen.or(file.listen) {
             config.listen = listen;
+        }
+        if let Some(url) = self.database.or(file.database).filter(|u| !u.is_empty()) {
+            config.database = Some(crate::server::DatabaseUrl::parse(&url).map_err(UsageError)?);
         }
         config.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         config.demo_endpoints = self.demo.or(file.demo).unwrap_or(0);

@@ -35,6 +35,11 @@ pub enum CatalogError {
     Sqlx(#[from] sqlx::Error),
     #[error("catalog migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The schema was migrated by a later snapq: this one must not write to it.
+    #[error(
+        "the catalog's schema is newer than this snapq (it holds migration {0}, which this version does not know); run the snapq that migrated it or a later one"
+    )]
+    Newer(i64),
     #[error("{0}")]
     NotFound(String),
     /// The name is taken, or the change contradicts the current state.
@@ -295,6 +300,14 @@ pub struct Catalog {
     pub(crate) pool: Pool,
 }
 
+/// A schema that holds a migration this build does not have was migrated by a later snapq.
+fn migrate_error(e: sqlx::migrate::MigrateError) -> CatalogError {
+    match e {
+        sqlx::migrate::MigrateError::VersionMissing(v) => CatalogError::Newer(v),
+        e => CatalogError::Migrate(e),
+    }
+}
+
 /// The key of the PostgreSQL advisory lock [`Catalog::write_tx`] holds ("snapq-ca" in ASCII).
 const WRITE_LOCK: i64 = 0x736e_6170_712d_6361;
 
@@ -327,7 +340,10 @@ impl Catalog {
         if check != "ok" {
             return Err(unusable(check));
         }
-        sqlx::migrate!("../migrations").run(&pool).await?;
+        sqlx::migrate!("../migrations")
+            .run(&pool)
+            .await
+            .map_err(migrate_error)?;
         Ok(Catalog {
             pool: Pool::Sqlite(pool),
         })
@@ -344,7 +360,10 @@ impl Catalog {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("../migrations/postgres").run(&pool).await?;
+        sqlx::migrate!("../migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(migrate_error)?;
         Ok(Catalog {
             pool: Pool::Postgres(pool),
         })

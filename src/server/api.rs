@@ -164,17 +164,20 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .with_state(state)
 }
 
-/// Liveness: the service name and version; needs no token.
+/// Liveness: the service name and version, which node answered (`HOST:PID`; several nodes may
+/// serve one catalog) and where its catalog lives (`sqlite` or `postgres`); needs no token.
 #[utoipa::path(
     get,
     path = "/status",
     responses((status = 200, description = "the server is up", body = Object)),
 )]
-async fn status() -> Json<serde_json::Value> {
+async fn status(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "service": "snapq",
         "version": env!("CARGO_PKG_VERSION"),
         "healthy": true,
+        "node": state.node,
+        "catalog": state.catalog.backend(),
     }))
 }
 

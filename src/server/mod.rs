@@ -41,6 +41,8 @@ use crate::tls::CertPair;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// Where the catalog lives when not in the data directory (`--database`).
+    pub database: Option<DatabaseUrl>,
     pub listen: SocketAddr,
     /// Where to serve `/metrics` over plain HTTP without a token (`None`: only on the API, to
     /// admins).
@@ -110,14 +112,69 @@ impl ServeConfig {
             export_max_rows_per_sec: None,
             query_budget: events::DEFAULT_QUERY_BUDGET,
             connection_idle: Duration::from_secs(10 * 60),
+            database: None,
             data_dir,
         }
+    }
+}
+
+/// A PostgreSQL URL given to `--database`: checked when the settings are read, so a typo is a
+/// usage error before anything starts. Its `Display` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+        let scheme_ok = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !scheme_ok {
+            return Err(format!(
+                "--database {}: only PostgreSQL is supported (postgres://USER@HOST:PORT/DB); \
+                 leave it unset to keep the catalog in the data directory (SQLite)",
+                Self::redact(url)
+            ));
+        }
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| format!("--database {}: {e}", Self::redact(url)))?;
+        Ok(DatabaseUrl(url.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `url` without the password between `:` and `@` of its authority.
+    fn redact(url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_owned();
+        };
+        let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((user, host)) if user.contains(':') => {
+                let name = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{name}:***@{host}{tail}")
+            }
+            _ => url.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&Self::redact(&self.0))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DatabaseUrl({self})")
     }
 }
 
 /// Shared by every request handler.
 pub struct ServerState {
     pub config: ServeConfig,
+    /// This server process, as `/status` names it: `HOST:PID`.
+    pub node: String,
     pub catalog: Catalog,
     pub queue: Queue,
     pub services: Arc<Services>,
@@ -171,7 +228,12 @@ impl Server {
             ),
             None => None,
         };
-        let catalog = Catalog::open(&layout.catalog()).await?;
+        let catalog = match &config.database {
+            None => Catalog::open(&layout.catalog()).await?,
+            Some(url) => Catalog::connect_postgres(url.as_str())
+                .await
+                .with_context(|| format!("opening the catalog in PostgreSQL at {url}"))?,
+        };
         let store = Store::open(&layout.snapshots())
             .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
         match store.remove_abandoned_copies() {
@@ -247,6 +309,7 @@ impl Server {
             .await
             .context("recovering spooled uploads")?;
         let state = Arc::new(ServerState {
+            node: format!("{}:{}", crate::agent::system::hostname(), std::process::id()),
             catalog,
             queue,
             services,

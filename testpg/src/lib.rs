@@ -48,7 +48,8 @@ pub async fn schema() -> Result<TestDb, String> {
     let mut conn = PgConnection::connect_with(&options)
         .await
         .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL at {base}: {e}"));
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+    // The name is ours (digits and underscores), never user text.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("creating schema {schema}: {e}"));

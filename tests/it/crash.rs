@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{TestServer, eventually, files_under, snapshot_file};
+use crate::support::{TestServer, eventually, files_under, finish_within, snapshot_file};
 
 /// Enrolls an endpoint the way an agent's first heartbeat does: its API at `api_url`, presenting
 /// the certificate whose sha256 is `pin`.
@@ -277,31 +277,6 @@ async fn a_second_server_on_the_same_data_dir_is_refused_before_it_claims_anythi
     // The first server is unharmed.
     let (status, _) = server.get("/v1/queue/status").await;
     assert_eq!(status, 200);
-}
-
-/// Waits for `child` to exit, killing it and failing the test after `limit`.
-async fn finish_within(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
-    let started = std::time::Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            return (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            );
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Uploads `file` with `snapq upload --connect`, returning its exit code and output.

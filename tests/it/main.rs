@@ -16,6 +16,7 @@ mod live;
 mod openapi;
 mod operability;
 mod paging;
+mod postgres;
 mod recorder;
 mod server;
 mod support;

@@ -190,6 +190,31 @@ pub fn run_snapq(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Waits for `child` to exit, killing it and failing the test after `limit`.
+pub async fn finish_within(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
+    let started = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            return (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Opens a downloaded snapshot and counts its events over every event table.
 pub fn count_events(path: &Path) -> u64 {
     snapq_core::verify::verify_snapshot(path).unwrap().events
@@ -227,6 +252,9 @@ impl TestServer {
             "--data-dir".into(),
             data_dir.to_str().unwrap().into(),
         ];
+        if let Some(url) = postgres_catalog(data_dir, extra) {
+            args.extend(["--database".into(), url]);
+        }
         if !extra.contains(&"--online-window-secs") {
             args.extend(["--online-window-secs".into(), "5".into()]);
         }
@@ -375,6 +403,33 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// With `SNAPQ_IT_ON_POSTGRES=1`, every test server keeps its catalog in PostgreSQL (a schema of
+/// its own from `snapq_testpg`), so the whole suite runs against that backend. The schema is
+/// remembered in the data directory: a server restarted on it finds its catalog again.
+fn postgres_catalog(data_dir: &Path, extra: &[&str]) -> Option<String> {
+    if std::env::var("SNAPQ_IT_ON_POSTGRES").is_err() || extra.contains(&"--database") {
+        return None;
+    }
+    let remembered = data_dir.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&remembered) {
+        return Some(url);
+    }
+    // `schema` is async and tests already run inside a runtime: create it on a thread of its own.
+    let db = std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(snapq_testpg::schema())
+    })
+    .join()
+    .unwrap()
+    .unwrap_or_else(|why| panic!("SNAPQ_IT_ON_POSTGRES is set but: {why}"));
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(&remembered, &db.url).unwrap();
+    Some(db.url)
 }
 
 /// Every file under `dir`, recursively.
