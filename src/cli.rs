@@ -795,8 +795,17 @@ struct ServeArgs {
     /// Keep the catalog in this PostgreSQL database (postgres://USER@HOST:PORT/DB) instead of
     /// catalog.db in the data directory, so several server nodes can share it [default: SQLite
     /// in the data directory]
-    #[arg(long, value_name = "URL", env = "SNAPQ_DATABASE", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SNAPQ_DATABASE",
+        hide_env_values = true
+    )]
     database: Option<String>,
+    /// Keep snapshot files here (a file system every node mounts, for several nodes)
+    /// [default: DATA_DIR/snapshots]
+    #[arg(long, value_name = "PATH", env = "SNAPQ_STORE")]
+    store: Option<PathBuf>,
     /// Also serve Prometheus metrics at http://ADDR/metrics, plain HTTP without a token: bind it
     /// to loopback or a monitoring network [default: off; admins can always scrape
     /// https://LISTEN/metrics with their token]
@@ -867,6 +876,7 @@ struct ServeFile {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     database: Option<String>,
+    store: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     demo: Option<u32>,
     capture_reserve_mib: Option<u64>,
@@ -1590,6 +1600,9 @@ impl ServeArgs {
         if let Some(url) = self.database.or(file.database).filter(|u| !u.is_empty()) {
             config.database = Some(crate::server::DatabaseUrl::parse(&url).map_err(UsageError)?);
         }
+        if let Some(store) = self.store.or(file.store) {
+            config.store_dir = store;
+        }
         config.metrics_listen = self.metrics_listen.or(file.metrics_listen);
         config.demo_endpoints = self.demo.or(file.demo).unwrap_or(0);
         if let Some(mib) = self.capture_reserve_mib.or(file.capture_reserve_mib) {
@@ -1917,7 +1930,7 @@ mod tests {
     /// every setting the server reads, so it stays the complete reference.
     #[test]
     fn the_example_settings_file_parses_and_names_every_setting() {
-        const OFF_UNLESS_SET: &[&str] = &["metrics_listen"];
+        const OFF_UNLESS_SET: &[&str] = &["metrics_listen", "database"];
         let text = include_str!("../packaging/snapq.toml");
         let file: ServeFile = toml::from_str(text).expect("packaging/snapq.toml parses");
         let keys = serde_json::to_value(&file).unwrap();

@@ -20,7 +20,7 @@ mod evidence;
 mod exports;
 mod sessions;
 
-use db::{Pool, Tx, run, run_tx};
+use db::{JsonText, Pool, Tx, run, run_tx, storable};
 
 pub use evidence::{Evidence, NewEvidence};
 pub use exports::{Export, ExportState, NewExport};
@@ -110,11 +110,11 @@ impl SnapshotState {
 pub struct Endpoint {
     pub id: i64,
     pub hostname: String,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub ips: Vec<String>,
     pub os: Option<String>,
     pub agent_version: Option<String>,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub labels: Vec<String>,
     pub api_url: Option<String>,
     pub last_seen_ms: Option<i64>,
@@ -178,9 +178,9 @@ pub struct Snapshot {
 pub struct SnapshotWithFacts {
     #[sqlx(flatten)]
     pub snapshot: Snapshot,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub endpoint_ips: Vec<String>,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub endpoint_labels: Vec<String>,
 }
 
@@ -242,9 +242,9 @@ pub struct ConnectionRow {
     pub id: i64,
     pub endpoint_id: i64,
     pub hostname: String,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub endpoint_ips: Vec<String>,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<Vec<String>>")]
     pub endpoint_labels: Vec<String>,
     /// JSON of the server's `events::Source`.
     pub target: String,
@@ -973,7 +973,7 @@ sqlx::query(
             "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
              VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
              ON CONFLICT (job_id) DO UPDATE SET state = 'pending', reason = NULL, finished_ms = NULL
-             WHERE state = 'failed'",
+             WHERE ingests.state = 'failed'",
         ).bind(job_id).bind(origin.as_str()).bind(original_name).bind(requested_by).bind(now_ms()),
 execute
 )?;
@@ -1536,13 +1536,13 @@ fetch_all
                 last_activity_ms, created_ms, created_by, db_bytes, events, oldest_ts, newest_ts)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (target) DO UPDATE SET endpoint_id = excluded.endpoint_id,
-                address = coalesce(excluded.address, address), status = excluded.status,
+                address = coalesce(excluded.address, connections.address), status = excluded.status,
                 reason = excluded.reason, since_ms = excluded.since_ms,
                 last_activity_ms = excluded.last_activity_ms,
-                db_bytes = coalesce(excluded.db_bytes, db_bytes),
-                events = coalesce(excluded.events, events),
-                oldest_ts = coalesce(excluded.oldest_ts, oldest_ts),
-                newest_ts = coalesce(excluded.newest_ts, newest_ts)
+                db_bytes = coalesce(excluded.db_bytes, connections.db_bytes),
+                events = coalesce(excluded.events, connections.events),
+                oldest_ts = coalesce(excluded.oldest_ts, connections.oldest_ts),
+                newest_ts = coalesce(excluded.newest_ts, connections.newest_ts)
              RETURNING id",
             )
             .bind(endpoint_id)
@@ -1658,7 +1658,7 @@ execute
 &self.pool,
 sqlx::query(
             "INSERT INTO audit (ts_ms, actor, action, target, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        ).bind(now_ms()).bind(actor).bind(action).bind(target).bind(result).bind(detail),
+        ).bind(now_ms()).bind(storable(actor).into_owned()).bind(action).bind(storable(target).into_owned()).bind(result).bind(detail.map(|d| storable(d).into_owned())),
 execute
 )?;
         Ok(())
@@ -1776,19 +1776,10 @@ const SEARCH: &str = "WHERE ?1 = '' OR instr(lower(hostname), lower(?1)) > 0 OR 
      ORDER BY (substr(lower(hostname), 1, length(?1)) = lower(?1)) DESC, hostname";
 
 /// An endpoint's hostname, addresses and labels as stored.
-type FactsRow = (
-    String,
-    sqlx::types::Json<Vec<String>>,
-    sqlx::types::Json<Vec<String>>,
-);
+type FactsRow = (String, JsonText<Vec<String>>, JsonText<Vec<String>>);
 
 /// An endpoint's id with its facts.
-type IdFactsRow = (
-    i64,
-    String,
-    sqlx::types::Json<Vec<String>>,
-    sqlx::types::Json<Vec<String>>,
-);
+type IdFactsRow = (i64, String, JsonText<Vec<String>>, JsonText<Vec<String>>);
 
 fn unpack_facts(rows: Vec<FactsRow>) -> Vec<(String, Vec<String>, Vec<String>)> {
     rows.into_iter()

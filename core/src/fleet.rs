@@ -305,8 +305,8 @@ fetch_all
             run_tx!(
                 &mut tx,
                 sqlx::query(
-                    "INSERT OR IGNORE INTO batch_items (batch_id, endpoint_id, hostname, state)
-                 VALUES (?1, ?2, ?3, 'queued')",
+                    "INSERT INTO batch_items (batch_id, endpoint_id, hostname, state)
+                 VALUES (?1, ?2, ?3, 'queued') ON CONFLICT DO NOTHING",
                 )
                 .bind(batch_id)
                 .bind(id)

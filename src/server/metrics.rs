@@ -241,7 +241,7 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
     );
 
     // The disk of the snapshot store.
-    let store_dir = state.layout().snapshots();
+    let store_dir = state.config.store_dir.clone();
     let free = tokio::task::spawn_blocking(move || snapq_core::disk::free_bytes(&store_dir))
         .await
         .map_err(ApiError::internal)?

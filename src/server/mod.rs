@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Where the catalog lives when not in the data directory (`--database`).
     pub database: Option<DatabaseUrl>,
+    /// The snapshot store (`--store`; shared by every node of a PostgreSQL deployment).
+    pub store_dir: PathBuf,
     pub listen: SocketAddr,
     /// Where to serve `/metrics` over plain HTTP without a token (`None`: only on the API, to
     /// admins).
@@ -113,6 +115,7 @@ impl ServeConfig {
             query_budget: events::DEFAULT_QUERY_BUDGET,
             connection_idle: Duration::from_secs(10 * 60),
             database: None,
+            store_dir: ServerDir::new(&data_dir).snapshots(),
             data_dir,
         }
     }
@@ -234,8 +237,9 @@ impl Server {
                 .await
                 .with_context(|| format!("opening the catalog in PostgreSQL at {url}"))?,
         };
-        let store = Store::open(&layout.snapshots())
-            .with_context(|| format!("creating the snapshot store in {}", dir.display()))?;
+        let store = Store::open(&config.store_dir).with_context(|| {
+            format!("opening the snapshot store {}", config.store_dir.display())
+        })?;
         match store.remove_abandoned_copies() {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
@@ -309,7 +313,11 @@ impl Server {
             .await
             .context("recovering spooled uploads")?;
         let state = Arc::new(ServerState {
-            node: format!("{}:{}", crate::agent::system::hostname(), std::process::id()),
+            node: format!(
+                "{}:{}",
+                crate::agent::system::hostname(),
+                std::process::id()
+            ),
             catalog,
             queue,
             services,

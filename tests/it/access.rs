@@ -930,6 +930,11 @@ async fn hostile_names_and_cidrs_that_do_not_parse_are_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn users_tokens_and_groups_from_the_cli_scope_an_operator_and_are_audited() {
+    if !crate::support::catalog_in_data_dir(
+        "users_tokens_and_groups_from_the_cli_scope_an_operator_and_are_audited",
+    ) {
+        return;
+    }
     let server = TestServer::spawn();
     register(&server, "web-01", "10.1.2.3").await;
     register(&server, "db-01", "10.2.0.9").await;

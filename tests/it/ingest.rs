@@ -223,6 +223,11 @@ async fn oversized_and_interrupted_uploads_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_snapshots_removes_file_and_entry_idempotently_and_is_audited() {
+    if !crate::support::catalog_in_data_dir(
+        "deleting_snapshots_removes_file_and_entry_idempotently_and_is_audited",
+    ) {
+        return;
+    }
     let server = TestServer::spawn();
     let tmp = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();

@@ -76,9 +76,13 @@ async fn a_wrong_database_url_stops_the_server_with_the_reason() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let (code, err) = serve_fails(&format!("postgres://snapq:hunter2@127.0.0.1:{port}/snapq")).await;
+    let (code, err) =
+        serve_fails(&format!("postgres://snapq:hunter2@127.0.0.1:{port}/snapq")).await;
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("opening the catalog in PostgreSQL at postgres://snapq:***@127.0.0.1"), "{err}");
+    assert!(
+        err.contains("opening the catalog in PostgreSQL at postgres://snapq:***@127.0.0.1"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "{err}");
 }
 

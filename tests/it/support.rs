@@ -191,7 +191,10 @@ pub fn run_snapq(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Waits for `child` to exit, killing it and failing the test after `limit`.
-pub async fn finish_within(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
+pub async fn finish_within(
+    mut child: std::process::Child,
+    limit: Duration,
+) -> (i32, String, String) {
     let started = std::time::Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -403,6 +406,16 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether test servers keep their catalog in `catalog.db` (not with `SNAPQ_IT_ON_POSTGRES`). A
+/// test that reads or edits that file itself says it was skipped and returns when not.
+pub fn catalog_in_data_dir(test: &str) -> bool {
+    let sqlite = std::env::var("SNAPQ_IT_ON_POSTGRES").is_err();
+    if !sqlite {
+        eprintln!("skipped {test} on a PostgreSQL catalog: it reads catalog.db itself");
+    }
+    sqlite
 }
 
 /// With `SNAPQ_IT_ON_POSTGRES=1`, every test server keeps its catalog in PostgreSQL (a schema of

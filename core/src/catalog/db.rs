@@ -35,6 +35,60 @@ impl Tx {
     }
 }
 
+/// `text` as the catalog stores it: PostgreSQL's TEXT cannot hold a NUL character (SQLite's can),
+/// so on both engines a NUL in free text a user or a file supplied (an audit target, an evidence
+/// note) is kept as U+FFFD instead of failing the write and losing the row.
+pub fn storable(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// A JSON document kept in a TEXT column, decoded on either backend (sqlx's `Json` decodes only
+/// PostgreSQL's JSON types, and the catalog's columns are TEXT on both engines so the same
+/// statements read and write them). Fields use it through `#[sqlx(try_from = "JsonText<…>")]`.
+#[derive(Debug, Clone)]
+pub struct JsonText<T>(pub T);
+
+impl<'r, DB: sqlx::Database, T: serde::de::DeserializeOwned> sqlx::Decode<'r, DB> for JsonText<T>
+where
+    String: sqlx::Decode<'r, DB>,
+{
+    fn decode(
+        value: <DB as sqlx::Database>::ValueRef<'r>,
+    ) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <String as sqlx::Decode<DB>>::decode(value)?;
+        Ok(JsonText(serde_json::from_str(&text)?))
+    }
+}
+
+impl<DB: sqlx::Database, T> sqlx::Type<DB> for JsonText<T>
+where
+    String: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <String as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <String as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl From<JsonText<Vec<String>>> for Vec<String> {
+    fn from(j: JsonText<Vec<String>>) -> Self {
+        j.0
+    }
+}
+
+impl From<JsonText<serde_json::Value>> for serde_json::Value {
+    fn from(j: JsonText<serde_json::Value>) -> Self {
+        j.0
+    }
+}
+
 /// What an `execute` did, on either backend.
 #[derive(Debug, Clone, Copy)]
 pub struct Done {

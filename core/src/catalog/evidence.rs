@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::db::{run, run_tx};
+use super::db::{JsonText, run, run_tx, storable};
 use super::{Catalog, Result, now_ms};
 
 /// One saved event.
@@ -17,7 +17,7 @@ pub struct Evidence {
     pub event_id: i64,
     pub event_ts: Option<i64>,
     /// Every column of the event, keyed by column name.
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<serde_json::Value>")]
     pub event: serde_json::Value,
     /// `snapshot` or `endpoint`.
     pub source_kind: String,
@@ -59,7 +59,7 @@ sqlx::query_scalar(
                 "INSERT INTO evidence (hostname, event_type, event_id, event_ts, event, source_kind,
                      source_id, connection_id, saved_by, saved_ms, note)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
-            ).bind(&item.hostname).bind(&item.event_type).bind(item.event_id).bind(item.event_ts).bind(item.event.to_string()).bind(&item.source_kind).bind(&item.source_id).bind(&item.connection_id).bind(saved_by).bind(now).bind(&item.note),
+            ).bind(&item.hostname).bind(&item.event_type).bind(item.event_id).bind(item.event_ts).bind(item.event.to_string()).bind(&item.source_kind).bind(storable(&item.source_id).into_owned()).bind(&item.connection_id).bind(saved_by).bind(now).bind(item.note.as_deref().map(|n| storable(n).into_owned())),
 fetch_one
 )?;
             ids.push(id);

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::db::run;
+use super::db::{JsonText, run};
 use super::{Catalog, Result, now_ms};
 
 /// An export's life: `queued → running → complete`, or `failed` / `cancelled` (no file).
@@ -36,10 +36,10 @@ pub struct Export {
     pub job_id: Option<String>,
     /// The endpoint the export belongs to; `None` for an evidence export over several.
     pub hostname: Option<String>,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<serde_json::Value>")]
     pub source: serde_json::Value,
     pub format: String,
-    #[sqlx(json)]
+    #[sqlx(try_from = "JsonText<serde_json::Value>")]
     pub filters: serde_json::Value,
     pub state: String,
     pub rows: i64,
