@@ -181,6 +181,11 @@ enum CommandArgs {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The server's database: move a single-node catalog into PostgreSQL.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Print a shell completion script: `snapq completions bash > /etc/bash_completion.d/snapq`.
     Completions {
         #[arg(value_enum)]
@@ -204,6 +209,23 @@ enum CommandArgs {
         command: EvidenceCommand,
         #[command(flatten)]
         client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Copy the catalog of a stopped single-node server (DATA_DIR/catalog.db) into an empty
+    /// PostgreSQL database, keeping every id; then start the nodes with `--database URL`.
+    Migrate {
+        /// The data directory of the server to move (it must not be running).
+        #[arg(long, value_name = "DATA_DIR")]
+        from: PathBuf,
+        /// The PostgreSQL database to copy into (postgres://USER@HOST:PORT/DB); its catalog
+        /// tables must be empty.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -1055,6 +1077,12 @@ pub enum Command {
         hostname: Option<String>,
         json: bool,
     },
+    /// `snapq db migrate`.
+    DbMigrate {
+        from: PathBuf,
+        to: crate::server::DatabaseUrl,
+        json: bool,
+    },
 }
 
 /// A request to the server's API.
@@ -1570,6 +1598,13 @@ impl Cli {
                 }),
                 None => Ok(Command::Agent(args.into_config()?)),
             },
+            CommandArgs::Db {
+                command: DbCommand::Migrate { from, to, json },
+            } => Ok(Command::DbMigrate {
+                from,
+                to: crate::server::DatabaseUrl::parse(&to).map_err(UsageError)?,
+                json,
+            }),
         }
     }
 }

@@ -46,6 +46,27 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Client(config, command) => runtime()?.block_on(run_client(config, command)),
+        Command::DbMigrate { from, to, json } => runtime()?.block_on(async {
+            let copied = server::migrate_catalog(&from, &to).await?;
+            if json {
+                let tables: serde_json::Map<String, serde_json::Value> = copied
+                    .iter()
+                    .map(|(t, n)| (t.to_string(), (*n).into()))
+                    .collect();
+                println!("{}", serde_json::json!({ "copied": tables }));
+            } else {
+                let total: u64 = copied.iter().map(|(_, n)| n).sum();
+                println!("copied {total} rows of the catalog in {} into {to}:", from.display());
+                for (table, rows) in &copied {
+                    println!("  {table:<18} {rows}");
+                }
+                println!(
+                    "start every node with --database {to}; the job queue stays in {} (not moved: finish or cancel its jobs first)",
+                    from.join("queue.db").display()
+                );
+            }
+            Ok(())
+        }),
         Command::AgentExport {
             data_dir,
             out,

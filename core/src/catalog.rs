@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use crate::access::{self, Facts, GroupRules, Role};
 use crate::verify::{self, Verified};
 
+mod copy;
 pub(crate) mod db;
 mod evidence;
 mod exports;
@@ -22,6 +23,7 @@ mod sessions;
 
 use db::{JsonText, Pool, Tx, run, run_tx, storable};
 
+pub use copy::Copied;
 pub use evidence::{Evidence, NewEvidence};
 pub use exports::{Export, ExportState, NewExport};
 

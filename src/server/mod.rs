@@ -522,6 +522,27 @@ fn outcome(job: &snapq_jobs::TerminalJob) -> &'static str {
     }
 }
 
+/// `snapq db migrate`: the catalog of the server in `from` (which must not be running: its
+/// data directory's lock is taken) copied into the empty PostgreSQL catalog at `to`.
+pub async fn migrate_catalog(
+    from: &Path,
+    to: &DatabaseUrl,
+) -> anyhow::Result<snapq_core::catalog::Copied> {
+    let layout = ServerDir::new(from);
+    if !layout.catalog().is_file() {
+        anyhow::bail!(
+            "{} holds no catalog.db: is it a server's data directory?",
+            from.display()
+        );
+    }
+    let _lock = DataDirLock::acquire(from)?;
+    let source = Catalog::open(&layout.catalog()).await?;
+    let target = Catalog::connect_postgres(to.as_str())
+        .await
+        .with_context(|| format!("opening the catalog in PostgreSQL at {to}"))?;
+    Ok(source.copy_into(&target).await?)
+}
+
 /// An exclusive lock on the data directory (`DIR/serve.lock`, holding the owner's pid), held
 /// for the server's life: two servers on one directory would run the same jobs twice.
 struct DataDirLock {

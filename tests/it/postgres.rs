@@ -137,3 +137,148 @@ async fn two_servers_starting_at_once_on_an_empty_database_both_migrate_it_safel
     assert_eq!(applied.len(), files, "{applied:?}");
     assert!(applied.iter().all(|(_, ok)| *ok), "{applied:?}");
 }
+
+/// Copies the files that make a node the same service to every agent and user: its TLS pair,
+/// tokens and the key agents' credentials derive from.
+fn share_identity(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to.join("certs")).unwrap();
+    for entry in std::fs::read_dir(from.join("certs")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join("certs").join(entry.file_name())).unwrap();
+    }
+    for file in ["admin.token", "enroll.token", "agents.key"] {
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured() {
+    let Some(db) = snapq_testpg::schema_or_skip("two nodes").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("shared-store");
+    let store_arg = store.to_str().unwrap();
+    let a = TestServer::spawn_in(
+        &tmp.path().join("a"),
+        &["--database", &db.url, "--store", store_arg],
+    );
+    share_identity(&a.data_dir, &tmp.path().join("b"));
+    let b = TestServer::spawn_in(
+        &tmp.path().join("b"),
+        &["--database", &db.url, "--store", store_arg],
+    );
+    let (_, status_a) = a.get("/status").await;
+    let (_, status_b) = b.get("/status").await;
+    assert_ne!(status_a["node"], status_b["node"]);
+
+    let _agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "pg-02".into(),
+        prefill: 2_000,
+        extra: a.enroll_args(),
+        ..Default::default()
+    });
+    a.wait_online("pg-02").await;
+    // Node B sees the endpoint node A enrolled, and captures it with the shared agents' key.
+    b.wait_online("pg-02").await;
+    let (code, out, err) = b.cli(&["capture", "pg-02", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let through_b: Value = serde_json::from_str(&out).unwrap();
+    let id = through_b[0]["id"].as_i64().unwrap();
+    assert_eq!(through_b[0]["state"], "complete", "{through_b}");
+    // Node A lists and serves the file node B stored.
+    let (_, shown) = a.get(&format!("/v1/snapshots/{id}")).await;
+    assert_eq!(shown["state"], "complete", "{shown}");
+    let file = a
+        .request("GET", &format!("/v1/snapshots/{id}/file"))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    let bytes = file.bytes().await.unwrap();
+    assert_eq!(bytes.len() as u64, shown["size"].as_u64().unwrap());
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    // Nothing was written under either node's own data directory.
+    assert!(crate::support::files_under(&a.data_dir.join("snapshots")).is_empty());
+    assert!(crate::support::files_under(&b.data_dir.join("snapshots")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn db_migrate_moves_a_single_node_catalog_into_postgres_keeping_ids() {
+    let Some(db) = snapq_testpg::schema_or_skip("db migrate").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("server");
+    let data_arg = data.to_str().unwrap();
+    // A single node on SQLite (an empty --database: also under SNAPQ_IT_ON_POSTGRES) with an
+    // endpoint, a snapshot, a user and a group.
+    let mut server = TestServer::spawn_in(&data, &["--database", ""]);
+    let listen = server.addr.to_string();
+    let _agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "mv-01".into(),
+        prefill: 1_000,
+        extra: server.enroll_args(),
+        ..Default::default()
+    });
+    server.wait_online("mv-01").await;
+    let (code, out, err) = server.cli(&["capture", "mv-01", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let first: Value = serde_json::from_str(&out).unwrap();
+    let first_id = first[0]["id"].as_i64().unwrap();
+    for args in [
+        &["users", "add", "ana", "--role", "viewer"][..],
+        &["groups", "add", "mv", "--hostname", "mv-*"],
+    ] {
+        let (code, _, err) = server.cli(args);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    // Refused while the server runs: it holds the data directory.
+    let migrate = |json: bool| {
+        let mut args = vec!["db", "migrate", "--from", data_arg, "--to", &db.url];
+        if json {
+            args.push("--json");
+        }
+        crate::support::run_snapq(&args)
+    };
+    let (code, _, err) = migrate(true);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("another snapq serve"), "{err}");
+
+    server.kill();
+    let (code, out, err) = migrate(true);
+    assert_eq!(code, 0, "{err}");
+    let copied: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(copied["copied"]["snapshots"], 1, "{copied}");
+    assert_eq!(copied["copied"]["endpoints"], 1, "{copied}");
+    assert_eq!(copied["copied"]["computer_groups"], 1, "{copied}");
+    // Twice is refused: the target is no longer empty.
+    let (code, _, err) = migrate(false);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not empty"), "{err}");
+
+    // The same node on PostgreSQL finds everything, and new ids follow the copied ones.
+    let store = data.join("snapshots");
+    let server = TestServer::spawn_in(
+        &data,
+        &[
+            "--database",
+            &db.url,
+            "--store",
+            store.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+    );
+    let (_, shown) = server.get(&format!("/v1/snapshots/{first_id}")).await;
+    assert_eq!(shown["state"], "complete", "{shown}");
+    let (_, users) = server.get("/v1/users").await;
+    assert!(users.to_string().contains("\"ana\""), "{users}");
+    let (code, out, err) = server.cli(&["capture", "mv-01", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let second: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(second[0]["id"].as_i64().unwrap(), first_id + 1, "{second}");
+    assert_eq!(second[0]["state"], "complete", "{second}");
+}
