@@ -302,6 +302,10 @@ pub struct Catalog {
     pub(crate) pool: Pool,
 }
 
+/// How long a capture's reservation of the shared store lasts without progress: the captures of
+/// a node that died stop renewing theirs, and the space returns to the others within this.
+pub const RESERVATION_LEASE_MS: i64 = 60_000;
+
 /// A schema that holds a migration this build does not have was migrated by a later snapq.
 fn migrate_error(e: sqlx::migrate::MigrateError) -> CatalogError {
     match e {
@@ -814,13 +818,80 @@ execute
         Ok(())
     }
 
+    /// Records a capture's progress; it also renews the capture's disk reservation on a shared
+    /// store, if it holds one.
     pub async fn set_snapshot_progress(&self, id: i64, done: i64, total: i64) -> Result<()> {
         run!(
             &self.pool,
-            sqlx::query("UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3 WHERE id = ?1")
-                .bind(id)
-                .bind(done)
-                .bind(total),
+            sqlx::query(
+                "UPDATE snapshots SET bytes_done = ?2, bytes_total = ?3,
+                    reserved_until_ms = CASE WHEN reserved_bytes IS NULL THEN NULL ELSE ?4 END
+                 WHERE id = ?1"
+            )
+            .bind(id)
+            .bind(done)
+            .bind(total)
+            .bind(now_ms() + RESERVATION_LEASE_MS),
+            execute
+        )?;
+        Ok(())
+    }
+
+    /// Whether several server nodes may share this catalog (and its store): on PostgreSQL.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.pool, Pool::Postgres(_))
+    }
+
+    /// Holds `need` bytes of the shared store for capture `snapshot_id` if `usable` (free space
+    /// minus the reserve) covers them beside what the captures in flight on every node hold;
+    /// else `Err` with what those hold. Checked and written in one writing transaction, so two
+    /// nodes never both take the last space. The reservation lasts while its progress renews it
+    /// ([`RESERVATION_LEASE_MS`]), until [`Catalog::release_disk`].
+    pub async fn reserve_disk(
+        &self,
+        snapshot_id: i64,
+        need: u64,
+        usable: u64,
+    ) -> Result<std::result::Result<(), u64>> {
+        let now = now_ms();
+        let mut tx = self.write_tx().await?;
+        let held: i64 = run_tx!(
+            &mut tx,
+            sqlx::query_scalar(
+                "SELECT CAST(COALESCE(SUM(reserved_bytes), 0) AS BIGINT) FROM snapshots
+                 WHERE reserved_bytes IS NOT NULL AND reserved_until_ms > ?1 AND id <> ?2"
+            )
+            .bind(now)
+            .bind(snapshot_id),
+            fetch_one
+        )?;
+        let held = held.max(0) as u64;
+        if need > usable.saturating_sub(held) {
+            return Ok(Err(held));
+        }
+        run_tx!(
+            &mut tx,
+            sqlx::query(
+                "UPDATE snapshots SET reserved_bytes = ?2, reserved_until_ms = ?3 WHERE id = ?1"
+            )
+            .bind(snapshot_id)
+            .bind(need as i64)
+            .bind(now + RESERVATION_LEASE_MS),
+            execute
+        )?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Gives back capture `snapshot_id`'s share of the store (its attempt ended).
+    pub async fn release_disk(&self, snapshot_id: i64) -> Result<()> {
+        run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE snapshots SET reserved_bytes = NULL, reserved_until_ms = NULL
+                 WHERE id = ?1 AND reserved_bytes IS NOT NULL"
+            )
+            .bind(snapshot_id),
             execute
         )?;
         Ok(())

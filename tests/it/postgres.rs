@@ -282,3 +282,54 @@ async fn db_migrate_moves_a_single_node_catalog_into_postgres_keeping_ids() {
     assert_eq!(second[0]["id"].as_i64().unwrap(), first_id + 1, "{second}");
     assert_eq!(second[0]["state"], "complete", "{second}");
 }
+
+/// Two nodes' captures share one store: a reservation counts what every node holds, and a dead
+/// node's lapses with its lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_reservations_count_every_nodes_captures_and_lapse_when_a_node_stops() {
+    use snapq_core::catalog::{Catalog, Origin};
+    let Some(db) = snapq_testpg::schema_or_skip("shared disk reservations").await else {
+        return;
+    };
+    // Two nodes: two pools on the one catalog.
+    let node_a = Catalog::connect_postgres(&db.url).await.unwrap();
+    let node_b = Catalog::connect_postgres(&db.url).await.unwrap();
+    let endpoint = node_a.ensure_endpoint("res-01").await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            node_a
+                .create_snapshot(endpoint.id, Origin::Capture, "admin")
+                .await
+                .unwrap(),
+        );
+    }
+    // 900 bytes usable: node A's capture holds 600, so node B's 500 does not fit...
+    assert_eq!(node_a.reserve_disk(ids[0], 600, 900).await.unwrap(), Ok(()));
+    assert_eq!(
+        node_b.reserve_disk(ids[1], 500, 900).await.unwrap(),
+        Err(600)
+    );
+    // ...but 300 does, and then nothing more.
+    assert_eq!(node_b.reserve_disk(ids[1], 300, 900).await.unwrap(), Ok(()));
+    assert_eq!(node_b.reserve_disk(ids[2], 1, 900).await.unwrap(), Err(900));
+    // Node A's capture ends: its share returns.
+    node_a.release_disk(ids[0]).await.unwrap();
+    assert_eq!(node_b.reserve_disk(ids[2], 600, 900).await.unwrap(), Ok(()));
+    // A node that dies stops renewing: once its lease is past, its bytes no longer count.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE snapshots SET reserved_until_ms = 1 WHERE id = $1")
+        .bind(ids[2])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(node_a.reserve_disk(ids[0], 600, 900).await.unwrap(), Ok(()));
+    // Progress renews a lease: the renewed one keeps counting.
+    node_a.set_snapshot_progress(ids[0], 10, 600).await.unwrap();
+    assert_eq!(
+        node_b.reserve_disk(ids[2], 600, 900).await.unwrap(),
+        Err(900)
+    );
+}

@@ -100,6 +100,12 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 #[tracing::instrument(skip(svc, ctx), fields(job_id = %ctx.id()))]
 pub async fn run(svc: Arc<Services>, args: CaptureArgs, ctx: JobContext) -> Result<(), JobError> {
     let result = capture(&svc, args.snapshot_id, &ctx).await;
+    if svc.catalog.is_shared()
+        && let Err(e) = svc.catalog.release_disk(args.snapshot_id).await
+    {
+        // Its lease lapses on its own.
+        tracing::warn!(error = %e, "could not release the capture's share of the store");
+    }
     if let Err(err) = &result {
         tracing::info!(snapshot = args.snapshot_id, reason = %err.message(), "capture attempt failed");
     }
@@ -189,6 +195,23 @@ async fn capture(svc: &Services, snapshot_id: i64, ctx: &JobContext) -> Result<(
         .reservations
         .reserve(&hostname, need, free, svc.capture.reserve_bytes)
         .map_err(disk_error)?;
+    if catalog.is_shared() {
+        // Other nodes write to the same store: count what their captures hold too.
+        let usable = free.saturating_sub(svc.capture.reserve_bytes);
+        if let Err(in_flight) = catalog
+            .reserve_disk(snapshot_id, need, usable)
+            .await
+            .transient()?
+        {
+            return Err(disk_error(super::InsufficientDisk {
+                hostname: hostname.clone(),
+                need,
+                available: usable.saturating_sub(in_flight),
+                reserve: svc.capture.reserve_bytes,
+                in_flight,
+            }));
+        }
+    }
     let staged = match reused {
         Some(staged) => staged,
         None => {
