@@ -48,7 +48,8 @@ pub async fn schema() -> Result<TestDb, String> {
     let mut conn = PgConnection::connect_with(&options)
         .await
         .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL at {base}: {e}"));
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+    // The name is ours (digits and underscores), never user text.
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("creating schema {schema}: {e}"));
@@ -146,7 +147,9 @@ fn start_cluster() -> Result<String, String> {
     )?;
     STOP.set((pg_ctl, data, as_root)).ok();
     unsafe { libc::atexit(stop_cluster) };
-    Ok(format!("postgres://postgres@localhost/postgres?host={root_s}"))
+    Ok(format!(
+        "postgres://postgres@localhost/postgres?host={root_s}"
+    ))
 }
 
 static STOP: OnceLock<(PathBuf, PathBuf, bool)> = OnceLock::new();
