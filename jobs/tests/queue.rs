@@ -45,7 +45,7 @@ async fn open(dir: &tempfile::TempDir) -> Queue {
 /// store, as a restarted server would.
 enum Backend {
     Sqlite(tempfile::TempDir),
-    Postgres(snapq_testpg::TestDb),
+    Postgres(Box<snapq_testpg::TestDb>),
 }
 
 impl Backend {
@@ -57,7 +57,7 @@ impl Backend {
     async fn postgres(test: &str) -> Option<Backend> {
         snapq_testpg::schema_or_skip(test)
             .await
-            .map(Backend::Postgres)
+            .map(|db| Backend::Postgres(Box::new(db)))
     }
 
     async fn open(&self) -> Queue {
