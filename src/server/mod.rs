@@ -586,12 +586,9 @@ async fn queue_unlinked_captures(queue: &Queue, catalog: &Catalog) -> anyhow::Re
             continue;
         };
         let key = handlers::capture::job_key(snapshot_id);
-        let job =
-            handlers::capture::enqueue(queue, catalog, snapshot_id, &hostname, &requested_by, key)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("queueing the capture of snapshot {snapshot_id}: {e}")
-                })?;
+        let job = handlers::capture::enqueue(queue, catalog, snapshot_id, &hostname, &requested_by, key)
+            .await
+            .map_err(|e| anyhow::anyhow!("queueing the capture of snapshot {snapshot_id}: {e}"))?;
         tracing::info!(snapshot_id, %hostname, job = %job, "queued a capture the server stopped before linking to its job");
     }
     Ok(())

@@ -471,9 +471,7 @@ async fn a_capture_killed_between_its_row_and_its_job_is_carried_out_after_a_res
     args.extend(flags);
     let server = TestServer::spawn_in(&data, &args);
 
-    let snap = server
-        .wait_snapshot(row_only, Duration::from_secs(60))
-        .await;
+    let snap = server.wait_snapshot(row_only, Duration::from_secs(60)).await;
     assert_eq!(snap["state"], "complete", "{snap}");
     let (_, snap) = server.get(&format!("/v1/snapshots/{queued}")).await;
     assert_eq!(snap["job_id"], job.as_str(), "{snap}");

@@ -536,21 +536,14 @@ async fn a_batch_item_killed_between_its_snapshot_row_and_its_capture_job_is_cap
     add_group(&server, "gap", "gap-*");
     // One capture at a time, each ~12 s at 256 KiB/s: the second endpoint waits its turn.
     let id = start_batch(&server, "gap", &["--max-concurrency", "1"]);
-    let waiting = eventually(
-        Duration::from_secs(60),
-        "one capture running, one waiting",
-        || async {
-            let b = batch(&server, id).await;
-            if b["totals"]["running"] != 1 || b["totals"]["queued"] != 1 {
-                return None;
-            }
-            let item = b["items"]
-                .as_array()?
-                .iter()
-                .find(|i| i["state"] == "queued")?;
-            Some(item["hostname"].as_str()?.to_owned())
-        },
-    )
+    let waiting = eventually(Duration::from_secs(60), "one capture running, one waiting", || async {
+        let b = batch(&server, id).await;
+        if b["totals"]["running"] != 1 || b["totals"]["queued"] != 1 {
+            return None;
+        }
+        let item = b["items"].as_array()?.iter().find(|i| i["state"] == "queued")?;
+        Some(item["hostname"].as_str()?.to_owned())
+    })
     .await;
     let mut dispatched = 0i64;
     crash_and_restart_in_place_after(&mut server, &flags, |data| {
@@ -571,19 +564,13 @@ async fn a_batch_item_killed_between_its_snapshot_row_and_its_capture_job_is_cap
                 rusqlite::params![dispatched, id, waiting],
             )
             .unwrap();
-        assert_eq!(
-            changed, 1,
-            "{waiting} was still waiting when the server was killed"
-        );
+        assert_eq!(changed, 1, "{waiting} was still waiting when the server was killed");
     });
     let b = wait_batch_end(&server, id, Duration::from_secs(180)).await;
     assert_eq!(b["state"], "complete", "{b}");
     assert_eq!(b["totals"]["done"], 2, "{b}");
     let (_, snap) = server.get(&format!("/v1/snapshots/{dispatched}")).await;
-    assert_eq!(
-        snap["state"], "complete",
-        "the dispatched row is the one captured: {snap}"
-    );
+    assert_eq!(snap["state"], "complete", "the dispatched row is the one captured: {snap}");
     let (_, groups) = server.get("/v1/snapshots").await;
     for g in groups.as_array().unwrap() {
         assert_eq!(g["snapshots"].as_array().unwrap().len(), 1, "{g}");
