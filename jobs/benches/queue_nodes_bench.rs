@@ -1,7 +1,10 @@
 //! Benchmark: the queue with three nodes (three `Queue`s, each with its own pools and workers)
 //! on one database, SQLite file and PostgreSQL side by side in the same run, no-op jobs.
 //! Run with `cargo bench -p snapq-jobs --bench queue_nodes_bench`; PostgreSQL comes from
-//! `SNAPQ_TEST_DATABASE_URL` (a fresh schema per scenario), else its column says skipped.
+//! `SNAPQ_TEST_DATABASE_URL` (a fresh schema per scenario), else its columns say skipped.
+//! PostgreSQL runs twice: with the server's synchronous commit (each commit waits for a disk
+//! flush), and with `QueueConfig::pg_async_commit` (the durability of SQLite's
+//! `synchronous = NORMAL`, which the SQLite column uses).
 //!
 //! Scenarios (issue 11's targets in brackets):
 //! - 10,000 jobs enqueued at once, then drained by three nodes [≥ 5,000 jobs/s];
@@ -33,25 +36,42 @@ fn config() -> QueueConfig {
 /// Where the nodes' shared queue lives.
 enum Store {
     Sqlite(std::path::PathBuf),
-    Postgres(String),
+    Postgres { url: String, async_commit: bool },
 }
 
 impl Store {
     async fn open(&self) -> Queue {
         match self {
             Store::Sqlite(path) => Queue::open(path, config()).await.unwrap(),
-            Store::Postgres(url) => Queue::open_postgres(url, config()).await.unwrap(),
+            Store::Postgres { url, async_commit } => {
+                let config = QueueConfig {
+                    pg_async_commit: *async_commit,
+                    ..config()
+                };
+                Queue::open_postgres(url, config).await.unwrap()
+            }
         }
     }
 }
 
-/// A fresh store for one scenario, or `None` with the reason when there is no PostgreSQL.
-async fn store(postgres: bool, dir: &std::path::Path, name: &str) -> Result<Store, String> {
-    if !postgres {
-        return Ok(Store::Sqlite(dir.join(format!("{name}.db"))));
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres { async_commit: bool },
+}
+
+/// A fresh store for one scenario, or the reason when there is no PostgreSQL.
+async fn store(backend: Backend, dir: &std::path::Path, name: &str) -> Result<Store, String> {
+    match backend {
+        Backend::Sqlite => Ok(Store::Sqlite(dir.join(format!("{name}.db")))),
+        Backend::Postgres { async_commit } => {
+            let db = snapq_testpg::schema().await?;
+            Ok(Store::Postgres {
+                url: db.url,
+                async_commit,
+            })
+        }
     }
-    let db = snapq_testpg::schema().await?;
-    Ok(Store::Postgres(db.url))
 }
 
 /// Three nodes with no-op workers; `done` counts finished jobs across them.
@@ -175,8 +195,11 @@ async fn idle_start_elsewhere(store: &Store, samples: usize) -> String {
     )
 }
 
-fn row(scenario: &str, sqlite: &str, pg: &str) {
-    println!("{scenario:<58} | {sqlite:<36} | {pg}");
+fn row(cells: &[&str]) {
+    println!(
+        "{:<58} | {:<34} | {:<34} | {}",
+        cells[0], cells[1], cells[2], cells[3]
+    );
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -188,12 +211,13 @@ async fn main() {
             .map(|n| n.get())
             .unwrap_or(0),
     );
-    row(
+    row(&[
         "scenario (target on PostgreSQL)",
         "SQLite (one file)",
-        "PostgreSQL",
-    );
-    println!("{}", "-".repeat(140));
+        "PostgreSQL, synchronous commit",
+        "PostgreSQL, pg_async_commit",
+    ]);
+    println!("{}", "-".repeat(170));
     let mut skipped = None;
     type Scenario = for<'a> fn(&'a Store) -> futures::future::BoxFuture<'a, String>;
     let scenarios: [(&str, &str, Scenario); 3] = [
@@ -203,9 +227,9 @@ async fn main() {
             |s| Box::pin(drain(s, 10_000)),
         ),
         (
-            "5,000 one-at-a-time enqueues, 3 nodes (>= 2,000/s)",
+            "2,000 one-at-a-time enqueues, 3 nodes (>= 2,000/s)",
             "one",
-            |s| Box::pin(one_at_a_time(s, 5_000)),
+            |s| Box::pin(one_at_a_time(s, 2_000)),
         ),
         (
             "idle start on another node p50 / p99 / max (p99 <= 50 ms)",
@@ -213,16 +237,25 @@ async fn main() {
             |s| Box::pin(idle_start_elsewhere(s, 200)),
         ),
     ];
+    let backends = [
+        Backend::Sqlite,
+        Backend::Postgres {
+            async_commit: false,
+        },
+        Backend::Postgres { async_commit: true },
+    ];
     for (label, name, run) in scenarios {
-        let sqlite = run(&store(false, dir.path(), name).await.unwrap()).await;
-        let pg = match store(true, dir.path(), name).await {
-            Ok(s) => run(&s).await,
-            Err(why) => {
-                skipped = Some(why);
-                "skipped".to_owned()
-            }
-        };
-        row(label, &sqlite, &pg);
+        let mut cells = vec![label.to_owned()];
+        for backend in backends {
+            cells.push(match store(backend, dir.path(), name).await {
+                Ok(s) => run(&s).await,
+                Err(why) => {
+                    skipped = Some(why);
+                    "skipped".to_owned()
+                }
+            });
+        }
+        row(&cells.iter().map(String::as_str).collect::<Vec<_>>());
     }
     if let Some(why) = skipped {
         println!("PostgreSQL skipped: {why}");

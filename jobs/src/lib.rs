@@ -1,9 +1,13 @@
-//! snapq's durable job queue: one SQLite file (`queue.db`) in apalis-sqlite's schema, typed
-//! enqueue over one transport, supervised workers with bounded concurrency, our own retry
-//! backoff, per-attempt history, progress, cancellation, crash resume and retention.
+//! snapq's durable job queue: one SQLite file (`queue.db`) in apalis-sqlite's schema, or a
+//! PostgreSQL database shared by several server nodes; typed enqueue over one transport,
+//! supervised workers with bounded concurrency, our own retry backoff, per-attempt history,
+//! progress, cancellation, crash resume (orphan rescue across nodes) and retention.
 //!
 //! Job kinds' handlers live with the code that understands them; this crate is the machinery
-//! they plug into: `Queue::open`, `queue.enqueue(..)`, `queue.spawn_workers(kind, n, handler)`.
+//! they plug into: `Queue::open` (SQLite) or `Queue::open_postgres`, `queue.enqueue(..)`,
+//! `queue.spawn_workers(kind, n, handler)`. Both backends run the same engine (`queue`,
+//! `worker`); only the statements (`sql`, `sql_pg`), opening (`db`, `pg`) and the way other
+//! processes' changes wake an idle worker differ.
 
 /// Runs one of the queue's statements on either backend: `sql::NAME` on SQLite,
 /// `sql_pg::NAME` on PostgreSQL, with the same binds in the same order.

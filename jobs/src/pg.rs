@@ -167,12 +167,16 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
-/// Connect, migrate, and open the writer connection and the read pool.
-pub(crate) async fn open(url: &str) -> Result<(Db, String), QueueError> {
+/// Connect, migrate, and open the writer connection and the read pool. `async_commit`: see
+/// `QueueConfig::pg_async_commit`.
+pub(crate) async fn open(url: &str, async_commit: bool) -> Result<(Db, String), QueueError> {
     let shown = redact(url);
-    let opts: PgConnectOptions = url
+    let mut opts: PgConnectOptions = url
         .parse()
         .map_err(|e| QueueError::Config(format!("invalid PostgreSQL URL {shown}: {e}")))?;
+    if async_commit {
+        opts = opts.options([("synchronous_commit", "off")]);
+    }
     let connect_err = |source: sqlx::Error| QueueError::Connect {
         url: shown.clone(),
         source,

@@ -1220,6 +1220,62 @@ mod postgres_nodes {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_notification_delays_a_job_by_at_most_the_poll_interval() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_lost_notification").await else {
+            return;
+        };
+        // Only a notification or the poll can wake the idle worker: no idle re-check.
+        let config = QueueConfig {
+            poll_interval: Duration::from_millis(50),
+            idle_recheck: Duration::from_secs(3600),
+            ..fast_config()
+        };
+        let worker = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        worker
+            .spawn_workers(JobKind::Noop, 2, move |_: Value, _| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Instant::now());
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        let producer = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        // From here on every enqueue's notification is lost.
+        let pool = sqlx::PgPool::connect_with(db.options.clone())
+            .await
+            .unwrap();
+        sqlx::query("ALTER TABLE snapq_jobs DISABLE TRIGGER snapq_jobs_notify_insert")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        for _ in 0..5 {
+            // let the worker go idle
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let t0 = Instant::now();
+            producer
+                .enqueue(JobKind::Noop, &json!({}), "t")
+                .await
+                .unwrap();
+            let started = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the poll never found the job")
+                .unwrap();
+            let latency = started - t0;
+            // The poll interval plus slack for a loaded 2-core machine.
+            assert!(
+                latency < config.poll_interval + Duration::from_millis(450),
+                "started after {latency:?}"
+            );
+        }
+        producer.shutdown(Duration::from_secs(1)).await.unwrap();
+        worker.shutdown(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_starting_at_once_on_an_empty_schema_all_open_it() {
         let Some(db) = snapq_testpg::schema_or_skip("nodes_starting_at_once").await else {
             return;
