@@ -2,6 +2,10 @@
 //! connection, one writer connection, a small read pool, apalis-sqlite's migrations, and our
 //! own tables (created with plain `CREATE TABLE IF NOT EXISTS`, outside sqlx's migrations
 //! table, which apalis owns in this file).
+//!
+//! Also the connection types the engine uses on either backend: the held `Writer`, the
+//! `Reader` pool, and `Side`, which `run!` matches to pick a statement's dialect (PostgreSQL's
+//! opening is in `pg`).
 
 use std::{
     path::{Path, PathBuf},

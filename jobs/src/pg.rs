@@ -189,6 +189,10 @@ pub(crate) async fn open(url: &str, async_commit: bool) -> Result<(Db, String), 
         .map_err(connect_err)?;
     let schema = migrate(&mut conn).await?;
     let _ = conn.close().await;
+    // So an operator can tell the queue's sessions in `pg_stat_activity` (unless the URL names them).
+    if opts.get_application_name().is_none() {
+        opts = opts.application_name(&format!("snapq queue {schema}"));
+    }
     let writer = PgPoolOptions::new()
         .max_connections(1)
         .min_connections(1)

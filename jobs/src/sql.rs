@@ -1,5 +1,6 @@
 //! The SQL the queue runs against apalis' `Jobs`/`Workers` tables and our own tables.
-//! Kept together so the state mapping (see `JobState`) is visible in one place.
+//! Kept together so the state mapping (see `JobState`) is visible in one place. Each statement
+//! has a PostgreSQL twin of the same name and parameters in `sql_pg`.
 
 /// apalis status + counters → our state name.
 macro_rules! state_expr {

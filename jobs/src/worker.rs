@@ -711,6 +711,8 @@ async fn committer(shared: Arc<Shared>) -> Result<(), QueueError> {
                     // Never drop outcomes: a lost ack would leave a job `running` under a live
                     // worker, which no one would rescue.
                     tracing::error!(error = %e, jobs = batch.len(), "cannot record job outcomes; retrying");
+                    // The held writer connection may be what failed (a restarted PostgreSQL).
+                    shared.writer.check().await;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }

@@ -1276,6 +1276,61 @@ mod postgres_nodes {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_database_connections_are_cut_reconnects_and_loses_no_outcome() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_node_whose_database_connections").await
+        else {
+            return;
+        };
+        let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let runs = Arc::new(AtomicU32::new(0));
+        let (g, r) = (gate.clone(), runs.clone());
+        q.spawn_workers(JobKind::Capture, 2, move |_: Value, _| {
+            let (g, r) = (g.clone(), r.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        let running = q.enqueue(JobKind::Capture, &json!({}), "t").await.unwrap();
+        wait_state(&q, &running, JobState::Running).await;
+        // What a PostgreSQL restart does to the node: every session of its queue ends.
+        let admin = sqlx::PgPool::connect_with(db.options.clone())
+            .await
+            .unwrap();
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(format!("snapq queue {}", db.schema))
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        assert!(!killed.is_empty());
+        // The running job finishes now; its outcome is recorded once the node has reconnected.
+        gate.add_permits(2);
+        let d = wait_state(&q, &running, JobState::Done).await;
+        assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Ok));
+        // And new work flows again (an enqueue right after the cut may fail, as the cut
+        // connection is found out).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = loop {
+            match q.enqueue(JobKind::Capture, &json!({}), "t").await {
+                Ok(id) => break id,
+                Err(e) => assert!(Instant::now() < deadline, "enqueues keep failing: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        wait_state(&q, &next, JobState::Done).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        q.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_starting_at_once_on_an_empty_schema_all_open_it() {
         let Some(db) = snapq_testpg::schema_or_skip("nodes_starting_at_once").await else {
             return;
