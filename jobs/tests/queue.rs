@@ -1331,6 +1331,88 @@ mod postgres_nodes {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_running_on_one_node_is_cancelled_from_another() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_job_running_on_one_node_is_cancelled").await
+        else {
+            return;
+        };
+        let runner = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        runner
+            .spawn_workers(JobKind::Capture, 1, |_: Value, ctx| async move {
+                ctx.cancelled().await;
+                Err(JobError::transient("stopped"))
+            })
+            .await
+            .unwrap();
+        let id = runner
+            .enqueue(JobKind::Capture, &json!({}), "t")
+            .await
+            .unwrap();
+        wait_state(&runner, &id, JobState::Running).await;
+        let other = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        assert_eq!(
+            other.cancel(&id, "dave").await.unwrap(),
+            CancelOutcome::Requested
+        );
+        let d = wait_state(&other, &id, JobState::Cancelled).await;
+        assert_eq!(
+            d.attempt_log.last().unwrap().outcome,
+            Some(AttemptOutcome::Cancelled)
+        );
+        other.shutdown(Duration::from_secs(1)).await.unwrap();
+        runner.shutdown(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_enqueueing_one_idempotency_key_at_once_get_one_job() {
+        let Some(db) = snapq_testpg::schema_or_skip("nodes_enqueueing_one_idempotency_key").await
+        else {
+            return;
+        };
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Queue::open_postgres(&db.url, fast_config()).await.unwrap());
+        }
+        let opts = EnqueueOptions {
+            idempotency_key: Some("nightly:2026-12-02T02:00".into()),
+            ..Default::default()
+        };
+        let tasks: Vec<_> = nodes
+            .iter()
+            .flat_map(|q| std::iter::repeat_n(q.clone(), 4))
+            .map(|q| {
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    q.enqueue_with(JobKind::Fleet, &json!({"group": "web"}), "cron", &opts)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(
+            results.iter().filter(|e| e.created).count(),
+            1,
+            "{results:?}"
+        );
+        assert!(results.iter().all(|e| e.id == results[0].id), "{results:?}");
+        let fleet = nodes[0]
+            .list(&ListFilter {
+                kind: Some(JobKind::Fleet),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(fleet.len(), 1);
+        for node in nodes {
+            node.shutdown(Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_starting_at_once_on_an_empty_schema_all_open_it() {
         let Some(db) = snapq_testpg::schema_or_skip("nodes_starting_at_once").await else {
             return;
