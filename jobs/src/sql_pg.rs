@@ -156,12 +156,18 @@ pub(crate) const SET_PROGRESS: &str = "INSERT INTO snapq_job_state
 
 // ---- workers, heartbeats, orphans ------------------------------------------------------------
 
+// Heartbeats carry the database's clock, not the node's: nodes judge each other by when the
+// heartbeats arrived, so a node whose clock is off is neither taken for dead nor kept alive.
+// (`$6` / `$2`, the node's time, only dates the registration.)
+
 pub(crate) const REGISTER_WORKER: &str = "INSERT INTO snapq_workers
         (id, instance, kind, hostname, pid, started_ms, last_seen_ms)
-    VALUES ($1, $2, $3, $4, $5, $6, $6)";
+    VALUES ($1, $2, $3, $4, $5, $6, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)";
 
-pub(crate) const HEARTBEAT: &str =
-    "UPDATE snapq_workers SET last_seen_ms = $2 WHERE instance = $1 AND stopped_ms IS NULL";
+/// $1 instance, $2 the node's time (ms; unused, see above)
+pub(crate) const HEARTBEAT: &str = "UPDATE snapq_workers
+    SET last_seen_ms = (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+    WHERE instance = $1 AND stopped_ms IS NULL AND $2::BIGINT IS NOT NULL";
 
 pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms
     FROM snapq_workers WHERE stopped_ms IS NULL ORDER BY hostname, kind, id";
@@ -175,10 +181,11 @@ pub(crate) const SAME_HOST_WORKERS: &str = "SELECT id, pid FROM snapq_workers
 pub(crate) const MARK_WORKER_DEAD: &str =
     "UPDATE snapq_workers SET last_seen_ms = 0, stopped_ms = $2 WHERE id = $1";
 
-/// Workers of any node that hold running jobs but stopped heartbeating.
-/// $1 stale before (ms), $2 our instance
+/// Workers of any node that hold running jobs but stopped heartbeating, by the database's
+/// clock. Unlike SQLite's twin: $1 `orphan_after` (ms), $2 our instance.
 pub(crate) const STALE_WORKERS: &str = "SELECT w.id FROM snapq_workers w
-    WHERE w.last_seen_ms < $1 AND w.instance != $2
+    WHERE w.last_seen_ms < (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT - $1
+      AND w.instance != $2
       AND EXISTS (SELECT 1 FROM snapq_jobs j
                   WHERE j.lock_by = w.id AND j.status IN ('Running', 'Queued'))";
 

@@ -1006,8 +1006,24 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
     let stale_ms = now - shared.config.orphan_after.as_millis() as i64;
     let mut w = shared.writer.lock().await?;
     let mut tx = w.begin().await?;
-    let workers: Vec<String> =
-        run!(query_scalar.fetch_all tx.conn(), STALE_WORKERS, stale_ms, &shared.instance)?;
+    // On PostgreSQL the heartbeats and this comparison use the database's clock (see
+    // `sql_pg::HEARTBEAT`): nodes' clocks may differ.
+    let workers: Vec<String> = match tx.conn() {
+        Side::Sqlite(c) => {
+            sqlx::query_scalar(sql::STALE_WORKERS)
+                .bind(stale_ms)
+                .bind(&shared.instance)
+                .fetch_all(c)
+                .await?
+        }
+        Side::Pg(c) => {
+            sqlx::query_scalar(crate::sql_pg::STALE_WORKERS)
+                .bind(shared.config.orphan_after.as_millis() as i64)
+                .bind(&shared.instance)
+                .fetch_all(c)
+                .await?
+        }
+    };
     let mut total = 0;
     let mut wake = Vec::new();
     let mut dead = false;
