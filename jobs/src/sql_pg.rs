@@ -175,8 +175,11 @@ pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_m
 pub(crate) const STOP_WORKERS: &str =
     "UPDATE snapq_workers SET stopped_ms = $2 WHERE instance = $1 AND stopped_ms IS NULL";
 
+/// Unlike SQLite's twin: $3 how long without a heartbeat (ms) before a worker of a process
+/// that is gone counts as dead (see `worker::mark_dead_local_workers`).
 pub(crate) const SAME_HOST_WORKERS: &str = "SELECT id, pid FROM snapq_workers
-    WHERE hostname = $1 AND instance != $2 AND stopped_ms IS NULL";
+    WHERE hostname = $1 AND instance != $2 AND stopped_ms IS NULL
+      AND last_seen_ms < (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT - $3";
 
 pub(crate) const MARK_WORKER_DEAD: &str =
     "UPDATE snapq_workers SET last_seen_ms = 0, stopped_ms = $2 WHERE id = $1";

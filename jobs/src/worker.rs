@@ -985,12 +985,26 @@ fn pid_alive(_pid: i64) -> bool {
 
 /// At start-up: workers of this host whose process is gone are dead now, not after
 /// `orphan_after`, so their jobs resume at once. Peers on other hosts are judged only by
-/// their heartbeats.
+/// their heartbeats. On PostgreSQL a host name may also be another machine's (containers in
+/// their own pid namespaces): only workers that also missed two heartbeats count.
 pub(crate) async fn mark_dead_local_workers(shared: &Shared) -> Result<(), QueueError> {
-    let rows: Vec<(String, i64)> = run!(query_as.fetch_all shared.reader.on(), SAME_HOST_WORKERS,
-        &shared.hostname,
-        &shared.instance,
-    )?;
+    let rows: Vec<(String, i64)> = match shared.reader.on() {
+        Side::Sqlite(p) => {
+            sqlx::query_as(sql::SAME_HOST_WORKERS)
+                .bind(&shared.hostname)
+                .bind(&shared.instance)
+                .fetch_all(p)
+                .await?
+        }
+        Side::Pg(p) => {
+            sqlx::query_as(crate::sql_pg::SAME_HOST_WORKERS)
+                .bind(&shared.hostname)
+                .bind(&shared.instance)
+                .bind((shared.config.heartbeat_interval * 2).as_millis() as i64)
+                .fetch_all(p)
+                .await?
+        }
+    };
     let me = std::process::id() as i64;
     for (id, pid) in rows {
         if pid != me && !pid_alive(pid) {
