@@ -1,5 +1,6 @@
-//! `Queue`: opening `queue.db`, typed enqueue over one transport, and the operations the CLI
-//! and HTTP layer need (status, list, show, retry, cancel, prune, shutdown).
+//! `Queue`: opening `queue.db` (or a PostgreSQL database), typed enqueue over one transport,
+//! and the operations the CLI and HTTP layer need (status, list, show, retry, cancel, prune,
+//! shutdown), the same on both backends.
 
 use std::{
     collections::HashMap,
@@ -59,11 +60,12 @@ pub struct QueueConfig {
     pub prune_interval: Duration,
     /// PostgreSQL only: commit the queue's changes without waiting for the server to flush
     /// them to disk (`synchronous_commit = off` on the queue's connections). A single commit
-    /// then costs a round trip instead of a disk flush (~3.6 ms on the bench machine's disk,
-    /// which caps one-at-a-time enqueues near 280/s). What it risks is what SQLite's
-    /// `synchronous = NORMAL` risks: a crash of the database server or of the machine under it
-    /// (never of a snapq node) may lose the last fraction of a second of queue changes; nothing
-    /// is corrupted. Off by default: the server's own setting applies.
+    /// then costs a round trip instead of a disk flush: on the 2-core bench machine under load,
+    /// one-at-a-time enqueues went from 147–1,094/s to 2,669–2,946/s (`queue_nodes_bench`).
+    /// What it risks is what SQLite's `synchronous = NORMAL` risks: a crash of the database
+    /// server or of the machine under it (never of a snapq node) may lose the last fraction of
+    /// a second of queue changes; nothing is corrupted. Off by default: the server's own
+    /// setting applies.
     #[serde(default)]
     pub pg_async_commit: bool,
 }

@@ -942,7 +942,11 @@ async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it
             .id;
         wait_state(&q, &orphan, JobState::Running).await;
     }
-    let q = b.open().await;
+    // Retries far enough apart that the cancel below finds its job waiting, not running again.
+    let mut config = fast_config();
+    config.retry.base_delay = Duration::from_secs(5);
+    config.retry.max_delay = Duration::from_secs(10);
+    let q = b.open_with(config).await;
     let told = record_terminal(&q);
     q.spawn_workers(JobKind::Noop, 2, |args: Value, _| async move {
         match args["do"].as_str() {
