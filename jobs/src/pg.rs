@@ -99,9 +99,12 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             stopped_ms BIGINT
         )",
         "CREATE INDEX snapq_workers_instance ON snapq_workers (instance)",
+        // The node handing a row to its hook holds a lease on it (`sql_pg::TERMINAL_LEASE`).
         "CREATE TABLE snapq_terminal (
             id TEXT PRIMARY KEY,
-            at_ms BIGINT NOT NULL
+            at_ms BIGINT NOT NULL,
+            lease_by TEXT,
+            lease_until_ms BIGINT
         )",
         // One function for every status change, each branch the twin of a SQLite trigger
         // (`db::SCHEMA`), plus the notification that a job waits again.
@@ -120,7 +123,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             ELSIF NEW.status = 'Killed'
                     OR (NEW.status = 'Failed' AND NEW.attempts >= NEW.max_attempts) THEN
                 INSERT INTO snapq_terminal (id, at_ms) VALUES (NEW.id, now_ms)
-                ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms;
+                ON CONFLICT (id) DO UPDATE
+                SET at_ms = excluded.at_ms, lease_by = NULL, lease_until_ms = NULL;
             ELSIF NEW.status IN ('Pending', 'Failed') THEN
                 PERFORM pg_notify('snapq_queue', TG_TABLE_SCHEMA || ' ' || NEW.job_type);
             END IF;

@@ -491,8 +491,9 @@ impl Queue {
     /// after the handler ignored it, the orphan rescue. The state change and an outbox row are
     /// written in one statement, and the row is handed to `hook` until it returns `Ok`, so a
     /// crash in between only delays the call. At most one hook per queue. On PostgreSQL the
-    /// nodes with a hook share one outbox, so two nodes may both deliver the same job: like a
-    /// delivery repeated after a crash, the hook must be idempotent.
+    /// nodes share one outbox and each row is leased to one node's hook at a time; a node that
+    /// dies or hangs mid-call has its rows offered to the others after a minute, so, as after
+    /// a crash, a job may be delivered twice: the hook must be idempotent.
     pub fn on_terminal<F, Fut>(&self, hook: F) -> Result<(), QueueError>
     where
         F: Fn(TerminalJob) -> Fut + Send + Sync + 'static,

@@ -208,13 +208,32 @@ pub(crate) const CANCEL_REQUESTS: &str =
 
 // ---- terminal outcomes ----------------------------------------------------------------------
 
-pub(crate) const TERMINAL_PENDING: &str = concat!(
-    "SELECT t.id, j.job_type, j.job, ",
+/// Instead of SQLite's `TERMINAL_PENDING`: outbox rows no node holds, leased to this one, with
+/// their job as it is now, so each reaches one node's hook (another's only once the lease ran
+/// out). $1 limit, $2 our instance, $3 lease (ms)
+pub(crate) const TERMINAL_LEASE: &str = concat!(
+    "WITH leased AS (
+        UPDATE snapq_terminal
+        SET lease_by = $2,
+            lease_until_ms = (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT + $3
+        WHERE id IN (
+            SELECT id FROM snapq_terminal
+            WHERE lease_until_ms IS NULL
+               OR lease_until_ms < (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
+            ORDER BY at_ms LIMIT $1
+            FOR UPDATE SKIP LOCKED)
+        RETURNING id, at_ms
+    )
+    SELECT t.id, j.job_type, j.job, ",
     state_expr!(),
     " AS state, j.last_result, j.metadata
-    FROM snapq_terminal t LEFT JOIN snapq_jobs j ON j.id = t.id
-    ORDER BY t.at_ms LIMIT $1"
+    FROM leased t LEFT JOIN snapq_jobs j ON j.id = t.id
+    ORDER BY t.at_ms"
 );
+
+/// The hook refused the row: offer it again (to any node). $1 id
+pub(crate) const TERMINAL_RELEASE: &str =
+    "UPDATE snapq_terminal SET lease_by = NULL, lease_until_ms = NULL WHERE id = $1";
 
 pub(crate) const TERMINAL_DONE: &str = "DELETE FROM snapq_terminal WHERE id = $1";
 

@@ -289,6 +289,10 @@ type TerminalRow = (
     Option<String>,
 );
 
+/// How long a PostgreSQL node may take to hand a leased outbox row to its hook before another
+/// node may take it (the node died, or its hook hangs).
+const TERMINAL_LEASE: Duration = Duration::from_secs(60);
+
 /// Hands each outbox row (`snapq_terminal`) to the terminal hook and deletes it once the hook
 /// recorded it. A job retried since it ended is no longer terminal: its row is just dropped.
 async fn terminal_dispatch(
@@ -301,8 +305,23 @@ async fn terminal_dispatch(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let rows: Vec<TerminalRow> =
-            run!(query_as.fetch_all shared.reader.on(), TERMINAL_PENDING, CHUNK as i64)?;
+        let rows: Vec<TerminalRow> = match shared.reader.on() {
+            Side::Sqlite(p) => {
+                sqlx::query_as(sql::TERMINAL_PENDING)
+                    .bind(CHUNK as i64)
+                    .fetch_all(p)
+                    .await?
+            }
+            // Nodes share the outbox: each row is leased to one of them at a time.
+            Side::Pg(p) => {
+                sqlx::query_as(crate::sql_pg::TERMINAL_LEASE)
+                    .bind(CHUNK as i64)
+                    .bind(&shared.instance)
+                    .bind(TERMINAL_LEASE.as_millis() as i64)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
         let mut refused = false;
         for (id, queue, args, state, last_result, metadata) in &rows {
             let state = JobState::parse(state);
@@ -324,6 +343,12 @@ async fn terminal_dispatch(
                 if let Err(e) = hook(job).await {
                     tracing::warn!(job_id = %id, error = %e, "terminal outcome not recorded yet; will try again");
                     refused = true;
+                    if let Side::Pg(p) = shared.reader.on() {
+                        sqlx::query(crate::sql_pg::TERMINAL_RELEASE)
+                            .bind(id)
+                            .execute(p)
+                            .await?;
+                    }
                     continue;
                 }
             }

@@ -1417,6 +1417,49 @@ mod postgres_nodes {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_dead_job_reaches_the_terminal_hook_of_one_node_once() {
+        let Some(db) =
+            snapq_testpg::schema_or_skip("each_dead_job_reaches_the_terminal_hook").await
+        else {
+            return;
+        };
+        let told: Told = Arc::default();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+            let t = told.clone();
+            q.on_terminal(move |job| {
+                let t = t.clone();
+                async move {
+                    t.lock().unwrap().push((job.id, job.state, job.error));
+                    Ok(())
+                }
+            })
+            .unwrap();
+            q.spawn_workers(JobKind::Noop, 4, |_: Value, _| async {
+                Err(JobError::permanent("bad input"))
+            })
+            .await
+            .unwrap();
+            nodes.push(q);
+        }
+        let ids = nodes[0]
+            .enqueue_many(JobKind::Noop, &vec![json!({}); 60], "t")
+            .await
+            .unwrap();
+        for id in &ids {
+            assert_eq!(wait_told(&told, id).await.0, JobState::Failed);
+        }
+        // Every node looks at the outbox again (idle re-check) before the count is final.
+        tokio::time::sleep(fast_config().idle_recheck + Duration::from_millis(500)).await;
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), ids.len(), "each once: {told:?}");
+        for node in nodes {
+            node.shutdown(Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_starting_at_once_on_an_empty_schema_all_open_it() {
         let Some(db) = snapq_testpg::schema_or_skip("nodes_starting_at_once").await else {
             return;
