@@ -2,6 +2,10 @@
 //! connection, one writer connection, a small read pool, apalis-sqlite's migrations, and our
 //! own tables (created with plain `CREATE TABLE IF NOT EXISTS`, outside sqlx's migrations
 //! table, which apalis owns in this file).
+//!
+//! Also the connection types the engine uses on either backend: the held `Writer`, the
+//! `Reader` pool, and `Side`, which `run!` matches to pick a statement's dialect (PostgreSQL's
+//! opening is in `pg`).
 
 use std::{
     path::{Path, PathBuf},
@@ -10,8 +14,9 @@ use std::{
 
 use apalis_sqlite::SqliteStorage;
 use sqlx::{
-    Connection, Sqlite, SqliteConnection, SqlitePool,
+    Connection, Database, Pool, Postgres, Sqlite, SqliteConnection, SqlitePool,
     pool::PoolConnection,
+    postgres::{PgConnection, PgPool},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
@@ -117,29 +122,26 @@ const SCHEMA: &[&str] = &[
 
 /// The single writer connection, held for the life of the queue and handed out behind an
 /// async mutex. Every write (enqueue, claim, outcomes, user operations) goes through it, so
-/// writers in this process never meet in SQLite's busy handler.
+/// writers in this process never meet in SQLite's busy handler (on PostgreSQL: one
+/// connection per node writes, and nodes meet only in row locks).
 ///
 /// Why not `&pool` per statement: a pool acquire (plus its liveness ping) costs extra thread
 /// hand-offs: `SELECT 1` through a one-connection pool measured 36–109 µs on the 2-core bench
 /// machine, on a held connection behind this mutex ~9 µs.
-pub(crate) struct Writer {
-    pool: SqlitePool,
-    conn: Mutex<Option<PoolConnection<Sqlite>>>,
+pub(crate) struct Held<DB: Database> {
+    pool: Pool<DB>,
+    conn: Mutex<Option<PoolConnection<DB>>>,
 }
 
-/// Exclusive use of the writer connection until dropped.
-pub(crate) type WriterConn<'a> = MappedMutexGuard<'a, SqliteConnection>;
-
-impl Writer {
-    fn new(pool: SqlitePool) -> Writer {
-        Writer {
+impl<DB: Database> Held<DB> {
+    pub(crate) fn new(pool: Pool<DB>) -> Held<DB> {
+        Held {
             pool,
             conn: Mutex::new(None),
         }
     }
 
-    /// Take the writer connection (waiting for the current user, first come first served).
-    pub(crate) async fn lock(&self) -> Result<WriterConn<'_>, sqlx::Error> {
+    async fn lock(&self) -> Result<MappedMutexGuard<'_, DB::Connection>, sqlx::Error> {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
             *guard = Some(self.pool.acquire().await?);
@@ -149,9 +151,7 @@ impl Writer {
         }))
     }
 
-    /// After an error: if the held connection no longer answers, drop it so the next `lock`
-    /// opens a fresh one (the pool replaces it).
-    pub(crate) async fn check(&self) {
+    async fn check(&self) {
         let mut guard = self.conn.lock().await;
         let dead = match guard.as_mut() {
             Some(conn) => conn.ping().await.is_err(),
@@ -162,15 +162,134 @@ impl Writer {
         }
     }
 
-    pub(crate) async fn close(&self) {
+    async fn close(&self) {
         drop(self.conn.lock().await.take());
         self.pool.close().await;
     }
 }
 
+/// The writer of either backend.
+pub(crate) enum Writer {
+    Sqlite(Held<Sqlite>),
+    Pg(Held<Postgres>),
+}
+
+/// One of two things, by backend: what `run!` dispatches on (connections, pools).
+pub(crate) enum Side<S, P> {
+    Sqlite(S),
+    Pg(P),
+}
+
+/// A connection of either backend, borrowed: the writer, or a transaction on it.
+pub(crate) type Conn<'a> = Side<&'a mut SqliteConnection, &'a mut PgConnection>;
+
+/// Exclusive use of the writer connection until dropped.
+pub(crate) type WriterConn<'a> =
+    Side<MappedMutexGuard<'a, SqliteConnection>, MappedMutexGuard<'a, PgConnection>>;
+
+/// A transaction on the writer connection.
+pub(crate) type Tx<'a> = Side<sqlx::Transaction<'a, Sqlite>, sqlx::Transaction<'a, Postgres>>;
+
+impl Writer {
+    /// Take the writer connection (waiting for the current user, first come first served).
+    pub(crate) async fn lock(&self) -> Result<WriterConn<'_>, sqlx::Error> {
+        Ok(match self {
+            Writer::Sqlite(h) => Side::Sqlite(h.lock().await?),
+            Writer::Pg(h) => Side::Pg(h.lock().await?),
+        })
+    }
+
+    /// After an error: if the held connection no longer answers, drop it so the next `lock`
+    /// opens a fresh one (the pool replaces it).
+    pub(crate) async fn check(&self) {
+        match self {
+            Writer::Sqlite(h) => h.check().await,
+            Writer::Pg(h) => h.check().await,
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        match self {
+            Writer::Sqlite(h) => h.close().await,
+            Writer::Pg(h) => h.close().await,
+        }
+    }
+}
+
+impl WriterConn<'_> {
+    pub(crate) fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Side::Sqlite(c) => Side::Sqlite(&mut **c),
+            Side::Pg(c) => Side::Pg(&mut **c),
+        }
+    }
+
+    pub(crate) async fn begin(&mut self) -> Result<Tx<'_>, sqlx::Error> {
+        Ok(match self {
+            Side::Sqlite(c) => Side::Sqlite(c.begin().await?),
+            Side::Pg(c) => Side::Pg(c.begin().await?),
+        })
+    }
+}
+
+impl Tx<'_> {
+    pub(crate) fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Side::Sqlite(c) => Side::Sqlite(&mut **c),
+            Side::Pg(c) => Side::Pg(&mut **c),
+        }
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Side::Sqlite(t) => t.commit().await,
+            Side::Pg(t) => t.commit().await,
+        }
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Side::Sqlite(t) => t.rollback().await,
+            Side::Pg(t) => t.rollback().await,
+        }
+    }
+}
+
+impl Conn<'_> {
+    /// The same connection, borrowed again (to pass it on and use it after).
+    pub(crate) fn re(&mut self) -> Conn<'_> {
+        match self {
+            Side::Sqlite(c) => Side::Sqlite(&mut **c),
+            Side::Pg(c) => Side::Pg(&mut **c),
+        }
+    }
+}
+
+/// The read pool of either backend.
+pub(crate) enum Reader {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+impl Reader {
+    pub(crate) fn on(&self) -> Side<&SqlitePool, &PgPool> {
+        match self {
+            Reader::Sqlite(p) => Side::Sqlite(p),
+            Reader::Pg(p) => Side::Pg(p),
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        match self {
+            Reader::Sqlite(p) => p.close().await,
+            Reader::Pg(p) => p.close().await,
+        }
+    }
+}
+
 pub(crate) struct Db {
     pub(crate) writer: Writer,
-    pub(crate) reader: SqlitePool,
+    pub(crate) reader: Reader,
 }
 
 fn not_a_queue(path: &Path, reason: impl Into<String>) -> QueueError {
@@ -282,8 +401,8 @@ pub(crate) async fn open(path: &Path, busy_timeout: Duration) -> Result<Db, Queu
         .connect_with(opts.read_only(true))
         .await?;
     Ok(Db {
-        writer: Writer::new(writer),
-        reader,
+        writer: Writer::Sqlite(Held::new(writer)),
+        reader: Reader::Sqlite(reader),
     })
 }
 

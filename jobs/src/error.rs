@@ -20,6 +20,32 @@ pub enum QueueError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    /// The queue's PostgreSQL could not be reached or refused the connection.
+    #[error(
+        "cannot connect to the queue database at {url}: {source}; check the URL (host, port, database, user, password) and that PostgreSQL is running"
+    )]
+    Connect {
+        /// The URL with its password hidden.
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The PostgreSQL schema was migrated by a newer snapq than this one.
+    #[error(
+        "the queue tables in PostgreSQL schema {schema} are at version {found}, newer than this build supports ({supported}); run the newer snapq, or upgrade this one"
+    )]
+    SchemaTooNew {
+        schema: String,
+        found: i64,
+        supported: i64,
+    },
+    /// A PostgreSQL migration step failed.
+    #[error("cannot migrate the queue's PostgreSQL tables to version {version}: {source}")]
+    PgMigrate {
+        version: i64,
+        #[source]
+        source: sqlx::Error,
+    },
     /// Any other database error.
     #[error("queue database error: {0}")]
     Database(#[from] sqlx::Error),

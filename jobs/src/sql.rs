@@ -1,5 +1,6 @@
 //! The SQL the queue runs against apalis' `Jobs`/`Workers` tables and our own tables.
-//! Kept together so the state mapping (see `JobState`) is visible in one place.
+//! Kept together so the state mapping (see `JobState`) is visible in one place. Each statement
+//! has a PostgreSQL twin of the same name and parameters in `sql_pg`.
 
 /// apalis status + counters → our state name.
 macro_rules! state_expr {
@@ -188,13 +189,13 @@ pub(crate) const MARK_WORKER_DEAD: &str =
 
 /// Workers that hold running jobs but stopped heartbeating: ours (ms heartbeats) and, for
 /// completeness, plain apalis workers (s heartbeats).
-/// ?1 stale before (ms), ?2 our instance, ?3 stale before (s)
+/// ?1 stale before (ms), ?2 our instance
 pub(crate) const STALE_WORKERS: &str = "SELECT w.id FROM snapq_workers w
     WHERE w.last_seen_ms < ?1 AND w.instance != ?2
       AND EXISTS (SELECT 1 FROM Jobs j WHERE j.lock_by = w.id AND j.status IN ('Running', 'Queued'))
     UNION
     SELECT w.id FROM Workers w
-    WHERE w.last_seen < ?3 AND NOT EXISTS (SELECT 1 FROM snapq_workers s WHERE s.id = w.id)
+    WHERE w.last_seen < ?1 / 1000 AND NOT EXISTS (SELECT 1 FROM snapq_workers s WHERE s.id = w.id)
       AND EXISTS (SELECT 1 FROM Jobs j WHERE j.lock_by = w.id AND j.status IN ('Running', 'Queued'))";
 
 /// Re-queue a dead worker's jobs, counting the lost attempt (a job that kills the process each

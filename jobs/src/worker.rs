@@ -14,7 +14,6 @@ use std::{
 
 use chrono::Utc;
 use futures::{FutureExt, future::BoxFuture};
-use sqlx::Connection;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
     task::AbortHandle,
@@ -23,7 +22,7 @@ use tracing::Instrument;
 
 use crate::{
     JobError, JobEvent, JobId, JobKind, JobState, QueueError,
-    db::now_ms,
+    db::{Conn, Reader, Side, now_ms},
     model::{AttemptOutcome, Progress},
     queue::Shared,
     sql,
@@ -243,10 +242,24 @@ pub(crate) fn start_background(shared: &Arc<Shared>) {
     spawn_supervised(shared, "queue-heartbeat".into(), move || {
         heartbeat_loop(s.clone())
     });
-    let s = shared.clone();
-    spawn_supervised(shared, "queue-wakeup-poll".into(), move || {
-        wakeup_poll(s.clone())
-    });
+    match &shared.reader {
+        Reader::Sqlite(_) => {
+            let s = shared.clone();
+            spawn_supervised(shared, "queue-wakeup-poll".into(), move || {
+                wakeup_poll(s.clone())
+            });
+        }
+        Reader::Pg(_) => {
+            let s = shared.clone();
+            spawn_supervised(shared, "queue-pg-listen".into(), move || {
+                crate::pg::listen(s.clone())
+            });
+            let s = shared.clone();
+            spawn_supervised(shared, "queue-pg-due-poll".into(), move || {
+                crate::pg::due_poll(s.clone())
+            });
+        }
+    }
     let s = shared.clone();
     spawn_supervised(shared, "queue-cancel-watch".into(), move || {
         cancel_watch(s.clone())
@@ -276,6 +289,10 @@ type TerminalRow = (
     Option<String>,
 );
 
+/// How long a PostgreSQL node may take to hand a leased outbox row to its hook before another
+/// node may take it (the node died, or its hook hangs).
+const TERMINAL_LEASE: Duration = Duration::from_secs(60);
+
 /// Hands each outbox row (`snapq_terminal`) to the terminal hook and deletes it once the hook
 /// recorded it. A job retried since it ended is no longer terminal: its row is just dropped.
 async fn terminal_dispatch(
@@ -288,10 +305,23 @@ async fn terminal_dispatch(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let rows: Vec<TerminalRow> = sqlx::query_as(sql::TERMINAL_PENDING)
-            .bind(CHUNK as i64)
-            .fetch_all(&shared.reader)
-            .await?;
+        let rows: Vec<TerminalRow> = match shared.reader.on() {
+            Side::Sqlite(p) => {
+                sqlx::query_as(sql::TERMINAL_PENDING)
+                    .bind(CHUNK as i64)
+                    .fetch_all(p)
+                    .await?
+            }
+            // Nodes share the outbox: each row is leased to one of them at a time.
+            Side::Pg(p) => {
+                sqlx::query_as(crate::sql_pg::TERMINAL_LEASE)
+                    .bind(CHUNK as i64)
+                    .bind(&shared.instance)
+                    .bind(TERMINAL_LEASE.as_millis() as i64)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
         let mut refused = false;
         for (id, queue, args, state, last_result, metadata) in &rows {
             let state = JobState::parse(state);
@@ -313,13 +343,16 @@ async fn terminal_dispatch(
                 if let Err(e) = hook(job).await {
                     tracing::warn!(job_id = %id, error = %e, "terminal outcome not recorded yet; will try again");
                     refused = true;
+                    if let Side::Pg(p) = shared.reader.on() {
+                        sqlx::query(crate::sql_pg::TERMINAL_RELEASE)
+                            .bind(id)
+                            .execute(p)
+                            .await?;
+                    }
                     continue;
                 }
             }
-            sqlx::query(sql::TERMINAL_DONE)
-                .bind(id)
-                .execute(&mut *shared.writer.lock().await?)
-                .await?;
+            run!(execute shared.writer.lock().await?.conn(), TERMINAL_DONE, id)?;
         }
         if rows.len() == CHUNK && !refused {
             continue;
@@ -337,7 +370,7 @@ async fn terminal_dispatch(
     }
 }
 
-async fn until_shutdown(shared: &Shared) {
+pub(crate) async fn until_shutdown(shared: &Shared) {
     let mut rx = shared.shutdown.subscribe();
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -371,21 +404,23 @@ where
     let now = now_ms();
     let mut w = shared.writer.lock().await?;
     let mut tx = w.begin().await?;
-    sqlx::query(sql::REGISTER_APALIS_WORKER)
-        .bind(&worker_id)
-        .bind(kind.queue_name())
-        .bind(now / 1000)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(sql::REGISTER_WORKER)
-        .bind(&worker_id)
-        .bind(&shared.instance)
-        .bind(kind.as_str())
-        .bind(&shared.hostname)
-        .bind(std::process::id() as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    if let Side::Sqlite(c) = tx.conn() {
+        // apalis' `Workers` row: `Jobs.lock_by` is a foreign key to it.
+        sqlx::query(sql::REGISTER_APALIS_WORKER)
+            .bind(&worker_id)
+            .bind(kind.queue_name())
+            .bind(now / 1000)
+            .execute(c)
+            .await?;
+    }
+    run!(execute tx.conn(), REGISTER_WORKER,
+        &worker_id,
+        &shared.instance,
+        kind.as_str(),
+        &shared.hostname,
+        std::process::id() as i64,
+        now,
+    )?;
     tx.commit().await?;
 
     let handler = Arc::new(handler);
@@ -457,20 +492,15 @@ pub(crate) fn free_slot(
 
 /// Claim up to `limit` due jobs on the writer connection: one autocommit statement, the
 /// attempt rows come from the `snapq_attempt_start` trigger in the same statement.
-async fn claim(
-    conn: &mut sqlx::SqliteConnection,
-    kw: &KindWorkers,
-    limit: usize,
-) -> Result<Vec<Claimed>, QueueError> {
+async fn claim(conn: Conn<'_>, kw: &KindWorkers, limit: usize) -> Result<Vec<Claimed>, QueueError> {
     let now = now_ms();
-    let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
-        .bind(&kw.worker_id)
-        .bind(kw.kind.queue_name())
-        .bind(limit as i64)
-        .bind(now / 1000)
-        .bind(now)
-        .fetch_all(conn)
-        .await?;
+    let rows: Vec<ClaimRow> = run!(query_as.fetch_all conn, CLAIM,
+        &kw.worker_id,
+        kw.kind.queue_name(),
+        limit as i64,
+        now / 1000,
+        now,
+    )?;
     Ok(rows
         .into_iter()
         .map(|(id, args, attempts, max_attempts, metadata, run_at)| {
@@ -495,10 +525,8 @@ async fn claim(
 /// How long an idle fetcher may sleep: until the next scheduled/retrying job is due, at most
 /// `idle_recheck`. Enqueues in this process and changes by other processes wake it earlier.
 async fn idle_wait(shared: &Shared, kind: JobKind) -> Result<Duration, QueueError> {
-    let next: Option<i64> = sqlx::query_scalar(sql::NEXT_DUE)
-        .bind(kind.queue_name())
-        .fetch_one(&shared.reader)
-        .await?;
+    let next: Option<i64> =
+        run!(query_scalar.fetch_one shared.reader.on(), NEXT_DUE, kind.queue_name())?;
     let max = shared.config.idle_recheck;
     Ok(match next {
         None => max,
@@ -542,7 +570,7 @@ async fn fetch_loop(shared: Arc<Shared>, kw: Arc<KindWorkers>) -> Result<(), Que
                     Err(_) => break,
                 }
             }
-            let jobs = claim(&mut w, &kw, permits.len()).await?;
+            let jobs = claim(w.conn(), &kw, permits.len()).await?;
             let short = jobs.len() < permits.len();
             // Started (and counted as running) before the writer is released.
             for job in jobs {
@@ -708,6 +736,8 @@ async fn committer(shared: Arc<Shared>) -> Result<(), QueueError> {
                     // Never drop outcomes: a lost ack would leave a job `running` under a live
                     // worker, which no one would rescue.
                     tracing::error!(error = %e, jobs = batch.len(), "cannot record job outcomes; retrying");
+                    // The held writer connection may be what failed (a restarted PostgreSQL).
+                    shared.writer.check().await;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -760,16 +790,16 @@ async fn commit_batch(shared: &Shared, batch: &[CommitMsg]) -> Result<Vec<Commit
     let mut w = shared.writer.lock().await?;
     if other == 0 && done.len() <= 1 {
         // A single statement is atomic on its own: no BEGIN/COMMIT round trips.
-        return commit_msgs(&mut w, shared, batch, &done, now, now_s).await;
+        return commit_msgs(w.conn(), shared, batch, &done, now, now_s).await;
     }
     let mut tx = w.begin().await?;
-    let out = commit_msgs(&mut tx, shared, batch, &done, now, now_s).await?;
+    let out = commit_msgs(tx.conn(), shared, batch, &done, now, now_s).await?;
     tx.commit().await?;
     Ok(out)
 }
 
 async fn commit_msgs(
-    conn: &mut sqlx::SqliteConnection,
+    mut conn: Conn<'_>,
     shared: &Shared,
     batch: &[CommitMsg],
     done: &[(&str, Vec<&Finished>)],
@@ -779,12 +809,12 @@ async fn commit_msgs(
     let mut out = Vec::new();
     for (worker, jobs) in done {
         let ids: Vec<&str> = jobs.iter().map(|f| f.id.as_str()).collect();
-        let finished: Vec<String> = sqlx::query_scalar(sql::FINISH_DONE_MANY)
-            .bind(serde_json::to_string(&ids).expect("strings serialize"))
-            .bind(*worker)
-            .bind(now_s)
-            .fetch_all(&mut *conn)
-            .await?;
+        let ids = serde_json::to_string(&ids).expect("strings serialize");
+        let finished: Vec<String> = run!(query_scalar.fetch_all conn.re(), FINISH_DONE_MANY,
+            &ids,
+            *worker,
+            now_s,
+        )?;
         let finished: std::collections::HashSet<String> = finished.into_iter().collect();
         for f in jobs {
             if finished.contains(f.id.as_str()) {
@@ -800,7 +830,7 @@ async fn commit_msgs(
                 ));
             } else {
                 // Re-queued by someone else while it ran: `finish` records the lost outcome.
-                out.push(finish(&mut *conn, shared, f, now, now_s).await?);
+                out.push(finish(conn.re(), shared, f, now, now_s).await?);
             }
         }
     }
@@ -810,20 +840,19 @@ async fn commit_msgs(
                 ctx.progress_dirty.store(false, Ordering::Release);
                 let p = ctx.progress.lock().unwrap().clone();
                 if let Some(p) = p {
-                    sqlx::query(sql::SET_PROGRESS)
-                        .bind(ctx.id.as_str())
-                        .bind(p.done.min(i64::MAX as u64) as i64)
-                        .bind(p.total.min(i64::MAX as u64) as i64)
-                        .bind(p.note.as_deref())
-                        .bind(p.updated_at.timestamp_millis())
-                        .execute(&mut *conn)
-                        .await?;
+                    run!(execute conn.re(), SET_PROGRESS,
+                        ctx.id.as_str(),
+                        p.done.min(i64::MAX as u64) as i64,
+                        p.total.min(i64::MAX as u64) as i64,
+                        p.note.as_deref(),
+                        p.updated_at.timestamp_millis(),
+                    )?;
                 }
             }
             CommitMsg::Flush(_) => {}
             CommitMsg::Finish(f) => {
                 if !f.is_plain_success() {
-                    out.push(finish(&mut *conn, shared, f, now, now_s).await?);
+                    out.push(finish(conn.re(), shared, f, now, now_s).await?);
                 }
             }
         }
@@ -832,7 +861,7 @@ async fn commit_msgs(
 }
 
 async fn finish(
-    tx: &mut sqlx::SqliteConnection,
+    mut tx: Conn<'_>,
     shared: &Shared,
     f: &Finished,
     now: i64,
@@ -872,10 +901,8 @@ async fn finish(
                 AttemptOutcome::Transient
             };
             // A cancel requested from another process may not have reached us yet.
-            let requested: Option<Option<String>> = sqlx::query_scalar(sql::CANCEL_REQUESTED)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let requested: Option<Option<String>> =
+                run!(query_scalar.fetch_optional tx.re(), CANCEL_REQUESTED, id)?;
             if requested.is_some() {
                 (
                     JobState::Cancelled,
@@ -891,74 +918,30 @@ async fn finish(
     };
     let last = error.as_deref().map(err_json);
     let res = match state {
-        JobState::Done => {
-            sqlx::query(sql::FINISH_DONE)
-                .bind(id)
-                .bind(&f.worker_id)
-                .bind(attempts)
-                .bind(now_s)
-                .execute(&mut *tx)
-                .await?
-        }
-        JobState::Failed => {
-            sqlx::query(sql::FINISH_DEAD)
-                .bind(id)
-                .bind(&f.worker_id)
-                .bind(attempts)
-                .bind(now_s)
-                .bind(&last)
-                .execute(&mut *tx)
-                .await?
-        }
-        JobState::Cancelled => {
-            sqlx::query(sql::FINISH_CANCELLED)
-                .bind(id)
-                .bind(&f.worker_id)
-                .bind(attempts)
-                .bind(now_s)
-                .bind(&last)
-                .execute(&mut *tx)
-                .await?
-        }
+        JobState::Done => run!(execute tx.re(), FINISH_DONE, id, &f.worker_id, attempts, now_s)?,
+        JobState::Failed => run!(execute tx.re(), FINISH_DEAD,
+            id, &f.worker_id, attempts, now_s, &last)?,
+        JobState::Cancelled => run!(execute tx.re(), FINISH_CANCELLED,
+            id, &f.worker_id, attempts, now_s, &last)?,
         JobState::Retrying => {
             let delay = shared.config.retry.delay(f.attempt);
             let next = now + delay.as_millis() as i64;
-            sqlx::query(sql::SET_NEXT_RUN)
-                .bind(id)
-                .bind(next)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            run!(execute tx.re(), SET_NEXT_RUN, id, next, now)?;
             tracing::info!(job_id = %f.id, kind = %f.kind, attempt = f.attempt, delay_ms = delay.as_millis() as u64,
                 error = error.as_deref().unwrap_or(""), "job attempt failed; will retry");
-            sqlx::query(sql::FINISH_RETRY)
-                .bind(id)
-                .bind(&f.worker_id)
-                .bind(attempts)
-                .bind(next / 1000)
-                .bind(&last)
-                .execute(&mut *tx)
-                .await?
+            run!(execute tx.re(), FINISH_RETRY,
+                id, &f.worker_id, attempts, next / 1000, &last)?
         }
         JobState::Pending | JobState::Running => {
-            sqlx::query(sql::RELEASE)
-                .bind(id)
-                .bind(&f.worker_id)
-                .bind(now_s)
-                .execute(&mut *tx)
-                .await?
+            run!(execute tx.re(), RELEASE, id, &f.worker_id, now_s)?
         }
     };
-    let lost = res.rows_affected() == 0;
+    let lost = res == 0;
     if lost && state == JobState::Done {
         // A bulk success ack commits on its own; if a later outcome of the same batch failed,
         // the whole batch is written again, and this success must not turn into `lost`.
-        let recorded: bool = sqlx::query_scalar(sql::ATTEMPT_ALREADY_OK)
-            .bind(id)
-            .bind(attempts)
-            .bind(&f.worker_id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let recorded: bool =
+            run!(query_scalar.fetch_one tx.re(), ATTEMPT_ALREADY_OK, id, attempts, &f.worker_id)?;
         if recorded {
             let event = JobEvent {
                 id: f.id.clone(),
@@ -981,23 +964,18 @@ async fn finish(
     } else {
         (outcome, error)
     };
-    sqlx::query(sql::FINISH_ATTEMPT)
-        .bind(id)
-        .bind(attempts)
-        .bind(&f.worker_id)
-        .bind(now)
-        .bind(outcome.as_str())
-        .bind(error.as_deref())
-        .execute(&mut *tx)
-        .await?;
+    run!(execute tx.re(), FINISH_ATTEMPT,
+        id,
+        attempts,
+        &f.worker_id,
+        now,
+        outcome.as_str(),
+        error.as_deref(),
+    )?;
     // A cross-process cancel request that lost the race with success may leave a stale flag
     // on a first-attempt job; it is harmless (the job is not running) and pruned with the job.
     if state.is_finished() && !lost && f.may_have_state {
-        sqlx::query(sql::CLEAR_STATE_FLAGS)
-            .bind(id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        run!(execute tx.re(), CLEAR_STATE_FLAGS, id, now)?;
     }
     match state {
         JobState::Done => tracing::debug!(job_id = %f.id, kind = %f.kind, "job done"),
@@ -1032,21 +1010,30 @@ fn pid_alive(_pid: i64) -> bool {
 
 /// At start-up: workers of this host whose process is gone are dead now, not after
 /// `orphan_after`, so their jobs resume at once. Peers on other hosts are judged only by
-/// their heartbeats.
+/// their heartbeats. On PostgreSQL a host name may also be another machine's (containers in
+/// their own pid namespaces): only workers that also missed two heartbeats count.
 pub(crate) async fn mark_dead_local_workers(shared: &Shared) -> Result<(), QueueError> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(sql::SAME_HOST_WORKERS)
-        .bind(&shared.hostname)
-        .bind(&shared.instance)
-        .fetch_all(&shared.reader)
-        .await?;
+    let rows: Vec<(String, i64)> = match shared.reader.on() {
+        Side::Sqlite(p) => {
+            sqlx::query_as(sql::SAME_HOST_WORKERS)
+                .bind(&shared.hostname)
+                .bind(&shared.instance)
+                .fetch_all(p)
+                .await?
+        }
+        Side::Pg(p) => {
+            sqlx::query_as(crate::sql_pg::SAME_HOST_WORKERS)
+                .bind(&shared.hostname)
+                .bind(&shared.instance)
+                .bind((shared.config.heartbeat_interval * 2).as_millis() as i64)
+                .fetch_all(p)
+                .await?
+        }
+    };
     let me = std::process::id() as i64;
     for (id, pid) in rows {
         if pid != me && !pid_alive(pid) {
-            sqlx::query(sql::MARK_WORKER_DEAD)
-                .bind(&id)
-                .bind(now_ms())
-                .execute(&mut *shared.writer.lock().await?)
-                .await?;
+            run!(execute shared.writer.lock().await?.conn(), MARK_WORKER_DEAD, &id, now_ms())?;
         }
     }
     Ok(())
@@ -1058,31 +1045,37 @@ pub(crate) async fn rescue_orphans(shared: &Shared) -> Result<u64, QueueError> {
     let stale_ms = now - shared.config.orphan_after.as_millis() as i64;
     let mut w = shared.writer.lock().await?;
     let mut tx = w.begin().await?;
-    let workers: Vec<String> = sqlx::query_scalar(sql::STALE_WORKERS)
-        .bind(stale_ms)
-        .bind(&shared.instance)
-        .bind(stale_ms / 1000)
-        .fetch_all(&mut *tx)
-        .await?;
+    // On PostgreSQL the heartbeats and this comparison use the database's clock (see
+    // `sql_pg::HEARTBEAT`): nodes' clocks may differ.
+    let workers: Vec<String> = match tx.conn() {
+        Side::Sqlite(c) => {
+            sqlx::query_scalar(sql::STALE_WORKERS)
+                .bind(stale_ms)
+                .bind(&shared.instance)
+                .fetch_all(c)
+                .await?
+        }
+        Side::Pg(c) => {
+            sqlx::query_scalar(crate::sql_pg::STALE_WORKERS)
+                .bind(shared.config.orphan_after.as_millis() as i64)
+                .bind(&shared.instance)
+                .fetch_all(c)
+                .await?
+        }
+    };
     let mut total = 0;
     let mut wake = Vec::new();
     let mut dead = false;
     for w in workers {
         let msg =
             format!("worker {w} stopped heartbeating (process crashed or hung); job re-queued");
-        let jobs: Vec<(String, String, String, i64)> = sqlx::query_as(sql::REQUEUE_ORPHANS)
-            .bind(&w)
-            .bind(now / 1000)
-            .bind(err_json(&msg))
-            .fetch_all(&mut *tx)
-            .await?;
+        let jobs: Vec<(String, String, String, i64)> = run!(query_as.fetch_all tx.conn(), REQUEUE_ORPHANS,
+            &w,
+            now / 1000,
+            err_json(&msg),
+        )?;
         for (id, queue, status, attempts) in &jobs {
-            sqlx::query(sql::LOSE_OPEN_ATTEMPTS)
-                .bind(id)
-                .bind(now)
-                .bind(&msg)
-                .execute(&mut *tx)
-                .await?;
+            run!(execute tx.conn(), LOSE_OPEN_ATTEMPTS, id, now, &msg)?;
             tracing::warn!(job_id = %id, worker = %w, %status, attempts, "re-queued orphaned job");
             dead |= status == "Failed";
             if let Some(k) = JobKind::from_queue_name(queue) {
@@ -1111,16 +1104,14 @@ async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
         let now = now_ms();
         let mut w = shared.writer.lock().await?;
         let mut tx = w.begin().await?;
-        sqlx::query(sql::HEARTBEAT)
-            .bind(&shared.instance)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::HEARTBEAT_APALIS)
-            .bind(&shared.instance)
-            .bind(now / 1000)
-            .execute(&mut *tx)
-            .await?;
+        run!(execute tx.conn(), HEARTBEAT, &shared.instance, now)?;
+        if let Side::Sqlite(c) = tx.conn() {
+            sqlx::query(sql::HEARTBEAT_APALIS)
+                .bind(&shared.instance)
+                .bind(now / 1000)
+                .execute(c)
+                .await?;
+        }
         tx.commit().await?;
         drop(w); // rescue_orphans takes the writer itself
         rescue_orphans(&shared).await?;
@@ -1130,7 +1121,10 @@ async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
 /// Wakes idle fetchers when another connection (another process, e.g. the CLI or a second
 /// node) commits: `PRAGMA data_version` changes, and reading it touches no table.
 async fn wakeup_poll(shared: Arc<Shared>) -> Result<(), QueueError> {
-    let mut conn = shared.reader.acquire().await?;
+    let Reader::Sqlite(reader) = &shared.reader else {
+        return Ok(());
+    };
+    let mut conn = reader.acquire().await?;
     let mut last: Option<i64> = None;
     loop {
         let v: i64 = sqlx::query_scalar("PRAGMA data_version")
@@ -1161,9 +1155,7 @@ async fn cancel_watch(shared: Arc<Shared>) -> Result<(), QueueError> {
         if shared.running.lock().unwrap().is_empty() {
             continue;
         }
-        let ids: Vec<String> = sqlx::query_scalar(sql::CANCEL_REQUESTS)
-            .fetch_all(&shared.reader)
-            .await?;
+        let ids: Vec<String> = run!(query_scalar.fetch_all shared.reader.on(), CANCEL_REQUESTS)?;
         for id in ids {
             signal_cancel(&shared, &JobId::from(id));
         }
@@ -1192,24 +1184,16 @@ pub(crate) async fn prune(shared: &Shared, cutoff_s: i64) -> Result<u64, QueueEr
     loop {
         let mut w = shared.writer.lock().await?;
         let mut tx = w.begin().await?;
-        let ids: Vec<String> = sqlx::query_scalar(sql::PRUNABLE)
-            .bind(cutoff_s)
-            .bind(1000i64)
-            .fetch_all(&mut *tx)
-            .await?;
+        let ids: Vec<String> = run!(query_scalar.fetch_all tx.conn(), PRUNABLE, cutoff_s, 1000i64)?;
         if ids.is_empty() {
             tx.rollback().await?;
             return Ok(total);
         }
         let json = serde_json::to_string(&ids).expect("strings serialize");
-        for q in [
-            sql::PRUNE_ATTEMPTS,
-            sql::PRUNE_STATE,
-            sql::PRUNE_TERMINAL,
-            sql::PRUNE_JOBS,
-        ] {
-            sqlx::query(q).bind(&json).execute(&mut *tx).await?;
-        }
+        run!(execute tx.conn(), PRUNE_ATTEMPTS, &json)?;
+        run!(execute tx.conn(), PRUNE_STATE, &json)?;
+        run!(execute tx.conn(), PRUNE_TERMINAL, &json)?;
+        run!(execute tx.conn(), PRUNE_JOBS, &json)?;
         tx.commit().await?;
         total += ids.len() as u64;
         if ids.len() < 1000 {
@@ -1219,11 +1203,7 @@ pub(crate) async fn prune(shared: &Shared, cutoff_s: i64) -> Result<u64, QueueEr
 }
 
 pub(crate) async fn stop_workers(shared: &Shared) -> Result<(), QueueError> {
-    sqlx::query(sql::STOP_WORKERS)
-        .bind(&shared.instance)
-        .bind(now_ms())
-        .execute(&mut *shared.writer.lock().await?)
-        .await?;
+    run!(execute shared.writer.lock().await?.conn(), STOP_WORKERS, &shared.instance, now_ms())?;
     Ok(())
 }
 

@@ -1,4 +1,9 @@
-//! Behaviour of the queue engine against real SQLite files in temp dirs.
+//! Behaviour of the queue engine, on both backends from one source: each test in the
+//! `on_both_backends!` list runs as `sqlite::NAME` (a SQLite file in a temp dir) and as
+//! `postgres::NAME` (a schema of its own in the test PostgreSQL, see `snapq-testpg`; skipped
+//! with a message when there is none). Tests of the SQLite file itself (a damaged file, its
+//! query plans) are SQLite-only; tests of several nodes on one database are PostgreSQL-only
+//! (`postgres_nodes` below).
 
 use std::{
     sync::{
@@ -36,6 +41,149 @@ async fn open(dir: &tempfile::TempDir) -> Queue {
         .unwrap()
 }
 
+/// Where a test's queue lives. Opening it again (after a crash or shutdown) opens the same
+/// store, as a restarted server would.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(Box<snapq_testpg::TestDb>),
+}
+
+impl Backend {
+    fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// A fresh schema, or `None` (the skip is printed) when no PostgreSQL is available.
+    async fn postgres(test: &str) -> Option<Backend> {
+        snapq_testpg::schema_or_skip(test)
+            .await
+            .map(|db| Backend::Postgres(Box::new(db)))
+    }
+
+    async fn open(&self) -> Queue {
+        self.open_with(fast_config()).await
+    }
+
+    async fn open_with(&self, config: QueueConfig) -> Queue {
+        match self {
+            Backend::Sqlite(dir) => Queue::open(&dir.path().join("queue.db"), config)
+                .await
+                .unwrap(),
+            Backend::Postgres(db) => Queue::open_postgres(&db.url, config).await.unwrap(),
+        }
+    }
+
+    /// Test set-up behind the queue's back: make a finished job look older.
+    async fn set_finished_at(&self, id: &JobId, done_at_s: i64) {
+        match self {
+            Backend::Sqlite(dir) => {
+                let path = dir.path().join("queue.db");
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE Jobs SET done_at = ?1 WHERE id = ?2")
+                    .bind(done_at_s)
+                    .bind(id.as_str())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            Backend::Postgres(db) => {
+                let pool = sqlx::PgPool::connect_with(db.options.clone())
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE snapq_jobs SET done_at = $1 WHERE id = $2")
+                    .bind(done_at_s)
+                    .bind(id.as_str())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+        }
+    }
+
+    /// Jobs the database says are running, read directly.
+    async fn running_rows(&self) -> i64 {
+        match self {
+            Backend::Sqlite(dir) => {
+                let path = dir.path().join("queue.db");
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .unwrap();
+                let n = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM Jobs WHERE status IN ('Running', 'Queued')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                n
+            }
+            Backend::Postgres(db) => {
+                let pool = sqlx::PgPool::connect_with(db.options.clone())
+                    .await
+                    .unwrap();
+                let n = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM snapq_jobs WHERE status IN ('Running', 'Queued')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                n
+            }
+        }
+    }
+}
+
+/// Each named `async fn NAME(b: Backend)` becomes the tests `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(b) = super::Backend::postgres(stringify!($name)).await {
+                        super::$name(b).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    transient_errors_retry_with_growing_delays_then_succeed,
+    permanent_error_fails_at_once_with_the_reason_in_show,
+    attempt_limit_leaves_the_job_failed,
+    retry_of_a_failed_job_runs_it_again,
+    cancel_a_pending_job_and_a_running_job,
+    retry_or_cancel_of_unknown_or_unfinished_or_finished_jobs_is_an_error,
+    a_panicking_handler_records_a_failed_attempt_and_the_worker_keeps_serving,
+    a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_once,
+    graceful_shutdown_releases_unfinished_jobs_for_the_next_start,
+    prune_keeps_recent_and_unfinished_jobs,
+    a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_connection,
+    idempotency_key_dedupes_and_status_and_list_report_states,
+    bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_its_attempt,
+    an_enqueue_into_a_free_local_slot_is_running_when_it_returns_and_can_be_cancelled,
+    an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting,
+    every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it,
+    a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart,
+    an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job,
+    nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done,
+);
+
 /// Poll `show` until the job reaches `state`, or fail after 10 s.
 async fn wait_state(q: &Queue, id: &JobId, state: JobState) -> snapq_jobs::JobDetail {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -53,10 +201,8 @@ async fn wait_state(q: &Queue, id: &JobId, state: JobState) -> snapq_jobs::JobDe
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_errors_retry_with_growing_delays_then_succeed() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn transient_errors_retry_with_growing_delays_then_succeed(b: Backend) {
+    let q = b.open().await;
     let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = starts.clone();
     q.spawn_workers(JobKind::Noop, 2, move |_: Value, ctx| {
@@ -107,10 +253,8 @@ async fn transient_errors_retry_with_growing_delays_then_succeed() {
     assert!(gaps[2] > gaps[0], "delays grow: {gaps:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permanent_error_fails_at_once_with_the_reason_in_show() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn permanent_error_fails_at_once_with_the_reason_in_show(b: Backend) {
+    let q = b.open().await;
     q.spawn_workers(JobKind::Capture, 2, |_: Value, _ctx| async {
         Err(JobError::permanent(
             "insufficient disk space for web-01 snapshot: need 1.2 GiB",
@@ -136,14 +280,10 @@ async fn permanent_error_fails_at_once_with_the_reason_in_show() {
     assert_eq!(d.job.kind, "capture");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attempt_limit_leaves_the_job_failed() {
-    let dir = tempfile::tempdir().unwrap();
+async fn attempt_limit_leaves_the_job_failed(b: Backend) {
     let mut cfg = fast_config();
     cfg.retry.base_delay = Duration::from_millis(10);
-    let q = Queue::open(&dir.path().join("queue.db"), cfg)
-        .await
-        .unwrap();
+    let q = b.open_with(cfg).await;
     q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async {
         Err(JobError::transient("timeout"))
     })
@@ -164,10 +304,8 @@ async fn attempt_limit_leaves_the_job_failed() {
     assert_eq!(d.attempt_log.len(), 8);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_of_a_failed_job_runs_it_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn retry_of_a_failed_job_runs_it_again(b: Backend) {
+    let q = b.open().await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     q.spawn_workers(JobKind::Ingest, 1, move |_: Value, _| {
@@ -190,10 +328,8 @@ async fn retry_of_a_failed_job_runs_it_again() {
     assert_eq!(d.job.last_error, None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_a_pending_job_and_a_running_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn cancel_a_pending_job_and_a_running_job(b: Backend) {
+    let q = b.open().await;
     // pending: no workers for export yet
     let pending = q.enqueue(JobKind::Export, &json!({}), "t").await.unwrap();
     assert_eq!(
@@ -237,10 +373,8 @@ async fn cancel_a_pending_job_and_a_running_job() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_or_cancel_of_unknown_or_unfinished_or_finished_jobs_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn retry_or_cancel_of_unknown_or_unfinished_or_finished_jobs_is_an_error(b: Backend) {
+    let q = b.open().await;
     let unknown = JobId::from("01ARZ3NDEKTSV4RRFFQ69G5FAV");
     assert!(matches!(
         q.retry(&unknown).await,
@@ -291,10 +425,8 @@ async fn retry_or_cancel_of_unknown_or_unfinished_or_finished_jobs_is_an_error()
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_handler_records_a_failed_attempt_and_the_worker_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn a_panicking_handler_records_a_failed_attempt_and_the_worker_keeps_serving(b: Backend) {
+    let q = b.open().await;
     q.spawn_workers(JobKind::Noop, 1, |args: Value, _| async move {
         if args["boom"].as_bool() == Some(true) {
             panic!("boom at byte 42");
@@ -325,14 +457,11 @@ async fn a_panicking_handler_records_a_failed_attempt_and_the_worker_keeps_servi
     wait_state(&q, &good, JobState::Done).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
+async fn a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_once(b: Backend) {
     let completions = Arc::new(AtomicU32::new(0));
     let id;
     {
-        let q = Queue::open(&path, fast_config()).await.unwrap();
+        let q = b.open().await;
         let c = completions.clone();
         q.spawn_workers(JobKind::Capture, 1, move |_: Value, _| {
             let c = c.clone();
@@ -352,7 +481,7 @@ async fn a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_onc
         wait_state(&q, &id, JobState::Running).await;
         // dropped without shutdown: a crash
     }
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let q = b.open().await;
     let c = completions.clone();
     q.spawn_workers(JobKind::Capture, 1, move |_: Value, _| {
         let c = c.clone();
@@ -376,11 +505,8 @@ async fn a_job_left_running_by_a_crash_is_resumed_after_reopen_and_completes_onc
     q.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_releases_unfinished_jobs_for_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+async fn graceful_shutdown_releases_unfinished_jobs_for_the_next_start(b: Backend) {
+    let q = b.open().await;
     q.spawn_workers(JobKind::Capture, 1, |_: Value, _| async {
         std::future::pending::<()>().await;
         Ok(())
@@ -391,7 +517,7 @@ async fn graceful_shutdown_releases_unfinished_jobs_for_the_next_start() {
     wait_state(&q, &id, JobState::Running).await;
     let report = q.shutdown(Duration::from_millis(100)).await.unwrap();
     assert_eq!(report.released, 1);
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let q = b.open().await;
     let d = q.show(&id).await.unwrap();
     assert_eq!(d.job.state, JobState::Pending);
     assert_eq!(d.job.attempts, 0);
@@ -402,11 +528,8 @@ async fn graceful_shutdown_releases_unfinished_jobs_for_the_next_start() {
     wait_state(&q, &id, JobState::Done).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prune_keeps_recent_and_unfinished_jobs() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+async fn prune_keeps_recent_and_unfinished_jobs(b: Backend) {
+    let q = b.open().await;
     q.spawn_workers(JobKind::Noop, 4, |_: Value, _| async { Ok(()) })
         .await
         .unwrap();
@@ -422,17 +545,8 @@ async fn prune_keeps_recent_and_unfinished_jobs() {
     wait_state(&q, &recent, JobState::Done).await;
     let unfinished = q.enqueue(JobKind::Export, &json!({}), "t").await.unwrap();
     // Age the first job as if it finished 40 days ago.
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
     let forty_days_ago = chrono::Utc::now().timestamp() - 40 * 86400;
-    sqlx::query("UPDATE Jobs SET done_at = ?1 WHERE id = ?2")
-        .bind(forty_days_ago)
-        .bind(old.as_str())
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    b.set_finished_at(&old, forty_days_ago).await;
     let n = q.prune(Duration::from_secs(30 * 86400)).await.unwrap();
     assert_eq!(n, 1);
     assert!(matches!(q.show(&old).await, Err(QueueError::NotFound(_))));
@@ -467,11 +581,10 @@ async fn a_corrupt_queue_file_is_refused_naming_the_file() {
     assert!(matches!(err, QueueError::NotAQueue { .. }), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
-    let q = Queue::open(&path, QueueConfig::default()).await.unwrap();
+async fn a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_connection(
+    b: Backend,
+) {
+    let q = b.open_with(QueueConfig::default()).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     q.spawn_workers(JobKind::Noop, 4, move |_: Value, _| {
         let tx = tx.clone();
@@ -483,7 +596,7 @@ async fn a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_
     .await
     .unwrap();
     // Another "process": its own pools, no shared in-memory wake-up.
-    let other = Queue::open(&path, QueueConfig::default()).await.unwrap();
+    let other = b.open_with(QueueConfig::default()).await;
     for (label, producer) in [("same process", &q), ("other connection", &other)] {
         for _ in 0..3 {
             // let the queue go idle
@@ -525,10 +638,8 @@ async fn a_job_enqueued_into_an_idle_queue_starts_quickly_from_this_and_another_
     assert!(started - t0 < Duration::from_secs(1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idempotency_key_dedupes_and_status_and_list_report_states() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn idempotency_key_dedupes_and_status_and_list_report_states(b: Backend) {
+    let q = b.open().await;
     let opts = EnqueueOptions {
         idempotency_key: Some("nightly:2026-11-28T02:00".into()),
         ..Default::default()
@@ -654,10 +765,10 @@ async fn our_ack_is_a_primary_key_seek_not_a_scan_of_the_workers_history() {
     drop(q);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_its_attempt() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_its_attempt(
+    b: Backend,
+) {
+    let q = b.open().await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     q.spawn_workers(JobKind::Noop, 8, move |args: NoopArgs, _| {
@@ -703,10 +814,10 @@ async fn bulk_successes_record_one_closed_attempt_each_and_a_running_job_shows_i
     q.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enqueue_into_a_free_local_slot_is_running_when_it_returns_and_can_be_cancelled() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn an_enqueue_into_a_free_local_slot_is_running_when_it_returns_and_can_be_cancelled(
+    b: Backend,
+) {
+    let q = b.open().await;
     q.spawn_workers(JobKind::Noop, 2, move |_: NoopArgs, ctx| async move {
         ctx.cancelled().await;
         Err(JobError::Transient("stopped".into()))
@@ -739,17 +850,14 @@ async fn an_enqueue_into_a_free_local_slot_is_running_when_it_returns_and_can_be
     q.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
+async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(b: Backend) {
     // No wake-ups from polling: the worker hears only of enqueues made in its own process.
     let config = QueueConfig {
         poll_interval: Duration::from_secs(3600),
         idle_recheck: Duration::from_secs(3600),
         ..fast_config()
     };
-    let q = Queue::open(&path, config.clone()).await.unwrap();
+    let q = b.open_with(config.clone()).await;
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let o = order.clone();
     q.spawn_workers(JobKind::Noop, 1, move |args: NoopArgs, _| {
@@ -764,7 +872,7 @@ async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(
     // Give the fetcher time to find the queue empty and go to sleep.
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another process enqueues: the job is due but nobody here was woken for it.
-    let other = Queue::open(&path, config).await.unwrap();
+    let other = b.open_with(config).await;
     // Due a moment ago, so it is ahead in the queue's order (priority, run time, then id) even
     // when both enqueues fall in the same millisecond, where ids from two processes are unordered.
     let opts = EnqueueOptions {
@@ -812,10 +920,7 @@ async fn wait_told(told: &Told, id: &JobId) -> (JobState, Option<String>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
+async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it(b: Backend) {
     let once = EnqueueOptions {
         max_attempts: Some(1),
         ..Default::default()
@@ -823,7 +928,7 @@ async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it
     // A job that dies with the process on its last attempt: the orphan rescue kills it.
     let orphan;
     {
-        let q = Queue::open(&path, fast_config()).await.unwrap();
+        let q = b.open().await;
         q.spawn_workers(JobKind::Capture, 1, |_: Value, _| async {
             std::future::pending::<()>().await;
             Ok(())
@@ -837,7 +942,11 @@ async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it
             .id;
         wait_state(&q, &orphan, JobState::Running).await;
     }
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+    // Retries far enough apart that the cancel below finds its job waiting, not running again.
+    let mut config = fast_config();
+    config.retry.base_delay = Duration::from_secs(5);
+    config.retry.max_delay = Duration::from_secs(10);
+    let q = b.open_with(config).await;
     let told = record_terminal(&q);
     q.spawn_workers(JobKind::Noop, 2, |args: Value, _| async move {
         match args["do"].as_str() {
@@ -883,13 +992,10 @@ async fn every_dead_or_cancelled_job_reaches_the_terminal_hook_whatever_ended_it
     assert_eq!(told.len(), 4, "each once: {told:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
+async fn a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart(b: Backend) {
     let id;
     {
-        let q = Queue::open(&path, fast_config()).await.unwrap();
+        let q = b.open().await;
         q.on_terminal(|_| async { Err("catalog unavailable".to_owned()) })
             .unwrap();
         q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async {
@@ -901,16 +1007,14 @@ async fn a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_r
         wait_state(&q, &id, JobState::Failed).await;
         // dropped without shutdown: a crash
     }
-    let q = Queue::open(&path, fast_config()).await.unwrap();
+    let q = b.open().await;
     let told = record_terminal(&q);
     assert_eq!(wait_told(&told, &id).await.0, JobState::Failed);
     q.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = open(&dir).await;
+async fn an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job(b: Backend) {
+    let q = b.open().await;
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
     q.spawn_workers(JobKind::Noop, 4, move |_: Value, _| {
@@ -943,12 +1047,9 @@ async fn an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job() {
     q.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("queue.db");
+async fn nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done(b: Backend) {
     for round in 0..5 {
-        let q = Queue::open(&path, fast_config()).await.unwrap();
+        let q = b.open().await;
         q.spawn_workers(JobKind::Noop, 8, |_: Value, _| async {
             tokio::time::sleep(Duration::from_millis(2)).await;
             Ok(())
@@ -965,17 +1066,477 @@ async fn nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_
         q.shutdown(Duration::from_secs(5)).await.unwrap();
         producer.await.unwrap();
         drop(q);
-        // Read the file directly: no job may be left running by a worker that has stopped.
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        // Read the database directly: no job may be left running by a worker that has stopped.
+        assert_eq!(b.running_rows().await, 0, "round {round}");
+    }
+}
+
+/// Several nodes (`Queue`s with their own pools and workers) on one PostgreSQL schema.
+mod postgres_nodes {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_drain_one_queue_and_each_job_runs_once_never_twice_at_a_time() {
+        let Some(db) = snapq_testpg::schema_or_skip("three_nodes_drain_one_queue").await else {
+            return;
+        };
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Queue::open_postgres(&db.url, fast_config()).await.unwrap());
+        }
+        let runs: Arc<std::sync::Mutex<HashMap<JobId, u32>>> = Arc::default();
+        let running: Arc<std::sync::Mutex<HashSet<JobId>>> = Arc::default();
+        let overlaps = Arc::new(AtomicU32::new(0));
+        let per_node: Arc<[AtomicU32; 3]> = Arc::new(Default::default());
+        for (i, node) in nodes.iter().enumerate() {
+            let (runs, running, overlaps, per_node) = (
+                runs.clone(),
+                running.clone(),
+                overlaps.clone(),
+                per_node.clone(),
+            );
+            node.spawn_workers(JobKind::Noop, 8, move |_: Value, ctx| {
+                let (runs, running, overlaps, per_node) = (
+                    runs.clone(),
+                    running.clone(),
+                    overlaps.clone(),
+                    per_node.clone(),
+                );
+                async move {
+                    let id = ctx.id().clone();
+                    if !running.lock().unwrap().insert(id.clone()) {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    *runs.lock().unwrap().entry(id.clone()).or_default() += 1;
+                    per_node[i].fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    running.lock().unwrap().remove(&id);
+                    Ok(())
+                }
+            })
             .await
             .unwrap();
-        let running: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE status IN ('Running', 'Queued')")
-                .fetch_one(&mut conn)
+        }
+        // A fan-out on one node, single enqueues on the others.
+        let mut ids = nodes[0]
+            .enqueue_many(JobKind::Noop, &vec![json!({}); 500], "t")
+            .await
+            .unwrap();
+        for i in 0..60 {
+            let id = nodes[1 + i % 2]
+                .enqueue(JobKind::Noop, &json!({ "i": i }), "t")
                 .await
                 .unwrap();
-        assert_eq!(running, 0, "round {round}");
-        conn.close().await.unwrap();
+            ids.push(id);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = nodes[2].status().await.unwrap();
+            let noop = st.kinds.iter().find(|k| k.kind == "noop").unwrap().clone();
+            if noop.done == ids.len() as u64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not drained: {noop:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            overlaps.load(Ordering::SeqCst),
+            0,
+            "a job ran twice at once"
+        );
+        let runs = runs.lock().unwrap().clone();
+        assert_eq!(runs.len(), ids.len());
+        assert!(runs.values().all(|n| *n == 1), "a job ran more than once");
+        let busy = per_node
+            .iter()
+            .filter(|n| n.load(Ordering::SeqCst) > 0)
+            .count();
+        assert!(busy >= 2, "only one node worked: {per_node:?}");
+        for id in ids.iter().step_by(50) {
+            let d = nodes[1].show(id).await.unwrap();
+            assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+            assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Ok));
+        }
+        for node in nodes {
+            node.shutdown(Duration::from_secs(5)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_stops_heartbeating_has_its_running_jobs_finished_by_another() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_node_that_stops_heartbeating").await else {
+            return;
+        };
+        let config = fast_config();
+        let doomed = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        doomed
+            .spawn_workers(JobKind::Capture, 4, |_: Value, _| async {
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            ids.push(
+                doomed
+                    .enqueue(JobKind::Capture, &json!({ "n": n }), "t")
+                    .await
+                    .unwrap(),
+            );
+        }
+        for id in &ids {
+            wait_state(&doomed, id, JobState::Running).await;
+        }
+        let survivor = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        survivor
+            .spawn_workers(JobKind::Capture, 4, move |_: Value, _| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        let stopped = Instant::now();
+        drop(doomed); // no shutdown: its heartbeats stop as in a crash
+        for id in &ids {
+            let d = wait_state(&survivor, id, JobState::Done).await;
+            let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+            assert_eq!(
+                outcomes,
+                vec![Some(AttemptOutcome::Lost), Some(AttemptOutcome::Ok)]
+            );
+            assert_ne!(d.attempt_log[0].worker, d.attempt_log[1].worker);
+        }
+        let took = stopped.elapsed();
+        assert!(
+            took < config.orphan_after + Duration::from_secs(3),
+            "rescued after {took:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        survivor.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_notification_delays_a_job_by_at_most_the_poll_interval() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_lost_notification").await else {
+            return;
+        };
+        // Only a notification or the poll can wake the idle worker: no idle re-check.
+        let config = QueueConfig {
+            poll_interval: Duration::from_millis(50),
+            idle_recheck: Duration::from_secs(3600),
+            ..fast_config()
+        };
+        let worker = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        worker
+            .spawn_workers(JobKind::Noop, 2, move |_: Value, _| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Instant::now());
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        let producer = Queue::open_postgres(&db.url, config.clone()).await.unwrap();
+        // From here on every enqueue's notification is lost.
+        let pool = sqlx::PgPool::connect_with(db.options.clone())
+            .await
+            .unwrap();
+        sqlx::query("ALTER TABLE snapq_jobs DISABLE TRIGGER snapq_jobs_notify_insert")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        for _ in 0..5 {
+            // let the worker go idle
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let t0 = Instant::now();
+            producer
+                .enqueue(JobKind::Noop, &json!({}), "t")
+                .await
+                .unwrap();
+            let started = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the poll never found the job")
+                .unwrap();
+            let latency = started - t0;
+            // The poll interval plus slack for a loaded 2-core machine.
+            assert!(
+                latency < config.poll_interval + Duration::from_millis(450),
+                "started after {latency:?}"
+            );
+        }
+        producer.shutdown(Duration::from_secs(1)).await.unwrap();
+        worker.shutdown(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_database_connections_are_cut_reconnects_and_loses_no_outcome() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_node_whose_database_connections").await
+        else {
+            return;
+        };
+        let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let runs = Arc::new(AtomicU32::new(0));
+        let (g, r) = (gate.clone(), runs.clone());
+        q.spawn_workers(JobKind::Capture, 2, move |_: Value, _| {
+            let (g, r) = (g.clone(), r.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        let running = q.enqueue(JobKind::Capture, &json!({}), "t").await.unwrap();
+        wait_state(&q, &running, JobState::Running).await;
+        // What a PostgreSQL restart does to the node: every session of its queue ends.
+        let admin = sqlx::PgPool::connect_with(db.options.clone())
+            .await
+            .unwrap();
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(format!("snapq queue {}", db.schema))
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        assert!(!killed.is_empty());
+        // The running job finishes now; its outcome is recorded once the node has reconnected.
+        gate.add_permits(2);
+        let d = wait_state(&q, &running, JobState::Done).await;
+        assert_eq!(d.attempt_log.len(), 1, "{d:#?}");
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Ok));
+        // And new work flows again (an enqueue right after the cut may fail, as the cut
+        // connection is found out).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let next = loop {
+            match q.enqueue(JobKind::Capture, &json!({}), "t").await {
+                Ok(id) => break id,
+                Err(e) => assert!(Instant::now() < deadline, "enqueues keep failing: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        wait_state(&q, &next, JobState::Done).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        q.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_running_on_one_node_is_cancelled_from_another() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_job_running_on_one_node_is_cancelled").await
+        else {
+            return;
+        };
+        let runner = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        runner
+            .spawn_workers(JobKind::Capture, 1, |_: Value, ctx| async move {
+                ctx.cancelled().await;
+                Err(JobError::transient("stopped"))
+            })
+            .await
+            .unwrap();
+        let id = runner
+            .enqueue(JobKind::Capture, &json!({}), "t")
+            .await
+            .unwrap();
+        wait_state(&runner, &id, JobState::Running).await;
+        let other = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        assert_eq!(
+            other.cancel(&id, "dave").await.unwrap(),
+            CancelOutcome::Requested
+        );
+        let d = wait_state(&other, &id, JobState::Cancelled).await;
+        assert_eq!(
+            d.attempt_log.last().unwrap().outcome,
+            Some(AttemptOutcome::Cancelled)
+        );
+        other.shutdown(Duration::from_secs(1)).await.unwrap();
+        runner.shutdown(Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_enqueueing_one_idempotency_key_at_once_get_one_job() {
+        let Some(db) = snapq_testpg::schema_or_skip("nodes_enqueueing_one_idempotency_key").await
+        else {
+            return;
+        };
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            nodes.push(Queue::open_postgres(&db.url, fast_config()).await.unwrap());
+        }
+        let opts = EnqueueOptions {
+            idempotency_key: Some("nightly:2026-12-02T02:00".into()),
+            ..Default::default()
+        };
+        let tasks: Vec<_> = nodes
+            .iter()
+            .flat_map(|q| std::iter::repeat_n(q.clone(), 4))
+            .map(|q| {
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    q.enqueue_with(JobKind::Fleet, &json!({"group": "web"}), "cron", &opts)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(
+            results.iter().filter(|e| e.created).count(),
+            1,
+            "{results:?}"
+        );
+        assert!(results.iter().all(|e| e.id == results[0].id), "{results:?}");
+        let fleet = nodes[0]
+            .list(&ListFilter {
+                kind: Some(JobKind::Fleet),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(fleet.len(), 1);
+        for node in nodes {
+            node.shutdown(Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_dead_job_reaches_the_terminal_hook_of_one_node_once() {
+        let Some(db) =
+            snapq_testpg::schema_or_skip("each_dead_job_reaches_the_terminal_hook").await
+        else {
+            return;
+        };
+        let told: Told = Arc::default();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+            let t = told.clone();
+            q.on_terminal(move |job| {
+                let t = t.clone();
+                async move {
+                    t.lock().unwrap().push((job.id, job.state, job.error));
+                    Ok(())
+                }
+            })
+            .unwrap();
+            q.spawn_workers(JobKind::Noop, 4, |_: Value, _| async {
+                Err(JobError::permanent("bad input"))
+            })
+            .await
+            .unwrap();
+            nodes.push(q);
+        }
+        let ids = nodes[0]
+            .enqueue_many(JobKind::Noop, &vec![json!({}); 60], "t")
+            .await
+            .unwrap();
+        for id in &ids {
+            assert_eq!(wait_told(&told, id).await.0, JobState::Failed);
+        }
+        // Every node looks at the outbox again (idle re-check) before the count is final.
+        tokio::time::sleep(fast_config().idle_recheck + Duration::from_millis(500)).await;
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.len(), ids.len(), "each once: {told:?}");
+        for node in nodes {
+            node.shutdown(Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_at_once_on_an_empty_schema_all_open_it() {
+        let Some(db) = snapq_testpg::schema_or_skip("nodes_starting_at_once").await else {
+            return;
+        };
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = db.url.clone();
+                tokio::spawn(async move { Queue::open_postgres(&url, fast_config()).await })
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for open in opens {
+            nodes.push(open.await.unwrap().unwrap());
+        }
+        // One queue: enqueued on one node, run by another, seen by a third.
+        nodes[0]
+            .spawn_workers(JobKind::Noop, 1, |_: Value, _| async { Ok(()) })
+            .await
+            .unwrap();
+        let id = nodes[3]
+            .enqueue(JobKind::Noop, &json!({}), "t")
+            .await
+            .unwrap();
+        wait_state(&nodes[1], &id, JobState::Done).await;
+        for node in nodes {
+            node.shutdown(Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schema_newer_than_this_build_is_refused_with_the_reason() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_schema_newer_than_this_build").await else {
+            return;
+        };
+        let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        q.shutdown(Duration::from_secs(1)).await.unwrap();
+        let pool = sqlx::PgPool::connect_with(db.options.clone())
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO snapq_queue_schema (version, applied_ms) VALUES (999, 0)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let err = Queue::open_postgres(&db.url, fast_config())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, QueueError::SchemaTooNew { found: 999, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer than this build"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_database_url_is_a_clear_error_that_hides_the_password() {
+        // Needs no PostgreSQL: nothing listens on a port that was just released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("postgres://snapq:hunter2@127.0.0.1:{port}/queue");
+        let err = Queue::open_postgres(&url, fast_config()).await.unwrap_err();
+        assert!(matches!(err, QueueError::Connect { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cannot connect to the queue database"),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("127.0.0.1:{port}/queue")), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+
+        let err = Queue::open_postgres("postgres://snapq@127.0.0.1:notaport/queue", fast_config())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueueError::Config(_)), "{err}");
+        assert!(err.to_string().contains("invalid PostgreSQL URL"), "{err}");
     }
 }
