@@ -854,6 +854,10 @@ struct ServeArgs {
     /// Finished jobs are pruned after this many days [default: 30]
     #[arg(long, value_name = "DAYS", env = "SNAPQ_JOB_RETENTION_DAYS")]
     job_retention_days: Option<u64>,
+    /// A node whose workers send no heartbeat for this many seconds is dead; its running jobs
+    /// are taken back and run again [default: 30]
+    #[arg(long, value_name = "SECS", env = "SNAPQ_JOB_ORPHAN_SECS")]
+    job_orphan_secs: Option<u64>,
     /// An endpoint is online when it heartbeat within this many seconds [default: 45]
     #[arg(long, value_name = "SECS", env = "SNAPQ_ONLINE_WINDOW_SECS")]
     online_window_secs: Option<u64>,
@@ -907,6 +911,7 @@ struct ServeFile {
     job_max_attempts: Option<u32>,
     job_retry_base_ms: Option<u64>,
     job_retention_days: Option<u64>,
+    job_orphan_secs: Option<u64>,
     online_window_secs: Option<u64>,
     upload_max_mib: Option<u64>,
     watch: Option<PathBuf>,
@@ -1663,6 +1668,12 @@ impl ServeArgs {
         }
         if let Some(days) = self.job_retention_days.or(file.job_retention_days) {
             config.job_retention = Duration::from_secs(days * 24 * 3600);
+        }
+        if let Some(secs) = self.job_orphan_secs.or(file.job_orphan_secs) {
+            if secs < 3 {
+                bail!("--job-orphan-secs must be at least 3 (three heartbeats fit in it)");
+            }
+            config.job_orphan_after = Duration::from_secs(secs);
         }
         if let Some(secs) = self.online_window_secs.or(file.online_window_secs) {
             config.online_window = Duration::from_secs(secs.max(1));

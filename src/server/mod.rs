@@ -57,6 +57,9 @@ pub struct ServeConfig {
     pub retry: RetryPolicy,
     /// Finished jobs older than this are pruned.
     pub job_retention: Duration,
+    /// A node whose workers stay silent this long is dead: its running jobs are taken back (by
+    /// any node, on PostgreSQL).
+    pub job_orphan_after: Duration,
     /// An endpoint is online when its last heartbeat is younger than this.
     pub online_window: Duration,
     /// In-process simulated endpoints to start (group `demo`).
@@ -100,6 +103,7 @@ impl ServeConfig {
             capture_max_bytes_per_sec: None,
             retry: RetryPolicy::default(),
             job_retention: Duration::from_secs(30 * 24 * 3600),
+            job_orphan_after: QueueConfig::default().orphan_after,
             online_window: Duration::from_secs(45),
             demo_endpoints: 0,
             ingest_concurrency: 16,
@@ -276,15 +280,21 @@ impl Server {
         let enroll_token = enroll_token(&layout, &certs)?;
         let agents_key = snapq_core::identity::AgentKey::load_or_create(&layout.agents_key())?;
 
-        let queue = Queue::open(
-            &layout.queue(),
-            QueueConfig {
-                retry: config.retry,
-                retention: Some(config.job_retention),
-                ..QueueConfig::default()
-            },
-        )
-        .await?;
+        let queue_config = QueueConfig {
+            retry: config.retry,
+            retention: Some(config.job_retention),
+            orphan_after: config.job_orphan_after,
+            // At least three heartbeats within the orphan time-out.
+            heartbeat_interval: (config.job_orphan_after / 3)
+                .min(QueueConfig::default().heartbeat_interval),
+            ..QueueConfig::default()
+        };
+        let queue = match &config.database {
+            None => Queue::open(&layout.queue(), queue_config).await?,
+            Some(url) => Queue::open_postgres(url.as_str(), queue_config)
+                .await
+                .with_context(|| format!("opening the job queue in PostgreSQL at {url}"))?,
+        };
         let services = Arc::new(Services {
             catalog: catalog.clone(),
             queue: queue.clone(),
