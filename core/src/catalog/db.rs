@@ -46,6 +46,79 @@ pub fn storable(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// A value as [`run!`] binds it on PostgreSQL, whose TEXT cannot hold a NUL character (SQLite's
+/// can): text is [`storable`], so a write keeps its row and a lookup by a key with a NUL (a search,
+/// a name from a request) finds what such a write stored, or nothing, instead of failing the
+/// statement; other values pass unchanged. One impl per type the statements bind.
+pub trait PgBind {
+    type Bound;
+    fn pg_bind(self) -> Self::Bound;
+}
+
+impl<'a> PgBind for &'a str {
+    type Bound = Cow<'a, str>;
+    fn pg_bind(self) -> Cow<'a, str> {
+        storable(self)
+    }
+}
+
+impl<'a> PgBind for &'a String {
+    type Bound = Cow<'a, str>;
+    fn pg_bind(self) -> Cow<'a, str> {
+        storable(self)
+    }
+}
+
+impl PgBind for String {
+    type Bound = String;
+    fn pg_bind(self) -> String {
+        match storable(&self) {
+            Cow::Borrowed(_) => self,
+            Cow::Owned(text) => text,
+        }
+    }
+}
+
+impl<'a> PgBind for Option<&'a str> {
+    type Bound = Option<Cow<'a, str>>;
+    fn pg_bind(self) -> Option<Cow<'a, str>> {
+        self.map(storable)
+    }
+}
+
+impl PgBind for Option<String> {
+    type Bound = Option<String>;
+    fn pg_bind(self) -> Option<String> {
+        self.map(PgBind::pg_bind)
+    }
+}
+
+impl<'a> PgBind for &'a Option<String> {
+    type Bound = Option<Cow<'a, str>>;
+    fn pg_bind(self) -> Option<Cow<'a, str>> {
+        self.as_deref().map(storable)
+    }
+}
+
+impl PgBind for &i64 {
+    type Bound = i64;
+    fn pg_bind(self) -> i64 {
+        *self
+    }
+}
+
+macro_rules! pg_bind_unchanged {
+    ($($t:ty),*) => {$(
+        impl PgBind for $t {
+            type Bound = $t;
+            fn pg_bind(self) -> $t {
+                self
+            }
+        }
+    )*};
+}
+pg_bind_unchanged!(i64, Option<i64>, bool);
+
 /// A JSON document kept in a TEXT column, decoded on either backend (sqlx's `Json` decodes only
 /// PostgreSQL's JSON types, and the catalog's columns are TEXT on both engines so the same
 /// statements read and write them). Fields use it through `#[sqlx(try_from = "JsonText<…>")]`.
@@ -161,7 +234,7 @@ macro_rules! run {
             }
             $crate::catalog::db::Pool::Postgres(p) => {
                 let sql = $crate::catalog::db::for_postgres($sql);
-                sqlx::query(sql) $(.bind($arg))* .execute(p).await.map($crate::catalog::db::Done::from)
+                sqlx::query(sql) $(.bind($crate::catalog::db::PgBind::pg_bind($arg)))* .execute(p).await.map($crate::catalog::db::Done::from)
             }
         }
     };
@@ -172,7 +245,7 @@ macro_rules! run {
             }
             $crate::catalog::db::Pool::Postgres(p) => {
                 let sql = $crate::catalog::db::for_postgres($sql);
-                sqlx::$ctor $(::<$($t),+>)? (sql) $(.bind($arg))* .$method(p).await
+                sqlx::$ctor $(::<$($t),+>)? (sql) $(.bind($crate::catalog::db::PgBind::pg_bind($arg)))* .$method(p).await
             }
         }
     };
@@ -187,7 +260,7 @@ macro_rules! run_tx {
             }
             $crate::catalog::db::Tx::Postgres(t) => {
                 let sql = $crate::catalog::db::for_postgres($sql);
-                sqlx::query(sql) $(.bind($arg))* .execute(&mut **t).await.map($crate::catalog::db::Done::from)
+                sqlx::query(sql) $(.bind($crate::catalog::db::PgBind::pg_bind($arg)))* .execute(&mut **t).await.map($crate::catalog::db::Done::from)
             }
         }
     };
@@ -198,7 +271,7 @@ macro_rules! run_tx {
             }
             $crate::catalog::db::Tx::Postgres(t) => {
                 let sql = $crate::catalog::db::for_postgres($sql);
-                sqlx::$ctor $(::<$($t),+>)? (sql) $(.bind($arg))* .$method(&mut **t).await
+                sqlx::$ctor $(::<$($t),+>)? (sql) $(.bind($crate::catalog::db::PgBind::pg_bind($arg)))* .$method(&mut **t).await
             }
         }
     };
