@@ -333,3 +333,146 @@ async fn disk_reservations_count_every_nodes_captures_and_lapse_when_a_node_stop
         Err(900)
     );
 }
+
+/// Starts `count` simulated endpoints `PREFIX-01…` enrolled with `server`, heartbeating every
+/// second (see tests/it/fleet.rs for the single-node ones).
+fn fleet_sim(
+    server: &TestServer,
+    dir: &std::path::Path,
+    prefix: &str,
+    count: u32,
+) -> std::process::Child {
+    let mut child = Command::new(BIN)
+        .args([
+            "fleet-sim",
+            "--count",
+            &count.to_string(),
+            "--prefix",
+            prefix,
+        ])
+        .args([
+            "--server",
+            &server.url(),
+            "--enroll-token",
+            &server.enroll_token,
+        ])
+        .args(["--data-dir", dir.to_str().unwrap(), "--heartbeat-secs", "1"])
+        .args([
+            "--prefill-events",
+            "2000",
+            "--events-per-sec",
+            "20",
+            "--db-mib",
+            "3",
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut listening = 0;
+    while listening < count {
+        let line = lines.next().expect("fleet-sim exited").unwrap();
+        if line.contains(" listening on ") {
+            listening += 1;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+/// The fault: one of three nodes SIGKILLed mid-batch. The batch completes, every endpoint
+/// captured exactly once, no partial file, the dead node's jobs finished by the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_endpoint() {
+    let Some(db) = snapq_testpg::schema_or_skip("three nodes, one killed").await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let flags = |listen: Option<&str>| {
+        let mut f = vec![
+            "--database".to_owned(),
+            db.url.clone(),
+            "--store".to_owned(),
+            store.to_str().unwrap().to_owned(),
+            "--capture-rate-kib".to_owned(),
+            "1024".to_owned(),
+            "--job-orphan-secs".to_owned(),
+            "5".to_owned(),
+            "--job-retry-base-ms".to_owned(),
+            "200".to_owned(),
+        ];
+        if let Some(l) = listen {
+            f.extend(["--listen".to_owned(), l.to_owned()]);
+        }
+        f
+    };
+    let spawn = |dir: &std::path::Path| {
+        let f = flags(None);
+        let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+        TestServer::spawn_in(dir, &refs)
+    };
+    let a = spawn(&tmp.path().join("a"));
+    share_identity(&a.data_dir, &tmp.path().join("b"));
+    share_identity(&a.data_dir, &tmp.path().join("c"));
+    let mut b = spawn(&tmp.path().join("b"));
+    let c = spawn(&tmp.path().join("c"));
+    let mut sim = fleet_sim(&a, &tmp.path().join("fleet"), "tri", 12);
+    for i in 1..=12 {
+        a.wait_online(&format!("tri-{i:02}")).await;
+    }
+    let (code, _, err) = a.cli(&["groups", "add", "tri", "--hostname", "tri-*"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = c.cli(&[
+        "fleet",
+        "capture",
+        "--group",
+        "tri",
+        "--yes",
+        "--max-concurrency",
+        "6",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["batch_id"]
+        .as_i64()
+        .unwrap();
+    // Kill node B once it runs captures of the batch (the nodes share the work).
+    crate::support::eventually(
+        Duration::from_secs(120),
+        "node B to run a capture",
+        || async {
+            let (_, workers) = a.get("/v1/queue/status").await;
+            let running_on_b = workers.to_string().contains(&b.addr.port().to_string());
+            let (_, batch) = a.get(&format!("/v1/fleet/batches/{id}")).await;
+            (batch["totals"]["done"].as_u64()? >= 1 && batch["totals"]["running"].as_u64()? >= 2
+                || running_on_b)
+                .then_some(())
+        },
+    )
+    .await;
+    b.kill();
+    let batch =
+        crate::support::eventually(Duration::from_secs(300), "the batch to end", || async {
+            let (_, batch) = a.get(&format!("/v1/fleet/batches/{id}")).await;
+            (!matches!(batch["state"].as_str(), Some("running" | "paused"))).then_some(batch)
+        })
+        .await;
+    assert_eq!(batch["state"], "complete", "{batch}");
+    assert_eq!(batch["totals"]["done"], 12, "{batch}");
+    let (_, groups) = c.get("/v1/snapshots").await;
+    for g in groups.as_array().unwrap() {
+        assert_eq!(g["snapshots"].as_array().unwrap().len(), 1, "{g}");
+        assert_eq!(g["snapshots"][0]["state"], "complete", "{g}");
+    }
+    let partials: Vec<_> = crate::support::files_under(&store)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+    let _ = sim.kill();
+    let _ = sim.wait();
+}
