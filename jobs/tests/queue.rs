@@ -1540,3 +1540,119 @@ mod postgres_nodes {
         assert!(err.to_string().contains("invalid PostgreSQL URL"), "{err}");
     }
 }
+
+/// `copy_sqlite_to_postgres`: a single node's queue moves into PostgreSQL.
+mod moving_up {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_queue_copied_to_postgres_keeps_its_jobs_state_and_history() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_sqlite_queue_copied_to_postgres").await
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let key = EnqueueOptions {
+            idempotency_key: Some("nightly:2026-12-01T02:00".into()),
+            ..Default::default()
+        };
+        let (done, failed, running, pending, cancelled);
+        {
+            let q = Queue::open(&path, fast_config()).await.unwrap();
+            q.spawn_workers(JobKind::Noop, 2, |args: Value, ctx| async move {
+                match args["do"].as_str() {
+                    Some("fail") => Err(JobError::permanent("bad input")),
+                    Some("hang") => {
+                        ctx.progress(3, 10, Some("copying"));
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await
+            .unwrap();
+            done = q.enqueue(JobKind::Noop, &json!({}), "alice").await.unwrap();
+            failed = q
+                .enqueue(JobKind::Noop, &json!({"do": "fail"}), "bob")
+                .await
+                .unwrap();
+            running = q
+                .enqueue(JobKind::Noop, &json!({"do": "hang"}), "carol")
+                .await
+                .unwrap();
+            pending = q
+                .enqueue_with(JobKind::Export, &json!({}), "dave", &key)
+                .await
+                .unwrap()
+                .id;
+            cancelled = q
+                .enqueue(JobKind::Delete, &json!({}), "erin")
+                .await
+                .unwrap();
+            q.cancel(&cancelled, "erin").await.unwrap();
+            wait_state(&q, &done, JobState::Done).await;
+            wait_state(&q, &failed, JobState::Failed).await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while q.show(&running).await.unwrap().job.progress.is_none() {
+                assert!(Instant::now() < deadline, "no progress recorded");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // dropped without shutdown: a server stopped by a crash leaves `running` running
+        }
+        let report = snapq_jobs::copy_sqlite_to_postgres(&path, &db.url)
+            .await
+            .unwrap();
+        assert_eq!(report.jobs, 5, "{report:?}");
+        assert_eq!(report.requeued_running, 1, "{report:?}");
+        assert_eq!(report.terminal_outcomes, 2, "{report:?}");
+
+        let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        let told = record_terminal(&q);
+        let d = q.show(&done).await.unwrap();
+        assert_eq!(d.job.state, JobState::Done);
+        assert_eq!(d.job.requested_by.as_deref(), Some("alice"));
+        let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, vec![Some(AttemptOutcome::Ok)]);
+        let d = q.show(&failed).await.unwrap();
+        assert_eq!(d.job.state, JobState::Failed);
+        assert_eq!(d.job.last_error.as_deref(), Some("bad input"));
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Permanent));
+        let d = q.show(&cancelled).await.unwrap();
+        assert_eq!(d.job.state, JobState::Cancelled);
+        assert!(d.job.last_error.unwrap().contains("erin"));
+        let d = q.show(&running).await.unwrap();
+        assert_eq!(d.job.state, JobState::Pending);
+        assert_eq!(
+            d.job.progress.as_ref().map(|p| (p.done, p.total)),
+            Some((3, 10))
+        );
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Interrupted));
+        // The idempotency key still names the copied job.
+        let again = q
+            .enqueue_with(JobKind::Export, &json!({}), "dave", &key)
+            .await
+            .unwrap();
+        assert_eq!((again.id, again.created), (pending, false));
+        // Terminal outcomes not yet delivered reach the hook on PostgreSQL.
+        assert_eq!(wait_told(&told, &failed).await.0, JobState::Failed);
+        assert_eq!(wait_told(&told, &cancelled).await.0, JobState::Cancelled);
+        // The job the stopped server left running runs again.
+        q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async { Ok(()) })
+            .await
+            .unwrap();
+        let d = wait_state(&q, &running, JobState::Done).await;
+        let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![Some(AttemptOutcome::Interrupted), Some(AttemptOutcome::Ok)]
+        );
+        q.shutdown(Duration::from_secs(1)).await.unwrap();
+        // Copying again would mix two queues: refused.
+        let err = snapq_jobs::copy_sqlite_to_postgres(&path, &db.url)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("already holds"), "{err}");
+    }
+}
