@@ -3,7 +3,7 @@
 //! `postgres::NAME` (a schema of its own in the test PostgreSQL, see `snapq-testpg`; skipped
 //! with a message when there is none). Tests of the SQLite file itself (a damaged file, its
 //! query plans) are SQLite-only; tests of several nodes on one database are PostgreSQL-only
-//! (`postgres_nodes` below).
+//! (`postgres_nodes` below), and so is copying a SQLite queue into PostgreSQL (`moving_up`).
 
 use std::{
     sync::{
