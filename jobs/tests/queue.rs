@@ -182,6 +182,7 @@ on_both_backends!(
     a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart,
     an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job,
     nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done,
+    a_batch_creates_each_idempotency_key_once_and_names_the_jobs_that_hold_them,
 );
 
 /// Poll `show` until the job reaches `state`, or fail after 10 s.
@@ -890,6 +891,45 @@ async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(
     assert_eq!(*order.lock().unwrap(), vec![1, 2]);
     other.shutdown(Duration::from_secs(1)).await.unwrap();
     q.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+async fn a_batch_creates_each_idempotency_key_once_and_names_the_jobs_that_hold_them(b: Backend) {
+    let q = b.open().await;
+    let key = |k: &str| EnqueueOptions {
+        idempotency_key: Some(k.into()),
+        ..Default::default()
+    };
+    let first = q
+        .enqueue_with(JobKind::Fleet, &json!({"n": 0}), "cron", &key("a"))
+        .await
+        .unwrap();
+    let batch = vec![
+        (json!({"n": 1}), key("a")), // held since before the batch
+        (json!({"n": 2}), key("b")),
+        (json!({"n": 3}), EnqueueOptions::default()),
+        (json!({"n": 4}), key("b")), // held by an earlier job of this batch
+        (json!({"n": 5}), EnqueueOptions::default()),
+    ];
+    let out = q
+        .enqueue_many_with(JobKind::Fleet, &batch, "cron")
+        .await
+        .unwrap();
+    let created: Vec<bool> = out.iter().map(|e| e.created).collect();
+    assert_eq!(created, vec![false, true, true, false, true]);
+    assert_eq!(out[0].id, first.id);
+    assert_eq!(out[3].id, out[1].id);
+    let listed = q
+        .list(&ListFilter {
+            kind: Some(JobKind::Fleet),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 4);
+    let d = q.show(&out[1].id).await.unwrap();
+    assert_eq!(d.job.args, json!({"n": 2}));
+    assert_eq!(d.job.idempotency_key.as_deref(), Some("b"));
+    assert_eq!(d.job.requested_by.as_deref(), Some("cron"));
 }
 
 /// Collects what the terminal hook was told: (job, state, error).
