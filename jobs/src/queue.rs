@@ -61,7 +61,8 @@ pub struct QueueConfig {
     /// PostgreSQL only: commit the queue's changes without waiting for the server to flush
     /// them to disk (`synchronous_commit = off` on the queue's connections). A single commit
     /// then costs a round trip instead of a disk flush: on the 2-core bench machine under load,
-    /// one-at-a-time enqueues went from 147–1,094/s to 2,669–2,946/s (`queue_nodes_bench`).
+    /// one-at-a-time enqueues went from 147–1,094/s to 1,896–2,946/s over three
+    /// runs of `queue_nodes_bench`.
     /// What it risks is what SQLite's `synchronous = NORMAL` risks: a crash of the database
     /// server or of the machine under it (never of a snapq node) may lose the last fraction of
     /// a second of queue changes; nothing is corrupted. Off by default: the server's own
