@@ -44,6 +44,7 @@ macro_rules! run {
     };
 }
 
+mod copy;
 mod db;
 mod error;
 pub mod handlers;
@@ -59,6 +60,7 @@ mod sql;
 mod sql_pg;
 mod worker;
 
+pub use copy::{CopyReport, copy_sqlite_to_postgres};
 pub use error::{JobError, QueueError, ResultExt};
 pub use id::JobId;
 pub use kind::{JobArgs, JobKind, NoopArgs, queue_names};

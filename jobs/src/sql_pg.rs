@@ -45,6 +45,19 @@ pub(crate) const INSERT_JOB: &str = "INSERT INTO snapq_jobs (job, id, job_type, 
     VALUES ($1, $2, $3, 'Pending', 0, $4, $5, $6, $7, $8)
     ON CONFLICT (job_type, idempotency_key) DO NOTHING";
 
+/// Many jobs of one queue in one statement (no SQLite twin: see `queue::insert_many_pg`).
+/// Arrays, one element per job: $1 job, $2 id, $3 max_attempts, $4 run_at (s), $5 priority,
+/// $6 idempotency key; then $7 queue, $8 metadata. Returns the ids inserted (a key already
+/// taken, also by an earlier row of the same batch, inserts nothing).
+pub(crate) const INSERT_JOBS: &str = "INSERT INTO snapq_jobs (job, id, job_type, status,
+        attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+    SELECT u.job, u.id, $7, 'Pending', 0, u.max_attempts, u.run_at, u.priority, $8, u.key
+    FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[])
+        WITH ORDINALITY AS u(job, id, max_attempts, run_at, priority, key, n)
+    ORDER BY u.n
+    ON CONFLICT (job_type, idempotency_key) DO NOTHING
+    RETURNING id";
+
 /// $1 job, $2 id, $3 queue, $4 max_attempts, $5 now (s), $6 priority, $7 metadata,
 /// $8 worker, $9 now (ms)
 pub(crate) const INSERT_JOB_CLAIMED: &str = concat!(

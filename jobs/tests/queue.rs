@@ -3,7 +3,7 @@
 //! `postgres::NAME` (a schema of its own in the test PostgreSQL, see `snapq-testpg`; skipped
 //! with a message when there is none). Tests of the SQLite file itself (a damaged file, its
 //! query plans) are SQLite-only; tests of several nodes on one database are PostgreSQL-only
-//! (`postgres_nodes` below).
+//! (`postgres_nodes` below), and so is copying a SQLite queue into PostgreSQL (`moving_up`).
 
 use std::{
     sync::{
@@ -182,6 +182,7 @@ on_both_backends!(
     a_terminal_outcome_the_hook_could_not_record_is_offered_again_after_a_restart,
     an_enqueue_whose_caller_goes_away_mid_claim_still_runs_its_job,
     nothing_is_claimed_after_shutdown_begins_and_every_job_ends_pending_or_done,
+    a_batch_creates_each_idempotency_key_once_and_names_the_jobs_that_hold_them,
 );
 
 /// Poll `show` until the job reaches `state`, or fail after 10 s.
@@ -892,6 +893,45 @@ async fn an_enqueue_with_a_free_slot_does_not_overtake_due_jobs_already_waiting(
     q.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+async fn a_batch_creates_each_idempotency_key_once_and_names_the_jobs_that_hold_them(b: Backend) {
+    let q = b.open().await;
+    let key = |k: &str| EnqueueOptions {
+        idempotency_key: Some(k.into()),
+        ..Default::default()
+    };
+    let first = q
+        .enqueue_with(JobKind::Fleet, &json!({"n": 0}), "cron", &key("a"))
+        .await
+        .unwrap();
+    let batch = vec![
+        (json!({"n": 1}), key("a")), // held since before the batch
+        (json!({"n": 2}), key("b")),
+        (json!({"n": 3}), EnqueueOptions::default()),
+        (json!({"n": 4}), key("b")), // held by an earlier job of this batch
+        (json!({"n": 5}), EnqueueOptions::default()),
+    ];
+    let out = q
+        .enqueue_many_with(JobKind::Fleet, &batch, "cron")
+        .await
+        .unwrap();
+    let created: Vec<bool> = out.iter().map(|e| e.created).collect();
+    assert_eq!(created, vec![false, true, true, false, true]);
+    assert_eq!(out[0].id, first.id);
+    assert_eq!(out[3].id, out[1].id);
+    let listed = q
+        .list(&ListFilter {
+            kind: Some(JobKind::Fleet),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 4);
+    let d = q.show(&out[1].id).await.unwrap();
+    assert_eq!(d.job.args, json!({"n": 2}));
+    assert_eq!(d.job.idempotency_key.as_deref(), Some("b"));
+    assert_eq!(d.job.requested_by.as_deref(), Some("cron"));
+}
+
 /// Collects what the terminal hook was told: (job, state, error).
 type Told = Arc<std::sync::Mutex<Vec<(JobId, JobState, Option<String>)>>>;
 
@@ -1538,5 +1578,121 @@ mod postgres_nodes {
             .unwrap_err();
         assert!(matches!(err, QueueError::Config(_)), "{err}");
         assert!(err.to_string().contains("invalid PostgreSQL URL"), "{err}");
+    }
+}
+
+/// `copy_sqlite_to_postgres`: a single node's queue moves into PostgreSQL.
+mod moving_up {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_queue_copied_to_postgres_keeps_its_jobs_state_and_history() {
+        let Some(db) = snapq_testpg::schema_or_skip("a_sqlite_queue_copied_to_postgres").await
+        else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let key = EnqueueOptions {
+            idempotency_key: Some("nightly:2026-12-01T02:00".into()),
+            ..Default::default()
+        };
+        let (done, failed, running, pending, cancelled);
+        {
+            let q = Queue::open(&path, fast_config()).await.unwrap();
+            q.spawn_workers(JobKind::Noop, 2, |args: Value, ctx| async move {
+                match args["do"].as_str() {
+                    Some("fail") => Err(JobError::permanent("bad input")),
+                    Some("hang") => {
+                        ctx.progress(3, 10, Some("copying"));
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await
+            .unwrap();
+            done = q.enqueue(JobKind::Noop, &json!({}), "alice").await.unwrap();
+            failed = q
+                .enqueue(JobKind::Noop, &json!({"do": "fail"}), "bob")
+                .await
+                .unwrap();
+            running = q
+                .enqueue(JobKind::Noop, &json!({"do": "hang"}), "carol")
+                .await
+                .unwrap();
+            pending = q
+                .enqueue_with(JobKind::Export, &json!({}), "dave", &key)
+                .await
+                .unwrap()
+                .id;
+            cancelled = q
+                .enqueue(JobKind::Delete, &json!({}), "erin")
+                .await
+                .unwrap();
+            q.cancel(&cancelled, "erin").await.unwrap();
+            wait_state(&q, &done, JobState::Done).await;
+            wait_state(&q, &failed, JobState::Failed).await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while q.show(&running).await.unwrap().job.progress.is_none() {
+                assert!(Instant::now() < deadline, "no progress recorded");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // dropped without shutdown: a server stopped by a crash leaves `running` running
+        }
+        let report = snapq_jobs::copy_sqlite_to_postgres(&path, &db.url)
+            .await
+            .unwrap();
+        assert_eq!(report.jobs, 5, "{report:?}");
+        assert_eq!(report.requeued_running, 1, "{report:?}");
+        assert_eq!(report.terminal_outcomes, 2, "{report:?}");
+
+        let q = Queue::open_postgres(&db.url, fast_config()).await.unwrap();
+        let told = record_terminal(&q);
+        let d = q.show(&done).await.unwrap();
+        assert_eq!(d.job.state, JobState::Done);
+        assert_eq!(d.job.requested_by.as_deref(), Some("alice"));
+        let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, vec![Some(AttemptOutcome::Ok)]);
+        let d = q.show(&failed).await.unwrap();
+        assert_eq!(d.job.state, JobState::Failed);
+        assert_eq!(d.job.last_error.as_deref(), Some("bad input"));
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Permanent));
+        let d = q.show(&cancelled).await.unwrap();
+        assert_eq!(d.job.state, JobState::Cancelled);
+        assert!(d.job.last_error.unwrap().contains("erin"));
+        let d = q.show(&running).await.unwrap();
+        assert_eq!(d.job.state, JobState::Pending);
+        assert_eq!(
+            d.job.progress.as_ref().map(|p| (p.done, p.total)),
+            Some((3, 10))
+        );
+        assert_eq!(d.attempt_log[0].outcome, Some(AttemptOutcome::Interrupted));
+        // The idempotency key still names the copied job.
+        let again = q
+            .enqueue_with(JobKind::Export, &json!({}), "dave", &key)
+            .await
+            .unwrap();
+        assert_eq!((again.id, again.created), (pending, false));
+        // Terminal outcomes not yet delivered reach the hook on PostgreSQL.
+        assert_eq!(wait_told(&told, &failed).await.0, JobState::Failed);
+        assert_eq!(wait_told(&told, &cancelled).await.0, JobState::Cancelled);
+        // The job the stopped server left running runs again.
+        q.spawn_workers(JobKind::Noop, 1, |_: Value, _| async { Ok(()) })
+            .await
+            .unwrap();
+        let d = wait_state(&q, &running, JobState::Done).await;
+        let outcomes: Vec<_> = d.attempt_log.iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![Some(AttemptOutcome::Interrupted), Some(AttemptOutcome::Ok)]
+        );
+        q.shutdown(Duration::from_secs(1)).await.unwrap();
+        // Copying again would mix two queues: refused.
+        let err = snapq_jobs::copy_sqlite_to_postgres(&path, &db.url)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("already holds"), "{err}");
     }
 }
