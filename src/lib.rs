@@ -47,13 +47,20 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }),
         Command::Client(config, command) => runtime()?.block_on(run_client(config, command)),
         Command::DbMigrate { from, to, json } => runtime()?.block_on(async {
-            let copied = server::migrate_catalog(&from, &to).await?;
+            let (copied, queue) = server::migrate_to_postgres(&from, &to).await?;
             if json {
                 let tables: serde_json::Map<String, serde_json::Value> = copied
                     .iter()
                     .map(|(t, n)| (t.to_string(), (*n).into()))
                     .collect();
-                println!("{}", serde_json::json!({ "copied": tables }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "copied": tables, "queue": {
+                        "jobs": queue.jobs, "attempts": queue.attempts,
+                        "requeued_running": queue.requeued_running,
+                        "terminal_outcomes": queue.terminal_outcomes,
+                    } })
+                );
             } else {
                 let total: u64 = copied.iter().map(|(_, n)| n).sum();
                 println!("copied {total} rows of the catalog in {} into {to}:", from.display());
@@ -61,9 +68,10 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                     println!("  {table:<18} {rows}");
                 }
                 println!(
-                    "start every node with --database {to}; the job queue stays in {} (not moved: finish or cancel its jobs first)",
-                    from.join("queue.db").display()
+                    "copied the job queue: {} jobs with {} attempts ({} that were running are pending again)",
+                    queue.jobs, queue.attempts, queue.requeued_running
                 );
+                println!("start every node with --database {to}");
             }
             Ok(())
         }),

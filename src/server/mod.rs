@@ -532,12 +532,13 @@ fn outcome(job: &snapq_jobs::TerminalJob) -> &'static str {
     }
 }
 
-/// `snapq db migrate`: the catalog of the server in `from` (which must not be running: its
-/// data directory's lock is taken) copied into the empty PostgreSQL catalog at `to`.
-pub async fn migrate_catalog(
+/// `snapq db migrate`: the catalog and the job queue of the server in `from` (which must not be
+/// running: its data directory's lock is taken) copied into the empty PostgreSQL database at
+/// `to`. The queue is copied after the catalog; jobs that were running come across pending.
+pub async fn migrate_to_postgres(
     from: &Path,
     to: &DatabaseUrl,
-) -> anyhow::Result<snapq_core::catalog::Copied> {
+) -> anyhow::Result<(snapq_core::catalog::Copied, snapq_jobs::CopyReport)> {
     let layout = ServerDir::new(from);
     if !layout.catalog().is_file() {
         anyhow::bail!(
@@ -550,7 +551,11 @@ pub async fn migrate_catalog(
     let target = Catalog::connect_postgres(to.as_str())
         .await
         .with_context(|| format!("opening the catalog in PostgreSQL at {to}"))?;
-    Ok(source.copy_into(&target).await?)
+    let catalog = source.copy_into(&target).await?;
+    let queue = snapq_jobs::copy_sqlite_to_postgres(&layout.queue(), to.as_str())
+        .await
+        .context("copying the job queue")?;
+    Ok((catalog, queue))
 }
 
 /// An exclusive lock on the data directory (`DIR/serve.lock`, holding the owner's pid), held

@@ -254,6 +254,9 @@ async fn db_migrate_moves_a_single_node_catalog_into_postgres_keeping_ids() {
     assert_eq!(copied["copied"]["snapshots"], 1, "{copied}");
     assert_eq!(copied["copied"]["endpoints"], 1, "{copied}");
     assert_eq!(copied["copied"]["computer_groups"], 1, "{copied}");
+    // The queue came too: the capture's job with its attempt.
+    assert_eq!(copied["queue"]["jobs"], 1, "{copied}");
+    assert_eq!(copied["queue"]["attempts"], 1, "{copied}");
     // Twice is refused: the target is no longer empty.
     let (code, _, err) = migrate(false);
     assert_eq!(code, 1, "{err}");
@@ -276,6 +279,10 @@ async fn db_migrate_moves_a_single_node_catalog_into_postgres_keeping_ids() {
     assert_eq!(shown["state"], "complete", "{shown}");
     let (_, users) = server.get("/v1/users").await;
     assert!(users.to_string().contains("\"ana\""), "{users}");
+    let job = shown["job_id"].as_str().unwrap();
+    let (status, detail) = server.get(&format!("/v1/queue/jobs/{job}")).await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["state"], "done", "{detail}");
     let (code, out, err) = server.cli(&["capture", "mv-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let second: Value = serde_json::from_str(&out).unwrap();
