@@ -100,12 +100,23 @@ async fn a_second_agent_claiming_an_enrolled_hostname_is_refused_and_the_first_k
     );
     let (code, out, err) = server.cli(&["endpoints", "rekey", "web-01", "--yes"]);
     assert_eq!(code, 0, "{out}{err}");
-    eventually(
+    let enrolled = eventually(
         Duration::from_secs(20),
         "the new agent to enroll",
         || async {
-            (shown(&server, "web-01").await["endpoint"]["cert_sha256"] == impostor.cert_sha256())
-                .then_some(())
+            let endpoint = shown(&server, "web-01").await["endpoint"].clone();
+            (endpoint["cert_sha256"] == impostor.cert_sha256())
+                .then(|| endpoint["last_seen_ms"].as_i64())
+        },
+    )
+    .await;
+    // As in the re-key test below: a later heartbeat shows the agent kept its new credential.
+    eventually(
+        Duration::from_secs(20),
+        "a heartbeat with the new credential",
+        || async {
+            let seen = shown(&server, "web-01").await["endpoint"]["last_seen_ms"].as_i64();
+            (seen > enrolled).then_some(())
         },
     )
     .await;
