@@ -1230,7 +1230,7 @@ async fn upload(
     };
     access.host(name.hostname(), Role::Operator).await?;
     let caller = access.name();
-    let incoming = state.layout().incoming();
+    let incoming = state.config.spool_dir();
     let spool_id = hex::encode(rand::random::<[u8; 16]>());
     let partial = incoming.join(format!("{spool_id}.partial"));
     // The spool name keeps the upload's name, so a file spooled just before a crash can still

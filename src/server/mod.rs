@@ -93,6 +93,18 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Where uploads are spooled until their ingest job stores them: in the data directory, or
+    /// beside the snapshots on a store of its own (`--store`), where every node can read what
+    /// another received (its ingest job may run on any node) and the ingest is a rename.
+    pub fn spool_dir(&self) -> PathBuf {
+        let default_store = ServerDir::new(&self.data_dir).snapshots();
+        if self.store_dir == default_store {
+            ServerDir::new(&self.data_dir).incoming()
+        } else {
+            self.store_dir.join(".incoming")
+        }
+    }
+
     /// Defaults for a data directory (what `snapq serve` uses when nothing else is set).
     pub fn with_data_dir(data_dir: PathBuf) -> ServeConfig {
         ServeConfig {
@@ -249,10 +261,18 @@ impl Server {
             Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
             Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
         }
-        for sub in [layout.incoming(), layout.quarantine(), layout.exports()] {
+        let spool = config.spool_dir();
+        for sub in [&spool, &layout.quarantine(), &layout.exports()] {
             std::fs::create_dir_all(sub)?;
         }
-        clean_spool(&layout.incoming());
+        // Another node may be receiving an upload into a shared spool right now: only what
+        // nothing wrote to for a while was cut off.
+        let cut_off_after = if config.database.is_some() {
+            Duration::from_secs(600)
+        } else {
+            Duration::ZERO
+        };
+        clean_spool(&spool, cut_off_after);
         let admin_token = crate::token::load_or_create_with(
             &layout.admin_token(),
             crate::token::generate_api_token,
@@ -319,7 +339,7 @@ impl Server {
         queue_unlinked_captures(&queue, &catalog).await?;
         export::remove_abandoned_partials(&layout);
         spawn_workers(&queue, &services, &config).await?;
-        recover_spool(&queue, &catalog, &dir.join("incoming"))
+        recover_spool(&queue, &catalog, &spool)
             .await
             .context("recovering spooled uploads")?;
         let state = Arc::new(ServerState {
@@ -728,11 +748,16 @@ async fn recover_spool(queue: &Queue, catalog: &Catalog, incoming: &Path) -> any
     Ok(())
 }
 
-/// Removes uploads that were cut off mid-stream (`*.partial`) by an earlier run.
-fn clean_spool(incoming: &Path) {
+/// Removes uploads that were cut off mid-stream (`*.partial`) by an earlier run: those not
+/// written to for `idle` (zero: all of them, on a spool no other node writes to).
+fn clean_spool(incoming: &Path, idle: Duration) {
     for entry in std::fs::read_dir(incoming).into_iter().flatten().flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "partial") {
+        let untouched = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() >= idle);
+        if path.extension().is_some_and(|e| e == "partial") && untouched {
             tracing::info!(path = %path.display(), "removing an interrupted upload");
             let _ = std::fs::remove_file(path);
         }

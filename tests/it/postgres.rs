@@ -199,9 +199,25 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     let bytes = file.bytes().await.unwrap();
     assert_eq!(bytes.len() as u64, shown["size"].as_u64().unwrap());
     assert!(bytes.starts_with(b"SQLite format 3\0"));
+    // Uploads through node B are ingested, whichever node's worker runs each ingest job: the
+    // spool is on the shared store.
+    for i in 1..=4 {
+        let file = crate::support::snapshot_file(tmp.path(), &format!("up-{i:02}"), 100);
+        let (code, out, err) = b.cli(&["upload", file.to_str().unwrap(), "--connect", "--json"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let result: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(result[0]["ingest"]["state"], "complete", "{result}");
+    }
+    let (_, uploaded) = a.get("/v1/snapshots?endpoint=up-03").await;
+    assert_eq!(
+        uploaded[0]["snapshots"][0]["state"], "complete",
+        "{uploaded}"
+    );
     // Nothing was written under either node's own data directory.
     assert!(crate::support::files_under(&a.data_dir.join("snapshots")).is_empty());
     assert!(crate::support::files_under(&b.data_dir.join("snapshots")).is_empty());
+    assert!(store.join(".incoming").is_dir(), "uploads spool on the shared store");
+    assert!(crate::support::files_under(&store.join(".incoming")).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
