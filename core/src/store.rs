@@ -77,15 +77,61 @@ pub fn start_writeback(file: &impl std::os::fd::AsRawFd, offset: u64, len: u64) 
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// A store elsewhere than the data directory (`--store`, maybe a mount): its marker file
+    /// must be there before anything is written.
+    shared: bool,
 }
 
+/// The file that says a directory is the store itself, not an empty mount point: a shared store
+/// that is not mounted must fail captures, not fill the local disk under the mount point.
+pub const MARKER: &str = ".snapq-store";
+
 impl Store {
-    /// The store under `root` (created if missing).
+    /// The store under `root` (created if missing) in the data directory.
     pub fn open(root: &Path) -> io::Result<Store> {
         fs::create_dir_all(root)?;
         Ok(Store {
             root: root.to_owned(),
+            shared: false,
         })
+    }
+
+    /// A store of its own (`--store`, often a file system every node mounts), marked with
+    /// [`MARKER`] so that a node never writes under an unmounted mount point.
+    pub fn open_shared(root: &Path) -> io::Result<Store> {
+        fs::create_dir_all(root)?;
+        let marker = root.join(MARKER);
+        if !marker.exists() {
+            fs::write(
+                &marker,
+                "snapq snapshot store: every snapq node writes here\n",
+            )?;
+        }
+        Ok(Store {
+            root: root.to_owned(),
+            shared: true,
+        })
+    }
+
+    /// Whether `root` holds the store's marker (a store that was opened there before).
+    pub fn is_marked(root: &Path) -> bool {
+        root.join(MARKER).is_file()
+    }
+
+    /// Fails when the store's marker is gone: a shared file system unmounted under a running
+    /// node leaves an empty directory that must not receive snapshots.
+    fn check_present(&self) -> io::Result<()> {
+        if !self.shared || Self::is_marked(&self.root) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "the snapshot store {} is not there (its {MARKER} file is missing): is its file system mounted?",
+                    self.root.display()
+                ),
+            ))
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -104,8 +150,9 @@ impl Store {
             .join(format!(".{name}.partial"))
     }
 
-    /// Creates the endpoint's directory for `name`.
+    /// Creates the endpoint's directory for `name`, in a store that is there.
     pub fn prepare(&self, name: &SnapshotName) -> io::Result<()> {
+        self.check_present()?;
         fs::create_dir_all(self.root.join(name.hostname()))
     }
 

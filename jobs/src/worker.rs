@@ -290,8 +290,9 @@ type TerminalRow = (
 );
 
 /// How long a PostgreSQL node may take to hand a leased outbox row to its hook before another
-/// node may take it (the node died, or its hook hangs).
-const TERMINAL_LEASE: Duration = Duration::from_secs(60);
+/// node may take it (the node died, or its hook hangs). The server's hook is one catalog write;
+/// a node killed between leasing a row and releasing it delays that outcome by at most this.
+const TERMINAL_LEASE: Duration = Duration::from_secs(15);
 
 /// Hands each outbox row (`snapq_terminal`) to the terminal hook and deletes it once the hook
 /// recorded it. A job retried since it ended is no longer terminal: its row is just dropped.

@@ -949,8 +949,9 @@ fn record_terminal(q: &Queue) -> Told {
     told
 }
 
+/// Within 30 s: on PostgreSQL, a node dropped while it held an outcome's lease (15 s) delays it.
 async fn wait_told(told: &Told, id: &JobId) -> (JobState, Option<String>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some((_, s, e)) = told.lock().unwrap().iter().find(|(j, _, _)| j == id) {
             return (*s, e.clone());

@@ -253,7 +253,30 @@ impl Server {
                 .await
                 .with_context(|| format!("opening the catalog in PostgreSQL at {url}"))?,
         };
-        let store = Store::open(&config.store_dir).with_context(|| {
+        let default_store = config.store_dir == layout.snapshots();
+        if !default_store && !Store::is_marked(&config.store_dir) {
+            let stored = catalog
+                .metric_counts(0)
+                .await?
+                .snapshots
+                .iter()
+                .filter(|(state, _, _)| state == "complete")
+                .map(|(_, n, _)| n)
+                .sum::<i64>();
+            if stored > 0 {
+                anyhow::bail!(
+                    "the snapshot store {} is not there (no {} file) although the catalog holds {stored} snapshots: is its file system mounted?",
+                    config.store_dir.display(),
+                    snapq_core::store::MARKER
+                );
+            }
+        }
+        let opened = if default_store {
+            Store::open(&config.store_dir)
+        } else {
+            Store::open_shared(&config.store_dir)
+        };
+        let store = opened.with_context(|| {
             format!("opening the snapshot store {}", config.store_dir.display())
         })?;
         match store.remove_abandoned_copies() {

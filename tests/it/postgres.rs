@@ -216,7 +216,10 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     // Nothing was written under either node's own data directory.
     assert!(crate::support::files_under(&a.data_dir.join("snapshots")).is_empty());
     assert!(crate::support::files_under(&b.data_dir.join("snapshots")).is_empty());
-    assert!(store.join(".incoming").is_dir(), "uploads spool on the shared store");
+    assert!(
+        store.join(".incoming").is_dir(),
+        "uploads spool on the shared store"
+    );
     assert!(crate::support::files_under(&store.join(".incoming")).is_empty());
 }
 
@@ -493,9 +496,87 @@ async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_en
     }
     let partials: Vec<_> = crate::support::files_under(&store)
         .into_iter()
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with('.') && name != snapq_core::store::MARKER
+        })
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
     let _ = sim.kill();
     let _ = sim.wait();
+}
+
+/// A shared store whose file system is not mounted leaves an empty mount point: captures fail
+/// with that reason instead of filling the local disk, nothing is marked complete, and a restart
+/// refuses to start until it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_is_not_mounted_fails_captures_with_the_reason_and_stops_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("mnt");
+    let data = tmp.path().join("server");
+    let flags = [
+        "--store",
+        store.to_str().unwrap(),
+        "--job-max-attempts",
+        "1",
+        "--database",
+        "",
+    ];
+    let mut server = TestServer::spawn_in(&data, &flags);
+    let _agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "nfs-01".into(),
+        prefill: 1_000,
+        extra: server.enroll_args(),
+        ..Default::default()
+    });
+    server.wait_online("nfs-01").await;
+    let (code, out, err) = server.cli(&["capture", "nfs-01", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Unmounted: the mount point is an empty directory again.
+    let away = tmp.path().join("away");
+    std::fs::rename(&store, &away).unwrap();
+    std::fs::create_dir(&store).unwrap();
+    let (_, out, err) = server.cli(&["capture", "nfs-01", "--yes", "--wait", "--json"]);
+    let failed: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    assert_eq!(failed[0]["state"], "failed", "{failed}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("is its file system mounted"),
+        "{failed}"
+    );
+    assert!(crate::support::files_under(&store).is_empty());
+
+    // A restart refuses while it is away...
+    server.kill();
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .args(flags)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, _, err) = finish_within(child, Duration::from_secs(30)).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is its file system mounted"), "{err}");
+    // ...and starts once it is back, with the first snapshot there.
+    std::fs::remove_dir(&store).unwrap();
+    std::fs::rename(&away, &store).unwrap();
+    let server = TestServer::spawn_in(&data, &flags);
+    let (_, snaps) = server.get("/v1/snapshots").await;
+    let states: Vec<&str> = snaps[0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["state"].as_str())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "complete").count(),
+        1,
+        "{snaps}"
+    );
 }
