@@ -37,7 +37,7 @@ fn crash_and_restart_in_place_after(
 }
 
 /// A running `snapq fleet-sim`.
-struct FleetSim(Child);
+pub(crate) struct FleetSim(Child);
 
 impl Drop for FleetSim {
     fn drop(&mut self) {
@@ -47,7 +47,7 @@ impl Drop for FleetSim {
 }
 
 /// Starts `count` simulated endpoints `PREFIX-01…` heartbeating every second.
-fn fleet_sim(
+pub(crate) fn fleet_sim(
     server: &TestServer,
     dir: &Path,
     prefix: &str,

@@ -35,6 +35,26 @@ async fn shown(server: &TestServer, host: &str) -> Value {
     server.get(&format!("/v1/endpoints/{host}")).await.1
 }
 
+/// Waits until `agent` (web-01) is enrolled with its certificate and has kept its new credential:
+/// it keeps it when the answer to its enrolling heartbeat arrives, and a later heartbeat (which
+/// must carry it) shows it has. A capture before that can be refused with 401.
+async fn wait_enrolled_with_credential(server: &TestServer, agent: &TestAgent) {
+    let enrolled = eventually(Duration::from_secs(20), "the agent to enroll", || async {
+        let endpoint = shown(server, "web-01").await["endpoint"].clone();
+        (endpoint["cert_sha256"] == agent.cert_sha256()).then(|| endpoint["last_seen_ms"].as_i64())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "a heartbeat with the new credential",
+        || async {
+            let seen = shown(server, "web-01").await["endpoint"]["last_seen_ms"].as_i64();
+            (seen > enrolled).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Whether `needle` occurs in the catalog's files (database and WAL).
 fn catalog_contains(dir: &Path, needle: &str) -> bool {
     ["catalog.db", "catalog.db-wal"].iter().any(|f| {
@@ -100,26 +120,7 @@ async fn a_second_agent_claiming_an_enrolled_hostname_is_refused_and_the_first_k
     );
     let (code, out, err) = server.cli(&["endpoints", "rekey", "web-01", "--yes"]);
     assert_eq!(code, 0, "{out}{err}");
-    let enrolled = eventually(
-        Duration::from_secs(20),
-        "the new agent to enroll",
-        || async {
-            let endpoint = shown(&server, "web-01").await["endpoint"].clone();
-            (endpoint["cert_sha256"] == impostor.cert_sha256())
-                .then(|| endpoint["last_seen_ms"].as_i64())
-        },
-    )
-    .await;
-    // As in the re-key test below: a later heartbeat shows the agent kept its new credential.
-    eventually(
-        Duration::from_secs(20),
-        "a heartbeat with the new credential",
-        || async {
-            let seen = shown(&server, "web-01").await["endpoint"]["last_seen_ms"].as_i64();
-            (seen > enrolled).then_some(())
-        },
-    )
-    .await;
+    wait_enrolled_with_credential(&server, &impostor).await;
     let (code, out, err) = server.cli(&["capture", "web-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let log = audit(&server).await;
@@ -171,27 +172,7 @@ async fn an_agent_presenting_another_certificate_fails_captures_with_a_reason_to
     // Re-keyed, the agent enrolls again with its new certificate and captures work.
     let (code, out, err) = server.cli(&["endpoints", "rekey", "web-01", "--yes"]);
     assert_eq!(code, 0, "{out}{err}");
-    let enrolled = eventually(
-        Duration::from_secs(20),
-        "the agent to enroll again",
-        || async {
-            let endpoint = shown(&server, "web-01").await["endpoint"].clone();
-            (endpoint["cert_sha256"] == agent.cert_sha256())
-                .then(|| endpoint["last_seen_ms"].as_i64())
-        },
-    )
-    .await;
-    // The agent keeps its new credential when the answer to that heartbeat arrives; a later
-    // heartbeat (which must carry it) shows it has.
-    eventually(
-        Duration::from_secs(20),
-        "a heartbeat with the new credential",
-        || async {
-            let seen = shown(&server, "web-01").await["endpoint"]["last_seen_ms"].as_i64();
-            (seen > enrolled).then_some(())
-        },
-    )
-    .await;
+    wait_enrolled_with_credential(&server, &agent).await;
     let (code, out, err) = server.cli(&["capture", "web-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
 }

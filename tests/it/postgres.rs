@@ -360,55 +360,6 @@ async fn disk_reservations_count_every_nodes_captures_and_lapse_when_a_node_stop
     );
 }
 
-/// Starts `count` simulated endpoints `PREFIX-01…` enrolled with `server`, heartbeating every
-/// second (see tests/it/fleet.rs for the single-node ones).
-fn fleet_sim(
-    server: &TestServer,
-    dir: &std::path::Path,
-    prefix: &str,
-    count: u32,
-) -> std::process::Child {
-    let mut child = Command::new(BIN)
-        .args([
-            "fleet-sim",
-            "--count",
-            &count.to_string(),
-            "--prefix",
-            prefix,
-        ])
-        .args([
-            "--server",
-            &server.url(),
-            "--enroll-token",
-            &server.enroll_token,
-        ])
-        .args(["--data-dir", dir.to_str().unwrap(), "--heartbeat-secs", "1"])
-        .args([
-            "--prefill-events",
-            "2000",
-            "--events-per-sec",
-            "20",
-            "--db-mib",
-            "3",
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut listening = 0;
-    while listening < count {
-        let line = lines.next().expect("fleet-sim exited").unwrap();
-        if line.contains(" listening on ") {
-            listening += 1;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    child
-}
-
 /// The fault: one of three nodes SIGKILLed mid-batch. The batch completes, every endpoint
 /// captured exactly once, no partial file, the dead node's jobs finished by the others.
 #[tokio::test(flavor = "multi_thread")]
@@ -446,7 +397,8 @@ async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_en
     share_identity(&a.data_dir, &tmp.path().join("c"));
     let mut b = spawn(&tmp.path().join("b"));
     let c = spawn(&tmp.path().join("c"));
-    let mut sim = fleet_sim(&a, &tmp.path().join("fleet"), "tri", 12);
+    let _sim =
+        crate::fleet::fleet_sim(&a, &tmp.path().join("fleet"), "tri", 12, &["--db-mib", "3"]);
     for i in 1..=12 {
         a.wait_online(&format!("tri-{i:02}")).await;
     }
@@ -502,8 +454,6 @@ async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_en
         })
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
-    let _ = sim.kill();
-    let _ = sim.wait();
 }
 
 /// A shared store whose file system is not mounted leaves an empty mount point: captures fail
