@@ -412,8 +412,8 @@ impl Catalog {
     pub async fn enroll(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         let now = now_ms();
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Endpoint>(
+            &self.pool,
+            sqlx::query_as::<_, Endpoint>(
             "INSERT INTO endpoints (hostname, ips, os, agent_version, labels, api_url, last_seen_ms,
                 created_ms, cert_sha256, identity_nonce, enrolled_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?7)
@@ -424,9 +424,18 @@ sqlx::query_as::<_, Endpoint>(
                 enrolled_ms = excluded.enrolled_ms
              WHERE endpoints.identity_nonce IS NULL
              RETURNING *",
-        ).bind(&hb.hostname).bind(serde_json::to_string(&hb.ips).expect("strings serialize")).bind(&hb.os).bind(&hb.agent_version).bind(serde_json::to_string(&hb.labels).expect("strings serialize")).bind(&hb.api_url).bind(now).bind(&hb.cert_sha256).bind(nonce),
-fetch_optional
-)?)
+            )
+            .bind(&hb.hostname)
+            .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
+            .bind(&hb.os)
+            .bind(&hb.agent_version)
+            .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
+            .bind(&hb.api_url)
+            .bind(now)
+            .bind(&hb.cert_sha256)
+            .bind(nonce),
+            fetch_optional
+        )?)
     }
 
     /// Records a heartbeat of an enrolled agent whose credential the caller checked against
@@ -434,15 +443,23 @@ fetch_optional
     /// re-keyed or forgotten meanwhile.
     pub async fn heartbeat(&self, hb: &Heartbeat, nonce: &str) -> Result<Option<Endpoint>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Endpoint>(
+            &self.pool,
+            sqlx::query_as::<_, Endpoint>(
             "UPDATE endpoints SET ips = ?2, os = ?3, agent_version = ?4, labels = ?5, api_url = ?6,
                 last_seen_ms = ?7
              WHERE hostname = ?1 AND identity_nonce = ?8
              RETURNING *",
-        ).bind(&hb.hostname).bind(serde_json::to_string(&hb.ips).expect("strings serialize")).bind(&hb.os).bind(&hb.agent_version).bind(serde_json::to_string(&hb.labels).expect("strings serialize")).bind(&hb.api_url).bind(now_ms()).bind(nonce),
-fetch_optional
-)?)
+            )
+            .bind(&hb.hostname)
+            .bind(serde_json::to_string(&hb.ips).expect("strings serialize"))
+            .bind(&hb.os)
+            .bind(&hb.agent_version)
+            .bind(serde_json::to_string(&hb.labels).expect("strings serialize"))
+            .bind(&hb.api_url)
+            .bind(now_ms())
+            .bind(nonce),
+            fetch_optional
+        )?)
     }
 
     /// Unbinds `hostname` from its agent so that the next enrollment binds it anew (a reimaged
@@ -465,14 +482,15 @@ fetch_optional
     pub async fn forget_endpoint(&self, hostname: &str) -> Result<bool> {
         let mut tx = self.write_tx().await?;
         let done = run_tx!(
-&mut tx,
-sqlx::query(
+            &mut tx,
+            sqlx::query(
             "UPDATE endpoints SET cert_sha256 = NULL, identity_nonce = NULL, enrolled_ms = NULL,
                 api_url = NULL, last_seen_ms = NULL
              WHERE hostname = ?1",
-        ).bind(hostname),
-execute
-)?;
+            )
+            .bind(hostname),
+            execute
+        )?;
         run_tx!(
             &mut tx,
             sqlx::query(
@@ -489,12 +507,14 @@ execute
     /// The endpoint of `hostname`, creating an offline one (known only from its snapshots) if new.
     pub async fn ensure_endpoint(&self, hostname: &str) -> Result<Endpoint> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "INSERT INTO endpoints (hostname, created_ms) VALUES (?1, ?2) ON CONFLICT (hostname) DO NOTHING",
-        ).bind(hostname).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(hostname)
+            .bind(now_ms()),
+            execute
+        )?;
         self.endpoint(hostname)
             .await?
             .ok_or_else(|| CatalogError::NotFound(format!("endpoint {hostname}")))
@@ -636,12 +656,14 @@ execute
 
     pub async fn snapshot(&self, id: i64) -> Result<Option<Snapshot>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
-            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.id = ?1"
-        ))).bind(id),
-fetch_optional
-)?)
+            &self.pool,
+            sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+                "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id
+                 WHERE s.id = ?1"
+            )))
+            .bind(id),
+            fetch_optional
+        )?)
     }
 
     /// Snapshots, newest first, optionally of one endpoint.
@@ -784,13 +806,17 @@ fetch_optional
         size: i64,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE snapshots SET staged_id = ?2, name = ?3, bytes_total = ?4, sha256 = NULL, bytes_done = 0
              WHERE id = ?1",
-        ).bind(id).bind(staged_id).bind(name).bind(size),
-execute
-)?;
+            )
+            .bind(id)
+            .bind(staged_id)
+            .bind(name)
+            .bind(size),
+            execute
+        )?;
         Ok(())
     }
 
@@ -907,26 +933,37 @@ execute
         verified: &Verified,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE snapshots SET state = 'complete', name = ?2, size = ?3, sha256 = ?4, events = ?5,
                 oldest_ts = ?6, newest_ts = ?7, bytes_done = ?3, bytes_total = ?3, error = NULL,
                 completed_ms = ?8
              WHERE id = ?1",
-        ).bind(id).bind(name).bind(size).bind(sha256).bind(verified.events as i64).bind(verified.oldest_ts).bind(verified.newest_ts).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(id)
+            .bind(name)
+            .bind(size)
+            .bind(sha256)
+            .bind(verified.events as i64)
+            .bind(verified.oldest_ts)
+            .bind(verified.newest_ts)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
     pub async fn fail_snapshot(&self, id: i64, reason: &str) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE snapshots SET state = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
-        ).bind(id).bind(reason).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(id)
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -1009,25 +1046,37 @@ execute
     ) -> Result<i64> {
         let now = now_ms();
         Ok(run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "INSERT INTO snapshots (endpoint_id, name, state, origin, size, sha256, events, oldest_ts,
                 newest_ts, bytes_done, bytes_total, job_id, requested_by, created_ms, completed_ms)
              VALUES (?1, ?2, 'complete', ?3, ?4, ?5, ?6, ?7, ?8, ?4, ?4, ?9, ?10, ?11, ?11)
              RETURNING id",
-        ).bind(endpoint_id).bind(name).bind(origin.as_str()).bind(size).bind(sha256).bind(verified.events as i64).bind(verified.oldest_ts).bind(verified.newest_ts).bind(job_id).bind(requested_by).bind(now),
-fetch_one
-)?)
+            )
+            .bind(endpoint_id)
+            .bind(name)
+            .bind(origin.as_str())
+            .bind(size)
+            .bind(sha256)
+            .bind(verified.events as i64)
+            .bind(verified.oldest_ts)
+            .bind(verified.newest_ts)
+            .bind(job_id)
+            .bind(requested_by)
+            .bind(now),
+            fetch_one
+        )?)
     }
 
     pub async fn snapshot_by_name(&self, name: &str) -> Result<Option<Snapshot>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
+            &self.pool,
+            sqlx::query_as::<_, Snapshot>(sqlx::AssertSqlSafe(format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN endpoints e ON e.id = s.endpoint_id WHERE s.name = ?1"
-        ))).bind(name),
-fetch_optional
-)?)
+            )))
+            .bind(name),
+            fetch_optional
+        )?)
     }
 
     // --- ingests -----------------------------------------------------------------------------
@@ -1041,15 +1090,20 @@ fetch_optional
         requested_by: &str,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "INSERT INTO ingests (job_id, origin, original_name, state, requested_by, created_ms)
              VALUES (?1, ?2, ?3, 'pending', ?4, ?5)
              ON CONFLICT (job_id) DO UPDATE SET state = 'pending', reason = NULL, finished_ms = NULL
              WHERE ingests.state = 'failed'",
-        ).bind(job_id).bind(origin.as_str()).bind(original_name).bind(requested_by).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(job_id)
+            .bind(origin.as_str())
+            .bind(original_name)
+            .bind(requested_by)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -1063,12 +1117,17 @@ execute
         reason: Option<&str>,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE ingests SET state = ?2, snapshot_id = ?3, reason = ?4, finished_ms = ?5 WHERE job_id = ?1",
-        ).bind(job_id).bind(state).bind(snapshot_id).bind(reason).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(job_id)
+            .bind(state)
+            .bind(snapshot_id)
+            .bind(reason)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -1081,13 +1140,17 @@ execute
         path: Option<&Path>,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE ingests SET state = 'quarantined', reason = ?2, quarantine_path = ?3, finished_ms = ?4
              WHERE job_id = ?1",
-        ).bind(job_id).bind(reason).bind(path.map(|p| p.to_string_lossy().into_owned())).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(job_id)
+            .bind(reason)
+            .bind(path.map(|p| p.to_string_lossy().into_owned()))
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(())
     }
 
@@ -1109,13 +1172,14 @@ execute
     /// Open quarantine entries, newest first; `before_ms` limits them to older ones (retention).
     pub async fn quarantined(&self, before_ms: Option<i64>) -> Result<Vec<Ingest>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Ingest>(
+            &self.pool,
+            sqlx::query_as::<_, Ingest>(
             "SELECT * FROM ingests WHERE state = 'quarantined' AND (?1 IS NULL OR finished_ms < ?1)
              ORDER BY finished_ms DESC",
-        ).bind(before_ms),
-fetch_all
-)?)
+            )
+            .bind(before_ms),
+            fetch_all
+        )?)
     }
 
     pub async fn ingest(&self, job_id: &str) -> Result<Option<Ingest>> {
@@ -1203,13 +1267,15 @@ fetch_all
             )));
         }
         run_tx!(
-&mut tx,
-sqlx::query(
+            &mut tx,
+            sqlx::query(
             "UPDATE tokens SET revoked_ms = ?2, revoked_reason = 'its user ' || ?1 || ' was removed'
              WHERE user_id = (SELECT id FROM users WHERE name = ?1) AND revoked_ms IS NULL",
-        ).bind(name).bind(now_ms()),
-execute
-)?;
+            )
+            .bind(name)
+            .bind(now_ms()),
+            execute
+        )?;
         let removed = run_tx!(
             &mut tx,
             sqlx::query("DELETE FROM users WHERE name = ?1").bind(name),
@@ -1340,15 +1406,18 @@ execute
         )?
         .rows_affected();
         run_tx!(
-&mut tx,
-sqlx::query(
+            &mut tx,
+            sqlx::query(
             "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, bootstrap, created_ms)
              SELECT id, name, 'admin.token', ?2, ?1, TRUE, ?3 FROM users WHERE name = 'admin'
              ON CONFLICT (token_sha256) DO UPDATE SET revoked_ms = NULL, revoked_reason = NULL,
                 bootstrap = TRUE, user_id = excluded.user_id, user_name = excluded.user_name",
-        ).bind(token_sha256).bind(prefix).bind(now),
-execute
-)?;
+            )
+            .bind(token_sha256)
+            .bind(prefix)
+            .bind(now),
+            execute
+        )?;
         tx.commit().await?;
         Ok(revoked)
     }
@@ -1370,13 +1439,19 @@ execute
             ));
         }
         let id: Option<i64> = run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "INSERT INTO tokens (user_id, user_name, label, prefix, token_sha256, created_ms, expires_ms)
              SELECT id, name, ?2, ?3, ?4, ?5, ?6 FROM users WHERE name = ?1 RETURNING id",
-        ).bind(user).bind(label).bind(prefix).bind(token_sha256).bind(now_ms()).bind(expires_ms),
-fetch_optional
-)?;
+            )
+            .bind(user)
+            .bind(label)
+            .bind(prefix)
+            .bind(token_sha256)
+            .bind(now_ms())
+            .bind(expires_ms),
+            fetch_optional
+        )?;
         let id = id.ok_or_else(|| Self::unknown_user(user))?;
         self.token(id)
             .await?
@@ -1413,12 +1488,15 @@ fetch_optional
     /// Revokes token `id`; `false` if it was already revoked.
     pub async fn revoke_token(&self, id: i64, reason: &str) -> Result<bool> {
         let done = run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE tokens SET revoked_ms = ?2, revoked_reason = ?3 WHERE id = ?1 AND revoked_ms IS NULL",
-        ).bind(id).bind(now_ms()).bind(reason),
-execute
-)?;
+            )
+            .bind(id)
+            .bind(now_ms())
+            .bind(reason),
+            execute
+        )?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1429,8 +1507,8 @@ execute
         token_sha256: &str,
     ) -> Result<std::result::Result<Principal, TokenRefusal>> {
         let row: Option<AuthRow> = run!(
-&self.pool,
-sqlx::query_as(
+            &self.pool,
+            sqlx::query_as(
             "SELECT t.id, t.user_name, t.expires_ms, t.revoked_ms, t.revoked_reason, t.last_used_ms,
                     u.role,
                     (SELECT json_group_array(json_object('hostnames', json(g.hostnames),
@@ -1439,9 +1517,10 @@ sqlx::query_as(
                      WHERE ug.user_id = u.id) AS groups
              FROM tokens t LEFT JOIN users u ON u.id = t.user_id
              WHERE t.token_sha256 = ?1",
-        ).bind(token_sha256),
-fetch_optional
-)?;
+            )
+            .bind(token_sha256),
+            fetch_optional
+        )?;
         let Some(row) = row else {
             return Ok(Err(TokenRefusal::Unknown));
         };
@@ -1580,12 +1659,13 @@ fetch_optional
     ) -> Result<std::collections::HashMap<String, String>> {
         let ids = serde_json::to_string(job_ids).expect("strings serialize");
         let rows: Vec<(String, String)> = run!(
-&self.pool,
-sqlx::query_as(
+            &self.pool,
+            sqlx::query_as(
             "SELECT job_id, hostname FROM job_targets WHERE job_id IN (SELECT value FROM json_each(?1))",
-        ).bind(ids),
-fetch_all
-)?;
+            )
+            .bind(ids),
+            fetch_all
+        )?;
         Ok(rows.into_iter().collect())
     }
 
@@ -1685,14 +1765,15 @@ fetch_all
     /// Records use of an active connection now. False when it is no longer active (a query that
     /// raced a time-out or a close).
     pub async fn touch_connection(&self, id: i64) -> Result<bool> {
-        let done =
-            run!(
-&self.pool,
-sqlx::query(
-            "UPDATE connections SET last_activity_ms = ?2 WHERE id = ?1 AND status = 'active'",
-        ).bind(id).bind(now_ms()),
-execute
-)?;
+        let done = run!(
+            &self.pool,
+            sqlx::query(
+                "UPDATE connections SET last_activity_ms = ?2 WHERE id = ?1 AND status = 'active'",
+            )
+            .bind(id)
+            .bind(now_ms()),
+            execute
+        )?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -1728,12 +1809,18 @@ execute
         detail: Option<&str>,
     ) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "INSERT INTO audit (ts_ms, actor, action, target, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        ).bind(now_ms()).bind(storable(actor).into_owned()).bind(action).bind(storable(target).into_owned()).bind(result).bind(detail.map(|d| storable(d).into_owned())),
-execute
-)?;
+            )
+            .bind(now_ms())
+            .bind(storable(actor).into_owned())
+            .bind(action)
+            .bind(storable(target).into_owned())
+            .bind(result)
+            .bind(detail.map(|d| storable(d).into_owned())),
+            execute
+        )?;
         Ok(())
     }
 

@@ -170,15 +170,27 @@ impl Catalog {
         let now = now_ms();
         let finished = state::is_finished(state).then_some(now);
         Ok(run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "INSERT INTO batches (group_name, schedule_id, schedule_name, tick_ms, state, reason,
                  max_concurrency, expire_at_ms, failure_limit, requested_by, created_ms, finished_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT (schedule_id, tick_ms) DO NOTHING RETURNING id",
-        ).bind(&new.group_name).bind(schedule_id).bind(schedule_name).bind(tick_ms).bind(state).bind(reason).bind(new.max_concurrency as i64).bind(new.expire_at_ms).bind(&new.failure_limit).bind(&new.requested_by).bind(now).bind(finished),
-fetch_optional
-)?)
+            )
+            .bind(&new.group_name)
+            .bind(schedule_id)
+            .bind(schedule_name)
+            .bind(tick_ms)
+            .bind(state)
+            .bind(reason)
+            .bind(new.max_concurrency as i64)
+            .bind(new.expire_at_ms)
+            .bind(&new.failure_limit)
+            .bind(&new.requested_by)
+            .bind(now)
+            .bind(finished),
+            fetch_optional
+        )?)
     }
 
     pub async fn set_batch_job(&self, id: i64, job_id: &str) -> Result<()> {
@@ -223,12 +235,13 @@ fetch_optional
         schedule_id: i64,
     ) -> Result<(Option<Batch>, Option<Batch>)> {
         let last = run!(
-&self.pool,
-sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+            &self.pool,
+            sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1 ORDER BY id DESC LIMIT 1"
-        ))).bind(schedule_id),
-fetch_optional
-)?;
+            )))
+            .bind(schedule_id),
+            fetch_optional
+        )?;
         let running = run!(
             &self.pool,
             sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
@@ -244,12 +257,14 @@ fetch_optional
     /// A schedule's batches, newest first.
     pub async fn batches_of_schedule(&self, schedule_id: i64, limit: u32) -> Result<Vec<Batch>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
+            &self.pool,
+            sqlx::query_as::<_, Batch>(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE schedule_id = ?1 ORDER BY id DESC LIMIT ?2"
-        ))).bind(schedule_id).bind(limit as i64),
-fetch_all
-)?)
+            )))
+            .bind(schedule_id)
+            .bind(limit as i64),
+            fetch_all
+        )?)
     }
 
     pub async fn batch_items(&self, batch_id: i64) -> Result<Vec<BatchItem>> {
@@ -326,54 +341,58 @@ fetch_all
     /// The batch's queued items with their endpoint's liveness now, by hostname.
     pub async fn queued_items(&self, batch_id: i64) -> Result<Vec<QueuedItem>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, QueuedItem>(
+            &self.pool,
+            sqlx::query_as::<_, QueuedItem>(
             "SELECT i.endpoint_id, i.hostname, e.last_seen_ms, e.api_url, e.id IS NOT NULL AS known,
                     i.error
              FROM batch_items i LEFT JOIN endpoints e ON e.id = i.endpoint_id
              WHERE i.batch_id = ?1 AND i.state = 'queued' ORDER BY i.hostname",
-        ).bind(batch_id),
-fetch_all
-)?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Running items whose snapshot finished (complete or failed).
     pub async fn settled_items(&self, batch_id: i64) -> Result<Vec<SettledItem>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as::<_, SettledItem>(
+            &self.pool,
+            sqlx::query_as::<_, SettledItem>(
             "SELECT i.endpoint_id, s.state AS snapshot_state, s.size, s.error, e.last_seen_ms, e.api_url
              FROM batch_items i JOIN snapshots s ON s.id = i.snapshot_id
              LEFT JOIN endpoints e ON e.id = i.endpoint_id
              WHERE i.batch_id = ?1 AND i.state = 'running' AND s.state IN ('complete', 'failed')",
-        ).bind(batch_id),
-fetch_all
-)?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Running items whose snapshot row is gone (deleted while captured).
     pub async fn orphaned_items(&self, batch_id: i64) -> Result<Vec<i64>> {
         Ok(run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "SELECT i.endpoint_id FROM batch_items i LEFT JOIN snapshots s ON s.id = i.snapshot_id
              WHERE i.batch_id = ?1 AND i.state = 'running' AND s.id IS NULL",
-        ).bind(batch_id),
-fetch_all
-)?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Running items without their capture job id yet (a crash between dispatch and enqueue):
     /// (endpoint id, hostname, snapshot id).
     pub async fn items_without_job(&self, batch_id: i64) -> Result<Vec<(i64, String, i64)>> {
         Ok(run!(
-&self.pool,
-sqlx::query_as(
+            &self.pool,
+            sqlx::query_as(
             "SELECT endpoint_id, hostname, snapshot_id FROM batch_items
              WHERE batch_id = ?1 AND state = 'running' AND job_id IS NULL AND snapshot_id IS NOT NULL",
-        ).bind(batch_id),
-fetch_all
-)?)
+            )
+            .bind(batch_id),
+            fetch_all
+        )?)
     }
 
     /// Running items' capture jobs.
@@ -413,12 +432,14 @@ fetch_all
     ) -> Result<Option<i64>> {
         let mut tx = self.write_tx().await?;
         let queued: Option<String> = run_tx!(
-&mut tx,
-sqlx::query_scalar(
+            &mut tx,
+            sqlx::query_scalar(
             "SELECT state FROM batch_items WHERE batch_id = ?1 AND endpoint_id = ?2 AND state = 'queued'",
-        ).bind(batch_id).bind(endpoint_id),
-fetch_optional
-)?;
+            )
+            .bind(batch_id)
+            .bind(endpoint_id),
+            fetch_optional
+        )?;
         if queued.is_none() {
             return Ok(None);
         }
@@ -492,13 +513,16 @@ fetch_optional
     /// waits for the endpoint like any queued one, and `note` says what happened meanwhile.
     pub async fn requeue_item(&self, batch_id: i64, endpoint_id: i64, note: &str) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE batch_items SET state = 'queued', snapshot_id = NULL, job_id = NULL, error = ?3
              WHERE batch_id = ?1 AND endpoint_id = ?2 AND state = 'running'",
-        ).bind(batch_id).bind(endpoint_id).bind(note),
-execute
-)?;
+            )
+            .bind(batch_id)
+            .bind(endpoint_id)
+            .bind(note),
+            execute
+        )?;
         Ok(())
     }
 
@@ -528,13 +552,18 @@ execute
         let from = serde_json::to_string(from).expect("strings serialize");
         let finished = state::is_finished(to).then(now_ms);
         Ok(run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE batches SET state = ?3, reason = ?4, finished_ms = COALESCE(?5, finished_ms)
              WHERE id = ?1 AND state IN (SELECT value FROM json_each(?2))",
-        ).bind(id).bind(from).bind(to).bind(reason).bind(finished),
-execute
-)?
+            )
+            .bind(id)
+            .bind(from)
+            .bind(to)
+            .bind(reason)
+            .bind(finished),
+            execute
+        )?
         .rows_affected()
             == 1)
     }
@@ -542,14 +571,15 @@ execute
     /// Resumes a paused batch: the failure limit counts the failures from now on.
     pub async fn resume_batch(&self, id: i64) -> Result<bool> {
         Ok(run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE batches SET state = 'running', reason = NULL,
                  failure_base = (SELECT COUNT(*) FROM batch_items WHERE batch_id = ?1 AND state = 'failed')
              WHERE id = ?1 AND state = 'paused'",
-        ).bind(id),
-execute
-)?
+            )
+            .bind(id),
+            execute
+        )?
         .rows_affected()
             == 1)
     }
@@ -574,12 +604,13 @@ execute
     /// A user asked to cancel a batch; false when it already ended.
     pub async fn request_batch_cancel(&self, id: i64) -> Result<bool> {
         Ok(run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE batches SET cancel_requested = TRUE WHERE id = ?1 AND state IN ('running', 'paused')",
-        ).bind(id),
-execute
-)?
+            )
+            .bind(id),
+            execute
+        )?
         .rows_affected()
             == 1)
     }
@@ -663,13 +694,15 @@ execute
     /// Marks ticks up to `tick_ms` handled (never moves back).
     pub async fn set_schedule_tick(&self, id: i64, tick_ms: i64) -> Result<()> {
         run!(
-&self.pool,
-sqlx::query(
+            &self.pool,
+            sqlx::query(
             "UPDATE schedules SET last_tick_ms = CASE WHEN last_tick_ms > ?2 THEN last_tick_ms ELSE ?2 END
              WHERE id = ?1",
-        ).bind(id).bind(tick_ms),
-execute
-)?;
+            )
+            .bind(id)
+            .bind(tick_ms),
+            execute
+        )?;
         Ok(())
     }
 
@@ -745,8 +778,8 @@ execute
     ) -> Result<Vec<(i64, String)>> {
         let hosts = serde_json::to_string(hostnames).expect("strings serialize");
         Ok(run!(
-&self.pool,
-sqlx::query_as(
+            &self.pool,
+            sqlx::query_as(
             "SELECT id, hostname FROM (
                  SELECT s.id, e.hostname, s.created_ms,
                         ROW_NUMBER() OVER (PARTITION BY s.endpoint_id ORDER BY s.created_ms DESC, s.id DESC) AS rn
@@ -755,8 +788,11 @@ sqlx::query_as(
                    AND s.id NOT IN (SELECT snapshot_id FROM snapshot_keep)) AS ranked
              WHERE (?2 IS NOT NULL AND rn > ?2) OR (?3 IS NOT NULL AND created_ms < ?3)
              ORDER BY id",
-        ).bind(hosts).bind(keep_last).bind(older_than_ms),
-fetch_all
-)?)
+            )
+            .bind(hosts)
+            .bind(keep_last)
+            .bind(older_than_ms),
+            fetch_all
+        )?)
     }
 }

@@ -54,14 +54,25 @@ impl Catalog {
         let mut ids = Vec::with_capacity(items.len());
         for item in items {
             let id: i64 = run_tx!(
-&mut tx,
-sqlx::query_scalar(
+                &mut tx,
+                sqlx::query_scalar(
                 "INSERT INTO evidence (hostname, event_type, event_id, event_ts, event, source_kind,
                      source_id, connection_id, saved_by, saved_ms, note)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
-            ).bind(&item.hostname).bind(&item.event_type).bind(item.event_id).bind(item.event_ts).bind(item.event.to_string()).bind(&item.source_kind).bind(storable(&item.source_id).into_owned()).bind(&item.connection_id).bind(saved_by).bind(now).bind(item.note.as_deref().map(|n| storable(n).into_owned())),
-fetch_one
-)?;
+                )
+                .bind(&item.hostname)
+                .bind(&item.event_type)
+                .bind(item.event_id)
+                .bind(item.event_ts)
+                .bind(item.event.to_string())
+                .bind(&item.source_kind)
+                .bind(storable(&item.source_id).into_owned())
+                .bind(&item.connection_id)
+                .bind(saved_by)
+                .bind(now)
+                .bind(item.note.as_deref().map(|n| storable(n).into_owned())),
+                fetch_one
+            )?;
             ids.push(id);
         }
         tx.commit().await?;

@@ -67,13 +67,19 @@ const COLUMNS: &str = "id, job_id, hostname, source, format, filters, state, row
 impl Catalog {
     pub async fn create_export(&self, new: &NewExport) -> Result<i64> {
         Ok(run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "INSERT INTO exports (hostname, source, format, filters, state, requested_by, created_ms)
              VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6) RETURNING id",
-        ).bind(&new.hostname).bind(new.source.to_string()).bind(&new.format).bind(new.filters.to_string()).bind(&new.requested_by).bind(now_ms()),
-fetch_one
-)?)
+            )
+            .bind(&new.hostname)
+            .bind(new.source.to_string())
+            .bind(&new.format)
+            .bind(new.filters.to_string())
+            .bind(&new.requested_by)
+            .bind(now_ms()),
+            fetch_one
+        )?)
     }
 
     pub async fn set_export_job(&self, id: i64, job_id: &str) -> Result<()> {

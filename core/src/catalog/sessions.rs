@@ -33,13 +33,17 @@ impl Catalog {
             execute
         )?;
         let id: Option<i64> = run!(
-&self.pool,
-sqlx::query_scalar(
+            &self.pool,
+            sqlx::query_scalar(
             "INSERT INTO console_sessions (secret_sha256, user_id, created_ms, last_seen_ms, expires_ms)
              SELECT ?2, id, ?3, ?3, ?4 FROM users WHERE name = ?1 RETURNING id",
-        ).bind(name).bind(secret_sha256).bind(now).bind(expires_ms),
-fetch_optional
-)?;
+            )
+            .bind(name)
+            .bind(secret_sha256)
+            .bind(now)
+            .bind(expires_ms),
+            fetch_optional
+        )?;
         Ok(id)
     }
 
@@ -52,8 +56,8 @@ fetch_optional
         idle_ms: i64,
     ) -> Result<Option<(i64, Principal)>> {
         let row: Option<SessionRow> = run!(
-&self.pool,
-sqlx::query_as(
+            &self.pool,
+            sqlx::query_as(
             "SELECT s.id, s.last_seen_ms, s.expires_ms, u.name AS user_name, u.role,
                     (SELECT json_group_array(json_object('hostnames', json(g.hostnames),
                             'cidrs', json(g.cidrs), 'labels', json(g.labels), 'members', json(g.members)))
@@ -61,9 +65,10 @@ sqlx::query_as(
                      WHERE ug.user_id = u.id) AS groups
              FROM console_sessions s JOIN users u ON u.id = s.user_id
              WHERE s.secret_sha256 = ?1",
-        ).bind(secret_sha256),
-fetch_optional
-)?;
+            )
+            .bind(secret_sha256),
+            fetch_optional
+        )?;
         let Some(row) = row else {
             return Ok(None);
         };
