@@ -418,20 +418,33 @@ async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_en
     let id = serde_json::from_str::<Value>(&out).unwrap()["batch_id"]
         .as_i64()
         .unwrap();
-    // Kill node B once it runs captures of the batch (the nodes share the work).
-    crate::support::eventually(
-        Duration::from_secs(120),
-        "node B to run a capture",
-        || async {
-            let (_, workers) = a.get("/v1/queue/status").await;
-            let running_on_b = workers.to_string().contains(&b.addr.port().to_string());
-            let (_, batch) = a.get(&format!("/v1/fleet/batches/{id}")).await;
-            (batch["totals"]["done"].as_u64()? >= 1 && batch["totals"]["running"].as_u64()? >= 2
-                || running_on_b)
-                .then_some(())
-        },
-    )
-    .await;
+    // Kill node B while it holds a running capture of the batch, read from the shared queue
+    // (its workers carry B's pid), after another capture finished.
+    let b_pid = i64::from(b.child.id());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let on_b: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM snapq_jobs j JOIN snapq_workers w ON w.id = j.lock_by
+             WHERE j.status = 'Running' AND j.job_type = $1 AND w.pid = $2",
+        )
+        .bind(snapq_jobs::JobKind::Capture.queue_name())
+        .bind(b_pid)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let (_, batch) = a.get(&format!("/v1/fleet/batches/{id}")).await;
+        if on_b > 0 && batch["totals"]["done"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "node B never ran a capture while another had finished: {batch}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     b.kill();
     let batch =
         crate::support::eventually(Duration::from_secs(300), "the batch to end", || async {
