@@ -665,7 +665,45 @@ fn print_status(status: &Value) {
         }
     }
     crate::client_fleet::print_active_batches(&status["batches"]);
+    print_nodes(&status["nodes"]);
     print_watch_status(&status["watch"]);
+}
+
+/// Every server process on the queue with its last heartbeat; `*` marks the one that answered.
+fn print_nodes(nodes: &Value) {
+    let nodes = nodes.as_array().cloned().unwrap_or_default();
+    if nodes.is_empty() {
+        return;
+    }
+    println!(
+        "
+nodes:"
+    );
+    for n in nodes {
+        let kinds: Vec<&str> = n["kinds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "  {} {:<28} heartbeat {:>6.1}s ago{}  running {:>3}  {}",
+            if n["this_node"].as_bool() == Some(true) {
+                "*"
+            } else {
+                " "
+            },
+            n["node"].as_str().unwrap_or(""),
+            n["heartbeat_age_ms"].as_i64().unwrap_or(0) as f64 / 1000.0,
+            if n["silent"].as_bool() == Some(true) {
+                " (silent)"
+            } else {
+                ""
+            },
+            count(&n["running"]),
+            kinds.join(",")
+        );
+    }
 }
 
 pub async fn queue_status(client: &Client, watch: bool) -> anyhow::Result<()> {

@@ -46,24 +46,9 @@ impl ServerDir {
     pub fn quarantine(&self) -> PathBuf {
         self.0.join("quarantine")
     }
+    /// Exports, unless the snapshots are on a store of their own (see [`ExportDir`]).
     pub fn exports(&self) -> PathBuf {
         self.0.join("exports")
-    }
-    /// An export's file name under `exports/`: `export-ID.EXT`.
-    pub fn export_name(&self, id: i64, extension: &str) -> String {
-        format!("export-{id}.{extension}")
-    }
-    /// Where an export is written before it is complete: `exports/.NAME.partial`.
-    pub fn export_partial(&self, name: &str) -> PathBuf {
-        self.exports().join(format!(".{name}.partial"))
-    }
-    /// Whether `path` is an export's partial file (one a crash may have left).
-    pub fn is_export_partial(&self, path: &Path) -> bool {
-        path.parent() == Some(self.exports().as_path())
-            && path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(".export-") && n.ends_with(".partial"))
     }
     /// The default drop folder.
     pub fn watch(&self) -> PathBuf {
@@ -88,6 +73,36 @@ impl ServerDir {
     /// Where `serve --demo` keeps its simulated endpoints.
     pub fn demo(&self) -> PathBuf {
         self.0.join("demo")
+    }
+}
+
+/// Where exports are written: `DATA_DIR/exports`, or `STORE/.exports` when the snapshots are on a
+/// store of their own (`--store`), so that any node serves and deletes what another wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportDir(PathBuf);
+
+impl ExportDir {
+    pub fn new(dir: impl Into<PathBuf>) -> ExportDir {
+        ExportDir(dir.into())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// An export's file name: `export-ID.EXT`.
+    pub fn file_name(id: i64, extension: &str) -> String {
+        format!("export-{id}.{extension}")
+    }
+    /// Where an export is written before it is complete: `.NAME.partial`.
+    pub fn partial(&self, name: &str) -> PathBuf {
+        self.0.join(format!(".{name}.partial"))
+    }
+    /// Whether `path` is an export's partial file (one a crash may have left).
+    pub fn is_partial(&self, path: &Path) -> bool {
+        path.parent() == Some(self.0.as_path())
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".export-") && n.ends_with(".partial"))
     }
 }
 

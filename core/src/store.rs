@@ -193,8 +193,9 @@ impl Store {
     }
 
     /// Removes the temporary copies of commits from another file system that a crash cut off
-    /// (capture downloads, `.NAME.partial`, are kept: they resume). Returns how many.
-    pub fn remove_abandoned_copies(&self) -> io::Result<usize> {
+    /// (capture downloads, `.NAME.partial`, are kept: they resume), those not written to for
+    /// `idle` (zero: all of them, on a store no other node writes to). Returns how many.
+    pub fn remove_abandoned_copies(&self, idle: std::time::Duration) -> io::Result<usize> {
         let mut removed = 0;
         for host in fs::read_dir(&self.root)? {
             let host = host?;
@@ -207,7 +208,12 @@ impl Store {
                     .file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with('.') && n.ends_with(INCOMING_SUFFIX));
-                if hidden_copy && fs::remove_file(&path).is_ok() {
+                let untouched = || {
+                    fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() >= idle)
+                };
+                if hidden_copy && untouched() && fs::remove_file(&path).is_ok() {
                     removed += 1;
                 }
             }

@@ -210,14 +210,18 @@ pub struct QueueStatus {
 }
 
 /// A worker of any process sharing the queue that is not marked stopped, with its heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
     pub id: String,
     pub kind: String,
     pub hostname: String,
     pub pid: i64,
     pub started_ms: i64,
+    /// Its last heartbeat (epoch ms, on the clock heartbeats are written with: the database's on
+    /// PostgreSQL).
     pub last_seen_ms: i64,
+    /// How long ago that was, on the same clock.
+    pub heartbeat_age_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -818,18 +818,19 @@ impl Queue {
     /// The workers of every process on this queue that are not marked stopped, with their
     /// heartbeats (a crashed process's stay until it is noticed and its jobs rescued).
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, QueueError> {
-        let rows: Vec<(String, String, String, i64, i64, i64)> =
+        let rows: Vec<(String, String, String, i64, i64, i64, i64)> =
             run!(query_as.fetch_all self.shared.reader.on(), LIVE_WORKERS)?;
         Ok(rows
             .into_iter()
             .map(
-                |(id, kind, hostname, pid, started_ms, last_seen_ms)| WorkerInfo {
+                |(id, kind, hostname, pid, started_ms, last_seen_ms, age)| WorkerInfo {
                     id,
                     kind,
                     hostname,
                     pid,
                     started_ms,
                     last_seen_ms,
+                    heartbeat_age_ms: age.max(0),
                 },
             )
             .collect())

@@ -174,7 +174,9 @@ pub(crate) const HEARTBEAT_APALIS: &str = "UPDATE Workers SET last_seen = ?2
     WHERE id IN (SELECT id FROM snapq_workers WHERE instance = ?1 AND stopped_ms IS NULL)";
 
 /// Workers of every process not marked stopped: id, kind, host, pid, started and last seen (ms).
-pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms
+/// The last column is the heartbeat's age on the clock heartbeats are written with (this host's).
+pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms,
+      CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) - last_seen_ms
     FROM snapq_workers WHERE stopped_ms IS NULL ORDER BY hostname, kind, id";
 
 pub(crate) const STOP_WORKERS: &str =

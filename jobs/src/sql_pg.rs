@@ -182,7 +182,10 @@ pub(crate) const HEARTBEAT: &str = "UPDATE snapq_workers
     SET last_seen_ms = (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT
     WHERE instance = $1 AND stopped_ms IS NULL AND $2::BIGINT IS NOT NULL";
 
-pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms
+/// The last column is the heartbeat's age on the database's clock, which heartbeats are written
+/// with: a node whose own clock is off still sees the right age.
+pub(crate) const LIVE_WORKERS: &str = "SELECT id, kind, hostname, pid, started_ms, last_seen_ms,
+      (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT - last_seen_ms
     FROM snapq_workers WHERE stopped_ms IS NULL ORDER BY hostname, kind, id";
 
 pub(crate) const STOP_WORKERS: &str =

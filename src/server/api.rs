@@ -838,12 +838,87 @@ struct QueueOverview {
     running: Vec<JobInfo>,
     /// Running and paused fleet batches with their progress.
     batches: Vec<super::fleet::BatchView>,
+    /// Every server process whose workers share this queue (several with `--database`), with
+    /// its heartbeat.
+    nodes: Vec<NodeView>,
     /// The drop folder's state: admins only, else `null`.
     #[schema(value_type = Option<Object>)]
     watch: serde_json::Value,
 }
 
-/// The queue at a glance: counts per job kind, running jobs, fleet batches, the drop folder.
+/// A server process whose workers share the queue, as its workers' rows in the queue say.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct NodeView {
+    /// `HOST:PID`, as `GET /status` names it.
+    node: String,
+    /// Whether this is the node that answered.
+    this_node: bool,
+    /// The job kinds it runs workers for.
+    kinds: Vec<String>,
+    /// Running jobs its workers hold (of those listed under `running`).
+    running: usize,
+    started_ms: i64,
+    /// Its newest heartbeat (epoch ms; the database's clock on PostgreSQL).
+    last_seen_ms: i64,
+    /// How long ago that was. A node that died keeps its row with a growing age (its running
+    /// jobs go back to the queue once it is `silent`).
+    heartbeat_age_ms: i64,
+    /// No heartbeat within the orphan time-out (`--job-orphan-secs` of the node answering): it
+    /// stopped without saying so, and other nodes take back its running jobs.
+    silent: bool,
+}
+
+/// The nodes behind `workers`, this node first, then by name; `running` counts the jobs of
+/// `running` locked by each node's workers.
+fn nodes_of(
+    workers: Vec<snapq_jobs::WorkerInfo>,
+    running: &[JobInfo],
+    this: &str,
+    orphan_after: std::time::Duration,
+) -> Vec<NodeView> {
+    let mut nodes: Vec<NodeView> = Vec::new();
+    for w in workers {
+        let node = format!("{}:{}", w.hostname, w.pid);
+        let held = running
+            .iter()
+            .filter(|j| j.locked_by.as_deref() == Some(w.id.as_str()))
+            .count();
+        match nodes.iter_mut().find(|n| n.node == node) {
+            Some(n) => {
+                n.kinds.push(w.kind);
+                n.running += held;
+                n.started_ms = n.started_ms.min(w.started_ms);
+                if w.last_seen_ms > n.last_seen_ms {
+                    n.last_seen_ms = w.last_seen_ms;
+                    n.heartbeat_age_ms = w.heartbeat_age_ms;
+                }
+            }
+            None => nodes.push(NodeView {
+                this_node: node == this,
+                node,
+                kinds: vec![w.kind],
+                running: held,
+                started_ms: w.started_ms,
+                last_seen_ms: w.last_seen_ms,
+                heartbeat_age_ms: w.heartbeat_age_ms,
+                silent: false,
+            }),
+        }
+    }
+    for n in &mut nodes {
+        n.kinds.sort();
+        n.silent = n.heartbeat_age_ms > orphan_after.as_millis() as i64;
+    }
+    nodes.sort_by(|a, b| {
+        b.this_node
+            .cmp(&a.this_node)
+            .then_with(|| a.node.cmp(&b.node))
+    });
+    nodes
+}
+
+/// The queue at a glance: counts per job kind, running jobs, fleet batches, the nodes, the drop
+/// folder.
 #[utoipa::path(
     get,
     path = "/v1/queue/status",
@@ -914,6 +989,13 @@ async fn queue_status(
         .map_err(queue_error)?;
     let mut running = access.visible_jobs(running).await?;
     running.truncate(100);
+    let workers = state.queue.workers().await.map_err(queue_error)?;
+    let nodes = nodes_of(
+        workers,
+        &running,
+        &state.node,
+        state.config.job_orphan_after,
+    );
     // The drop folder's waiting files name endpoints: admins only.
     let watch = if visible.everything() {
         super::quarantine::watch_status(&state).await
@@ -926,6 +1008,7 @@ async fn queue_status(
         "status": status,
         "running": running,
         "batches": batches,
+        "nodes": nodes,
         "watch": watch,
     }))
     .into_response())

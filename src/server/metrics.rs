@@ -171,10 +171,9 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
         slots,
     );
     let workers = state.queue.workers().await.map_err(ApiError::internal)?;
-    let now = snapq_core::catalog::now_ms();
     let oldest_heartbeat = workers
         .iter()
-        .map(|w| (now - w.last_seen_ms).max(0))
+        .map(|w| w.heartbeat_age_ms)
         .max()
         .unwrap_or(0);
     registry.register(
@@ -192,6 +191,7 @@ pub async fn render(state: &ServerState) -> Result<String, ApiError> {
     );
 
     // The catalog.
+    let now = snapq_core::catalog::now_ms();
     let online_since = now - state.config.online_window.as_millis() as i64;
     let counts = state
         .catalog

@@ -105,6 +105,17 @@ impl ServeConfig {
         }
     }
 
+    /// Where exports are written: beside the snapshots on a store of their own (`--store`, so
+    /// any node serves what another wrote), else under the data directory.
+    pub fn exports_dir(&self) -> crate::layout::ExportDir {
+        let default_store = ServerDir::new(&self.data_dir).snapshots();
+        if self.store_dir == default_store {
+            crate::layout::ExportDir::new(ServerDir::new(&self.data_dir).exports())
+        } else {
+            crate::layout::ExportDir::new(self.store_dir.join(".exports"))
+        }
+    }
+
     /// Defaults for a data directory (what `snapq serve` uses when nothing else is set).
     pub fn with_data_dir(data_dir: PathBuf) -> ServeConfig {
         ServeConfig {
@@ -279,23 +290,25 @@ impl Server {
         let store = opened.with_context(|| {
             format!("opening the snapshot store {}", config.store_dir.display())
         })?;
-        match store.remove_abandoned_copies() {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
-            Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
-        }
-        let spool = config.spool_dir();
-        for sub in [&spool, &layout.quarantine(), &layout.exports()] {
-            std::fs::create_dir_all(sub)?;
-        }
-        // Another node may be receiving an upload into a shared spool right now: only what
-        // nothing wrote to for a while was cut off.
+        // Another node may be writing into a shared store, spool or export folder right now:
+        // only what nothing wrote to for a while was cut off.
         let cut_off_after = if config.database.is_some() {
             Duration::from_secs(600)
         } else {
             Duration::ZERO
         };
+        match store.remove_abandoned_copies(cut_off_after) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed copies a crash cut off"),
+            Err(e) => tracing::warn!(error = %e, "cannot look for abandoned copies in the store"),
+        }
+        let spool = config.spool_dir();
+        let exports = config.exports_dir();
+        for sub in [&spool, &layout.quarantine(), exports.path()] {
+            std::fs::create_dir_all(sub)?;
+        }
         clean_spool(&spool, cut_off_after);
+        export::remove_abandoned_partials(&exports, cut_off_after);
         let admin_token = crate::token::load_or_create_with(
             &layout.admin_token(),
             crate::token::generate_api_token,
@@ -360,7 +373,6 @@ impl Server {
         let terminal_catalog = catalog.clone();
         queue.on_terminal(move |job| record_terminal(terminal_catalog.clone(), job))?;
         queue_unlinked_captures(&queue, &catalog).await?;
-        export::remove_abandoned_partials(&layout);
         spawn_workers(&queue, &services, &config).await?;
         recover_spool(&queue, &catalog, &spool)
             .await
@@ -817,7 +829,7 @@ async fn spawn_workers(
         .await?;
     let svc = services.clone();
     let settings = export::job::ExportSettings {
-        layout: ServerDir::new(&config.data_dir),
+        dir: config.exports_dir(),
         max_rows_per_sec: config.export_max_rows_per_sec,
     };
     queue

@@ -158,19 +158,55 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     };
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("shared-store");
-    let store_arg = store.to_str().unwrap();
-    let a = TestServer::spawn_in(
-        &tmp.path().join("a"),
-        &["--database", &db.url, "--store", store_arg],
-    );
+    // One drop folder both nodes watch, as two nodes mounting one share would.
+    let drop_dir = tmp.path().join("drop");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    let flags = [
+        "--database",
+        &db.url,
+        "--store",
+        store.to_str().unwrap(),
+        "--watch",
+        drop_dir.to_str().unwrap(),
+        "--watch-quiet-ms",
+        "200",
+    ];
+    let a = TestServer::spawn_in(&tmp.path().join("a"), &flags);
     share_identity(&a.data_dir, &tmp.path().join("b"));
-    let b = TestServer::spawn_in(
-        &tmp.path().join("b"),
-        &["--database", &db.url, "--store", store_arg],
-    );
+    let b = TestServer::spawn_in(&tmp.path().join("b"), &flags);
     let (_, status_a) = a.get("/status").await;
     let (_, status_b) = b.get("/status").await;
     assert_ne!(status_a["node"], status_b["node"]);
+    // The queue status of either node lists both, each with its heartbeat, and says which one
+    // answered.
+    let (_, queue) = a.get("/v1/queue/status").await;
+    let nodes = queue["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{queue}");
+    assert_eq!(nodes[0]["node"], status_a["node"], "{queue}");
+    assert_eq!(nodes[0]["this_node"], true, "{queue}");
+    assert_eq!(nodes[1]["node"], status_b["node"], "{queue}");
+    assert_eq!(nodes[1]["this_node"], false, "{queue}");
+    for n in nodes {
+        assert_eq!(n["silent"], false, "{queue}");
+        assert!(n["heartbeat_age_ms"].as_i64().unwrap() < 30_000, "{queue}");
+        assert!(
+            n["kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k == "capture"),
+            "{queue}"
+        );
+    }
+    let (code, out, err) = b.cli(&["queue", "status"]);
+    assert_eq!(code, 0, "{err}");
+    for node in [&status_a["node"], &status_b["node"]] {
+        assert!(out.contains(node.as_str().unwrap()), "{out}");
+    }
+    assert!(
+        out.contains(&format!("* {}", status_b["node"].as_str().unwrap())),
+        "{out}"
+    );
 
     let _agent = TestAgent::spawn_with(AgentOptions {
         hostname: "pg-02".into(),
@@ -199,6 +235,44 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     let bytes = file.bytes().await.unwrap();
     assert_eq!(bytes.len() as u64, shown["size"].as_u64().unwrap());
     assert!(bytes.starts_with(b"SQLite format 3\0"));
+    // An export made on node A is written to the shared store: node B serves and deletes it.
+    let (code, export) = a
+        .post(
+            "/v1/exports",
+            serde_json::json!({ "snapshot": id, "format": "jsonl", "types": ["process"] }),
+        )
+        .await;
+    assert_eq!(code, 202, "{export}");
+    let export_id = export["id"].as_i64().unwrap();
+    let export = crate::support::eventually(Duration::from_secs(60), "the export", || async {
+        let (_, e) = b.get(&format!("/v1/exports/{export_id}")).await;
+        (e["state"] != "queued" && e["state"] != "running").then_some(e)
+    })
+    .await;
+    assert_eq!(export["state"], "complete", "{export}");
+    let file = b
+        .request("GET", &format!("/v1/exports/{export_id}/file"))
+        .bearer_auth(&b.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    let text = file.text().await.unwrap();
+    assert_eq!(text.len() as u64, export["bytes"].as_u64().unwrap());
+    assert!(text.lines().count() > 10, "{text}");
+    let written = crate::support::files_under(&store.join(".exports"));
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(crate::support::files_under(&a.data_dir.join("exports")).is_empty());
+    let (code, _) = crate::support::call(
+        &b,
+        Some(&b.token),
+        "DELETE",
+        &format!("/v1/exports/{export_id}"),
+        None,
+    )
+    .await;
+    assert!(code == 200 || code == 204, "{code}");
+    assert!(crate::support::files_under(&store.join(".exports")).is_empty());
     // Uploads through node B are ingested, whichever node's worker runs each ingest job: the
     // spool is on the shared store.
     for i in 1..=4 {
@@ -221,6 +295,51 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
         "uploads spool on the shared store"
     );
     assert!(crate::support::files_under(&store.join(".incoming")).is_empty());
+
+    // Files dropped into the folder both nodes watch are each ingested once: both watchers see
+    // every file, and its ingest job is keyed by the file's version in the shared queue.
+    let dropped: Vec<String> = (1..=6).map(|i| format!("drop-{i:02}")).collect();
+    for host in &dropped {
+        let file = crate::support::snapshot_file(tmp.path(), host, 100);
+        let tmp_name = drop_dir.join(".copying");
+        std::fs::copy(&file, &tmp_name).unwrap();
+        std::fs::rename(&tmp_name, drop_dir.join(file.file_name().unwrap())).unwrap();
+    }
+    crate::support::eventually(Duration::from_secs(60), "the dropped files", || async {
+        let (_, all) = a.get("/v1/snapshots").await;
+        let done = all
+            .as_array()?
+            .iter()
+            .filter(|g| {
+                g["hostname"]
+                    .as_str()
+                    .is_some_and(|h| h.starts_with("drop-"))
+            })
+            .filter(|g| g["snapshots"][0]["state"] == "complete")
+            .count();
+        (done == dropped.len() && crate::support::files_under(&drop_dir).is_empty()).then_some(())
+    })
+    .await;
+    for host in &dropped {
+        let (_, shown) = b.get(&format!("/v1/snapshots?endpoint={host}")).await;
+        let snaps = shown[0]["snapshots"].as_array().unwrap();
+        assert_eq!(snaps.len(), 1, "{shown}");
+        assert_eq!(snaps[0]["origin"], "watch", "{shown}");
+    }
+    let (_, jobs) = a.get("/v1/queue/jobs?kind=ingest&limit=1000").await;
+    let watched: Vec<&Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["requested_by"] == "watch")
+        .collect();
+    assert_eq!(watched.len(), dropped.len(), "{jobs}");
+    assert!(watched.iter().all(|j| j["state"] == "done"), "{jobs}");
+    let quarantined = crate::support::files_under(&a.data_dir.join("quarantine"))
+        .into_iter()
+        .chain(crate::support::files_under(&b.data_dir.join("quarantine")))
+        .collect::<Vec<_>>();
+    assert!(quarantined.is_empty(), "{quarantined:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -25,12 +25,12 @@ use snapq_jobs::{JobArgs, JobContext, JobError, JobKind, ResultExt};
 
 use super::format::{Cell, Format, Sink};
 use super::{ExportFilters, ExportSource};
-use crate::layout::ServerDir;
+use crate::layout::ExportDir;
 
 /// What the export workers need besides the services.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
-    pub layout: ServerDir,
+    pub dir: ExportDir,
     /// `--export-max-rows-per-sec`.
     pub max_rows_per_sec: Option<u64>,
 }
@@ -119,7 +119,7 @@ pub async fn run(
     args: ExportArgs,
     ctx: JobContext,
 ) -> Result<(), JobError> {
-    let layout = &settings.layout;
+    let dir = &settings.dir;
     let catalog = &svc.catalog;
     let Some(export) = catalog.export(args.export_id).await.transient()? else {
         // Deleted before it ran: nothing to write.
@@ -128,13 +128,13 @@ pub async fn run(
     let format: Format = export.format.parse().map_err(JobError::permanent)?;
     let source: ExportSource = serde_json::from_value(export.source.clone()).permanent()?;
     let filters: ExportFilters = serde_json::from_value(export.filters.clone()).permanent()?;
-    let file_name = layout.export_name(export.id, format.extension());
-    let path = layout.exports().join(&file_name);
+    let file_name = ExportDir::file_name(export.id, format.extension());
+    let path = dir.path().join(&file_name);
     if export.state == "complete" && path.exists() {
         return Ok(());
     }
     catalog.start_export(export.id).await.transient()?;
-    let partial_path = layout.export_partial(&file_name);
+    let partial_path = dir.partial(&file_name);
     let _ = std::fs::remove_file(&partial_path);
     let partial = Partial(partial_path.clone());
 

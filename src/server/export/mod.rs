@@ -34,7 +34,7 @@ use super::access::{Access, Operate, Scoped, View};
 use super::api::{ApiRoute, Auth};
 use super::openapi::{Binary, ErrorBody};
 use crate::http::ApiError;
-use crate::layout::ServerDir;
+use crate::layout::ExportDir;
 
 /// Where an export's rows come from, as stored with the export.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -439,7 +439,7 @@ async fn download(
         ));
     };
     let format: Format = target.format.parse().map_err(ApiError::internal)?;
-    let path = state.layout().exports().join(file_name);
+    let path = state.config.exports_dir().path().join(file_name);
     let etag = format!("export-{}-{}", target.id, target.bytes.unwrap_or(0));
     let mut response = crate::http::serve_file(&path, &etag, &headers, None).await?;
     // An error answer (a range outside the file) keeps its JSON type and is no attachment.
@@ -502,7 +502,7 @@ async fn remove_export(state: &ServerState, export: &Export) -> Result<(), Strin
         .await
         .map_err(|e| e.to_string())?;
     if let Some(name) = &export.file_name {
-        let _ = std::fs::remove_file(state.layout().exports().join(name));
+        let _ = std::fs::remove_file(state.config.exports_dir().path().join(name));
     }
     Ok(())
 }
@@ -532,16 +532,20 @@ pub(super) async fn record_terminal(
     Ok(())
 }
 
-/// Partial export files a crash or a kill left behind; run before the workers start, when no
-/// export can be writing.
-pub(super) fn remove_abandoned_partials(layout: &ServerDir) {
-    for entry in std::fs::read_dir(layout.exports())
+/// Partial export files a crash or a kill left behind: those not written to for `idle` (zero:
+/// all of them, where no other node writes). Run before the workers start.
+pub(super) fn remove_abandoned_partials(dir: &ExportDir, idle: Duration) {
+    for entry in std::fs::read_dir(dir.path())
         .into_iter()
         .flatten()
         .flatten()
     {
         let path = entry.path();
-        if layout.is_export_partial(&path) {
+        let untouched = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() >= idle);
+        if dir.is_partial(&path) && untouched {
             tracing::info!(path = %path.display(), "removing an export a crash cut off");
             let _ = std::fs::remove_file(path);
         }

@@ -749,6 +749,7 @@ async function evidencePage() {
 
 async function queuePage() {
   const counts = h('tbody');
+  const nodes = h('tbody');
   const jobs = h('tbody');
   const stateSel = h('select', { id: 'job-state', onchange: () => refresh() },
     ['', 'pending', 'running', 'retrying', 'done', 'failed', 'cancelled'].map((s) => h('option', { value: s }, s || 'all states')));
@@ -762,6 +763,10 @@ async function queuePage() {
     const st = await api('GET', '/v1/queue/status');
     counts.replaceChildren(...st.status.kinds.map((k) => h('tr', { className: 'kind', dataset: { kind: k.kind } },
       h('td', {}, k.kind), ['pending', 'running', 'retrying', 'done', 'failed', 'cancelled'].map((f) => h('td', { dataset: { f } }, String(k[f]))))));
+    nodes.replaceChildren(...(st.nodes || []).map((n) => h('tr', { className: 'node' + (n.this_node ? ' this' : ''), dataset: { node: n.node } },
+      h('td', {}, n.node, n.this_node ? h('span', { className: 'muted' }, ' (answered)') : null),
+      h('td', { className: 'heartbeat' + (n.silent ? ' error' : '') }, (n.heartbeat_age_ms / 1000).toFixed(1) + ' s ago' + (n.silent ? ' (silent)' : '')),
+      h('td', {}, String(n.running)), h('td', {}, n.kinds.join(', ')))));
     const list = await api('GET', '/v1/queue/jobs?limit=200' + (stateSel.value ? '&state=' + stateSel.value : ''));
     jobs.replaceChildren(...list.map((j) => h('tr', { className: 'job', dataset: { id: j.id, state: j.state, kind: j.kind } },
       h('td', {}, j.id), h('td', {}, j.kind), h('td', { className: 'state' }, j.state),
@@ -773,6 +778,8 @@ async function queuePage() {
   }
   show(h('h2', {}, 'Queue'),
     h('table', { id: 'queue-counts' }, h('thead', {}, h('tr', {}, ['Kind', 'Pending', 'Running', 'Retrying', 'Done', 'Failed', 'Cancelled'].map((c) => h('th', {}, c)))), counts),
+    h('h3', {}, 'Nodes'),
+    h('table', { id: 'queue-nodes' }, h('thead', {}, h('tr', {}, ['Node', 'Heartbeat', 'Running', 'Workers'].map((c) => h('th', {}, c)))), nodes),
     h('div', { className: 'bar' }, h('h3', {}, 'Jobs'), stateSel),
     h('p', { id: 'message' }),
     h('table', { id: 'jobs' }, h('thead', {}, h('tr', {}, ['Id', 'Kind', 'State', 'Attempts', 'Last error', 'Progress', 'Created', ''].map((c) => h('th', {}, c)))), jobs));
