@@ -5,7 +5,8 @@
 
 // ---- state and helpers --------------------------------------------------------------------
 
-const S = { me: null, csrf: null, timers: [] };
+// gen: the newest route; showing: the route whose page is drawn; routing: the page running now.
+const S = { me: null, csrf: null, timers: [], gen: 0, showing: 0, routing: Promise.resolve() };
 
 /** An element: h('td', {className: 'x', onclick: f}, 'text', child, ...). Strings become text. */
 function h(tag, attrs, ...children) {
@@ -28,7 +29,10 @@ function h(tag, attrs, ...children) {
 const $ = (sel, root) => (root || document).querySelector(sel);
 const main = () => $('#main');
 
+/** Draws the current page. A page that was left while it waited for the API draws nothing: the
+ * page navigated to comes after it and is the one shown. */
 function show(...nodes) {
+  if (S.showing !== S.gen) return;
   main().replaceChildren(...nodes);
 }
 
@@ -487,7 +491,10 @@ function watchExport(id, box) {
         clearInterval(timer);
         bar.remove();
       }
-    } catch (_) { clearInterval(timer); }
+    } catch (err) {
+      // Gone (deleted elsewhere): stop; anything else may pass (a restart, a slow moment).
+      if (err.status === 404) { clearInterval(timer); status.textContent = 'export ' + id + ': ' + err.message; }
+    }
   }, 500);
   S.timers.push(timer);
 }
@@ -989,7 +996,22 @@ async function adminPage() {
 
 // ---- routing ------------------------------------------------------------------------------------
 
+/** Shows the page the location names. Pages run one at a time, in order: one still waiting for
+ * the API when the user moves on finishes first, drawing nothing (see `show`). */
 async function route() {
+  const gen = ++S.gen;
+  const previous = S.routing;
+  let finished;
+  S.routing = new Promise((resolve) => { finished = resolve; });
+  await previous;
+  try {
+    if (gen !== S.gen) return; // a later navigation is queued: it runs instead
+    S.showing = gen;
+    await showRoute();
+  } finally { finished(); }
+}
+
+async function showRoute() {
   for (const t of S.timers) clearInterval(t);
   S.timers = [];
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
