@@ -9,6 +9,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::{AtomicI64, Ordering},
     time::Duration,
 };
 
@@ -406,6 +407,43 @@ pub(crate) async fn open(path: &Path, busy_timeout: Duration) -> Result<Db, Queu
     })
 }
 
+/// The queue's clock (epoch ms): this host's, plus the offset to the database's clock on
+/// PostgreSQL ([`sync_clock`]), so that every node enqueues, claims and schedules retries on one
+/// clock: a job a node whose clock runs ahead queues is due for the others too, and one whose
+/// clock lags sees others' jobs as due.
 pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    chrono::Utc::now().timestamp_millis() + CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// [`now_ms`] as a time.
+pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(now_ms()).unwrap_or_else(chrono::Utc::now)
+}
+
+/// The database's clock minus this host's (ms), measured by [`sync_clock`]; zero on SQLite.
+/// One per process: every PostgreSQL queue in it talks to a server with one clock.
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Measures the PostgreSQL server's clock against this host's (its reading taken as the midpoint
+/// of the round trip) and makes [`now_ms`] follow it. Run when the queue opens and with every
+/// heartbeat; does nothing on SQLite.
+pub(crate) async fn sync_clock(reader: &Reader) -> Result<(), sqlx::Error> {
+    let Reader::Pg(pool) = reader else {
+        return Ok(());
+    };
+    let before = chrono::Utc::now().timestamp_millis();
+    let db: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT")
+            .fetch_one(pool)
+            .await?;
+    let after = chrono::Utc::now().timestamp_millis();
+    let offset = db - (before + after) / 2;
+    let previous = CLOCK_OFFSET_MS.swap(offset, Ordering::Relaxed);
+    if (offset - previous).abs() > 1000 {
+        tracing::warn!(
+            offset_ms = offset,
+            "this host's clock differs from the database's; the queue keeps to the database's"
+        );
+    }
+    Ok(())
 }

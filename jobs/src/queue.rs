@@ -516,6 +516,7 @@ impl Queue {
             terminal_notify: Notify::new(),
             terminal_hook: Mutex::new(None),
         });
+        crate::db::sync_clock(&shared.reader).await?;
         worker::mark_dead_local_workers(&shared).await?;
         let rescued = worker::rescue_orphans(&shared).await?;
         if rescued > 0 {
@@ -662,7 +663,7 @@ impl Queue {
             })?;
             rows.push((bytes, opts));
         }
-        let now_s = Utc::now().timestamp();
+        let now_s = crate::db::now().timestamp();
         let mut out = Vec::with_capacity(rows.len());
         // One plain job: a single autocommit INSERT (one round trip instead of three), which
         // also claims the job when a local worker has a free slot.
@@ -745,7 +746,7 @@ impl Queue {
     /// Per-kind counts, oldest pending age and recent throughput.
     #[tracing::instrument(skip(self))]
     pub async fn status(&self) -> Result<QueueStatus, QueueError> {
-        let now = Utc::now();
+        let now = crate::db::now();
         let mut kinds: Vec<KindStatus> = JobKind::ALL
             .iter()
             .map(|k| KindStatus {
@@ -916,7 +917,7 @@ impl Queue {
         let mut tx = w.begin().await?;
         let queue: Option<String> = run!(query_scalar.fetch_optional tx.conn(), RETRY_FINISHED,
             id.as_str(),
-            Utc::now().timestamp(),
+            crate::db::now().timestamp(),
             self.shared.config.retry.max_attempts as i64,
         )?;
         let Some(queue) = queue else {
@@ -953,7 +954,7 @@ impl Queue {
         let mut tx = w.begin().await?;
         let n = run!(execute tx.conn(), CANCEL_WAITING,
             id.as_str(),
-            Utc::now().timestamp(),
+            crate::db::now().timestamp(),
             &message,
         )?;
         if n == 1 {
@@ -991,7 +992,7 @@ impl Queue {
     /// Delete finished jobs (done, failed, cancelled) that finished more than `older_than` ago,
     /// with their attempts and progress. Pending, running and retrying jobs are never touched.
     pub async fn prune(&self, older_than: Duration) -> Result<u64, QueueError> {
-        let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        let cutoff = crate::db::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
         self.prune_finished_before(cutoff).await
     }
 

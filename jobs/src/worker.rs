@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
 use futures::{FutureExt, future::BoxFuture};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
@@ -113,7 +112,7 @@ impl JobContext {
             done,
             total,
             note: note.map(str::to_owned),
-            updated_at: Utc::now(),
+            updated_at: crate::db::now(),
         });
         if !self.inner.progress_dirty.swap(true, Ordering::AcqRel) {
             let _ = self
@@ -1102,6 +1101,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
             _ = tokio::time::sleep(shared.config.heartbeat_interval) => {}
             _ = until_shutdown(&shared) => return Ok(()),
         }
+        crate::db::sync_clock(&shared.reader).await?;
         let now = now_ms();
         let mut w = shared.writer.lock().await?;
         let mut tx = w.begin().await?;
@@ -1168,7 +1168,7 @@ async fn retention_loop(shared: Arc<Shared>) -> Result<(), QueueError> {
         return Ok(());
     };
     loop {
-        let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or_default();
+        let cutoff = crate::db::now() - chrono::Duration::from_std(keep).unwrap_or_default();
         let n = prune(&shared, cutoff.timestamp()).await?;
         if n > 0 {
             tracing::info!(pruned = n, "pruned finished jobs past retention");

@@ -90,86 +90,135 @@ fn server() -> Result<String, String> {
         .clone()
 }
 
-/// `initdb` + `pg_ctl start` in a temporary directory; the socket directory is the cluster's.
+/// `initdb` + `pg_ctl start` in a temporary directory, stopped when the test process exits.
 fn start_cluster() -> Result<String, String> {
-    let initdb = find_tool("initdb").ok_or_else(|| {
-        format!("{URL_VAR} is not set and no initdb/pg_ctl is installed to start a PostgreSQL")
-    })?;
-    let pg_ctl = find_tool("pg_ctl").ok_or("initdb is installed but pg_ctl is not")?;
-    let root = std::env::temp_dir().join(format!("snapq-testpg-{}", std::process::id()));
-    let data = root.join("data");
-    std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
-    let as_root = unsafe { libc::geteuid() } == 0;
-    if as_root {
-        chown_to_postgres(&root)?;
-    }
-    let run = |program: &Path, args: &[&str]| -> Result<(), String> {
-        let mut cmd = if as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        let out = cmd
-            .args(args)
-            .output()
-            .map_err(|e| format!("running {}: {e}", program.display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} failed: {}",
-                program.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    let data_s = data.to_str().ok_or("temporary directory is not UTF-8")?;
-    let root_s = root.to_str().ok_or("temporary directory is not UTF-8")?;
-    run(
-        &initdb,
-        &["-D", data_s, "-U", "postgres", "-A", "trust", "--no-sync"],
-    )?;
-    let opts = format!("-c listen_addresses='' -k {root_s} -c fsync=off -c max_connections=300");
-    run(
-        &pg_ctl,
-        &[
-            "start",
-            "-w",
-            "-D",
-            data_s,
-            "-l",
-            &format!("{root_s}/log"),
-            "-o",
-            &opts,
-        ],
-    )?;
-    STOP.set((pg_ctl, data, as_root)).ok();
-    unsafe { libc::atexit(stop_cluster) };
-    Ok(format!(
-        "postgres://postgres@localhost/postgres?host={root_s}"
-    ))
+    let cluster = Cluster::start("shared")?;
+    let url = cluster.url.clone();
+    SHARED.set(cluster).ok();
+    unsafe { libc::atexit(stop_shared_cluster) };
+    Ok(url)
 }
 
-static STOP: OnceLock<(PathBuf, PathBuf, bool)> = OnceLock::new();
+static SHARED: OnceLock<Cluster> = OnceLock::new();
 
-extern "C" fn stop_cluster() {
-    if let Some((pg_ctl, data, as_root)) = STOP.get() {
-        let mut cmd = if *as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            c
-        } else {
-            Command::new(pg_ctl)
+extern "C" fn stop_shared_cluster() {
+    if let Some(cluster) = SHARED.get() {
+        cluster.stop_and_remove();
+    }
+}
+
+/// A PostgreSQL cluster of its own (`initdb` and `pg_ctl` in a temporary directory, listening
+/// only on a Unix socket there), for a test that restarts or stops the database server. Stopped
+/// and removed when dropped. As root it runs as the `postgres` user (`initdb` refuses root).
+pub struct Cluster {
+    /// `postgres://postgres@localhost/postgres?host=SOCKET_DIR`.
+    pub url: String,
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    as_root: bool,
+}
+
+impl Cluster {
+    /// Initializes and starts a cluster; `Err` says why one cannot run here.
+    pub fn start(name: &str) -> Result<Cluster, String> {
+        let initdb = find_tool("initdb").ok_or_else(|| {
+            format!("{URL_VAR} is not set and no initdb/pg_ctl is installed to start a PostgreSQL")
+        })?;
+        let pg_ctl = find_tool("pg_ctl").ok_or("initdb is installed but pg_ctl is not")?;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "snapq-testpg-{}-{name}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let data = root.join("data");
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        let as_root = unsafe { libc::geteuid() } == 0;
+        if as_root {
+            chown_to_postgres(&root)?;
+        }
+        let data_s = data.to_str().ok_or("temporary directory is not UTF-8")?;
+        let root_s = root.to_str().ok_or("temporary directory is not UTF-8")?;
+        run_tool(
+            as_root,
+            &initdb,
+            &["-D", data_s, "-U", "postgres", "-A", "trust", "--no-sync"],
+        )?;
+        let cluster = Cluster {
+            url: format!("postgres://postgres@localhost/postgres?host={root_s}"),
+            pg_ctl,
+            data,
+            as_root,
         };
-        let _ = cmd
-            .args(["stop", "-m", "immediate", "-D"])
-            .arg(data)
-            .output();
-        if let Some(root) = data.parent() {
+        cluster.pg_ctl("start")?;
+        Ok(cluster)
+    }
+
+    /// Stops the server (fast: connections are cut) and starts it again on the same files.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl("restart")
+    }
+
+    /// `pg_ctl ACTION` (start, restart), waiting for it.
+    fn pg_ctl(&self, action: &str) -> Result<(), String> {
+        let data_s = self.data.to_str().expect("checked at start");
+        let root = self.data.parent().expect("data is under the root");
+        let root_s = root.to_str().expect("checked at start");
+        let opts =
+            format!("-c listen_addresses='' -k {root_s} -c fsync=off -c max_connections=300");
+        let log = format!("{root_s}/log");
+        let mut args = vec![action, "-w", "-D", data_s, "-l", &log, "-o", &opts];
+        if action == "restart" {
+            args.extend(["-m", "fast"]);
+        }
+        run_tool(self.as_root, &self.pg_ctl, &args)
+    }
+
+    fn stop_and_remove(&self) {
+        let _ = run_tool(
+            self.as_root,
+            &self.pg_ctl,
+            &[
+                "stop",
+                "-m",
+                "immediate",
+                "-D",
+                self.data.to_str().unwrap_or(""),
+            ],
+        );
+        if let Some(root) = self.data.parent() {
             let _ = std::fs::remove_dir_all(root);
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_and_remove();
+    }
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root.
+fn run_tool(as_root: bool, program: &Path, args: &[&str]) -> Result<(), String> {
+    let mut cmd = if as_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let out = cmd
+        .args(args)
+        .output()
+        .map_err(|e| format!("running {}: {e}", program.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -662,3 +662,202 @@ async fn a_store_that_is_not_mounted_fails_captures_with_the_reason_and_stops_a_
         "{snaps}"
     );
 }
+
+/// libfaketime's multithreaded library, where Debian's `faketime` package puts it.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.is_file())
+}
+
+/// A node whose clock runs 30 s ahead (libfaketime) is neither taken for dead by the others nor
+/// holds its jobs back from them: the queue keeps to the database's clock. Node B (ahead, one
+/// capture at a time, slow) queues a second capture while it is busy with a first; node A (on
+/// time) runs it at once instead of 30 s later, and no capture is re-queued as an orphan.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_clock_is_30_s_ahead_is_not_taken_for_dead_and_its_jobs_run_anywhere() {
+    let Some(db) = snapq_testpg::schema_or_skip("a node's clock 30 s off").await else {
+        return;
+    };
+    let Some(lib) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed (Debian's `faketime` package)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let flags = [
+        "--database",
+        &db.url,
+        "--store",
+        store.to_str().unwrap(),
+        "--job-orphan-secs",
+        "5",
+    ];
+    let b_flags: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--capture-concurrency", "1", "--capture-rate-kib", "128"])
+        .collect();
+    let b = TestServer::spawn_in_env(
+        &tmp.path().join("b"),
+        &b_flags,
+        &[
+            ("LD_PRELOAD", lib.to_str().unwrap()),
+            ("FAKETIME", "+30s"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    // B's clock is ahead: its HTTP Date header says so.
+    let date = b.request("GET", "/status").send().await.unwrap().headers()["date"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let b_now = chrono::DateTime::parse_from_rfc2822(&date).unwrap();
+    let ahead = b_now.timestamp() - chrono::Utc::now().timestamp();
+    assert!((25..=35).contains(&ahead), "node B is {ahead} s ahead");
+
+    let _sim =
+        crate::fleet::fleet_sim(&b, &tmp.path().join("fleet"), "skew", 2, &["--db-mib", "3"]);
+    b.wait_online("skew-01").await;
+    b.wait_online("skew-02").await;
+    let capture = |host: &'static str| {
+        let b = &b;
+        async move {
+            let (code, queued) = b
+                .post("/v1/captures", serde_json::json!({ "hosts": [host] }))
+                .await;
+            assert_eq!(code, 202, "{queued}");
+            queued[0]["snapshot_id"].as_i64().unwrap()
+        }
+    };
+    // B alone: it takes the first capture (3 MiB at 128 KiB/s, about 24 s).
+    let first = capture("skew-01").await;
+    b.wait_transfer_started(first).await;
+    share_identity(&b.data_dir, &tmp.path().join("a"));
+    let a = TestServer::spawn_in(&tmp.path().join("a"), &flags);
+    // B queues a second capture while its one capture worker is busy: A runs it well before B
+    // could, or before A's clock reached the 30-s-late time B's own clock would have given it.
+    let queued_at = std::time::Instant::now();
+    let second = capture("skew-02").await;
+    crate::support::eventually(Duration::from_secs(15), "the second capture", || async {
+        let (_, s) = a.get(&format!("/v1/snapshots/{second}")).await;
+        (s["state"] == "complete").then_some(())
+    })
+    .await;
+    let (_, s) = a.get(&format!("/v1/snapshots/{first}")).await;
+    assert_ne!(
+        s["state"],
+        "complete",
+        "node B finished first after {:?}: {s}",
+        queued_at.elapsed()
+    );
+    // Neither node judges the other dead: both heartbeat on the database's clock.
+    let (_, status_a) = a.get("/status").await;
+    let (_, status_b) = b.get("/status").await;
+    let (_, queue) = a.get("/v1/queue/status").await;
+    let nodes = queue["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{queue}");
+    for n in nodes {
+        assert_eq!(n["silent"], false, "{queue}");
+        assert!(n["heartbeat_age_ms"].as_i64().unwrap() < 5_000, "{queue}");
+    }
+    assert!(nodes.iter().any(|n| n["node"] == status_a["node"]));
+    assert!(nodes.iter().any(|n| n["node"] == status_b["node"]));
+    // The first capture ends on B, in one attempt: never re-queued as an orphan of a dead node.
+    let done =
+        crate::support::eventually(Duration::from_secs(120), "the first capture", || async {
+            let (_, s) = a.get(&format!("/v1/snapshots/{first}")).await;
+            matches!(s["state"].as_str(), Some("complete" | "failed")).then_some(s)
+        })
+        .await;
+    assert_eq!(done["state"], "complete", "{done}");
+    let (_, jobs) = a.get("/v1/queue/jobs?kind=capture&limit=100").await;
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(
+        jobs.iter()
+            .all(|j| j["attempts"] == 1 && j["state"] == "done"),
+        "{jobs:?}"
+    );
+}
+
+/// PostgreSQL restarted (a private cluster, `pg_ctl restart -m fast`: every connection cut) while
+/// captures run: the server reconnects, every capture completes once, nothing partial is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_while_captures_run_and_each_completes_once() {
+    let cluster = match snapq_testpg::Cluster::start("restart") {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("skipped: PostgreSQL restart test: {why}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::spawn_in(
+        &tmp.path().join("server"),
+        &[
+            "--database",
+            &cluster.url,
+            "--capture-rate-kib",
+            "512",
+            "--job-retry-base-ms",
+            "200",
+        ],
+    );
+    let _sim = crate::fleet::fleet_sim(
+        &server,
+        &tmp.path().join("fleet"),
+        "pgr",
+        4,
+        &["--db-mib", "3"],
+    );
+    let hosts: Vec<String> = (1..=4).map(|i| format!("pgr-{i:02}")).collect();
+    for h in &hosts {
+        server.wait_online(h).await;
+    }
+    let (code, queued) = server
+        .post("/v1/captures", serde_json::json!({ "hosts": hosts }))
+        .await;
+    assert_eq!(code, 202, "{queued}");
+    let ids: Vec<i64> = queued
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["snapshot_id"].as_i64().unwrap())
+        .collect();
+    server.wait_transfer_started(ids[0]).await;
+    cluster.restart().expect("restarting PostgreSQL");
+    // The captures were running across the restart (about 6 s each at 512 KiB/s).
+    let mut unfinished = 0;
+    for id in &ids {
+        let (_, s) = server.get(&format!("/v1/snapshots/{id}")).await;
+        unfinished += usize::from(s["state"] != "complete");
+    }
+    assert!(
+        unfinished > 0,
+        "every capture ended before PostgreSQL restarted"
+    );
+    for id in &ids {
+        let snap = crate::support::eventually(Duration::from_secs(120), "the capture", || async {
+            let (code, s) = server.get(&format!("/v1/snapshots/{id}")).await;
+            (code == 200 && matches!(s["state"].as_str(), Some("complete" | "failed"))).then_some(s)
+        })
+        .await;
+        assert_eq!(snap["state"], "complete", "{snap}");
+    }
+    let (_, groups) = server.get("/v1/snapshots").await;
+    for g in groups.as_array().unwrap() {
+        assert_eq!(g["snapshots"].as_array().unwrap().len(), 1, "{g}");
+    }
+    let (_, jobs) = server.get("/v1/queue/jobs?kind=capture&limit=100").await;
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j["state"] == "done"), "{jobs:?}");
+    let partials: Vec<_> = crate::support::files_under(&server.data_dir.join("snapshots"))
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+}

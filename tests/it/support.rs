@@ -250,6 +250,12 @@ impl TestServer {
     }
 
     pub fn spawn_in(data_dir: &Path, extra: &[&str]) -> TestServer {
+        Self::spawn_in_env(data_dir, extra, &[])
+    }
+
+    /// [`TestServer::spawn_in`] with more environment variables for the server process (they
+    /// are not kept for a restart).
+    pub fn spawn_in_env(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> TestServer {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
@@ -267,7 +273,7 @@ impl TestServer {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, addr, banner) = spawn_listening("snapq server", &refs, &[]);
+        let (child, addr, banner) = spawn_listening("snapq server", &refs, envs);
         TestServer {
             child,
             addr,
