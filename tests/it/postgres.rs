@@ -488,34 +488,32 @@ async fn one_of_three_nodes_killed_mid_batch_and_the_batch_completes_once_per_en
     };
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
-    let flags = |listen: Option<&str>| {
-        let mut f = vec![
-            "--database".to_owned(),
-            db.url.clone(),
-            "--store".to_owned(),
-            store.to_str().unwrap().to_owned(),
-            "--capture-rate-kib".to_owned(),
-            "1024".to_owned(),
-            "--job-orphan-secs".to_owned(),
-            "5".to_owned(),
-            "--job-retry-base-ms".to_owned(),
-            "200".to_owned(),
-        ];
-        if let Some(l) = listen {
-            f.extend(["--listen".to_owned(), l.to_owned()]);
-        }
-        f
+    // A and C run one capture at a time, so B, with six, holds most of the batch's six at once
+    // whichever node claims first.
+    let spawn = |dir: &std::path::Path, captures: &str| {
+        TestServer::spawn_in(
+            dir,
+            &[
+                "--database",
+                &db.url,
+                "--store",
+                store.to_str().unwrap(),
+                "--capture-rate-kib",
+                "1024",
+                "--capture-concurrency",
+                captures,
+                "--job-orphan-secs",
+                "5",
+                "--job-retry-base-ms",
+                "200",
+            ],
+        )
     };
-    let spawn = |dir: &std::path::Path| {
-        let f = flags(None);
-        let refs: Vec<&str> = f.iter().map(String::as_str).collect();
-        TestServer::spawn_in(dir, &refs)
-    };
-    let a = spawn(&tmp.path().join("a"));
+    let a = spawn(&tmp.path().join("a"), "1");
     share_identity(&a.data_dir, &tmp.path().join("b"));
     share_identity(&a.data_dir, &tmp.path().join("c"));
-    let mut b = spawn(&tmp.path().join("b"));
-    let c = spawn(&tmp.path().join("c"));
+    let mut b = spawn(&tmp.path().join("b"), "6");
+    let c = spawn(&tmp.path().join("c"), "1");
     let _sim =
         crate::fleet::fleet_sim(&a, &tmp.path().join("fleet"), "tri", 12, &["--db-mib", "3"]);
     for i in 1..=12 {
