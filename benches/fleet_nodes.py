@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 import fleet  # noqa: E402
 from e2e import MIB, Server, env_int, human, log, note, row  # noqa: E402
-from fleet import batch_jobs, run_batch, start_fleet  # noqa: E402
+from fleet import batch_jobs, ms, run_batch, start_fleet  # noqa: E402
 
 FLEET = env_int("SNAPQ_BENCH_FLEET", 200)
 PG = os.environ.get("SNAPQ_BENCH_PG", "postgres://postgres@127.0.0.1:5432/test")
@@ -103,8 +104,41 @@ def timed_batch(server: Server, group: str, hosts: list[str], before: dict[str, 
     note(f"{label}: batch {b['id']} {b['state']} ({b['reason']}); {t['done']}/{t['total']} done, "
          f"{t['failed']} failed, {t['skipped']} skipped; {human(t['bytes'])} in {took:.1f}s "
          f"({t['bytes'] / MIB / took:.1f} MiB/s); every endpoint captured exactly once: {once}"
-         + (f" (not: {bad[:5]})" if bad else "") + f"; load average {res['load']}")
+         + (f" (not: {bad[:5]})" if bad else "") + f"; load average {res['load']}; " + job_times(server, b["id"]))
     return res
+
+
+def job_times(server: Server, bid: int) -> str:
+    """The queue's share, as fleet.py reports it: capture job created -> started, each capture's
+    run (started -> finished), and the batch's end after its last capture."""
+    jobs = batch_jobs(server, bid)
+    caps = [j for j in jobs if j["kind"] == "capture"]
+    waits = sorted(ms(j["started_at"]) - ms(j["created_at"]) for j in caps
+                   if j.get("started_at") and j.get("created_at"))
+    runs = sorted(ms(j["finished_at"]) - ms(j["started_at"]) for j in caps
+                  if j.get("finished_at") and j.get("started_at"))
+    fleet_job = next((j for j in jobs if j["kind"] == "fleet"), None)
+    finished = [ms(j["finished_at"]) for j in caps if j.get("finished_at")]
+    lag = (ms(fleet_job["finished_at"]) - max(finished)
+           if fleet_job and fleet_job.get("finished_at") and finished else None)
+    if not waits or not runs:
+        return "no job times"
+    starts = [ms(j["started_at"]) for j in caps if j.get("started_at")]
+    span = max(finished) - min(starts)
+    gaps = []  # per capture after the first wave: its job created this long after the latest finish
+    ends = sorted(finished)
+    for j in caps:
+        c = ms(j["created_at"]) if j.get("created_at") else None
+        prior = [e for e in ends if c is not None and e <= c]
+        if prior:
+            gaps.append(c - prior[-1])
+    refill = (f"; a capture job created after the latest finish before it: median "
+              f"{statistics.median(gaps) * 1000:.0f} ms" if gaps else "")
+    return (f"capture job created -> started median {statistics.median(waits) * 1000:.0f} ms, p95 "
+            f"{waits[int(len(waits) * 0.95)] * 1000:.0f} ms; capture run median "
+            f"{statistics.median(runs) * 1000:.0f} ms, p95 {runs[int(len(runs) * 0.95)] * 1000:.0f} ms; "
+            f"batch end after its last capture {(lag or 0) * 1000:.0f} ms; captures running on average "
+            f"{sum(runs) / span:.1f} (sum of capture runs / first start to last finish {span:.1f}s)" + refill)
 
 
 def server_log_problems(server: Server) -> list[str]:
