@@ -225,7 +225,9 @@ class Proc:
 class Server:
     def __init__(self, scratch: Path, name: str, extra: list[str] | None = None):
         self.data_dir = scratch / name
-        self.data_dir.mkdir(parents=True)
+        # exist_ok: a caller may prepare the data dir beforehand (fleet_nodes.py copies a first
+        # node's certs and tokens into it).
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = Proc(
             name,
             ["serve", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0",

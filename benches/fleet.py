@@ -83,15 +83,16 @@ def ms(t: str | None) -> float | None:
     return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() if t else None
 
 
-def run_batch(server: Server, group: str, sampler: RssSampler | None) -> tuple[float, dict]:
+def run_batch(server: Server, group: str, sampler: RssSampler | None,
+              concurrency: int = CONCURRENCY) -> tuple[float, dict]:
     t0 = time.monotonic()
-    started = server.api("POST", "/v1/fleet/batches", {"group": group, "max_concurrency": CONCURRENCY,
+    started = server.api("POST", "/v1/fleet/batches", {"group": group, "max_concurrency": concurrency,
                                                        "expire_secs": 7200})
     bid = started["batch_id"]
     while True:
         b = server.api("GET", f"/v1/fleet/batches/{bid}")
         if sampler is not None:
-            if b["totals"]["running"] >= CONCURRENCY:
+            if b["totals"]["running"] >= concurrency:
                 sampler.active.set()
             else:
                 sampler.active.clear()
