@@ -60,6 +60,9 @@ pub struct ServeConfig {
     /// A node whose workers stay silent this long is dead: its running jobs are taken back (by
     /// any node, on PostgreSQL).
     pub job_orphan_after: Duration,
+    /// PostgreSQL only: the queue commits without waiting for the WAL flush
+    /// (`QueueConfig::pg_async_commit`).
+    pub queue_async_commit: bool,
     /// An endpoint is online when its last heartbeat is younger than this.
     pub online_window: Duration,
     /// In-process simulated endpoints to start (group `demo`).
@@ -127,6 +130,7 @@ impl ServeConfig {
             retry: RetryPolicy::default(),
             job_retention: Duration::from_secs(30 * 24 * 3600),
             job_orphan_after: QueueConfig::default().orphan_after,
+            queue_async_commit: false,
             online_window: Duration::from_secs(45),
             demo_endpoints: 0,
             ingest_concurrency: 16,
@@ -343,8 +347,12 @@ impl Server {
             // At least three heartbeats within the orphan time-out.
             heartbeat_interval: (config.job_orphan_after / 3)
                 .min(QueueConfig::default().heartbeat_interval),
+            pg_async_commit: config.queue_async_commit,
             ..QueueConfig::default()
         };
+        if config.queue_async_commit && config.database.is_none() {
+            tracing::warn!("--queue-async-commit applies to a queue on PostgreSQL only; ignored");
+        }
         let queue = match &config.database {
             None => Queue::open(&layout.queue(), queue_config).await?,
             Some(url) => Queue::open_postgres(url.as_str(), queue_config)

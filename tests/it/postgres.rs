@@ -173,7 +173,13 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     ];
     let a = TestServer::spawn_in(&tmp.path().join("a"), &flags);
     share_identity(&a.data_dir, &tmp.path().join("b"));
-    let b = TestServer::spawn_in(&tmp.path().join("b"), &flags);
+    // B's queue commits asynchronously: the nodes work together either way.
+    let b_flags: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--queue-async-commit"])
+        .collect();
+    let b = TestServer::spawn_in(&tmp.path().join("b"), &b_flags);
     let (_, status_a) = a.get("/status").await;
     let (_, status_b) = b.get("/status").await;
     assert_ne!(status_a["node"], status_b["node"]);
@@ -858,4 +864,95 @@ async fn postgres_restarted_while_captures_run_and_each_completes_once() {
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
         .collect();
     assert!(partials.is_empty(), "{partials:?}");
+}
+
+/// A read-only bind mount of a directory, unmounted when dropped.
+struct ReadOnlyMount(std::path::PathBuf);
+
+impl ReadOnlyMount {
+    /// `Err` says why this machine cannot mount (not root, no CAP_SYS_ADMIN in a container).
+    fn new(dir: &std::path::Path) -> Result<ReadOnlyMount, String> {
+        let run = |args: &[&str]| {
+            let out = Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .output()
+                .map_err(|e| format!("running mount: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            }
+        };
+        run(&["--bind"])?;
+        let mounted = ReadOnlyMount(dir.to_owned());
+        run(&["-o", "remount,ro,bind"])?;
+        Ok(mounted)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+/// A shared store that went read-only (a read-only bind mount over it, as an NFS export turned
+/// read-only would be): a capture fails with that reason and nothing is written or marked
+/// complete; once it is writable again, captures complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_store_fails_captures_with_the_reason_and_marks_nothing_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("nfs");
+    let flags = [
+        "--store",
+        store.to_str().unwrap(),
+        "--job-max-attempts",
+        "1",
+        "--database",
+        "",
+    ];
+    let server = TestServer::spawn_in(&tmp.path().join("server"), &flags);
+    let _agent = TestAgent::spawn_with(AgentOptions {
+        hostname: "ro-01".into(),
+        prefill: 1_000,
+        extra: server.enroll_args(),
+        ..Default::default()
+    });
+    server.wait_online("ro-01").await;
+    let before = crate::support::files_under(&store);
+    let mount = match ReadOnlyMount::new(&store) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: cannot mount the store read-only here: {why}");
+            return;
+        }
+    };
+    let (_, out, err) = server.cli(&["capture", "ro-01", "--yes", "--wait", "--json"]);
+    let failed: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+    assert_eq!(failed[0]["state"], "failed", "{failed}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Read-only file system"),
+        "{failed}"
+    );
+    assert_eq!(crate::support::files_under(&store), before);
+    let (_, snaps) = server.get("/v1/snapshots").await;
+    assert!(
+        snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["snapshots"].as_array().unwrap())
+            .all(|s| s["state"] != "complete"),
+        "{snaps}"
+    );
+    drop(mount);
+    let (code, out, err) = server.cli(&["capture", "ro-01", "--yes", "--wait", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let done: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done[0]["state"], "complete", "{done}");
 }
