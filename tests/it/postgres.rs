@@ -223,6 +223,22 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     a.wait_online("pg-02").await;
     // Node B sees the endpoint node A enrolled, and captures it with the shared agents' key.
     b.wait_online("pg-02").await;
+    // A live connection opened through node A pages the endpoint's events through node B.
+    let (code, made) = a
+        .post(
+            "/v1/connections",
+            serde_json::json!({ "targets": ["pg-02"] }),
+        )
+        .await;
+    assert_eq!(code, 201, "{made}");
+    let conn = made[0]["id"].as_i64().unwrap();
+    let (code, page) = b
+        .get(&format!(
+            "/v1/connections/{conn}/events?type=process&limit=10"
+        ))
+        .await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 10, "{page}");
     let (code, out, err) = b.cli(&["capture", "pg-02", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let through_b: Value = serde_json::from_str(&out).unwrap();
