@@ -96,27 +96,31 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Whether the snapshots are on a store of their own (`--store`), which several nodes may
+    /// share, rather than under the data directory.
+    pub fn store_of_its_own(&self) -> bool {
+        self.store_dir != ServerDir::new(&self.data_dir).snapshots()
+    }
+
     /// Where uploads are spooled until their ingest job stores them: in the data directory, or
     /// beside the snapshots on a store of its own (`--store`), where every node can read what
     /// another received (its ingest job may run on any node) and the ingest is a rename.
     pub fn spool_dir(&self) -> PathBuf {
-        let default_store = ServerDir::new(&self.data_dir).snapshots();
-        if self.store_dir == default_store {
-            ServerDir::new(&self.data_dir).incoming()
-        } else {
+        if self.store_of_its_own() {
             self.store_dir.join(".incoming")
+        } else {
+            ServerDir::new(&self.data_dir).incoming()
         }
     }
 
     /// Where exports are written: beside the snapshots on a store of their own (`--store`, so
     /// any node serves what another wrote), else under the data directory.
     pub fn exports_dir(&self) -> crate::layout::ExportDir {
-        let default_store = ServerDir::new(&self.data_dir).snapshots();
-        if self.store_dir == default_store {
-            crate::layout::ExportDir::new(ServerDir::new(&self.data_dir).exports())
+        crate::layout::ExportDir::new(if self.store_of_its_own() {
+            self.store_dir.join(".exports")
         } else {
-            crate::layout::ExportDir::new(self.store_dir.join(".exports"))
-        }
+            ServerDir::new(&self.data_dir).exports()
+        })
     }
 
     /// Defaults for a data directory (what `snapq serve` uses when nothing else is set).
@@ -268,7 +272,7 @@ impl Server {
                 .await
                 .with_context(|| format!("opening the catalog in PostgreSQL at {url}"))?,
         };
-        let default_store = config.store_dir == layout.snapshots();
+        let default_store = !config.store_of_its_own();
         if !default_store && !Store::is_marked(&config.store_dir) {
             let stored = catalog
                 .metric_counts(0)

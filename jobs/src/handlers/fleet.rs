@@ -68,6 +68,9 @@ fn capture_key(batch_id: i64, endpoint_id: i64, snapshot_id: i64) -> String {
 pub async fn run(svc: Arc<Services>, args: FleetArgs, ctx: JobContext) -> Result<(), JobError> {
     let id = args.batch_id;
     let mut errors = 0u32;
+    // A capture of this node ending frees a slot of the batch at once; the tick covers those
+    // that end on other nodes.
+    let mut events = svc.queue.events();
     loop {
         match step(&svc, id, &ctx).await {
             Ok(true) => return Ok(()),
@@ -86,7 +89,21 @@ pub async fn run(svc: Arc<Services>, args: FleetArgs, ctx: JobContext) -> Result
         }
         tokio::select! {
             _ = tokio::time::sleep(svc.fleet.tick) => {}
+            _ = capture_ended(&mut events) => {}
             _ = ctx.cancelled() => {}
+        }
+    }
+}
+
+/// Returns when a capture job run by this process reaches an outcome (or events were missed).
+async fn capture_ended(events: &mut tokio::sync::broadcast::Receiver<crate::JobEvent>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(e) if e.kind == JobKind::Capture && e.state.is_finished() => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending().await,
         }
     }
 }
