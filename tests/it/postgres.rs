@@ -247,14 +247,8 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     // Node A lists and serves the file node B stored.
     let (_, shown) = a.get(&format!("/v1/snapshots/{id}")).await;
     assert_eq!(shown["state"], "complete", "{shown}");
-    let file = a
-        .request("GET", &format!("/v1/snapshots/{id}/file"))
-        .bearer_auth(&a.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(file.status(), 200);
-    let bytes = file.bytes().await.unwrap();
+    let (code, bytes) = a.get_bytes(&format!("/v1/snapshots/{id}/file")).await;
+    assert_eq!(code, 200);
     assert_eq!(bytes.len() as u64, shown["size"].as_u64().unwrap());
     assert!(bytes.starts_with(b"SQLite format 3\0"));
     // An export made on node A is written to the shared store: node B serves and deletes it.
@@ -272,14 +266,9 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
     })
     .await;
     assert_eq!(export["state"], "complete", "{export}");
-    let file = b
-        .request("GET", &format!("/v1/exports/{export_id}/file"))
-        .bearer_auth(&b.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(file.status(), 200);
-    let text = file.text().await.unwrap();
+    let (code, text) = b.get_bytes(&format!("/v1/exports/{export_id}/file")).await;
+    assert_eq!(code, 200);
+    let text = String::from_utf8(text).unwrap();
     assert_eq!(text.len() as u64, export["bytes"].as_u64().unwrap());
     assert!(text.lines().count() > 10, "{text}");
     let written = crate::support::files_under(&store.join(".exports"));

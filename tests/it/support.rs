@@ -357,6 +357,19 @@ impl TestServer {
         .await
     }
 
+    /// GETs `path` with the admin token: the status and the body's bytes (a file download).
+    pub async fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let response = self
+            .client()
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.bytes().await.unwrap().to_vec())
+    }
+
     /// POSTs `body` as JSON with the admin token.
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         send_json(
