@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{AgentOptions, BIN, TestAgent, TestServer, finish_within};
+use crate::support::{BIN, TestServer, finish_within};
 
 /// `snapq serve` on a fresh data directory and `url`, expected to exit: (code, stderr).
 async fn serve_fails(url: &str) -> (i32, String) {
@@ -36,13 +36,7 @@ async fn a_server_keeps_its_catalog_in_postgres_and_finds_it_again_after_a_resta
     let (_, status) = server.get("/status").await;
     assert_eq!(status["catalog"], "postgres", "{status}");
     assert!(status["node"].as_str().unwrap().contains(':'), "{status}");
-    let _agent = TestAgent::spawn_with(AgentOptions {
-        hostname: "pg-01".into(),
-        prefill: 2_000,
-        extra: server.enroll_args(),
-        ..Default::default()
-    });
-    server.wait_online("pg-01").await;
+    let _agent = server.online_agent("pg-01", 2_000).await;
     let (code, out, err) = server.cli(&["capture", "pg-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let captured: Value = serde_json::from_str(&out).unwrap();
@@ -214,13 +208,7 @@ async fn two_nodes_over_one_catalog_and_store_each_serve_what_the_other_captured
         "{out}"
     );
 
-    let _agent = TestAgent::spawn_with(AgentOptions {
-        hostname: "pg-02".into(),
-        prefill: 2_000,
-        extra: a.enroll_args(),
-        ..Default::default()
-    });
-    a.wait_online("pg-02").await;
+    let _agent = a.online_agent("pg-02", 2_000).await;
     // Node B sees the endpoint node A enrolled, and captures it with the shared agents' key.
     b.wait_online("pg-02").await;
     // A live connection opened through node A pages the endpoint's events through node B.
@@ -365,13 +353,7 @@ async fn db_migrate_moves_a_single_node_catalog_into_postgres_keeping_ids() {
     // endpoint, a snapshot, a user and a group.
     let mut server = TestServer::spawn_in(&data, &["--database", ""]);
     let listen = server.addr.to_string();
-    let _agent = TestAgent::spawn_with(AgentOptions {
-        hostname: "mv-01".into(),
-        prefill: 1_000,
-        extra: server.enroll_args(),
-        ..Default::default()
-    });
-    server.wait_online("mv-01").await;
+    let _agent = server.online_agent("mv-01", 1_000).await;
     let (code, out, err) = server.cli(&["capture", "mv-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let first: Value = serde_json::from_str(&out).unwrap();
@@ -614,13 +596,7 @@ async fn a_store_that_is_not_mounted_fails_captures_with_the_reason_and_stops_a_
         "",
     ];
     let mut server = TestServer::spawn_in(&data, &flags);
-    let _agent = TestAgent::spawn_with(AgentOptions {
-        hostname: "nfs-01".into(),
-        prefill: 1_000,
-        extra: server.enroll_args(),
-        ..Default::default()
-    });
-    server.wait_online("nfs-01").await;
+    let _agent = server.online_agent("nfs-01", 1_000).await;
     let (code, out, err) = server.cli(&["capture", "nfs-01", "--yes", "--wait", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
 
@@ -919,13 +895,7 @@ async fn a_read_only_store_fails_captures_with_the_reason_and_marks_nothing_comp
         "",
     ];
     let server = TestServer::spawn_in(&tmp.path().join("server"), &flags);
-    let _agent = TestAgent::spawn_with(AgentOptions {
-        hostname: "ro-01".into(),
-        prefill: 1_000,
-        extra: server.enroll_args(),
-        ..Default::default()
-    });
-    server.wait_online("ro-01").await;
+    let _agent = server.online_agent("ro-01", 1_000).await;
     let before = crate::support::files_under(&store);
     let mount = match ReadOnlyMount::new(&store) {
         Ok(m) => m,

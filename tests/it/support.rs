@@ -390,6 +390,19 @@ impl TestServer {
         .await
     }
 
+    /// A simulated agent named `hostname` with `prefill` events, enrolled with this server and
+    /// listed online.
+    pub async fn online_agent(&self, hostname: &str, prefill: u64) -> TestAgent {
+        let agent = TestAgent::spawn_with(AgentOptions {
+            hostname: hostname.into(),
+            prefill,
+            extra: self.enroll_args(),
+            ..Default::default()
+        });
+        self.wait_online(hostname).await;
+        agent
+    }
+
     /// Waits until `hostname` is listed online.
     pub async fn wait_online(&self, hostname: &str) {
         eventually(
